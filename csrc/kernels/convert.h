@@ -1,0 +1,182 @@
+// Loading logits of any supported dtype into float lanes, and storing the
+// gradient back in the student's dtype.  bf16/fp16 are read directly (no
+// upcast copy of the row), accumulation is always in the lanes' type.
+#pragma once
+
+#include "vec.h"
+
+namespace kdfast {
+namespace KDFAST_CPU_CAPABILITY {
+
+// Storage types for the 16-bit floats (layout-compatible with c10::BFloat16 / c10::Half).
+struct BF16 { uint16_t bits; };
+struct F16 { uint16_t bits; };
+
+inline float to_float(float x) { return x; }
+inline double to_float(double x) { return x; }
+inline float to_float(BF16 x) {
+  uint32_t u = uint32_t(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float to_float(F16 h) {
+  // IEEE half -> float, including subnormals, inf and NaN.
+  uint32_t sign = uint32_t(h.bits & 0x8000) << 16;
+  uint32_t exp = (h.bits >> 10) & 0x1f;
+  uint32_t man = h.bits & 0x3ff;
+  uint32_t u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal half: normalise
+      int e = -1;
+      do { man <<= 1; ++e; } while ((man & 0x400) == 0);
+      u = sign | uint32_t(127 - 15 - e) << 23 | (man & 0x3ff) << 13;
+    }
+  } else {
+    u = sign | (exp + 127 - 15) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <class T> inline T from_float(float x);
+template <> inline float from_float<float>(float x) { return x; }
+template <> inline BF16 from_float<BF16>(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if (std::isnan(x)) return {uint16_t(0x7fc0 | (u >> 16 & 0x8000))};
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return {uint16_t(u >> 16)};
+}
+template <> inline F16 from_float<F16>(float x) {
+  // float -> IEEE half, round to nearest even, overflow to inf.
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  uint16_t sign = uint16_t((u >> 16) & 0x8000);
+  uint32_t a = u & 0x7fffffffu;
+  if (a >= 0x7f800000u) return {uint16_t(sign | 0x7c00 | (a > 0x7f800000u ? 0x200 : 0))};
+  if (a >= 0x477ff000u) return {uint16_t(sign | 0x7c00)};  // rounds above 65504
+  if (a < 0x38800000u) {  // result is subnormal half (or zero)
+    if (a < 0x33000000u) return {sign};
+    uint32_t e = a >> 23;
+    uint32_t m = (a & 0x7fffff) | 0x800000;
+    uint32_t shift = 126 - e;  // 14 + (112 - e) ... places the value in units of 2^-24
+    uint32_t q = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (q & 1))) ++q;
+    return {uint16_t(sign | q)};
+  }
+  uint32_t r = a + 0xfffu + ((a >> 13) & 1u);  // round to nearest even at bit 13
+  return {uint16_t(sign | (((r >> 13) - (112u << 10)) & 0xffff))};
+}
+template <> inline double from_float<double>(float x) { return x; }
+
+// ---------------------------------------------------------------------------
+// Full-width loads/stores.  The generic version goes through a float buffer;
+// the ISA-specific overloads below convert in registers.
+// ---------------------------------------------------------------------------
+template <class Vec, class T>
+struct Convert {
+  using S = typename Vec::value_type;
+  static Vec load(const T* p) {
+    alignas(64) S t[Vec::size];
+    for (int i = 0; i < Vec::size; ++i) t[i] = S(to_float(p[i]));
+    return Vec::load(t);
+  }
+  static void store(T* p, Vec v) {
+    alignas(64) S t[Vec::size];
+    v.store(t);
+    for (int i = 0; i < Vec::size; ++i) p[i] = from_float<T>(float(t[i]));
+  }
+};
+template <class Vec>
+struct Convert<Vec, typename Vec::value_type> {
+  using S = typename Vec::value_type;
+  static Vec load(const S* p) { return Vec::load(p); }
+  static void store(S* p, Vec v) { v.store(p); }
+};
+
+#if defined(KDFAST_ISA_AVX2)
+template <>
+struct Convert<VecF, BF16> {
+  static VecF load(const BF16* p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+  }
+  static void store(BF16* p, VecF v) {
+    __m256i b = _mm256_castps_si256(v.v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    __m256 nan = _mm256_cmp_ps(v.v, v.v, _CMP_UNORD_Q);
+    r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r),
+                                             _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc0)), nan));
+    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+  }
+};
+template <>
+struct Convert<VecF, F16> {
+  static VecF load(const F16* p) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+  }
+  static void store(F16* p, VecF v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
+  }
+};
+#endif
+
+#if defined(KDFAST_ISA_AVX512)
+template <>
+struct Convert<VecF, BF16> {
+  static VecF load(const BF16* p) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+  }
+  static void store(BF16* p, VecF v) {
+    __m512i b = _mm512_castps_si512(v.v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v.v, v.v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
+};
+template <>
+struct Convert<VecF, F16> {
+  static VecF load(const F16* p) {
+    return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+  }
+  static void store(F16* p, VecF v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
+  }
+};
+#endif
+
+// Tails (the last V % Vec::size entries): padded with `fill` on load, only the
+// first n lanes written on store.
+template <class Vec, class T>
+inline Vec load_tail(const T* p, int n, float fill) {
+  using S = typename Vec::value_type;
+  alignas(64) S t[Vec::size];
+  for (int i = 0; i < Vec::size; ++i) t[i] = i < n ? S(to_float(p[i])) : S(fill);
+  return Vec::load(t);
+}
+template <class Vec, class T>
+inline void store_tail(T* p, Vec v, int n) {
+  using S = typename Vec::value_type;
+  alignas(64) S t[Vec::size];
+  v.store(t);
+  for (int i = 0; i < n; ++i) p[i] = from_float<T>(float(t[i]));
+}
+template <class Vec>
+inline void store_tail(double* p, Vec v, int n) {
+  alignas(64) double t[Vec::size];
+  v.store(t);
+  for (int i = 0; i < n; ++i) p[i] = t[i];
+}
+
+}  // namespace KDFAST_CPU_CAPABILITY
+}  // namespace kdfast

@@ -1,0 +1,68 @@
+// Run-time choice of the kernel capability, as ATen does with CPU_CAPABILITY.
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "kernel_api.h"
+
+namespace kdfast {
+
+CpuCapability supported_cpu_capability() {
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return CpuCapability::AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuCapability::AVX2;
+#endif
+  return CpuCapability::Default;
+}
+
+const char* cpu_capability_name(CpuCapability c) {
+  switch (c) {
+    case CpuCapability::AVX512: return "avx512";
+    case CpuCapability::AVX2: return "avx2";
+    default: return "default";
+  }
+}
+
+// KDFAST_CPU_CAPABILITY can only lower the level (an unsupported request would crash).
+static CpuCapability resolve_capability() {
+  const CpuCapability best = supported_cpu_capability();
+  const char* env = std::getenv("KDFAST_CPU_CAPABILITY");
+  if (!env || !*env) return best;
+  CpuCapability want = best;
+  if (std::strcmp(env, "default") == 0) want = CpuCapability::Default;
+  else if (std::strcmp(env, "avx2") == 0) want = CpuCapability::AVX2;
+  else if (std::strcmp(env, "avx512") == 0) want = CpuCapability::AVX512;
+  return static_cast<int>(want) < static_cast<int>(best) ? want : best;
+}
+
+static std::atomic<int> g_capability{-1};
+
+CpuCapability active_cpu_capability() {
+  int c = g_capability.load();
+  if (c < 0) {
+    c = static_cast<int>(resolve_capability());
+    g_capability.store(c);
+  }
+  return static_cast<CpuCapability>(c);
+}
+
+CpuCapability set_cpu_capability(CpuCapability want) {
+  const CpuCapability best = supported_cpu_capability();
+  const CpuCapability got = static_cast<int>(want) < static_cast<int>(best) ? want : best;
+  g_capability.store(static_cast<int>(got));
+  return got;
+}
+
+void distill_rows(const DistillParams& prm, const DistillBatch& b, int64_t begin, int64_t end) {
+  if (b.teacher_dtype == DType::Float64 || b.student_dtype == DType::Float64)
+    return cpu_default::distill_rows(prm, b, begin, end);
+  switch (active_cpu_capability()) {
+    case CpuCapability::AVX512: return avx512::distill_rows(prm, b, begin, end);
+    case CpuCapability::AVX2: return avx2::distill_rows(prm, b, begin, end);
+    default: return cpu_default::distill_rows(prm, b, begin, end);
+  }
+}
+
+}  // namespace kdfast

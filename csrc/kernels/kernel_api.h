@@ -1,0 +1,57 @@
+// The plain-C++ interface between the torch op (csrc/distill_op.cpp) and the
+// per-capability row kernels.  Nothing here depends on torch, so the kernels
+// can be compiled with ISA pragmas and unit-tested without ATen.
+#pragma once
+
+#include <cstdint>
+
+namespace kdfast {
+
+enum class Divergence : int32_t { KL = 0, ReverseKL, JSD, TVD, Renyi, AB, SkewKL, SkewReverseKL, Count };
+enum class Weighting : int32_t { None = 0, WTTM, Entropy, Given };
+enum class DType : int32_t { Float32 = 0, BFloat16, Float16, Float64 };
+
+// Row status codes written by the kernel; the op turns them into errors.
+enum RowStatus : int32_t { kRowOk = 0, kTeacherAllNegInf = 1, kStudentAllNegInf = 2 };
+
+struct DistillParams {
+  Divergence divergence = Divergence::KL;
+  double tau = 1.0;     // teacher temperature
+  double tau_s = 1.0;   // student temperature
+  double alpha = 0.0, beta = 0.0, skew = 0.0;
+  Weighting weighting = Weighting::None;
+  double soft_coef = 1.0;   // soft_weight * scale
+  double hard_weight = 0.0;
+  double inv_denom = 1.0;   // 1 / (valid rows or normalizer); 1 for "sum"/"none"
+};
+
+struct DistillBatch {
+  int64_t rows = 0, vocab = 0;
+  const void* teacher = nullptr;  // row i starts at teacher + i * teacher_row_stride (elements)
+  const void* student = nullptr;
+  int64_t teacher_row_stride = 0, student_row_stride = 0;  // may be 0 (expanded rows)
+  DType teacher_dtype = DType::Float32, student_dtype = DType::Float32;
+  const int64_t* labels = nullptr;   // (rows,) or null; ignored rows have label == ignore_index
+  int64_t ignore_index = -100;
+  const double* weights = nullptr;   // (rows,) when weighting == Given
+  void* grad = nullptr;              // (rows, vocab) contiguous, student dtype; null: forward only
+  double* row_loss = nullptr;        // (rows,) hard_weight * CE + soft_coef * w * D, unnormalised
+  int32_t* row_status = nullptr;     // (rows,) RowStatus
+};
+
+// One definition per CPU capability; each processes rows [begin, end).
+namespace cpu_default { void distill_rows(const DistillParams&, const DistillBatch&, int64_t begin, int64_t end); }
+namespace avx2 { void distill_rows(const DistillParams&, const DistillBatch&, int64_t begin, int64_t end); }
+namespace avx512 { void distill_rows(const DistillParams&, const DistillBatch&, int64_t begin, int64_t end); }
+
+// The capability the dispatcher uses: the best the CPU supports, lowered by
+// the environment variable KDFAST_CPU_CAPABILITY=default|avx2|avx512.
+enum class CpuCapability : int32_t { Default = 0, AVX2 = 1, AVX512 = 2 };
+CpuCapability supported_cpu_capability();
+CpuCapability active_cpu_capability();
+// Sets the capability (clamped to what the CPU supports) and returns it; for tests and benchmarks.
+CpuCapability set_cpu_capability(CpuCapability);
+const char* cpu_capability_name(CpuCapability);
+void distill_rows(const DistillParams&, const DistillBatch&, int64_t begin, int64_t end);
+
+}  // namespace kdfast

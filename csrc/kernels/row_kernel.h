@@ -1,0 +1,229 @@
+// The one row-kernel skeleton of the divergence family.
+//
+// For one row it computes, in a few sweeps over the vocabulary (the row stays
+// in L2 after the first sweep, so DRAM sees each logit once and each gradient
+// entry once):
+//   1. max of teacher and student logits;
+//   2. the exponentials exp((z - max) / tau) of both (kept in a per-thread
+//      scratch row so later sweeps need no exp) and their sums;
+//   3. when asked for, temperature-1 statistics (weights, CE normaliser);
+//   4. the divergence value, and the gradient with respect to the student
+//      logits (one sweep when the policy is fused, else two).
+// The divergence is the policy `Div` (divergences.h); the weighting and the
+// hard-label term are per-row scalars folded into the gradient coefficients.
+#pragma once
+
+#include "convert.h"
+#include "divergences.h"
+#include "kernel_api.h"
+
+namespace kdfast {
+namespace KDFAST_CPU_CAPABILITY {
+
+// Partial sums are flushed to double every kFlushEvery entries: float lanes
+// for speed, double totals so that long rows (V = 256k) keep full accuracy.
+constexpr int64_t kFlushEvery = 1024;
+
+struct Full {};  // tag: a full-width vector (no tail)
+
+template <class V, class T> inline V ld(const T* p, Full, float) { return Convert<V, T>::load(p); }
+template <class V, class T> inline V ld(const T* p, int n, float fill) { return load_tail<V>(p, n, fill); }
+template <class V, class T> inline void st(T* p, V v, Full) { Convert<V, T>::store(p, v); }
+template <class V, class T> inline void st(T* p, V v, int n) { store_tail(p, v, n); }
+inline int lanes(Full, int w) { return w; }
+inline int lanes(int n, int) { return n; }
+
+// Calls body(j, Full{}) on each full vector and body(j, n) on the tail,
+// flush() after every kFlushEvery entries and at the end.
+template <class V, class Body, class Flush>
+inline void sweep(int64_t n, Body&& body, Flush&& flush) {
+  const int64_t full = n - n % V::size;
+  for (int64_t j0 = 0; j0 < full; j0 += kFlushEvery) {
+    const int64_t end = full < j0 + kFlushEvery ? full : j0 + kFlushEvery;
+    for (int64_t j = j0; j < end; j += V::size) body(j, Full{});
+    flush();
+  }
+  if (full < n) {
+    body(full, int(n - full));
+    flush();
+  }
+}
+inline void no_flush() {}
+
+inline DivConsts make_div_consts(const DistillParams& p) {
+  DivConsts c;
+  c.alpha = p.alpha;
+  c.beta = p.beta;
+  c.skew = p.skew;
+  switch (p.divergence) {
+    case Divergence::JSD:  // m = beta p + (1 - beta) q
+      c.log_w_p = std::log(p.beta);
+      c.log_w_q = std::log1p(-p.beta);
+      break;
+    case Divergence::SkewKL:  // m = s p + (1 - s) q
+      c.log_w_p = std::log(p.skew);
+      c.log_w_q = std::log1p(-p.skew);
+      break;
+    case Divergence::SkewReverseKL:  // m = (1 - s) p + s q
+      c.log_w_p = std::log1p(-p.skew);
+      c.log_w_q = std::log(p.skew);
+      break;
+    default:
+      break;
+  }
+  return c;
+}
+
+template <template <class> class Div, class V, class TT, class TS>
+struct RowKernel {
+  using S = typename V::value_type;
+  static constexpr float kNegInf = -INFINITY;
+
+  // scratch_t / scratch_s: per-thread rows of padded length (multiple of V::size).
+  static void run(const DistillParams& prm, const DivConsts& dc, const DistillBatch& b, int64_t row,
+                  S* scratch_t, S* scratch_s) {
+    const int64_t n = b.vocab;
+    const TT* zt = static_cast<const TT*>(b.teacher) + row * b.teacher_row_stride;
+    const TS* zs = static_cast<const TS*>(b.student) + row * b.student_row_stride;
+    TS* grad = b.grad ? static_cast<TS*>(b.grad) + row * n : nullptr;
+    const int64_t label = b.labels ? b.labels[row] : -1;
+    b.row_status[row] = kRowOk;
+    if (b.labels && label == b.ignore_index) {
+      b.row_loss[row] = 0.0;
+      if (grad) std::memset(static_cast<void*>(grad), 0, sizeof(TS) * n);
+      return;
+    }
+
+    // -- sweep 1: maxima
+    V vmt = V::broadcast(kNegInf), vms = V::broadcast(kNegInf);
+    sweep<V>(n, [&](int64_t j, auto tail) {
+      vmt = vmax(ld<V>(zt + j, tail, kNegInf), vmt);
+      vms = vmax(ld<V>(zs + j, tail, kNegInf), vms);
+    }, no_flush);
+    const S mzt = vmt.reduce_max(), mzs = vms.reduce_max();
+    if (mzt == S(kNegInf) || mzs == S(kNegInf)) {
+      b.row_status[row] = mzt == S(kNegInf) ? kTeacherAllNegInf : kStudentAllNegInf;
+      b.row_loss[row] = 0.0;
+      if (grad) std::memset(static_cast<void*>(grad), 0, sizeof(TS) * n);
+      return;
+    }
+
+    // -- sweep 2: exponentials at the temperatures, kept in scratch
+    const V inv_tau = vset<V>(1.0 / prm.tau), inv_tau_s = vset<V>(1.0 / prm.tau_s);
+    const V vmzt = V::broadcast(mzt), vmzs = V::broadcast(mzs);
+    double sum_t = 0, sum_s = 0;
+    {
+      V at = V::zero(), as = V::zero();
+      sweep<V>(n, [&](int64_t j, auto tail) {
+        V et = vexp((ld<V>(zt + j, tail, kNegInf) - vmzt) * inv_tau);
+        V es = vexp((ld<V>(zs + j, tail, kNegInf) - vmzs) * inv_tau_s);
+        et.store(scratch_t + j);
+        es.store(scratch_s + j);
+        at = at + et;
+        as = as + es;
+      }, [&] {
+        sum_t += at.reduce_add();
+        sum_s += as.reduce_add();
+        at = as = V::zero();
+      });
+    }
+    const double log_sum_t = std::log(sum_t), log_sum_s = std::log(sum_s);
+
+    // -- sweep 3 (optional): teacher at temperature 1, for the weightings
+    double weight = 1.0;
+    if (prm.weighting == Weighting::WTTM || prm.weighting == Weighting::Entropy) {
+      double s1 = 0, t1 = 0;
+      V a1 = V::zero(), b1 = V::zero();
+      sweep<V>(n, [&](int64_t j, auto tail) {
+        V d = ld<V>(zt + j, tail, kNegInf) - vmzt;
+        V e = vexp(d);
+        a1 = a1 + e;
+        b1 = b1 + select(gt(e, V::zero()), e * d, V::zero());
+      }, [&] {
+        s1 += a1.reduce_add();
+        t1 += b1.reduce_add();
+        a1 = b1 = V::zero();
+      });
+      const double log_s1 = std::log(s1);
+      if (prm.weighting == Weighting::WTTM) {
+        // U_{1/tau}(p1) = exp(LSE(z/tau) - LSE(z)/tau); both LSEs share the shift mzt/tau.
+        weight = std::exp(log_sum_t - log_s1 / prm.tau);
+      } else {
+        const double entropy = log_s1 - t1 / s1;
+        weight = n > 1 ? 1.0 - entropy / std::log(double(n)) : 1.0;
+      }
+    } else if (prm.weighting == Weighting::Given) {
+      weight = b.weights[row];
+    }
+
+    // -- hard-label cross-entropy of the student at temperature 1
+    const bool hard = b.labels && prm.hard_weight != 0.0;
+    double ce = 0.0, log_sum_s1 = log_sum_s;
+    const bool student_t1_differs = prm.tau_s != 1.0;
+    if (hard) {
+      if (student_t1_differs) {
+        double s1 = 0;
+        V a1 = V::zero();
+        sweep<V>(n, [&](int64_t j, auto tail) { a1 = a1 + vexp(ld<V>(zs + j, tail, kNegInf) - vmzs); },
+                 [&] { s1 += a1.reduce_add(); a1 = V::zero(); });
+        log_sum_s1 = std::log(s1);
+      }
+      ce = (double(mzs) - double(to_float(zs[label]))) + log_sum_s1;
+    }
+
+    // -- divergence value and gradient
+    const V inv_sum_t = vset<V>(1.0 / sum_t), inv_sum_s = vset<V>(1.0 / sum_s);
+    const V log_sum_t_v = vset<V>(log_sum_t), log_sum_s_v = vset<V>(log_sum_s);
+    auto elem = [&](int64_t j, auto tail) {
+      V zt_j = ld<V>(zt + j, tail, kNegInf), zs_j = ld<V>(zs + j, tail, kNegInf);
+      Elem<V> e;
+      e.p = V::load(scratch_t + j) * inv_sum_t;
+      e.q = V::load(scratch_s + j) * inv_sum_s;
+      e.logp = (zt_j - vmzt) * inv_tau - log_sum_t_v;
+      e.logq = (zs_j - vmzs) * inv_tau_s - log_sum_s_v;
+      return e;
+    };
+
+    const double c_soft = prm.soft_coef * weight * prm.inv_denom;
+    const double c_hard = hard ? prm.hard_weight * prm.inv_denom : 0.0;
+    // gradient_j = A * g_j + B * q_j (+ c_hard * softmax(z_s)_j when tau_s != 1) - c_hard [j == label]
+    // on_elem/on_flush let a fused policy accumulate its value in the same sweep.
+    auto write_grad = [&](const RowAcc& r, auto&& on_elem, auto&& on_flush) {
+      const V A = vset<V>(c_soft / prm.tau_s);
+      const V B = vset<V>(-c_soft / prm.tau_s * r.gsum + (student_t1_differs ? 0.0 : c_hard));
+      const V C = vset<V>(c_hard);
+      const V shift1 = vset<V>(double(mzs) + log_sum_s1);
+      const bool add_q1 = hard && student_t1_differs;
+      sweep<V>(n, [&](int64_t j, auto tail) {
+        Elem<V> e = elem(j, tail);
+        on_elem(e);
+        V out = fmadd(A, Div<V>::grad_term(e, r, dc), B * e.q);
+        if (add_q1) out = fmadd(C, vexp(ld<V>(zs + j, tail, kNegInf) - shift1), out);
+        if (hard && label >= j && label < j + lanes(tail, V::size)) {
+          alignas(64) S t[V::size];
+          out.store(t);
+          t[label - j] -= S(c_hard);
+          out = V::load(t);
+        }
+        st(grad + j, out, tail);
+      }, on_flush);
+    };
+
+    RowAcc r;
+    typename Div<V>::Acc acc;
+    if (Div<V>::kFused && grad) {
+      r.gsum = Div<V>::kGradSum;
+      write_grad(r, [&](const Elem<V>& e) { acc.add(e, dc); }, [&] { acc.flush(r); });
+      Div<V>::finish(r, dc);
+    } else {
+      sweep<V>(n, [&](int64_t j, auto tail) { acc.add(elem(j, tail), dc); }, [&] { acc.flush(r); });
+      Div<V>::finish(r, dc);
+      if (grad) write_grad(r, [](const Elem<V>&) {}, no_flush);
+    }
+
+    b.row_loss[row] = (hard ? prm.hard_weight * ce : 0.0) + prm.soft_coef * weight * r.D;
+  }
+};
+
+}  // namespace KDFAST_CPU_CAPABILITY
+}  // namespace kdfast

@@ -1,0 +1,260 @@
+// A minimal SIMD abstraction for the row kernels.
+//
+// The same kernel source is compiled once per CPU capability (default, avx2,
+// avx512), each time inside its own namespace `kdfast::KDFAST_CPU_CAPABILITY`,
+// so that inline functions compiled for a wider ISA can never be picked by the
+// linker for a narrower one (the ODR trap ATen avoids the same way).  The
+// capability is chosen by the translation unit (KDFAST_ISA_*), not by
+// __AVX2__, because the wide TUs enable their ISA with `#pragma GCC target`.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(KDFAST_ISA_AVX2) || defined(KDFAST_ISA_AVX512)
+#include <immintrin.h>
+#endif
+
+#ifndef KDFAST_CPU_CAPABILITY
+#error "KDFAST_CPU_CAPABILITY must name the capability namespace"
+#endif
+
+namespace kdfast {
+namespace KDFAST_CPU_CAPABILITY {
+
+// ---------------------------------------------------------------------------
+// Scalar lanes: the portable baseline, and the float64 path used by gradcheck.
+// ---------------------------------------------------------------------------
+template <class T>
+struct ScalarVec {
+  using value_type = T;
+  using Mask = bool;
+  static constexpr int size = 1;
+  T v;
+
+  static ScalarVec broadcast(T x) { return {x}; }
+  static ScalarVec zero() { return {T(0)}; }
+  static ScalarVec load(const T* p) { return {*p}; }
+  void store(T* p) const { *p = v; }
+  T reduce_add() const { return v; }
+  T reduce_max() const { return v; }
+  T lane(int) const { return v; }
+};
+
+template <class T> inline ScalarVec<T> operator+(ScalarVec<T> a, ScalarVec<T> b) { return {a.v + b.v}; }
+template <class T> inline ScalarVec<T> operator-(ScalarVec<T> a, ScalarVec<T> b) { return {a.v - b.v}; }
+template <class T> inline ScalarVec<T> operator*(ScalarVec<T> a, ScalarVec<T> b) { return {a.v * b.v}; }
+template <class T> inline ScalarVec<T> operator/(ScalarVec<T> a, ScalarVec<T> b) { return {a.v / b.v}; }
+template <class T> inline ScalarVec<T> fmadd(ScalarVec<T> a, ScalarVec<T> b, ScalarVec<T> c) { return {a.v * b.v + c.v}; }
+template <class T> inline ScalarVec<T> vmax(ScalarVec<T> a, ScalarVec<T> b) { return {a.v > b.v ? a.v : b.v}; }
+template <class T> inline ScalarVec<T> vmin(ScalarVec<T> a, ScalarVec<T> b) { return {a.v < b.v ? a.v : b.v}; }
+template <class T> inline ScalarVec<T> vabs(ScalarVec<T> a) { return {std::fabs(a.v)}; }
+template <class T> inline bool gt(ScalarVec<T> a, ScalarVec<T> b) { return a.v > b.v; }
+template <class T> inline bool eq(ScalarVec<T> a, ScalarVec<T> b) { return a.v == b.v; }
+inline bool mask_and(bool a, bool b) { return a && b; }
+template <class T> inline ScalarVec<T> select(bool m, ScalarVec<T> a, ScalarVec<T> b) { return m ? a : b; }
+// exp/log of the scalar lanes use libm: exact enough to be the baseline.
+template <class T> inline ScalarVec<T> vexp(ScalarVec<T> x) { return {std::exp(x.v)}; }
+// log of a value known to be positive and normal (the kernels only take the log
+// of 1 + y with y in [0, 1]).
+template <class T> inline ScalarVec<T> vlog_normal(ScalarVec<T> x) { return {std::log(x.v)}; }
+
+#if defined(KDFAST_ISA_AVX2) || defined(KDFAST_ISA_AVX512)
+// ---------------------------------------------------------------------------
+// Cephes-style float exp/log shared by the vector ISAs.  exp is accurate to
+// ~2 ulp on [-86.5, 88.7]; below -86.5 it flushes to exactly 0 (so that
+// exp(-inf) == 0 and no denormal is produced), above 88.7 it is +inf.
+// ---------------------------------------------------------------------------
+namespace cephes {
+constexpr float kExpLo = -86.5f;
+constexpr float kExpHi = 88.7f;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f;
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kSqrtHalf = 0.707106781186547524f;
+}  // namespace cephes
+#endif
+
+#if defined(KDFAST_ISA_AVX2)
+// ---------------------------------------------------------------------------
+// AVX2 + FMA: 8 float lanes.
+// ---------------------------------------------------------------------------
+struct VecF {
+  using value_type = float;
+  using Mask = __m256;
+  static constexpr int size = 8;
+  __m256 v;
+
+  static VecF broadcast(float x) { return {_mm256_set1_ps(x)}; }
+  static VecF zero() { return {_mm256_setzero_ps()}; }
+  static VecF load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  float reduce_add() const {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    __m128 s = _mm_add_ps(lo, hi);
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  float reduce_max() const {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    __m128 s = _mm_max_ps(lo, hi);
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  float lane(int i) const { alignas(32) float t[8]; _mm256_store_ps(t, v); return t[i]; }
+};
+inline VecF operator+(VecF a, VecF b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline VecF operator-(VecF a, VecF b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline VecF operator*(VecF a, VecF b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline VecF operator/(VecF a, VecF b) { return {_mm256_div_ps(a.v, b.v)}; }
+inline VecF fmadd(VecF a, VecF b, VecF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+// max/min return the second operand when either is NaN; callers put the
+// running value second so that a NaN input propagates only through sums.
+inline VecF vmax(VecF a, VecF b) { return {_mm256_max_ps(a.v, b.v)}; }
+inline VecF vmin(VecF a, VecF b) { return {_mm256_min_ps(a.v, b.v)}; }
+inline VecF vabs(VecF a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
+inline __m256 gt(VecF a, VecF b) { return _mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ); }
+inline __m256 eq(VecF a, VecF b) { return _mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ); }
+inline __m256 mask_and(__m256 a, __m256 b) { return _mm256_and_ps(a, b); }
+inline VecF select(__m256 m, VecF a, VecF b) { return {_mm256_blendv_ps(b.v, a.v, m)}; }
+
+inline VecF vexp(VecF x) {
+  using namespace cephes;
+  const __m256 lo = _mm256_set1_ps(kExpLo), hi = _mm256_set1_ps(kExpHi);
+  __m256 xc = _mm256_min_ps(_mm256_max_ps(x.v, lo), hi);
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(kLog2e)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  __m256 y = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+  y = _mm256_andnot_ps(_mm256_cmp_ps(x.v, lo, _CMP_LT_OQ), y);  // exp(x < lo) == 0
+  y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x.v, hi, _CMP_GT_OQ));
+  // NaN in, NaN out (the clamps above would have turned it into a number).
+  return {_mm256_blendv_ps(y, x.v, _mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q))};
+}
+
+inline VecF vlog_normal(VecF x) {
+  using namespace cephes;
+  __m256i bits = _mm256_castps_si256(x.v);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
+  // mantissa in [0.5, 1)
+  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)),
+                                                 _mm256_set1_epi32(0x3f000000)));
+  __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(kSqrtHalf), _CMP_LT_OQ);
+  e = _mm256_sub_ps(e, _mm256_and_ps(small, _mm256_set1_ps(1.0f)));
+  __m256 f = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), _mm256_set1_ps(1.0f));
+  __m256 z = _mm256_mul_ps(f, f);
+  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.1514610310e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.1676998740e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.2420140846e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.4249322787e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.6668057665e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.0000714765e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-2.4999993993e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(3.3333331174e-1f));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, f), z);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(kLn2Lo), y);
+  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+  return {_mm256_fmadd_ps(e, _mm256_set1_ps(kLn2Hi), _mm256_add_ps(f, y))};
+}
+#endif  // KDFAST_ISA_AVX2
+
+#if defined(KDFAST_ISA_AVX512)
+// ---------------------------------------------------------------------------
+// AVX-512F: 16 float lanes, masks in k-registers.
+// ---------------------------------------------------------------------------
+struct VecF {
+  using value_type = float;
+  using Mask = __mmask16;
+  static constexpr int size = 16;
+  __m512 v;
+
+  static VecF broadcast(float x) { return {_mm512_set1_ps(x)}; }
+  static VecF zero() { return {_mm512_setzero_ps()}; }
+  static VecF load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  float reduce_add() const { return _mm512_reduce_add_ps(v); }
+  float reduce_max() const { return _mm512_reduce_max_ps(v); }
+  float lane(int i) const { alignas(64) float t[16]; _mm512_store_ps(t, v); return t[i]; }
+};
+inline VecF operator+(VecF a, VecF b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline VecF operator-(VecF a, VecF b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline VecF operator*(VecF a, VecF b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline VecF operator/(VecF a, VecF b) { return {_mm512_div_ps(a.v, b.v)}; }
+inline VecF fmadd(VecF a, VecF b, VecF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline VecF vmax(VecF a, VecF b) { return {_mm512_max_ps(a.v, b.v)}; }
+inline VecF vmin(VecF a, VecF b) { return {_mm512_min_ps(a.v, b.v)}; }
+inline VecF vabs(VecF a) { return {_mm512_abs_ps(a.v)}; }
+inline __mmask16 gt(VecF a, VecF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ); }
+inline __mmask16 eq(VecF a, VecF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ); }
+inline __mmask16 mask_and(__mmask16 a, __mmask16 b) { return a & b; }
+inline VecF select(__mmask16 m, VecF a, VecF b) { return {_mm512_mask_blend_ps(m, b.v, a.v)}; }
+
+inline VecF vexp(VecF x) {
+  using namespace cephes;
+  const __m512 lo = _mm512_set1_ps(kExpLo), hi = _mm512_set1_ps(kExpHi);
+  __m512 xc = _mm512_min_ps(_mm512_max_ps(x.v, lo), hi);
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(kLog2e)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
+  __m512 y = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
+  y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, lo, _CMP_GE_OQ) | _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q), y);
+  y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x.v, hi, _CMP_GT_OQ), _mm512_set1_ps(INFINITY));
+  return {_mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q), x.v)};
+}
+
+inline VecF vlog_normal(VecF x) {
+  using namespace cephes;
+  __m512i bits = _mm512_castps_si512(x.v);
+  __m512 e = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(126)));
+  __m512 m = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0x007fffff)),
+                                                 _mm512_set1_epi32(0x3f000000)));
+  __mmask16 small = _mm512_cmp_ps_mask(m, _mm512_set1_ps(kSqrtHalf), _CMP_LT_OQ);
+  e = _mm512_mask_sub_ps(e, small, e, _mm512_set1_ps(1.0f));
+  __m512 f = _mm512_sub_ps(_mm512_mask_add_ps(m, small, m, m), _mm512_set1_ps(1.0f));
+  __m512 z = _mm512_mul_ps(f, f);
+  __m512 y = _mm512_set1_ps(7.0376836292e-2f);
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.1514610310e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.1676998740e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.2420140846e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.4249322787e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.6668057665e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.0000714765e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-2.4999993993e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(3.3333331174e-1f));
+  y = _mm512_mul_ps(_mm512_mul_ps(y, f), z);
+  y = _mm512_fmadd_ps(e, _mm512_set1_ps(kLn2Lo), y);
+  y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5f), y);
+  return {_mm512_fmadd_ps(e, _mm512_set1_ps(kLn2Hi), _mm512_add_ps(f, y))};
+}
+#endif  // KDFAST_ISA_AVX512
+
+#if !defined(KDFAST_ISA_AVX2) && !defined(KDFAST_ISA_AVX512)
+using VecF = ScalarVec<float>;
+#endif
+using VecD = ScalarVec<double>;
+
+}  // namespace KDFAST_CPU_CAPABILITY
+}  // namespace kdfast

@@ -1,0 +1,41 @@
+"""kdfast: fused knowledge-distillation losses.
+
+>>> import kdfast
+>>> loss = kdfast.kd_loss(student_logits, teacher_logits, temperature=2.0)
+
+The math contract is SPEC.md (see README); every backend matches the
+pure-PyTorch reference in :mod:`kdfast.reference`.
+"""
+
+from ._extension import cpu_extension_available
+from ._options import DIVERGENCES, REDUCTIONS, WEIGHTINGS
+from .backends import available_backends
+from .losses import distill_loss, kd_loss, ttm_loss, wttm_loss
+from .modules import DistillLoss, KDLoss, TTMLoss, WTTMLoss
+
+__version__ = "0.1.0"
+
+
+def cpu_capability() -> str:
+    """The SIMD level of the CPU kernels ('avx512', 'avx2', 'default'), or 'unavailable'."""
+    from ._extension import _C
+
+    return _C.cpu_capability() if _C is not None else "unavailable"
+
+
+__all__ = [
+    "DIVERGENCES",
+    "REDUCTIONS",
+    "WEIGHTINGS",
+    "DistillLoss",
+    "KDLoss",
+    "TTMLoss",
+    "WTTMLoss",
+    "available_backends",
+    "cpu_capability",
+    "cpu_extension_available",
+    "distill_loss",
+    "kd_loss",
+    "ttm_loss",
+    "wttm_loss",
+]

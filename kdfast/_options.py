@@ -1,0 +1,218 @@
+"""Validation of the loss options, shared by every backend.
+
+One place checks the arguments of ``distill_loss`` and turns them into a
+``LossConfig``; the backends receive only valid, canonical configurations.
+Errors follow ../shared/SPEC.md: ``ValueError`` for bad values and shapes
+(naming the parameter and its value, or both shapes), ``TypeError`` for dtypes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd", "renyi", "ab", "skew_kl", "skew_reverse_kl")
+WEIGHTINGS = (None, "wttm", "entropy")
+REDUCTIONS = ("batchmean", "sum", "none")
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# The parameters each divergence takes, with their defaults.
+_DIVERGENCE_PARAMS = {
+    "kl": {},
+    "reverse_kl": {},
+    "tvd": {},
+    "jsd": {"beta": 0.5},
+    "renyi": {"alpha": 0.5},
+    "ab": {"alpha": 0.5, "beta": 0.5},
+    "skew_kl": {"skew": 0.1},
+    "skew_reverse_kl": {"skew": 0.1},
+}
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """A validated, canonical set of options of ``distill_loss``."""
+
+    divergence: str
+    temperature: float
+    student_temperature: float
+    alpha: Optional[float]
+    beta: Optional[float]
+    skew: Optional[float]
+    weighting: Union[None, str, torch.Tensor]
+    labels: Optional[torch.Tensor]
+    ignore_index: int
+    hard_weight: float
+    soft_weight: float
+    scale: float
+    reduction: str
+    normalizer: Optional[float]
+
+    @property
+    def weighting_name(self) -> str:
+        """'none', 'wttm', 'entropy' or 'given' (a tensor of weights)."""
+        if self.weighting is None:
+            return "none"
+        return self.weighting if isinstance(self.weighting, str) else "given"
+
+
+def _finite_float(name: str, value) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return x
+
+
+def resolve_divergence(divergence: str, alpha=None, beta=None, skew=None):
+    """Check a divergence and its parameters; return ``(name, alpha, beta, skew)``.
+
+    Defaults: ``jsd`` beta=0.5 (Liger-Kernel's), ``renyi`` alpha=0.5, ``ab``
+    alpha=beta=0.5, ``skew_*`` skew=0.1 (DistiLLM's).  The boundary cases the
+    spec names map to their limits: ``jsd`` beta=0 is ``kl`` and beta=1 is
+    ``reverse_kl``; ``renyi`` alpha=1 is ``kl``.  Giving a parameter that the
+    divergence does not use is an error (it is almost always a mistake).
+    """
+    if divergence not in _DIVERGENCE_PARAMS:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    given = {"alpha": alpha, "beta": beta, "skew": skew}
+    params = dict(_DIVERGENCE_PARAMS[divergence])
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name not in params:
+            raise ValueError(f"divergence {divergence!r} takes no parameter {name} (got {name}={value!r})")
+        params[name] = _finite_float(name, value)
+
+    if divergence == "jsd":
+        b = params["beta"]
+        if not 0.0 <= b <= 1.0:
+            raise ValueError(f"jsd needs beta in [0, 1], got beta={b}")
+        if b == 0.0:
+            return "kl", None, None, None
+        if b == 1.0:
+            return "reverse_kl", None, None, None
+    elif divergence == "renyi":
+        a = params["alpha"]
+        if a <= 0.0:
+            raise ValueError(f"renyi needs alpha > 0, got alpha={a}")
+        if a == 1.0:
+            return "kl", None, None, None
+    elif divergence == "ab":
+        for name in ("alpha", "beta"):
+            if params[name] <= 0.0:
+                raise ValueError(f"ab needs {name} > 0, got {name}={params[name]}")
+    elif divergence in ("skew_kl", "skew_reverse_kl"):
+        s = params["skew"]
+        if not 0.0 <= s <= 1.0:
+            raise ValueError(f"{divergence} needs skew in [0, 1], got skew={s}")
+    return divergence, params.get("alpha"), params.get("beta"), params.get("skew")
+
+
+def check_logits(student_logits, teacher_logits) -> None:
+    """Types, dtypes, shapes and devices of the two logits tensors."""
+    for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in LOGIT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits shape {tuple(student_logits.shape)} does not match "
+            f"teacher_logits shape {tuple(teacher_logits.shape)}"
+        )
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(
+            f"student_logits is on {student_logits.device} but teacher_logits is on {teacher_logits.device}"
+        )
+    if student_logits.dim() == 0 or student_logits.shape[-1] == 0:
+        raise ValueError(f"logits need a non-empty last (vocabulary) dimension, got shape {tuple(student_logits.shape)}")
+
+
+def _check_row_tensor(name: str, t, student_logits: torch.Tensor) -> None:
+    rows = student_logits.numel() // student_logits.shape[-1]
+    if t.numel() != rows:
+        raise ValueError(
+            f"{name} shape {tuple(t.shape)} does not match the {rows} rows of logits shape "
+            f"{tuple(student_logits.shape)}"
+        )
+    if t.device != student_logits.device:
+        raise ValueError(f"{name} is on {t.device} but the logits are on {student_logits.device}")
+
+
+def make_config(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    student_temperature: Optional[float] = None,
+    alpha: Optional[float] = None,
+    beta: Optional[float] = None,
+    skew: Optional[float] = None,
+    weighting=None,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    scale: float = 1.0,
+    reduction: str = "batchmean",
+    normalizer=None,
+) -> LossConfig:
+    """Validate the arguments of ``distill_loss`` against the logits."""
+    check_logits(student_logits, teacher_logits)
+    name, alpha, beta, skew = resolve_divergence(divergence, alpha, beta, skew)
+    tau = _finite_float("temperature", temperature)
+    if tau <= 0:
+        raise ValueError(f"temperature must be > 0, got temperature={temperature}")
+    tau_s = tau if student_temperature is None else _finite_float("student_temperature", student_temperature)
+    if tau_s <= 0:
+        raise ValueError(f"student_temperature must be > 0, got student_temperature={student_temperature}")
+
+    if isinstance(weighting, torch.Tensor):
+        if not weighting.is_floating_point():
+            raise TypeError(f"a weighting tensor must be floating point, got {weighting.dtype}")
+        _check_row_tensor("weighting", weighting, student_logits)
+        weighting = weighting.detach()
+    elif weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be None, 'wttm', 'entropy' or a tensor of row weights, got {weighting!r}")
+
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        _check_row_tensor("labels", labels, student_logits)
+    hard_weight = _finite_float("hard_weight", hard_weight)
+    if hard_weight != 0.0 and labels is None:
+        raise ValueError(f"hard_weight={hard_weight} needs labels for the cross-entropy term")
+
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if normalizer is not None:
+        if reduction != "batchmean":
+            raise ValueError(f"normalizer is only used with reduction='batchmean', got reduction={reduction!r}")
+        normalizer = _finite_float("normalizer", normalizer)
+        if normalizer <= 0:
+            raise ValueError(f"normalizer must be > 0, got normalizer={normalizer}")
+    return LossConfig(
+        divergence=name,
+        temperature=tau,
+        student_temperature=tau_s,
+        alpha=alpha,
+        beta=beta,
+        skew=skew,
+        weighting=weighting,
+        labels=labels,
+        ignore_index=int(ignore_index),
+        hard_weight=hard_weight,
+        soft_weight=_finite_float("soft_weight", soft_weight),
+        scale=_finite_float("scale", scale),
+        reduction=reduction,
+        normalizer=normalizer,
+    )

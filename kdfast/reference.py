@@ -1,0 +1,206 @@
+"""The reference backend: every formula of ../shared/SPEC.md in plain PyTorch.
+
+Written to be read and to be the oracle of the tests: one short function per
+formula, log-space throughout, differentiable (float64 gradcheck), and no
+cleverness.  It is also the fallback on devices without a fused kernel.
+
+Masked vocabulary entries (-inf logits) are legal, so every ``p log p``-style
+product goes through ``_plogratio``, which makes ``0 * log 0 == 0`` in the value
+*and* keeps the gradient finite (the masked branch never sees an infinity).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._options import LossConfig
+
+
+def _masked(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.where(keep, x, torch.zeros_like(x))
+
+
+def _plogratio(keep: torch.Tensor, w: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Row sums of ``w * (log_a - log_b)`` over the entries where ``keep``."""
+    return _masked(keep, w * (_masked(keep, log_a) - _masked(keep, log_b))).sum(-1)
+
+
+def _log_mixture(logp: torch.Tensor, logq: torch.Tensor, w_p: float, w_q: float) -> torch.Tensor:
+    """``log(w_p p + w_q q)`` through logaddexp; finite wherever p or q is positive."""
+    some = (logp > -math.inf) | (logq > -math.inf)
+    lp = logp + (math.log(w_p) if w_p > 0 else -math.inf)
+    lq = logq + (math.log(w_q) if w_q > 0 else -math.inf)
+    return torch.logaddexp(_masked(some, lp), _masked(some, lq)).where(some, lp)
+
+
+# ----------------------------------------------------------------- divergences
+def kl(logp, logq):
+    """``sum p (log p - log q)``"""
+    p = logp.exp()
+    return _plogratio(p > 0, p, logp, logq)
+
+
+def reverse_kl(logp, logq):
+    """``sum q (log q - log p)``"""
+    return kl(logq, logp)
+
+
+def jsd(logp, logq, beta):
+    """``beta KL(p||m) + (1-beta) KL(q||m)``, ``m = beta p + (1-beta) q``"""
+    logm = _log_mixture(logp, logq, beta, 1.0 - beta)
+    p, q = logp.exp(), logq.exp()
+    return beta * _plogratio(p > 0, p, logp, logm) + (1.0 - beta) * _plogratio(q > 0, q, logq, logm)
+
+
+def tvd(logp, logq):
+    """``0.5 sum |p - q|``"""
+    return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
+
+
+def renyi(logp, logq, alpha):
+    """``logsumexp(alpha log p + (1-alpha) log q) / (alpha - 1)``; entries with p = 0 add nothing."""
+    x = torch.where(logp > -math.inf, alpha * logp + (1.0 - alpha) * logq, torch.full_like(logp, -math.inf))
+    return torch.logsumexp(x, dim=-1) / (alpha - 1.0)
+
+
+def ab(logp, logq, alpha, beta):
+    """``-1/(a b) sum [p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)]``"""
+    s = alpha + beta
+    inner = (alpha * logp + beta * logq).exp() - alpha / s * (s * logp).exp() - beta / s * (s * logq).exp()
+    return -inner.sum(-1) / (alpha * beta)
+
+
+def skew_kl(logp, logq, skew):
+    """``KL(p || skew p + (1-skew) q)``"""
+    logm = _log_mixture(logp, logq, skew, 1.0 - skew)
+    p = logp.exp()
+    return _plogratio(p > 0, p, logp, logm)
+
+
+def skew_reverse_kl(logp, logq, skew):
+    """``KL(q || (1-skew) p + skew q)``"""
+    logm = _log_mixture(logp, logq, 1.0 - skew, skew)
+    q = logq.exp()
+    return _plogratio(q > 0, q, logq, logm)
+
+
+def divergence(name: str, logp, logq, alpha=None, beta=None, skew=None):
+    """``D(p || q)`` per row for a (validated) divergence name."""
+    if name == "kl":
+        return kl(logp, logq)
+    if name == "reverse_kl":
+        return reverse_kl(logp, logq)
+    if name == "jsd":
+        return jsd(logp, logq, beta)
+    if name == "tvd":
+        return tvd(logp, logq)
+    if name == "renyi":
+        return renyi(logp, logq, alpha)
+    if name == "ab":
+        return ab(logp, logq, alpha, beta)
+    if name == "skew_kl":
+        return skew_kl(logp, logq, skew)
+    if name == "skew_reverse_kl":
+        return skew_reverse_kl(logp, logq, skew)
+    raise ValueError(f"unknown divergence {name!r}")
+
+
+# ----------------------------------------------------------------- weights
+def wttm_weight(teacher_logits, temperature):
+    """``U_{1/T}(softmax(z_t)) = exp(logsumexp(z_t / T) - logsumexp(z_t) / T)``"""
+    return torch.exp(torch.logsumexp(teacher_logits / temperature, -1) - torch.logsumexp(teacher_logits, -1) / temperature)
+
+
+def entropy_weight(teacher_logits):
+    """``1 - H(softmax(z_t)) / log V`` (1 when V = 1: a single class is certain)."""
+    V = teacher_logits.shape[-1]
+    if V == 1:
+        return torch.ones_like(teacher_logits[..., 0])
+    logp1 = torch.log_softmax(teacher_logits, -1)
+    p1 = logp1.exp()
+    entropy = -_plogratio(p1 > 0, p1, logp1, torch.zeros_like(logp1))
+    return 1.0 - entropy / math.log(V)
+
+
+def cross_entropy(student_logits, labels):
+    """``-log softmax(z_s)[label]`` per row (labels already valid)."""
+    return -torch.log_softmax(student_logits, -1).gather(-1, labels[:, None]).squeeze(-1)
+
+
+# ----------------------------------------------------------------- the general loss
+def accumulation_dtype(*tensors) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def distill_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: LossConfig):
+    """``hard_weight * reduce(CE) + soft_weight * scale * reduce(w * D(p || q))``
+
+    Rows are flattened to ``(N, V)`` and computed in float32 (float64 for float64
+    inputs); the result has that dtype.  Ignored rows (label == ignore_index)
+    contribute nothing and get a zero gradient.
+    """
+    V = student_logits.shape[-1]
+    acc = accumulation_dtype(student_logits, teacher_logits)
+    zs = student_logits.reshape(-1, V).to(acc)
+    zt = teacher_logits.detach().reshape(-1, V).to(acc)
+    N = zs.shape[0]
+
+    if cfg.labels is not None:
+        labels = cfg.labels.reshape(-1).long()
+        valid = labels != cfg.ignore_index
+        _check_labels(labels, valid, V, cfg.ignore_index)
+        # Ignored rows are replaced by zeros so that nothing in them (garbage,
+        # all -inf rows) can reach the value or the gradient.
+        zs = torch.where(valid[:, None], zs, torch.zeros_like(zs))
+        zt = torch.where(valid[:, None], zt, torch.zeros_like(zt))
+    else:
+        labels = None
+        valid = torch.ones(N, dtype=torch.bool, device=zs.device)
+    _check_rows_defined(zt, zs, valid)
+
+    logp = torch.log_softmax(zt / cfg.temperature, -1)
+    logq = torch.log_softmax(zs / cfg.student_temperature, -1)
+    soft = divergence(cfg.divergence, logp, logq, cfg.alpha, cfg.beta, cfg.skew)
+    if cfg.weighting == "wttm":
+        soft = wttm_weight(zt, cfg.temperature) * soft
+    elif cfg.weighting == "entropy":
+        soft = entropy_weight(zt) * soft
+    elif isinstance(cfg.weighting, torch.Tensor):
+        soft = cfg.weighting.reshape(-1).to(acc) * soft
+    per_row = cfg.soft_weight * cfg.scale * soft
+    if labels is not None and cfg.hard_weight != 0.0:
+        per_row = per_row + cfg.hard_weight * cross_entropy(zs, torch.where(valid, labels, 0))
+    per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
+
+    if cfg.reduction == "none":
+        return per_row
+    total = per_row.sum()
+    if cfg.reduction == "sum":
+        return total
+    if cfg.normalizer is not None:
+        return total / cfg.normalizer
+    # No valid row: the total is 0 and so is the loss, never 0/0.
+    return total / valid.sum().clamp(min=1)
+
+
+def _check_labels(labels, valid, V, ignore_index):
+    if torch.compiler.is_compiling():
+        return
+    bad = valid & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"label {int(labels[i])} at row {i} is outside [0, {V}) and is not ignore_index ({ignore_index})"
+        )
+
+
+def _check_rows_defined(zt, zs, valid):
+    if torch.compiler.is_compiling():
+        return
+    for name, z in (("teacher_logits", zt), ("student_logits", zs)):
+        dead = valid & torch.isneginf(z).all(-1)
+        if bool(dead.any()):
+            i = int(dead.nonzero()[0, 0])
+            raise ValueError(f"{name} row {i} is all -inf: the {name.split('_')[0]} distribution is undefined")
