@@ -4,10 +4,18 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "kernels/kernel_api.h"
+#include "kernels/selftest.h"
 
 namespace kdfast {
 namespace {
@@ -44,6 +52,86 @@ at::Tensor as_rows(const at::Tensor& t) {
   if (rows.stride(1) != 1 && V > 1) rows = rows.contiguous();
   return rows;
 }
+
+// The gradient is the one large buffer the op writes.  A fresh multi-MB
+// allocation is paid twice on first touch: a page fault per page and the
+// kernel zeroing every page, together as long as the kernel itself on a
+// typical VM.  So large gradient buffers are (1) backed by transparent huge
+// pages and (2) recycled: when autograd frees one, it is kept (at most
+// kMaxCached of them) for the next call of a similar size, as a training loop
+// makes.  KDFAST_GRAD_CACHE=0 turns the recycling off; kdfast.empty_cache()
+// releases what is kept.
+class GradBufferCache {
+ public:
+  static GradBufferCache& instance() {
+    static GradBufferCache* cache = new GradBufferCache();  // leaked: tensors may die after static dtors
+    return *cache;
+  }
+
+  at::Tensor empty(int64_t N, int64_t V, const at::TensorOptions& options) {
+    const size_t bytes = size_t(N) * size_t(V) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (bytes >= kMinBytes) {
+      size_t capacity = 0;
+      void* data = take(bytes, &capacity);
+      if (!data) {
+        capacity = (bytes + kHuge - 1) / kHuge * kHuge;
+        if (posix_memalign(&data, kHuge, capacity) != 0) data = nullptr;
+        if (data) madvise(data, capacity, MADV_HUGEPAGE);
+      }
+      if (data)
+        return at::from_blob(data, {N, V}, [capacity](void* p) { instance().give(p, capacity); }, options);
+    }
+#endif
+    return at::empty({N, V}, options);
+  }
+
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& entry : free_) std::free(entry.first);
+    free_.clear();
+  }
+
+ private:
+  static constexpr size_t kHuge = size_t(2) << 20;
+  static constexpr size_t kMinBytes = 16 * kHuge;
+  static constexpr size_t kMaxCached = 2;
+
+  GradBufferCache() {
+    const char* env = std::getenv("KDFAST_GRAD_CACHE");
+    enabled_ = !(env && std::string(env) == "0");
+  }
+
+  // The smallest cached buffer that fits without wasting more than half of it.
+  void* take(size_t bytes, size_t* capacity) {
+    std::lock_guard<std::mutex> lock(mu_);
+    size_t best = free_.size();
+    for (size_t i = 0; i < free_.size(); ++i)
+      if (free_[i].second >= bytes && free_[i].second <= 2 * bytes &&
+          (best == free_.size() || free_[i].second < free_[best].second))
+        best = i;
+    if (best == free_.size()) return nullptr;
+    void* p = free_[best].first;
+    *capacity = free_[best].second;
+    free_.erase(free_.begin() + best);
+    return p;
+  }
+
+  void give(void* p, size_t capacity) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (enabled_ && free_.size() < kMaxCached) {
+        free_.emplace_back(p, capacity);
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+  std::mutex mu_;
+  bool enabled_ = true;
+  std::vector<std::pair<void*, size_t>> free_;
+};
 
 }  // namespace
 
@@ -122,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> distill_forward_cpu(
   prm.inv_denom = denom > 0 ? 1.0 / denom : 0.0;
 
   const auto acc_dtype = st == DType::Float64 ? at::kDouble : at::kFloat;
-  at::Tensor grad = compute_grad ? at::empty({N, V}, student.options()) : at::empty({0}, student.options());
+  at::Tensor grad = compute_grad ? GradBufferCache::instance().empty(N, V, student.options()) : at::empty({0}, student.options());
   std::vector<double> row_loss(N, 0.0);
   std::vector<int32_t> row_status(N, 0);
 
@@ -157,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor> distill_forward_cpu(
 
   at::Tensor loss;
   if (red == "none") {
-    loss = at::from_blob(row_loss.data(), {N}, at::TensorOptions().dtype(at::kDouble)).to(acc_dtype);
+    loss = at::from_blob(row_loss.data(), {N}, at::TensorOptions().dtype(at::kDouble)).to(acc_dtype, false, /*copy=*/true);
   } else {
     double total = 0.0;  // serial sum: bit-identical run to run
     for (int64_t i = 0; i < N; ++i) total += row_loss[i];
@@ -194,4 +282,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_capability", &capability, "The SIMD capability the kernels run with.");
   m.def("supported_cpu_capability", &supported_capability, "The best SIMD capability this CPU supports.");
   m.def("set_cpu_capability", &set_capability, "Lower (or restore) the SIMD capability; returns the one in effect.");
+  m.def("empty_cache", [] { kdfast::GradBufferCache::instance().clear(); },
+        "Release the gradient buffers kept for reuse.");
+  m.def("_check_large_row_offsets", &kdfast::check_large_row_offsets,
+        "Kernel self-test: a row at an element offset beyond 2^31; returns '' when it passes.");
 }

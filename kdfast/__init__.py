@@ -23,6 +23,14 @@ def cpu_capability() -> str:
     return _C.cpu_capability() if _C is not None else "unavailable"
 
 
+def empty_cache() -> None:
+    """Release the large gradient buffers the CPU kernels keep for reuse (see README, "Memory")."""
+    from ._extension import _C
+
+    if _C is not None:
+        _C.empty_cache()
+
+
 __all__ = [
     "DIVERGENCES",
     "REDUCTIONS",
@@ -35,6 +43,7 @@ __all__ = [
     "cpu_capability",
     "cpu_extension_available",
     "distill_loss",
+    "empty_cache",
     "kd_loss",
     "ttm_loss",
     "wttm_loss",

@@ -35,13 +35,23 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(grad)
 
 
+def _is_concrete(t: torch.Tensor) -> bool:
+    """True for a real tensor in eager mode (its value may be read), False while tracing."""
+    if torch.compiler.is_compiling():
+        return False
+    from torch._guards import detect_fake_mode
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return detect_fake_mode(t) is None and get_proxy_mode() is None and not torch._is_functional_tensor(t)
+
+
 def _backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0 and grad_loss.numel() != 0:
         raise RuntimeError("kdfast: the forward ran without computing the gradient (compute_grad=False)")
     if ctx.per_row:
         scaled = (grad.to(grad_loss.dtype) * grad_loss[:, None]).to(grad.dtype)
-    elif not torch.compiler.is_compiling() and bool(grad_loss == 1):
+    elif _is_concrete(grad_loss) and bool(grad_loss == 1):
         scaled = grad  # the usual loss.backward(): no second (N, V) buffer
     else:
         scaled = grad * grad_loss

@@ -1,15 +1,14 @@
 // Divergence policies plugged into the row skeleton (row_kernel.h).
 //
-// Every divergence D(p || q) is described by three things:
-//   * its per-entry value, accumulated over the row (Acc::add / Acc::flush),
-//   * finish(): the row value D and Sigma_g = sum_j g_j from the accumulated sums,
+// Every divergence D(p || q) is described by:
+//   * its row value: either accumulated in the exponential sweep from the
+//     shifted logits x = (z - max) / tau and e = exp(x) (kValueFromExps: no
+//     extra sweep), or in a value sweep (Acc::add / Acc::flush);
+//   * finish(): the row value D and Sigma_g = sum_j g_j from the sums;
 //   * grad_term(): g_j = q_j * dD/dq_j.
 // The skeleton turns g into the gradient with respect to the student logits
 // through the softmax Jacobian: dD/dz_s_j = (g_j - q_j * Sigma_g) / tau_s.
 // Any term c * q_j of g_j cancels in that formula, so policies drop such terms.
-//
-// A policy whose g_j needs no statistic of the value pass and whose Sigma_g is
-// a constant (kFused) lets the skeleton compute value and gradient in one sweep.
 // The formulas are those of ../shared/SPEC.md; `0 * log 0 == 0` is enforced
 // with masks because masked (-inf) vocabulary entries are legal input.
 #pragma once
@@ -33,6 +32,7 @@ struct Elem {
 
 // Double-precision row accumulators filled by chunk flushes.
 struct RowAcc {
+  double sum_t = 0, sum_s = 0, log_sum_t = 0, log_sum_s = 0;  // of the exp sweep
   double val = 0, aux = 0;                 // sums
   double lse_max = -INFINITY, lse_sum = 0;  // a running logsumexp
   // set by finish():
@@ -63,44 +63,41 @@ struct TwoSums {
 };
 
 // ---------------------------------------------------------------- kl
+// D = sum p (log p - log q) = (1/S_t) sum e_t (x_t - x_s) - log S_t + log S_s
 template <class V>
 struct KL {
-  static constexpr bool kFused = true;
-  static constexpr double kGradSum = -1.0;
-  struct Acc {
-    V val = vzero<V>();
-    void add(const Elem<V>& e, const DivConsts&) {
-      val = val + select(gt(e.p, vzero<V>()), e.p * (e.logp - e.logq), vzero<V>());
-    }
-    void flush(RowAcc& r) { r.val += val.reduce_add(); val = vzero<V>(); }
-  };
-  static void finish(RowAcc& r, const DivConsts&) { r.D = r.val; r.gsum = kGradSum; }
+  static constexpr bool kValueFromExps = true;
+  static V exp_term(V xt, V xs, V et, V) {
+    return select(gt(et, vzero<V>()), et * (xt - xs), vzero<V>());
+  }
+  static void finish(RowAcc& r, const DivConsts&) {
+    r.D = r.val / r.sum_t - r.log_sum_t + r.log_sum_s;
+    r.gsum = -1.0;
+  }
   static V grad_term(const Elem<V>& e, const RowAcc&, const DivConsts&) { return vzero<V>() - e.p; }
 };
 
 // ---------------------------------------------------------------- reverse kl
 template <class V>
 struct ReverseKL {
-  static constexpr bool kFused = false;
-  static constexpr double kGradSum = 0.0;
-  static V term(const Elem<V>& e) {
+  static constexpr bool kValueFromExps = true;
+  static V exp_term(V xt, V xs, V, V es) {
+    return select(gt(es, vzero<V>()), es * (xs - xt), vzero<V>());
+  }
+  // g_j = q_j (log q_j - log p_j + 1); the +q_j part cancels, so Sigma_g = D.
+  static void finish(RowAcc& r, const DivConsts&) {
+    r.D = r.val / r.sum_s - r.log_sum_s + r.log_sum_t;
+    r.gsum = r.D;
+  }
+  static V grad_term(const Elem<V>& e, const RowAcc&, const DivConsts&) {
     return select(gt(e.q, vzero<V>()), e.q * (e.logq - e.logp), vzero<V>());
   }
-  struct Acc {
-    V val = vzero<V>();
-    void add(const Elem<V>& e, const DivConsts&) { val = val + term(e); }
-    void flush(RowAcc& r) { r.val += val.reduce_add(); val = vzero<V>(); }
-  };
-  // g_j = q_j (log q_j - log p_j + 1); the +q_j part cancels, so Sigma_g = D.
-  static void finish(RowAcc& r, const DivConsts&) { r.D = r.val; r.gsum = r.val; }
-  static V grad_term(const Elem<V>& e, const RowAcc&, const DivConsts&) { return term(e); }
 };
 
 // ---------------------------------------------------------------- jsd (0 < beta < 1)
 template <class V>
 struct JSD {
-  static constexpr bool kFused = false;
-  static constexpr double kGradSum = 0.0;
+  static constexpr bool kValueFromExps = false;
   // log m with m = beta p + (1 - beta) q
   static V log_m(const Elem<V>& e, const DivConsts& c) {
     return logaddexp(vset<V>(c.log_w_p) + e.logp, vset<V>(c.log_w_q) + e.logq);
@@ -125,8 +122,7 @@ struct JSD {
 // ---------------------------------------------------------------- tvd
 template <class V>
 struct TVD {
-  static constexpr bool kFused = false;
-  static constexpr double kGradSum = 0.0;
+  static constexpr bool kValueFromExps = false;
   // 0.5 * q * sign(q - p), sign(0) = 0 (the subgradient autograd takes for |x|)
   static V g(const Elem<V>& e) {
     V half_q = vset<V>(0.5) * e.q;
@@ -144,8 +140,7 @@ struct TVD {
 // ---------------------------------------------------------------- renyi (alpha != 1)
 template <class V>
 struct Renyi {
-  static constexpr bool kFused = false;
-  static constexpr double kGradSum = -1.0;
+  static constexpr bool kValueFromExps = false;
   // x_j = alpha log p_j + (1 - alpha) log q_j; entries with p_j = 0 contribute nothing.
   static V x(const Elem<V>& e, const DivConsts& c) {
     V v = vset<V>(c.alpha) * e.logp + vset<V>(1.0 - c.alpha) * e.logq;
@@ -181,7 +176,7 @@ struct Renyi {
   static void finish(RowAcc& r, const DivConsts& c) {
     r.lse = r.lse_sum > 0 ? r.lse_max + std::log(r.lse_sum) : -INFINITY;
     r.D = r.lse / (c.alpha - 1.0);
-    r.gsum = kGradSum;
+    r.gsum = -1.0;  // sum_j r_j / sum_k r_k
   }
   // g_j = -p^alpha q^(1-alpha) / sum_k p^alpha q^(1-alpha)
   static V grad_term(const Elem<V>& e, const RowAcc& r, const DivConsts& c) {
@@ -192,8 +187,7 @@ struct Renyi {
 // ---------------------------------------------------------------- alpha-beta (alpha, beta > 0)
 template <class V>
 struct AB {
-  static constexpr bool kFused = false;
-  static constexpr double kGradSum = 0.0;
+  static constexpr bool kValueFromExps = false;
   struct Terms { V pq, pp, qq; };  // p^a q^b, p^(a+b), q^(a+b); all <= 1, zero where p or q is 0
   static Terms terms(const Elem<V>& e, const DivConsts& c) {
     V a = vset<V>(c.alpha), b = vset<V>(c.beta), ab = vset<V>(c.alpha + c.beta);
@@ -217,8 +211,7 @@ struct AB {
 // ---------------------------------------------------------------- skew kl: KL(p || s p + (1-s) q)
 template <class V>
 struct SkewKL {
-  static constexpr bool kFused = false;
-  static constexpr double kGradSum = 0.0;
+  static constexpr bool kValueFromExps = false;
   static V log_m(const Elem<V>& e, const DivConsts& c) {
     return logaddexp(vset<V>(c.log_w_p) + e.logp, vset<V>(c.log_w_q) + e.logq);
   }
@@ -242,8 +235,7 @@ struct SkewKL {
 // ---------------------------------------------------------------- skew reverse kl: KL(q || (1-s) p + s q)
 template <class V>
 struct SkewReverseKL {
-  static constexpr bool kFused = false;
-  static constexpr double kGradSum = 0.0;
+  static constexpr bool kValueFromExps = false;
   static V log_m(const Elem<V>& e, const DivConsts& c) {
     return logaddexp(vset<V>(c.log_w_p) + e.logp, vset<V>(c.log_w_q) + e.logq);
   }

@@ -5,10 +5,11 @@
 // entry once):
 //   1. max of teacher and student logits;
 //   2. the exponentials exp((z - max) / tau) of both (kept in a per-thread
-//      scratch row so later sweeps need no exp) and their sums;
+//      scratch row so later sweeps need no exp), their sums, and for KL-type
+//      policies the row value itself;
 //   3. when asked for, temperature-1 statistics (weights, CE normaliser);
-//   4. the divergence value, and the gradient with respect to the student
-//      logits (one sweep when the policy is fused, else two).
+//   4. the divergence value (other policies), then the gradient with respect
+//      to the student logits.
 // The divergence is the policy `Div` (divergences.h); the weighting and the
 // hard-label term are per-row scalars folded into the gradient coefficients.
 #pragma once
@@ -111,23 +112,31 @@ struct RowKernel {
     // -- sweep 2: exponentials at the temperatures, kept in scratch
     const V inv_tau = vset<V>(1.0 / prm.tau), inv_tau_s = vset<V>(1.0 / prm.tau_s);
     const V vmzt = V::broadcast(mzt), vmzs = V::broadcast(mzs);
-    double sum_t = 0, sum_s = 0;
+    // x = z / tau - max / tau in one FMA.  The rounding of max / tau shifts a
+    // whole row by the same amount, which every softmax quantity is invariant to.
+    const V shift_t = vset<V>(-double(mzt) / prm.tau), shift_s = vset<V>(-double(mzs) / prm.tau_s);
+    RowAcc r;
     {
-      V at = V::zero(), as = V::zero();
+      V at = V::zero(), as = V::zero(), av = V::zero();
       sweep<V>(n, [&](int64_t j, auto tail) {
-        V et = vexp((ld<V>(zt + j, tail, kNegInf) - vmzt) * inv_tau);
-        V es = vexp((ld<V>(zs + j, tail, kNegInf) - vmzs) * inv_tau_s);
+        V xt = fmadd(ld<V>(zt + j, tail, kNegInf), inv_tau, shift_t);
+        V xs = fmadd(ld<V>(zs + j, tail, kNegInf), inv_tau_s, shift_s);
+        V et = vexp_nonpositive(xt), es = vexp_nonpositive(xs);
         et.store(scratch_t + j);
         es.store(scratch_s + j);
         at = at + et;
         as = as + es;
+        if constexpr (Div<V>::kValueFromExps) av = av + Div<V>::exp_term(xt, xs, et, es);
       }, [&] {
-        sum_t += at.reduce_add();
-        sum_s += as.reduce_add();
-        at = as = V::zero();
+        r.sum_t += at.reduce_add();
+        r.sum_s += as.reduce_add();
+        if constexpr (Div<V>::kValueFromExps) r.val += av.reduce_add();
+        at = as = av = V::zero();
       });
     }
-    const double log_sum_t = std::log(sum_t), log_sum_s = std::log(sum_s);
+    r.log_sum_t = std::log(r.sum_t);
+    r.log_sum_s = std::log(r.sum_s);
+    const double log_sum_t = r.log_sum_t, log_sum_s = r.log_sum_s;
 
     // -- sweep 3 (optional): teacher at temperature 1, for the weightings
     double weight = 1.0;
@@ -172,23 +181,22 @@ struct RowKernel {
     }
 
     // -- divergence value and gradient
-    const V inv_sum_t = vset<V>(1.0 / sum_t), inv_sum_s = vset<V>(1.0 / sum_s);
+    const V inv_sum_t = vset<V>(1.0 / r.sum_t), inv_sum_s = vset<V>(1.0 / r.sum_s);
     const V log_sum_t_v = vset<V>(log_sum_t), log_sum_s_v = vset<V>(log_sum_s);
     auto elem = [&](int64_t j, auto tail) {
       V zt_j = ld<V>(zt + j, tail, kNegInf), zs_j = ld<V>(zs + j, tail, kNegInf);
       Elem<V> e;
       e.p = V::load(scratch_t + j) * inv_sum_t;
       e.q = V::load(scratch_s + j) * inv_sum_s;
-      e.logp = (zt_j - vmzt) * inv_tau - log_sum_t_v;
-      e.logq = (zs_j - vmzs) * inv_tau_s - log_sum_s_v;
+      e.logp = fmadd(zt_j, inv_tau, shift_t) - log_sum_t_v;
+      e.logq = fmadd(zs_j, inv_tau_s, shift_s) - log_sum_s_v;
       return e;
     };
 
     const double c_soft = prm.soft_coef * weight * prm.inv_denom;
     const double c_hard = hard ? prm.hard_weight * prm.inv_denom : 0.0;
     // gradient_j = A * g_j + B * q_j (+ c_hard * softmax(z_s)_j when tau_s != 1) - c_hard [j == label]
-    // on_elem/on_flush let a fused policy accumulate its value in the same sweep.
-    auto write_grad = [&](const RowAcc& r, auto&& on_elem, auto&& on_flush) {
+    auto write_grad = [&] {
       const V A = vset<V>(c_soft / prm.tau_s);
       const V B = vset<V>(-c_soft / prm.tau_s * r.gsum + (student_t1_differs ? 0.0 : c_hard));
       const V C = vset<V>(c_hard);
@@ -196,7 +204,6 @@ struct RowKernel {
       const bool add_q1 = hard && student_t1_differs;
       sweep<V>(n, [&](int64_t j, auto tail) {
         Elem<V> e = elem(j, tail);
-        on_elem(e);
         V out = fmadd(A, Div<V>::grad_term(e, r, dc), B * e.q);
         if (add_q1) out = fmadd(C, vexp(ld<V>(zs + j, tail, kNegInf) - shift1), out);
         if (hard && label >= j && label < j + lanes(tail, V::size)) {
@@ -206,20 +213,15 @@ struct RowKernel {
           out = V::load(t);
         }
         st(grad + j, out, tail);
-      }, on_flush);
+      }, no_flush);
     };
 
-    RowAcc r;
-    typename Div<V>::Acc acc;
-    if (Div<V>::kFused && grad) {
-      r.gsum = Div<V>::kGradSum;
-      write_grad(r, [&](const Elem<V>& e) { acc.add(e, dc); }, [&] { acc.flush(r); });
-      Div<V>::finish(r, dc);
-    } else {
+    if constexpr (!Div<V>::kValueFromExps) {
+      typename Div<V>::Acc acc;
       sweep<V>(n, [&](int64_t j, auto tail) { acc.add(elem(j, tail), dc); }, [&] { acc.flush(r); });
-      Div<V>::finish(r, dc);
-      if (grad) write_grad(r, [](const Elem<V>&) {}, no_flush);
     }
+    Div<V>::finish(r, dc);
+    if (grad) write_grad();
 
     b.row_loss[row] = (hard ? prm.hard_weight * ce : 0.0) + prm.soft_coef * weight * r.D;
   }

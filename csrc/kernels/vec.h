@@ -57,23 +57,32 @@ inline bool mask_and(bool a, bool b) { return a && b; }
 template <class T> inline ScalarVec<T> select(bool m, ScalarVec<T> a, ScalarVec<T> b) { return m ? a : b; }
 // exp/log of the scalar lanes use libm: exact enough to be the baseline.
 template <class T> inline ScalarVec<T> vexp(ScalarVec<T> x) { return {std::exp(x.v)}; }
+template <class T> inline ScalarVec<T> vexp_nonpositive(ScalarVec<T> x) { return {std::exp(x.v)}; }
 // log of a value known to be positive and normal (the kernels only take the log
 // of 1 + y with y in [0, 1]).
 template <class T> inline ScalarVec<T> vlog_normal(ScalarVec<T> x) { return {std::log(x.v)}; }
 
 #if defined(KDFAST_ISA_AVX2) || defined(KDFAST_ISA_AVX512)
 // ---------------------------------------------------------------------------
-// Cephes-style float exp/log shared by the vector ISAs.  exp is accurate to
-// ~2 ulp on [-86.5, 88.7]; below -86.5 it flushes to exactly 0 (so that
-// exp(-inf) == 0 and no denormal is produced), above 88.7 it is +inf.
+// Float exp/log shared by the vector ISAs.  exp is accurate to ~2 ulp on
+// [-86.5, 88.7]; below -86.5 it flushes to exactly 0 (so that exp(-inf) == 0
+// and no denormal is produced), above 88.7 it is +inf, and NaN gives NaN.
+// log is Cephes' logf polynomial.
 // ---------------------------------------------------------------------------
 namespace cephes {
 constexpr float kExpLo = -86.5f;
 constexpr float kExpHi = 88.7f;
 constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kLn2Hi = 0.693359375f;
 constexpr float kLn2Lo = -2.12194440e-4f;
 constexpr float kSqrtHalf = 0.707106781186547524f;
+// 1.5 * 2^23: adding it rounds to an integer that lands in the low mantissa bits.
+constexpr float kShifter = 12582912.0f;
+// exp(r) ~ 1 + r (c1 + r (c2 + ...)) on |r| <= ln2 / 2, relative-error minimax
+// (Lawson iteration, degree 5 with p(0) = 1): max error 9.5e-8 with float coefficients.
+constexpr float kExpC1 = 0.999999707185771f, kExpC2 = 0.49999149523356046f, kExpC3 = 0.166676362019904f,
+                kExpC4 = 0.04189793026082907f, kExpC5 = 0.00829031464218091f;
 }  // namespace cephes
 #endif
 
@@ -122,27 +131,33 @@ inline __m256 eq(VecF a, VecF b) { return _mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ); }
 inline __m256 mask_and(__m256 a, __m256 b) { return _mm256_and_ps(a, b); }
 inline VecF select(__m256 m, VecF a, VecF b) { return {_mm256_blendv_ps(b.v, a.v, m)}; }
 
-inline VecF vexp(VecF x) {
+// exp for x <= 0 (or -inf, or NaN): the sweeps' shifted logits.  NaN
+// propagates because max/min return their second operand on NaN.
+inline VecF vexp_nonpositive(VecF x) {
   using namespace cephes;
-  const __m256 lo = _mm256_set1_ps(kExpLo), hi = _mm256_set1_ps(kExpHi);
-  __m256 xc = _mm256_min_ps(_mm256_max_ps(x.v, lo), hi);
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(kLog2e)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  const __m256 lo = _mm256_set1_ps(kExpLo), shifter = _mm256_set1_ps(kShifter);
+  __m256 xc = _mm256_max_ps(lo, x.v);
+  __m256 nf = _mm256_fmadd_ps(xc, _mm256_set1_ps(kLog2e), shifter);  // round(x / ln2) + shifter
+  __m256 n = _mm256_sub_ps(nf, shifter);
+  // One-constant reduction: the error n * (ln2 - float(ln2)) < 2.4e-7 only
+  // reaches that size for n ~ -125, i.e. for values below 1e-37.
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2), xc);
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kExpC5), r, _mm256_set1_ps(kExpC4));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC3));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC2));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC1));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  // 2^n: the integer sits in nf's low bits; shifting by 23 drops the shifter's bits.
+  __m256i e = _mm256_slli_epi32(_mm256_castps_si256(nf), 23);
   __m256 y = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
-  y = _mm256_andnot_ps(_mm256_cmp_ps(x.v, lo, _CMP_LT_OQ), y);  // exp(x < lo) == 0
-  y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x.v, hi, _CMP_GT_OQ));
-  // NaN in, NaN out (the clamps above would have turned it into a number).
-  return {_mm256_blendv_ps(y, x.v, _mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q))};
+  return {_mm256_andnot_ps(_mm256_cmp_ps(x.v, lo, _CMP_LT_OQ), y)};  // exp(x < lo) == 0
+}
+
+// exp on the whole line: +inf above 88.7.
+inline VecF vexp(VecF x) {
+  const __m256 hi = _mm256_set1_ps(cephes::kExpHi);
+  VecF y = vexp_nonpositive({_mm256_min_ps(hi, x.v)});
+  return {_mm256_blendv_ps(y.v, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x.v, hi, _CMP_GT_OQ))};
 }
 
 inline VecF vlog_normal(VecF x) {
@@ -203,26 +218,28 @@ inline __mmask16 eq(VecF a, VecF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_E
 inline __mmask16 mask_and(__mmask16 a, __mmask16 b) { return a & b; }
 inline VecF select(__mmask16 m, VecF a, VecF b) { return {_mm512_mask_blend_ps(m, b.v, a.v)}; }
 
-inline VecF vexp(VecF x) {
+inline VecF vexp_nonpositive(VecF x) {
   using namespace cephes;
-  const __m512 lo = _mm512_set1_ps(kExpLo), hi = _mm512_set1_ps(kExpHi);
-  __m512 xc = _mm512_min_ps(_mm512_max_ps(x.v, lo), hi);
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(kLog2e)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
+  const __m512 lo = _mm512_set1_ps(kExpLo), shifter = _mm512_set1_ps(kShifter);
+  __m512 xc = _mm512_max_ps(lo, x.v);
+  __m512 nf = _mm512_fmadd_ps(xc, _mm512_set1_ps(kLog2e), shifter);
+  __m512 n = _mm512_sub_ps(nf, shifter);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2), xc);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExpC5), r, _mm512_set1_ps(kExpC4));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC3));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC1));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  __m512i e = _mm512_slli_epi32(_mm512_castps_si512(nf), 23);
   __m512 y = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
-  y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, lo, _CMP_GE_OQ) | _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q), y);
-  y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x.v, hi, _CMP_GT_OQ), _mm512_set1_ps(INFINITY));
-  return {_mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q), x.v)};
+  // exp(x < lo) == 0; NaN (unordered) keeps its NaN
+  return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, lo, _CMP_NLT_UQ), y)};
+}
+
+inline VecF vexp(VecF x) {
+  const __m512 hi = _mm512_set1_ps(cephes::kExpHi);
+  VecF y = vexp_nonpositive({_mm512_min_ps(hi, x.v)});
+  return {_mm512_mask_mov_ps(y.v, _mm512_cmp_ps_mask(x.v, hi, _CMP_GT_OQ), _mm512_set1_ps(INFINITY))};
 }
 
 inline VecF vlog_normal(VecF x) {

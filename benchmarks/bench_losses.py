@@ -1,0 +1,223 @@
+"""Forward+backward microbenchmark of the fused distillation losses.
+
+Compares, in one process and on the same inputs: the pure-PyTorch reference in
+eager mode, the reference under ``torch.compile``, and kdfast's fused kernel
+(CPU C++ here; Triton with ``--device cuda``).  Reports medians over runs, the
+peak extra memory of one forward+backward, the machine's copy bandwidth and
+the fraction of that roofline the kernel reaches (bytes: read both logits
+once, write the gradient once).
+
+    python benchmarks/bench_losses.py --quick          # the small shape, KD only
+    python benchmarks/bench_losses.py                  # the full matrix (long)
+
+Results go to benchmarks/results/<device>-<date>.json and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kdfast  # noqa: E402
+from kdfast._options import DIVERGENCES, make_config  # noqa: E402
+from kdfast.reference import distill_loss_reference  # noqa: E402
+from memory import peak_extra_bytes  # noqa: E402
+
+FULL_SHAPES = [(4096, 32000), (1024, 128256)]
+QUICK_SHAPE = (512, 8192)
+PARAMS = {"jsd": {"beta": 0.5}, "renyi": {"alpha": 0.5}, "ab": {"alpha": 0.5, "beta": 0.5}, "skew_kl": {"skew": 0.1},
+          "skew_reverse_kl": {"skew": 0.1}}
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "kdfast": kdfast.__version__,
+        "kdfast_cpu_capability": kdfast.cpu_capability(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+    }
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, runs: int, warmup: int, device) -> list:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def copy_bandwidth(numel: int, device, runs: int = 7) -> float:
+    """Bytes per second of dst.copy_(src) (read + write), float32, preallocated buffers."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    times = median_time(lambda: dst.copy_(src), runs, 2, device)
+    return 2 * src.numel() * src.element_size() / statistics.median(times)
+
+
+def make_methods(divergence: str, temperature: float, device):
+    params = PARAMS.get(divergence, {})
+    kw = dict(divergence=divergence, temperature=temperature, **params)
+
+    def eager(s, t):
+        return kdfast.distill_loss(s, t, backend="torch", **kw)
+
+    compiled_ref = torch.compile(distill_loss_reference, dynamic=False)
+
+    def compiled(s, t):
+        return compiled_ref(s, t, make_config(s, t, **kw))
+
+    fused_backend = "cpu" if device.type == "cpu" else "triton"
+
+    def fused(s, t):
+        return kdfast.distill_loss(s, t, backend=fused_backend, **kw)
+
+    methods = {"eager": eager, "compile": compiled}
+    if fused_backend in kdfast.available_backends():
+        methods["kdfast"] = fused
+    return methods
+
+
+def fwd_bwd(loss_fn, s, t):
+    """One forward+backward; autograd.grad, so that no method pays for a copy into a leaf's .grad."""
+    def run():
+        loss = loss_fn(s, t)
+        (grad,) = torch.autograd.grad(loss, s)
+        return grad
+
+    return run
+
+
+def bench_case(divergence, N, V, dtype, device, runs, temperature, methods_filter, bw):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    s = (torch.randn(N, V, generator=g) * 2).to(device=device, dtype=dtype).requires_grad_()
+    t = (torch.randn(N, V, generator=g) * 2).to(device=device, dtype=dtype)
+    records = []
+    for name, fn in make_methods(divergence, temperature, device).items():
+        if methods_filter and name not in methods_filter:
+            continue
+        step = fwd_bwd(fn, s, t)
+        warmup = 2 if name == "compile" else 1
+        times = median_time(step, runs if name == "kdfast" else max(3, runs // 2), warmup, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            kdfast.empty_cache()  # measure a cold call: the recycled gradient buffer would hide the allocation
+            peak = peak_extra_bytes(step)
+        med = statistics.median(times)
+        moved = N * V * (2 * s.element_size() + t.element_size())
+        records.append({
+            "divergence": divergence, "N": N, "V": V, "dtype": str(dtype).replace("torch.", ""), "method": name,
+            "median_s": med, "times_s": times, "peak_extra_bytes": peak,
+            "grad_bytes": N * V * s.element_size(),
+            "roofline_fraction": moved / med / bw,
+        })
+    return records
+
+
+def print_table(records):
+    by_case = {}
+    for r in records:
+        by_case.setdefault((r["divergence"], r["N"], r["V"], r["dtype"]), {})[r["method"]] = r
+    header = (f"{'divergence':16s} {'N x V':>14s} {'dtype':>9s} {'eager ms':>9s} {'compile ms':>10s} "
+              f"{'kdfast ms':>9s} {'vs eager':>8s} {'vs comp.':>8s} {'roofline':>8s} {'peak MB':>8s} {'grad MB':>8s}")
+    print(header)
+    print("-" * len(header))
+    for (div, N, V, dt), m in by_case.items():
+        def ms(k):
+            return f"{m[k]['median_s'] * 1e3:9.1f}" if k in m else f"{'-':>9s}"
+        k = m.get("kdfast")
+        speed_e = f"{m['eager']['median_s'] / k['median_s']:7.1f}x" if k and "eager" in m else f"{'-':>8s}"
+        speed_c = f"{m['compile']['median_s'] / k['median_s']:7.1f}x" if k and "compile" in m else f"{'-':>8s}"
+        roof = f"{k['roofline_fraction'] * 100:7.0f}%" if k else f"{'-':>8s}"
+        peak = f"{k['peak_extra_bytes'] / 2**20:8.0f}" if k and k["peak_extra_bytes"] is not None else f"{'-':>8s}"
+        grad = f"{k['grad_bytes'] / 2**20:8.0f}" if k else f"{'-':>8s}"
+        print(f"{div:16s} {f'{N} x {V}':>14s} {dt:>9s} {ms('eager')} {ms('compile'):>10s} {ms('kdfast')} "
+              f"{speed_e} {speed_c} {roof} {peak} {grad}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--quick", action="store_true", help=f"only the quick shape {QUICK_SHAPE}, KD (kl)")
+    ap.add_argument("--divergences", nargs="*", default=None, help="default: all (kl only with --quick)")
+    ap.add_argument("--shapes", nargs="*", default=None, help="NxV, e.g. 4096x32000")
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
+    ap.add_argument("--methods", nargs="*", default=None, help="subset of eager, compile, kdfast")
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--temperature", type=float, default=2.0)
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>-<date>.json)")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda needs a CUDA GPU")
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes]
+    else:
+        shapes = [QUICK_SHAPE] if args.quick else FULL_SHAPES
+    divergences = args.divergences or (["kl"] if args.quick else list(DIVERGENCES))
+    dtypes = [getattr(torch, d) for d in args.dtypes]
+
+    info = machine_info()
+    largest = max(N * V for N, V in shapes)
+    bw = copy_bandwidth(largest, device)
+    info["copy_bandwidth_GBps"] = bw / 1e9
+    print(f"# {info['cpu']} | {info['logical_cpus']} logical CPUs | torch {info['torch']} | "
+          f"{info['torch_threads']} threads | kdfast CPU capability {info['kdfast_cpu_capability']}"
+          + (f" | GPU {info['gpu']}" if info["gpu"] else ""))
+    print(f"# copy bandwidth (read+write, preallocated): {bw / 1e9:.1f} GB/s; medians of {args.runs} runs "
+          f"(eager/compile: {max(3, args.runs // 2)}); T = {args.temperature}")
+
+    records = []
+    for N, V in shapes:
+        for dtype in dtypes:
+            for div in divergences:
+                records += bench_case(div, N, V, dtype, device, args.runs, args.temperature, args.methods, bw)
+                print(f"#   done {div} {N}x{V} {dtype}", file=sys.stderr, flush=True)
+    print_table(records)
+
+    out = Path(args.out) if args.out else (
+        Path(__file__).resolve().parent / "results" / f"{args.device}-{_dt.date.today().isoformat()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": "bench_losses", "machine": info, "temperature": args.temperature, "records": records}
+    out.write_text(json.dumps(payload, indent=1))
+    print(f"# wrote {out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Shared helpers of the test-suite.
+
+The oracle is the reference backend evaluated in float64 on the very same
+input values; fused backends are compared against it with the tolerances
+below (stated once, used everywhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import kdfast
+from kdfast._extension import _C
+
+FUSED_BACKENDS = [b for b in kdfast.available_backends() if b != "torch"]
+
+# Values: relative tolerance 1e-5 (float32 accumulation); values that are 0 in
+# exact arithmetic (V = 1, identical rows) come out at float32 rounding of the
+# O(1) log-terms they cancel, so an absolute 1e-6 floor applies.
+VALUE_RTOL = 1e-5
+VALUE_ATOL = 1e-6
+# Gradients: atol is relative to the largest entry of the block, plus for
+# float32 an absolute 1e-7: entries like (q - p) / tau_s cancel O(1)
+# probabilities whose float32 rounding is ~1e-7.  16-bit gradients are compared
+# after one rounding to their dtype (8 / 11 significant bits), and float16 also
+# allows two steps of its subnormal spacing 2^-24.
+GRAD_TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12, atol_abs=0.0),
+    torch.float32: dict(rtol=1e-5, atol=1e-5, atol_abs=1e-7),
+    torch.bfloat16: dict(rtol=2**-7, atol=1e-5, atol_abs=0.0),
+    torch.float16: dict(rtol=2**-10, atol=1e-5, atol_abs=2**-23),
+}
+
+
+def cpu_capabilities():
+    """The SIMD levels this machine can run (the kernels of each are tested)."""
+    if _C is None:
+        return []
+    order = ["default", "avx2", "avx512"]
+    best = _C.supported_cpu_capability()
+    return order[: order.index(best) + 1]
+
+
+@contextlib.contextmanager
+def cpu_capability(name):
+    before = _C.cpu_capability()
+    got = _C.set_cpu_capability(name)
+    assert got == name
+    try:
+        yield
+    finally:
+        _C.set_cpu_capability(before)
+
+
+def logits(shape, dtype=torch.float32, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def loss_and_grad(student, teacher, **kw):
+    """(loss, d loss / d student) of distill_loss; backward with a fixed upstream gradient."""
+    s = student.detach().clone().requires_grad_(True)
+    loss = kdfast.distill_loss(s, teacher, **kw)
+    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    (loss * upstream).sum().backward()
+    return loss.detach(), s.grad
+
+
+def oracle(student, teacher, dtype=torch.float64, **kw):
+    """The reference on the same values, in float64 unless told otherwise."""
+    kw = dict(kw, backend="torch")
+    if isinstance(kw.get("weighting"), torch.Tensor):
+        kw["weighting"] = kw["weighting"].to(dtype)
+    loss, grad = loss_and_grad(student.to(dtype), teacher.to(dtype), **kw)
+    return loss.double(), grad.double()
+
+
+def assert_matches_oracle(student, teacher, backend, oracle_dtype=torch.float64, **kw):
+    loss, grad = loss_and_grad(student, teacher, backend=backend, **kw)
+    ref_loss, ref_grad = oracle(student, teacher, dtype=oracle_dtype, **kw)
+    f64 = student.dtype == torch.float64
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-12 if f64 else VALUE_RTOL,
+                               atol=1e-15 if f64 else VALUE_ATOL)
+    assert grad.dtype == student.dtype
+    tol = GRAD_TOL[student.dtype]
+    expected = ref_grad.to(student.dtype).double() if student.dtype in (torch.bfloat16, torch.float16) else ref_grad
+    scale = float(ref_grad.abs().max()) or 1.0
+    torch.testing.assert_close(grad.double(), expected, rtol=tol["rtol"], atol=tol["atol"] * scale + tol["atol_abs"])
+
+
+@pytest.fixture(params=FUSED_BACKENDS or [pytest.param("cpu", marks=pytest.mark.skip(reason="no fused backend built"))])
+def fused_backend(request):
+    return request.param

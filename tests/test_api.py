@@ -1,0 +1,110 @@
+"""The public API: wrappers, modules, backend choice, the extension fallback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kdfast
+from conftest import FUSED_BACKENDS, logits
+
+
+def test_available_backends():
+    names = kdfast.available_backends()
+    assert names[0] == "torch"
+    assert set(names) <= {"torch", "cpu", "triton"}
+    assert ("cpu" in names) == kdfast.cpu_extension_available()
+
+
+def test_named_losses_are_thin_wrappers():
+    s, t = logits((6, 30), seed=1), logits((6, 30), seed=2)
+    T = 3.0
+    torch.testing.assert_close(kdfast.kd_loss(s, t, temperature=T),
+                               kdfast.distill_loss(s, t, temperature=T, scale=T * T))
+    torch.testing.assert_close(kdfast.ttm_loss(s, t, temperature=T),
+                               kdfast.distill_loss(s, t, temperature=T, student_temperature=1.0))
+    torch.testing.assert_close(kdfast.wttm_loss(s, t, temperature=T),
+                               kdfast.distill_loss(s, t, temperature=T, student_temperature=1.0, weighting="wttm"))
+
+
+@pytest.mark.parametrize("module,fn", [
+    (kdfast.KDLoss(temperature=2.0), lambda s, t, y: kdfast.kd_loss(s, t, temperature=2.0, labels=y)),
+    (kdfast.TTMLoss(temperature=2.0), lambda s, t, y: kdfast.ttm_loss(s, t, temperature=2.0, labels=y)),
+    (kdfast.WTTMLoss(temperature=2.0), lambda s, t, y: kdfast.wttm_loss(s, t, temperature=2.0, labels=y)),
+    (kdfast.DistillLoss(divergence="jsd", beta=0.2, hard_weight=0.5),
+     lambda s, t, y: kdfast.distill_loss(s, t, divergence="jsd", beta=0.2, hard_weight=0.5, labels=y)),
+])
+def test_modules_match_functions(module, fn):
+    s, t = logits((4, 12), seed=1), logits((4, 12), seed=2)
+    y = torch.tensor([1, 2, -100, 3])
+    torch.testing.assert_close(module(s, t, y), fn(s, t, y))
+    assert isinstance(module, torch.nn.Module) and "temperature" in repr(module) or "divergence" in repr(module)
+
+
+def test_module_rejects_labels_at_construction():
+    with pytest.raises(TypeError, match="call time"):
+        kdfast.DistillLoss(labels=torch.zeros(2))
+
+
+@pytest.mark.skipif("cpu" not in FUSED_BACKENDS, reason="the C++ extension is not built")
+def test_auto_picks_the_cpu_kernel_and_env_overrides(monkeypatch):
+    from kdfast.backends import resolve_backend
+
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu) == "cpu"
+    assert resolve_backend("auto", torch.device("meta")) == "torch"
+    monkeypatch.setenv("KDFAST_BACKEND", "torch")
+    assert resolve_backend("auto", cpu) == "torch"
+    assert resolve_backend("cpu", cpu) == "cpu"  # an explicit choice wins over the environment
+
+
+@pytest.mark.skipif("cpu" not in FUSED_BACKENDS, reason="the C++ extension is not built")
+def test_cpu_capability_is_reported():
+    assert kdfast.cpu_capability() in ("default", "avx2", "avx512")
+
+
+def test_missing_extension_falls_back_with_one_warning():
+    code = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import kdfast, torch\n"
+        "    s = torch.randn(3, 7); t = torch.randn(3, 7)\n"
+        "    a = kdfast.kd_loss(s, t, temperature=2.0); b = kdfast.kd_loss(s, t, temperature=2.0)\n"
+        "msgs = [str(x.message) for x in w if 'kdfast' in str(x.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "assert 'falls back to the pure-PyTorch reference' in msgs[0], msgs\n"
+        "assert kdfast.available_backends() == ['torch']\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, KDFAST_DISABLE_EXTENSION="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_loss_dtype_and_no_grad_mode():
+    s, t = logits((3, 9), torch.bfloat16), logits((3, 9), torch.bfloat16, seed=1)
+    assert kdfast.distill_loss(s, t).dtype == torch.float32
+    assert kdfast.distill_loss(s.double(), t.double()).dtype == torch.float64
+    with torch.no_grad():
+        loss = kdfast.distill_loss(s.requires_grad_(), t)
+    assert not loss.requires_grad
+
+
+def test_teacher_gets_no_gradient():
+    s = logits((3, 9)).requires_grad_()
+    t = logits((3, 9), seed=1).requires_grad_()
+    kdfast.distill_loss(s, t).backward()
+    assert t.grad is None and s.grad is not None
+
+
+def test_backward_twice_with_retain_graph():
+    s = logits((3, 9)).requires_grad_()
+    loss = kdfast.distill_loss(s, logits((3, 9), seed=1))
+    loss.backward(retain_graph=True)
+    first = s.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(s.grad, 2 * first)
