@@ -33,6 +33,8 @@ def _setup_context(ctx, inputs, output):
     ctx.student_shape = inputs[0].shape
     ctx.per_row = inputs[14] == "none"
     ctx.mark_non_differentiable(grad)
+    # Otherwise autograd materialises a zero (N, V) "gradient" for the grad output.
+    ctx.set_materialize_grads(False)
 
 
 def _is_concrete(t: torch.Tensor) -> bool:
@@ -47,6 +49,8 @@ def _is_concrete(t: torch.Tensor) -> bool:
 
 def _backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 17
     if grad.numel() == 0 and grad_loss.numel() != 0:
         raise RuntimeError("kdfast: the forward ran without computing the gradient (compute_grad=False)")
     if ctx.per_row:

@@ -131,59 +131,19 @@ inline __m256 eq(VecF a, VecF b) { return _mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ); }
 inline __m256 mask_and(__m256 a, __m256 b) { return _mm256_and_ps(a, b); }
 inline VecF select(__m256 m, VecF a, VecF b) { return {_mm256_blendv_ps(b.v, a.v, m)}; }
 
-// exp for x <= 0 (or -inf, or NaN): the sweeps' shifted logits.  NaN
-// propagates because max/min return their second operand on NaN.
-inline VecF vexp_nonpositive(VecF x) {
-  using namespace cephes;
-  const __m256 lo = _mm256_set1_ps(kExpLo), shifter = _mm256_set1_ps(kShifter);
-  __m256 xc = _mm256_max_ps(lo, x.v);
-  __m256 nf = _mm256_fmadd_ps(xc, _mm256_set1_ps(kLog2e), shifter);  // round(x / ln2) + shifter
-  __m256 n = _mm256_sub_ps(nf, shifter);
-  // One-constant reduction: the error n * (ln2 - float(ln2)) < 2.4e-7 only
-  // reaches that size for n ~ -125, i.e. for values below 1e-37.
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2), xc);
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kExpC5), r, _mm256_set1_ps(kExpC4));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC3));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC2));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC1));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  // 2^n: the integer sits in nf's low bits; shifting by 23 drops the shifter's bits.
-  __m256i e = _mm256_slli_epi32(_mm256_castps_si256(nf), 23);
-  __m256 y = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
-  return {_mm256_andnot_ps(_mm256_cmp_ps(x.v, lo, _CMP_LT_OQ), y)};  // exp(x < lo) == 0
+// ISA primitives of the shared exp/log below.
+inline VecF fnmadd(VecF a, VecF b, VecF c) { return {_mm256_fnmadd_ps(a.v, b.v, c.v)}; }
+// p * 2^n where n sits in the low mantissa bits of nf (see kShifter).
+inline VecF scale_by_pow2(VecF p, VecF nf) {
+  __m256i e = _mm256_slli_epi32(_mm256_castps_si256(nf.v), 23);
+  return {_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p.v), e))};
 }
-
-// exp on the whole line: +inf above 88.7.
-inline VecF vexp(VecF x) {
-  const __m256 hi = _mm256_set1_ps(cephes::kExpHi);
-  VecF y = vexp_nonpositive({_mm256_min_ps(hi, x.v)});
-  return {_mm256_blendv_ps(y.v, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x.v, hi, _CMP_GT_OQ))};
-}
-
-inline VecF vlog_normal(VecF x) {
-  using namespace cephes;
+// x = m * 2^e with m in [0.5, 1), for positive normal x.
+inline void frexp_half(VecF x, VecF& m, VecF& e) {
   __m256i bits = _mm256_castps_si256(x.v);
-  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
-  // mantissa in [0.5, 1)
-  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)),
-                                                 _mm256_set1_epi32(0x3f000000)));
-  __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(kSqrtHalf), _CMP_LT_OQ);
-  e = _mm256_sub_ps(e, _mm256_and_ps(small, _mm256_set1_ps(1.0f)));
-  __m256 f = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), _mm256_set1_ps(1.0f));
-  __m256 z = _mm256_mul_ps(f, f);
-  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.1514610310e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.1676998740e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.2420140846e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.4249322787e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.6668057665e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.0000714765e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-2.4999993993e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(3.3333331174e-1f));
-  y = _mm256_mul_ps(_mm256_mul_ps(y, f), z);
-  y = _mm256_fmadd_ps(e, _mm256_set1_ps(kLn2Lo), y);
-  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
-  return {_mm256_fmadd_ps(e, _mm256_set1_ps(kLn2Hi), _mm256_add_ps(f, y))};
+  e = {_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)))};
+  m = {_mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)),
+                                           _mm256_set1_epi32(0x3f000000)))};
 }
 #endif  // KDFAST_ISA_AVX2
 
@@ -218,55 +178,73 @@ inline __mmask16 eq(VecF a, VecF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_E
 inline __mmask16 mask_and(__mmask16 a, __mmask16 b) { return a & b; }
 inline VecF select(__mmask16 m, VecF a, VecF b) { return {_mm512_mask_blend_ps(m, b.v, a.v)}; }
 
-inline VecF vexp_nonpositive(VecF x) {
-  using namespace cephes;
-  const __m512 lo = _mm512_set1_ps(kExpLo), shifter = _mm512_set1_ps(kShifter);
-  __m512 xc = _mm512_max_ps(lo, x.v);
-  __m512 nf = _mm512_fmadd_ps(xc, _mm512_set1_ps(kLog2e), shifter);
-  __m512 n = _mm512_sub_ps(nf, shifter);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2), xc);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExpC5), r, _mm512_set1_ps(kExpC4));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC3));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC2));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC1));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  __m512i e = _mm512_slli_epi32(_mm512_castps_si512(nf), 23);
-  __m512 y = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
-  // exp(x < lo) == 0; NaN (unordered) keeps its NaN
-  return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x.v, lo, _CMP_NLT_UQ), y)};
+inline VecF fnmadd(VecF a, VecF b, VecF c) { return {_mm512_fnmadd_ps(a.v, b.v, c.v)}; }
+inline VecF scale_by_pow2(VecF p, VecF nf) {
+  __m512i e = _mm512_slli_epi32(_mm512_castps_si512(nf.v), 23);
+  return {_mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p.v), e))};
 }
-
-inline VecF vexp(VecF x) {
-  const __m512 hi = _mm512_set1_ps(cephes::kExpHi);
-  VecF y = vexp_nonpositive({_mm512_min_ps(hi, x.v)});
-  return {_mm512_mask_mov_ps(y.v, _mm512_cmp_ps_mask(x.v, hi, _CMP_GT_OQ), _mm512_set1_ps(INFINITY))};
-}
-
-inline VecF vlog_normal(VecF x) {
-  using namespace cephes;
+inline void frexp_half(VecF x, VecF& m, VecF& e) {
   __m512i bits = _mm512_castps_si512(x.v);
-  __m512 e = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(126)));
-  __m512 m = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0x007fffff)),
-                                                 _mm512_set1_epi32(0x3f000000)));
-  __mmask16 small = _mm512_cmp_ps_mask(m, _mm512_set1_ps(kSqrtHalf), _CMP_LT_OQ);
-  e = _mm512_mask_sub_ps(e, small, e, _mm512_set1_ps(1.0f));
-  __m512 f = _mm512_sub_ps(_mm512_mask_add_ps(m, small, m, m), _mm512_set1_ps(1.0f));
-  __m512 z = _mm512_mul_ps(f, f);
-  __m512 y = _mm512_set1_ps(7.0376836292e-2f);
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.1514610310e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.1676998740e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.2420140846e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.4249322787e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.6668057665e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.0000714765e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-2.4999993993e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(3.3333331174e-1f));
-  y = _mm512_mul_ps(_mm512_mul_ps(y, f), z);
-  y = _mm512_fmadd_ps(e, _mm512_set1_ps(kLn2Lo), y);
-  y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5f), y);
-  return {_mm512_fmadd_ps(e, _mm512_set1_ps(kLn2Hi), _mm512_add_ps(f, y))};
+  e = {_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(126)))};
+  m = {_mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0x007fffff)),
+                                           _mm512_set1_epi32(0x3f000000)))};
 }
 #endif  // KDFAST_ISA_AVX512
+
+#if defined(KDFAST_ISA_AVX2) || defined(KDFAST_ISA_AVX512)
+// ---------------------------------------------------------------------------
+// exp and log written once over the ISA primitives above.
+// ---------------------------------------------------------------------------
+// exp for x <= 0 (or -inf, or NaN): the sweeps' shifted logits.  NaN
+// propagates because vmax/min return their second operand on NaN.
+inline VecF vexp_nonpositive(VecF x) {
+  using namespace cephes;
+  const VecF lo = VecF::broadcast(kExpLo), shifter = VecF::broadcast(kShifter);
+  VecF xc = vmax(lo, x);
+  VecF nf = fmadd(xc, VecF::broadcast(kLog2e), shifter);  // round(x / ln2) + shifter
+  VecF n = nf - shifter;
+  // One-constant reduction: the error n * (ln2 - float(ln2)) < 2.4e-7 only
+  // reaches that size for n ~ -125, i.e. for values below 1e-37.
+  VecF r = fnmadd(n, VecF::broadcast(kLn2), xc);
+  VecF p = fmadd(VecF::broadcast(kExpC5), r, VecF::broadcast(kExpC4));
+  p = fmadd(p, r, VecF::broadcast(kExpC3));
+  p = fmadd(p, r, VecF::broadcast(kExpC2));
+  p = fmadd(p, r, VecF::broadcast(kExpC1));
+  p = fmadd(p, r, VecF::broadcast(1.0f));
+  return select(gt(lo, x), VecF::zero(), scale_by_pow2(p, nf));  // exp(x < lo) == 0
+}
+
+// exp on the whole line: +inf above 88.7.
+inline VecF vexp(VecF x) {
+  const VecF hi = VecF::broadcast(cephes::kExpHi);
+  return select(gt(x, hi), VecF::broadcast(INFINITY), vexp_nonpositive(vmin(hi, x)));
+}
+
+// Cephes' logf for positive normal x.
+inline VecF vlog_normal(VecF x) {
+  using namespace cephes;
+  VecF m, e;
+  frexp_half(x, m, e);
+  const auto small = gt(VecF::broadcast(kSqrtHalf), m);  // m < sqrt(1/2): use 2m, e - 1
+  const VecF one = VecF::broadcast(1.0f);
+  e = select(small, e - one, e);
+  VecF f = select(small, m + m, m) - one;
+  VecF z = f * f;
+  VecF y = VecF::broadcast(7.0376836292e-2f);
+  y = fmadd(y, f, VecF::broadcast(-1.1514610310e-1f));
+  y = fmadd(y, f, VecF::broadcast(1.1676998740e-1f));
+  y = fmadd(y, f, VecF::broadcast(-1.2420140846e-1f));
+  y = fmadd(y, f, VecF::broadcast(1.4249322787e-1f));
+  y = fmadd(y, f, VecF::broadcast(-1.6668057665e-1f));
+  y = fmadd(y, f, VecF::broadcast(2.0000714765e-1f));
+  y = fmadd(y, f, VecF::broadcast(-2.4999993993e-1f));
+  y = fmadd(y, f, VecF::broadcast(3.3333331174e-1f));
+  y = y * f * z;
+  y = fmadd(e, VecF::broadcast(kLn2Lo), y);
+  y = fnmadd(z, VecF::broadcast(0.5f), y);
+  return fmadd(e, VecF::broadcast(kLn2Hi), f + y);
+}
+#endif
 
 #if !defined(KDFAST_ISA_AVX2) && !defined(KDFAST_ISA_AVX512)
 using VecF = ScalarVec<float>;
