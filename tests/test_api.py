@@ -108,3 +108,14 @@ def test_backward_twice_with_retain_graph():
     first = s.grad.clone()
     loss.backward()
     torch.testing.assert_close(s.grad, 2 * first)
+
+
+@pytest.mark.skipif("cpu" not in FUSED_BACKENDS, reason="the C++ extension is not built")
+def test_backward_allocates_no_second_buffer():
+    """Backward of a scalar loss returns the forward's gradient buffer: no zeros, no copy, no multiply."""
+    s = logits((64, 1000)).requires_grad_()
+    loss = kdfast.distill_loss(s, logits((64, 1000), seed=1), backend="cpu")
+    with torch.profiler.profile(profile_memory=True) as prof:
+        torch.autograd.grad(loss, s)
+    allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages())
+    assert allocated < 64 * 1000 * 4 // 4, allocated
