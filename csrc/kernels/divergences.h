@@ -50,6 +50,13 @@ inline V logaddexp(V a, V b) {
   return select(eq(mx, vset<V>(-INFINITY)), mx, r);
 }
 
+// log m of the mixture m = w_p p + w_q q (jsd, skew_kl, skew_reverse_kl), the
+// weights taken from DivConsts.
+template <class V>
+inline V log_mixture(const Elem<V>& e, const DivConsts& c) {
+  return logaddexp(vset<V>(c.log_w_p) + e.logp, vset<V>(c.log_w_q) + e.logq);
+}
+
 // Accumulator of two plain sums (value and Sigma_g), the common case.
 template <class V>
 struct TwoSums {
@@ -99,16 +106,13 @@ template <class V>
 struct JSD {
   static constexpr bool kValueFromExps = false;
   // log m with m = beta p + (1 - beta) q
-  static V log_m(const Elem<V>& e, const DivConsts& c) {
-    return logaddexp(vset<V>(c.log_w_p) + e.logp, vset<V>(c.log_w_q) + e.logq);
-  }
   static V g(const Elem<V>& e, V lm, const DivConsts& c) {
     return select(gt(e.q, vzero<V>()), vset<V>(1.0 - c.beta) * e.q * (e.logq - lm), vzero<V>());
   }
   struct Acc {
     TwoSums<V> s;
     void add(const Elem<V>& e, const DivConsts& c) {
-      V lm = log_m(e, c);
+      V lm = log_mixture(e, c);
       V gj = g(e, lm, c);
       V vp = select(gt(e.p, vzero<V>()), vset<V>(c.beta) * e.p * (e.logp - lm), vzero<V>());
       s.add(vp + gj, gj);
@@ -116,7 +120,7 @@ struct JSD {
     void flush(RowAcc& r) { s.flush(r); }
   };
   static void finish(RowAcc& r, const DivConsts&) { r.D = r.val; r.gsum = r.aux; }
-  static V grad_term(const Elem<V>& e, const RowAcc&, const DivConsts& c) { return g(e, log_m(e, c), c); }
+  static V grad_term(const Elem<V>& e, const RowAcc&, const DivConsts& c) { return g(e, log_mixture(e, c), c); }
 };
 
 // ---------------------------------------------------------------- tvd
@@ -212,9 +216,6 @@ struct AB {
 template <class V>
 struct SkewKL {
   static constexpr bool kValueFromExps = false;
-  static V log_m(const Elem<V>& e, const DivConsts& c) {
-    return logaddexp(vset<V>(c.log_w_p) + e.logp, vset<V>(c.log_w_q) + e.logq);
-  }
   // g_j = -(1 - s) p_j q_j / m_j
   static V g(const Elem<V>& e, V lm, const DivConsts& c) {
     V v = vset<V>(-(1.0 - c.skew)) * vexp(e.logp + e.logq - lm);
@@ -223,22 +224,19 @@ struct SkewKL {
   struct Acc {
     TwoSums<V> s;
     void add(const Elem<V>& e, const DivConsts& c) {
-      V lm = log_m(e, c);
+      V lm = log_mixture(e, c);
       s.add(select(gt(e.p, vzero<V>()), e.p * (e.logp - lm), vzero<V>()), g(e, lm, c));
     }
     void flush(RowAcc& r) { s.flush(r); }
   };
   static void finish(RowAcc& r, const DivConsts&) { r.D = r.val; r.gsum = r.aux; }
-  static V grad_term(const Elem<V>& e, const RowAcc&, const DivConsts& c) { return g(e, log_m(e, c), c); }
+  static V grad_term(const Elem<V>& e, const RowAcc&, const DivConsts& c) { return g(e, log_mixture(e, c), c); }
 };
 
 // ---------------------------------------------------------------- skew reverse kl: KL(q || (1-s) p + s q)
 template <class V>
 struct SkewReverseKL {
   static constexpr bool kValueFromExps = false;
-  static V log_m(const Elem<V>& e, const DivConsts& c) {
-    return logaddexp(vset<V>(c.log_w_p) + e.logp, vset<V>(c.log_w_q) + e.logq);
-  }
   static V value(const Elem<V>& e, V lm) {
     return select(gt(e.q, vzero<V>()), e.q * (e.logq - lm), vzero<V>());
   }
@@ -250,13 +248,13 @@ struct SkewReverseKL {
   struct Acc {
     TwoSums<V> s;
     void add(const Elem<V>& e, const DivConsts& c) {
-      V lm = log_m(e, c);
+      V lm = log_mixture(e, c);
       s.add(value(e, lm), g(e, lm, c));
     }
     void flush(RowAcc& r) { s.flush(r); }
   };
   static void finish(RowAcc& r, const DivConsts&) { r.D = r.val; r.gsum = r.aux; }
-  static V grad_term(const Elem<V>& e, const RowAcc&, const DivConsts& c) { return g(e, log_m(e, c), c); }
+  static V grad_term(const Elem<V>& e, const RowAcc&, const DivConsts& c) { return g(e, log_mixture(e, c), c); }
 };
 
 }  // namespace KDFAST_CPU_CAPABILITY

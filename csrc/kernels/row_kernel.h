@@ -136,7 +136,6 @@ struct RowKernel {
     }
     r.log_sum_t = std::log(r.sum_t);
     r.log_sum_s = std::log(r.sum_s);
-    const double log_sum_t = r.log_sum_t, log_sum_s = r.log_sum_s;
 
     // -- sweep 3 (optional): teacher at temperature 1, for the weightings
     double weight = 1.0;
@@ -156,7 +155,7 @@ struct RowKernel {
       const double log_s1 = std::log(s1);
       if (prm.weighting == Weighting::WTTM) {
         // U_{1/tau}(p1) = exp(LSE(z/tau) - LSE(z)/tau); both LSEs share the shift mzt/tau.
-        weight = std::exp(log_sum_t - log_s1 / prm.tau);
+        weight = std::exp(r.log_sum_t - log_s1 / prm.tau);
       } else {
         const double entropy = log_s1 - t1 / s1;
         weight = n > 1 ? 1.0 - entropy / std::log(double(n)) : 1.0;
@@ -167,7 +166,7 @@ struct RowKernel {
 
     // -- hard-label cross-entropy of the student at temperature 1
     const bool hard = b.labels && prm.hard_weight != 0.0;
-    double ce = 0.0, log_sum_s1 = log_sum_s;
+    double ce = 0.0, log_sum_s1 = r.log_sum_s;
     const bool student_t1_differs = prm.tau_s != 1.0;
     if (hard) {
       if (student_t1_differs) {
@@ -182,7 +181,7 @@ struct RowKernel {
 
     // -- divergence value and gradient
     const V inv_sum_t = vset<V>(1.0 / r.sum_t), inv_sum_s = vset<V>(1.0 / r.sum_s);
-    const V log_sum_t_v = vset<V>(log_sum_t), log_sum_s_v = vset<V>(log_sum_s);
+    const V log_sum_t_v = vset<V>(r.log_sum_t), log_sum_s_v = vset<V>(r.log_sum_s);
     auto elem = [&](int64_t j, auto tail) {
       V zt_j = ld<V>(zt + j, tail, kNegInf), zs_j = ld<V>(zs + j, tail, kNegInf);
       Elem<V> e;
