@@ -1,8 +1,10 @@
 """Which backend computes a loss.
 
 ``"torch"`` is the pure-PyTorch reference (always there), ``"cpu"`` the fused
-C++ kernels (CPU tensors, when the extension is built).  ``backend="auto"``
-picks the fused kernel for the tensors' device; the environment variable
+C++ kernels (CPU tensors, when the extension is built), ``"triton"`` the fused
+Triton kernels (CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``,
+which is how the tests run them without a GPU).  ``backend="auto"`` picks the
+fused kernel for the tensors' device; the environment variable
 ``KDFAST_BACKEND`` replaces ``"auto"``.
 """
 
@@ -13,19 +15,17 @@ from typing import Callable, Dict, List
 
 import torch
 
+from . import _triton
 from ._extension import cpu_extension_available
 from ._options import LossConfig
 from .reference import distill_loss_reference
 
-BACKENDS = ("torch", "cpu")
+BACKENDS = ("torch", "cpu", "triton")
 
 
 def available_backends() -> List[str]:
-    """The backends that work on this machine, e.g. ``["torch", "cpu"]``."""
-    names = ["torch"]
-    if cpu_extension_available():
-        names.append("cpu")
-    return names
+    """The backends that work on this machine, e.g. ``["torch", "cpu"]`` or ``["torch", "cpu", "triton"]``."""
+    return list(_IMPLS)
 
 
 def _implementations() -> Dict[str, Callable[[torch.Tensor, torch.Tensor, LossConfig], torch.Tensor]]:
@@ -34,6 +34,10 @@ def _implementations() -> Dict[str, Callable[[torch.Tensor, torch.Tensor, LossCo
         from ._cpu_op import distill_loss_cpu
 
         impls["cpu"] = distill_loss_cpu
+    if _triton.unavailable_reason() is None:
+        from ._triton.op import distill_loss_triton
+
+        impls["triton"] = distill_loss_triton
     return impls
 
 
@@ -47,13 +51,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type == "cpu" and "cpu" in _IMPLS:
             return "cpu"
+        if device.type == "cuda" and "triton" in _IMPLS:
+            return "triton"
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if backend not in _IMPLS:
-        raise RuntimeError(f"backend {backend!r} is not available here (available: {available_backends()})")
+        why = _triton.unavailable_reason() if backend == "triton" else "the C++ extension is not built"
+        raise RuntimeError(f"backend {backend!r} is not available here ({why}; available: {available_backends()})")
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend 'cpu' takes CPU tensors, got tensors on {device}")
+    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and _triton.interpreter_requested()):
+        raise ValueError(f"backend 'triton' takes CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
+                         f"got tensors on {device}")
     return backend
 
 

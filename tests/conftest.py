@@ -8,14 +8,25 @@ below (stated once, used everywhere).
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
 
-import kdfast
-from kdfast._extension import _C
+# Without a GPU the Triton kernels run through Triton's CPU interpreter; it is
+# chosen when the kernels are decorated, so before kdfast is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kdfast  # noqa: E402
+from kdfast._extension import _C  # noqa: E402
+
+from triton_interpreter import speed_up_interpreter  # noqa: E402
 
 FUSED_BACKENDS = [b for b in kdfast.available_backends() if b != "torch"]
+TRITON_ON_GPU = "triton" in FUSED_BACKENDS and torch.cuda.is_available()
+if "triton" in FUSED_BACKENDS and not TRITON_ON_GPU:
+    speed_up_interpreter()
 
 # Values: relative tolerance 1e-5 (float32 accumulation); values that are 0 in
 # exact arithmetic (V = 1, identical rows) come out at float32 rounding of the
@@ -44,6 +55,18 @@ def cpu_capabilities():
     return order[: order.index(best) + 1]
 
 
+# Every fused kernel of this machine: "cpu-<SIMD level>" for each level the CPU
+# runs, and "triton" (on the GPU, or interpreted on CPU tensors).
+KERNELS = [f"cpu-{cap}" for cap in cpu_capabilities()] + (["triton"] if "triton" in FUSED_BACKENDS else [])
+kernels = pytest.mark.parametrize("kernel", KERNELS or [pytest.param("none", marks=pytest.mark.skip(
+    reason="no fused backend here: the C++ extension is not built and triton cannot run"))])
+
+
+def kernel_device(kernel: str) -> torch.device:
+    """Where a kernel's inputs live: CUDA for Triton on a GPU, else the CPU."""
+    return torch.device("cuda" if kernel == "triton" and TRITON_ON_GPU else "cpu")
+
+
 @contextlib.contextmanager
 def cpu_capability(name):
     before = _C.cpu_capability()
@@ -60,13 +83,28 @@ def logits(shape, dtype=torch.float32, seed=0, scale=3.0):
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
 
-def loss_and_grad(student, teacher, **kw):
-    """(loss, d loss / d student) of distill_loss; backward with a fixed upstream gradient."""
-    s = student.detach().clone().requires_grad_(True)
-    loss = kdfast.distill_loss(s, teacher, **kw)
-    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
-    (loss * upstream).sum().backward()
-    return loss.detach(), s.grad
+@contextlib.contextmanager
+def kernel_backend(kernel: str):
+    """The ``backend=`` of a kernel name ("cpu-avx2" -> "cpu" with that SIMD level forced)."""
+    if kernel.startswith("cpu-"):
+        with cpu_capability(kernel[len("cpu-"):]):
+            yield "cpu"
+    else:
+        yield kernel
+
+
+def loss_and_grad(student, teacher, backend="auto", **kw):
+    """(loss, d loss / d student) of distill_loss; backward with a fixed upstream gradient.
+
+    ``backend`` may be a kernel name of ``KERNELS``; results come back on the CPU."""
+    device = kernel_device(backend)
+    kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    s = student.detach().to(device).clone().requires_grad_(True)
+    with kernel_backend(backend) as name:
+        loss = kdfast.distill_loss(s, teacher.to(device), backend=name, **kw)
+        upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=device).reshape(loss.shape)
+        (loss * upstream).sum().backward()
+    return loss.detach().cpu(), s.grad.cpu()
 
 
 def oracle(student, teacher, dtype=torch.float64, **kw):
@@ -78,8 +116,9 @@ def oracle(student, teacher, dtype=torch.float64, **kw):
     return loss.double(), grad.double()
 
 
-def assert_matches_oracle(student, teacher, backend, oracle_dtype=torch.float64, **kw):
-    loss, grad = loss_and_grad(student, teacher, backend=backend, **kw)
+def assert_matches_oracle(student, teacher, kernel, oracle_dtype=torch.float64, **kw):
+    """Loss and gradient of a kernel (a name of ``KERNELS``, or a backend) against the float64 oracle."""
+    loss, grad = loss_and_grad(student, teacher, backend=kernel, **kw)
     ref_loss, ref_grad = oracle(student, teacher, dtype=oracle_dtype, **kw)
     f64 = student.dtype == torch.float64
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-12 if f64 else VALUE_RTOL,
@@ -90,7 +129,3 @@ def assert_matches_oracle(student, teacher, backend, oracle_dtype=torch.float64,
     scale = float(ref_grad.abs().max()) or 1.0
     torch.testing.assert_close(grad.double(), expected, rtol=tol["rtol"], atol=tol["atol"] * scale + tol["atol_abs"])
 
-
-@pytest.fixture(params=FUSED_BACKENDS or [pytest.param("cpu", marks=pytest.mark.skip(reason="no fused backend built"))])
-def fused_backend(request):
-    return request.param

@@ -16,6 +16,7 @@ def test_available_backends():
     assert names[0] == "torch"
     assert set(names) <= {"torch", "cpu", "triton"}
     assert ("cpu" in names) == kdfast.cpu_extension_available()
+    assert ("triton" in names) == (kdfast._triton.unavailable_reason() is None)
 
 
 def test_named_losses_are_thin_wrappers():
@@ -79,7 +80,7 @@ def test_missing_extension_falls_back_with_one_warning():
         "assert kdfast.available_backends() == ['torch']\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, KDFAST_DISABLE_EXTENSION="1")
+    env = dict(os.environ, KDFAST_DISABLE_EXTENSION="1", TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"

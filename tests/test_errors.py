@@ -4,15 +4,19 @@ import pytest
 import torch
 
 import kdfast
-from conftest import FUSED_BACKENDS, logits
+from conftest import FUSED_BACKENDS, kernel_device, logits
 
 BACKENDS = ["torch"] + FUSED_BACKENDS
 backends = pytest.mark.parametrize("backend", BACKENDS)
 
 
 def call(backend, s=None, t=None, **kw):
+    """distill_loss on the backend's device (inputs that are not float tensors are passed as they are)."""
+    device = kernel_device(backend)
     s = logits((4, 10), seed=1) if s is None else s
     t = logits((4, 10), seed=2) if t is None else t
+    s, t = (x.to(device) if isinstance(x, torch.Tensor) and x.device.type == "cpu" else x for x in (s, t))
+    kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
     return kdfast.distill_loss(s, t, backend=backend, **kw)
 
 
@@ -102,6 +106,17 @@ def test_unknown_backend():
 def test_cpu_backend_refuses_other_devices():
     with pytest.raises(ValueError, match="CPU tensors"):
         kdfast.distill_loss(torch.zeros(2, 3, device="meta"), torch.zeros(2, 3, device="meta"), backend="cpu")
+
+
+@pytest.mark.skipif("triton" not in FUSED_BACKENDS, reason="triton cannot run here")
+def test_triton_backend_refuses_cpu_tensors_unless_interpreted(monkeypatch):
+    from kdfast.backends import resolve_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        resolve_backend("triton", torch.device("cpu"))
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        resolve_backend("triton", torch.device("meta"))
 
 
 def test_wrappers_fix_their_parameters():

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kdfast
-from conftest import FUSED_BACKENDS, assert_matches_oracle, logits
+from conftest import KERNELS, TRITON_ON_GPU, assert_matches_oracle, logits
 
 DIVERGENCE_PARAMS = st.sampled_from([
     ("kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.5}), ("tvd", {}), ("renyi", {"alpha": 0.7}),
@@ -15,9 +15,7 @@ DIVERGENCE_PARAMS = st.sampled_from([
 ])
 
 
-@pytest.mark.skipif("cpu" not in FUSED_BACKENDS, reason="the C++ extension is not built")
-@settings(max_examples=60, deadline=None)
-@given(
+_CASES = dict(
     n=st.integers(1, 5),
     v=st.integers(1, 300),
     tau=st.floats(0.25, 8.0),
@@ -26,11 +24,27 @@ DIVERGENCE_PARAMS = st.sampled_from([
     weighting=st.sampled_from([None, "wttm", "entropy"]),
     seed=st.integers(0, 2**16),
 )
-def test_cpu_equals_reference(n, v, tau, tau_s, div, weighting, seed):
+
+
+def _kernel_equals_reference(kernel, n, v, tau, tau_s, div, weighting, seed):
     s, t = logits((n, v), seed=seed), logits((n, v), seed=seed + 1)
     name, params = div
-    assert_matches_oracle(s, t, "cpu", divergence=name, temperature=tau, student_temperature=tau_s,
+    assert_matches_oracle(s, t, kernel, divergence=name, temperature=tau, student_temperature=tau_s,
                           weighting=weighting, **params)
+
+
+@pytest.mark.skipif("cpu-default" not in KERNELS, reason="the C++ extension is not built")
+@settings(max_examples=60, deadline=None)
+@given(**_CASES)
+def test_cpu_equals_reference(n, v, tau, tau_s, div, weighting, seed):
+    _kernel_equals_reference("cpu", n, v, tau, tau_s, div, weighting, seed)  # the best SIMD level
+
+
+@pytest.mark.skipif("triton" not in KERNELS, reason="triton cannot run here")
+@settings(max_examples=60 if TRITON_ON_GPU else 20, deadline=None)
+@given(**_CASES)
+def test_triton_equals_reference(n, v, tau, tau_s, div, weighting, seed):
+    _kernel_equals_reference("triton", n, v, tau, tau_s, div, weighting, seed)
 
 
 @settings(max_examples=40, deadline=None)

@@ -1,0 +1,102 @@
+"""What every fused op (C++ ``kdfast::distill_forward``, Triton ``kdfast::distill_forward_triton``) shares.
+
+The ops have one schema: ``(student, teacher, labels?, weights?, divergence,
+tau, tau_s, alpha, beta, skew, weighting, ignore_index, hard_weight,
+soft_coef, reduction, normalizer?, compute_grad) -> (loss, grad)``, where
+``grad`` is d(loss)/d(student) computed in the forward.  Here they get the two
+pieces torch.compile and autograd need:
+  * a fake (meta) kernel, so that tracing knows the output shapes;
+  * an autograd formula: backward only scales the saved gradient by the
+    incoming one (and returns it as is when that is 1: no second (N, V) buffer);
+and the adapter from a validated ``LossConfig`` to the op's arguments.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._options import LossConfig
+
+_N_INPUTS = 17
+_REDUCTION_ARG = 14
+
+
+def fake_distill_forward(student, teacher, labels, weights, divergence, tau, tau_s, alpha, beta, skew, weighting,
+                         ignore_index, hard_weight, soft_coef, reduction, normalizer, compute_grad):
+    V = student.shape[-1]
+    N = student.numel() // V
+    f64 = student.dtype == torch.float64 or teacher.dtype == torch.float64
+    loss = student.new_empty((N,) if reduction == "none" else (), dtype=torch.float64 if f64 else torch.float32)
+    grad = student.new_empty((N, V) if compute_grad else (0,))
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad = output
+    ctx.save_for_backward(grad)
+    ctx.student_shape = inputs[0].shape
+    ctx.per_row = inputs[_REDUCTION_ARG] == "none"
+    ctx.mark_non_differentiable(grad)
+    # Otherwise autograd materialises a zero (N, V) "gradient" for the grad output.
+    ctx.set_materialize_grads(False)
+
+
+def _is_concrete(t: torch.Tensor) -> bool:
+    """True for a real tensor in eager mode (its value may be read), False while tracing."""
+    if torch.compiler.is_compiling():
+        return False
+    from torch._guards import detect_fake_mode
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return detect_fake_mode(t) is None and get_proxy_mode() is None and not torch._is_functional_tensor(t)
+
+
+def _backward(ctx, grad_loss, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * _N_INPUTS
+    if grad.numel() == 0 and grad_loss.numel() != 0:
+        raise RuntimeError("kdfast: the forward ran without computing the gradient (compute_grad=False)")
+    if ctx.per_row:
+        scaled = (grad.to(grad_loss.dtype) * grad_loss[:, None]).to(grad.dtype)
+    elif _is_concrete(grad_loss) and bool(grad_loss == 1):
+        scaled = grad  # the usual loss.backward(): no second (N, V) buffer
+    else:
+        scaled = grad * grad_loss
+    return (scaled.view(ctx.student_shape),) + (None,) * (_N_INPUTS - 1)
+
+
+def register_fake_and_autograd(op) -> None:
+    """Gives a fused op (a name or an op object) its fake kernel and its autograd formula."""
+    torch.library.register_fake(op, fake_distill_forward)
+    torch.library.register_autograd(op, _backward, setup_context=_setup_context)
+
+
+def call_distill_op(op, student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """Runs a fused op on a validated configuration; same contract as ``reference.distill_loss_reference``."""
+    teacher = teacher_logits.detach()
+    if (student_logits.dtype == torch.float64) != (teacher.dtype == torch.float64):
+        # The float64 kernels are for gradchecks; pair float64 with float64.
+        student_logits, teacher = student_logits.double(), teacher.double()
+    weights = cfg.weighting if isinstance(cfg.weighting, torch.Tensor) else None
+    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    loss, _ = op(
+        student_logits,
+        teacher,
+        cfg.labels,
+        weights,
+        cfg.divergence,
+        cfg.temperature,
+        cfg.student_temperature,
+        cfg.alpha or 0.0,
+        cfg.beta or 0.0,
+        cfg.skew or 0.0,
+        cfg.weighting_name,
+        cfg.ignore_index,
+        cfg.hard_weight,
+        cfg.soft_weight * cfg.scale,
+        cfg.reduction,
+        cfg.normalizer,
+        compute_grad,
+    )
+    return loss

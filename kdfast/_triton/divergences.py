@@ -1,0 +1,132 @@
+"""Divergence policies of the Triton row kernel (the twin of csrc/kernels/divergences.h).
+
+Every divergence ``D(p || q)`` is described by three ``@triton.jit`` pieces that
+the skeleton (``row_kernel.py``) calls with a compile-time ``DIV`` name, so each
+(divergence, options) pair compiles to its own straight-line kernel:
+
+* ``value_term``: per-entry ``v_j`` whose row sum gives the value (for
+  ``renyi``: the log-terms of a logsumexp, see the skeleton);
+* ``grad_term``: ``g_j = q_j dD/dq_j``, whose row sum is ``Sigma_g``;
+* ``row_value``: the row value ``D`` from the value sum.
+
+Shared subexpressions of the value and the gradient (``log m``) are written once
+here and merged by the compiler's common-subexpression elimination.
+
+The skeleton turns ``g`` into the student-logit gradient through the softmax
+Jacobian, ``(g_j - q_j Sigma_g) / tau_s``; any ``c q_j`` term of ``g_j`` cancels
+there, so the policies drop such terms.  ``0 * log 0 == 0`` is enforced with
+masks because masked (-inf) vocabulary entries are legal input.  The formulas
+are those of ../shared/SPEC.md and of ``kdfast.reference``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def logaddexp(a, b):
+    """``log(exp(a) + exp(b))``, exact for -inf operands."""
+    mx = tl.maximum(a, b)
+    mn = tl.minimum(a, b)
+    return tl.where(mx == float("-inf"), mx, mx + tl.log(1.0 + tl.exp(mn - mx)))
+
+
+@triton.jit
+def log_mixture(logp, logq, log_w_p, log_w_q):
+    """``log(w_p p + w_q q)``; the weights come as their logs (possibly -inf)."""
+    return logaddexp(logp + log_w_p, logq + log_w_q)
+
+
+@triton.jit
+def _renyi_log_term(p, logp, logq, alpha):
+    """``alpha log p + (1 - alpha) log q``; entries with ``p = 0`` add nothing."""
+    return tl.where(p > 0, alpha * logp + (1.0 - alpha) * logq, float("-inf"))
+
+
+@triton.jit
+def _ab_g(logp, logq, alpha, beta):
+    """``-(p^a q^b - q^(a+b)) / a``."""
+    pq = tl.exp(alpha * logp + beta * logq)
+    qq = tl.exp((alpha + beta) * logq)
+    return -(pq - qq) / alpha
+
+
+@triton.jit
+def _tvd_g(p, q):
+    """``0.5 q sign(q - p)`` with ``sign(0) = 0``, the subgradient autograd takes for ``|x|``."""
+    half_q = 0.5 * q
+    return tl.where(q > p, half_q, tl.where(p > q, -half_q, 0.0))
+
+
+@triton.jit
+def _skew_kl_g(p, q, logp, logq, logm, skew):
+    """``-(1 - s) p q / m``."""
+    return tl.where((p > 0) & (q > 0), -(1.0 - skew) * tl.exp(logp + logq - logm), 0.0)
+
+
+@triton.jit
+def _q_log_ratio(q, logq, logm):
+    return tl.where(q > 0, q * (logq - logm), 0.0)
+
+
+@triton.jit
+def value_term(DIV: tl.constexpr, p, q, logp, logq, alpha, beta, skew, log_w_p, log_w_q):
+    """Per-entry ``v_j``: the row sum is the value (for renyi: the terms of a logsumexp)."""
+    if DIV == "kl":
+        v = tl.where(p > 0, p * (logp - logq), 0.0)
+    elif DIV == "reverse_kl":
+        v = tl.where(q > 0, q * (logq - logp), 0.0)
+    elif DIV == "jsd":
+        logm = log_mixture(logp, logq, log_w_p, log_w_q)
+        v = beta * tl.where(p > 0, p * (logp - logm), 0.0) + (1.0 - beta) * _q_log_ratio(q, logq, logm)
+    elif DIV == "tvd":
+        v = 0.5 * tl.abs(p - q)
+    elif DIV == "renyi":
+        v = _renyi_log_term(p, logp, logq, alpha)
+    elif DIV == "ab":
+        s = alpha + beta
+        pq = tl.exp(alpha * logp + beta * logq)
+        v = -(pq - alpha / s * tl.exp(s * logp) - beta / s * tl.exp(s * logq)) / (alpha * beta)
+    elif DIV == "skew_kl":
+        v = tl.where(p > 0, p * (logp - log_mixture(logp, logq, log_w_p, log_w_q)), 0.0)
+    else:
+        v = _q_log_ratio(q, logq, log_mixture(logp, logq, log_w_p, log_w_q))
+    return v
+
+
+def sums_g(divergence: str) -> bool:
+    """Whether the row needs the sum ``Sigma_g`` (kl and renyi know it: -1)."""
+    return divergence not in ("kl", "renyi")
+
+
+@triton.jit
+def row_value(DIV: tl.constexpr, value_sum, alpha):
+    """``D`` of a row from the sum of its value terms (for renyi: their logsumexp)."""
+    if DIV == "renyi":
+        return value_sum / (alpha - 1.0)
+    else:
+        return value_sum
+
+
+@triton.jit
+def grad_term(DIV: tl.constexpr, p, q, logp, logq, alpha, beta, skew, log_w_p, log_w_q, renyi_lse):
+    """``g_j = q_j dD/dq_j`` (terms proportional to ``q_j`` dropped)."""
+    if DIV == "kl":
+        g = -p
+    elif DIV == "reverse_kl":
+        g = tl.where(q > 0, q * (logq - logp), 0.0)
+    elif DIV == "jsd":
+        g = (1.0 - beta) * _q_log_ratio(q, logq, log_mixture(logp, logq, log_w_p, log_w_q))
+    elif DIV == "tvd":
+        g = _tvd_g(p, q)
+    elif DIV == "renyi":
+        # -p^alpha q^(1-alpha) / sum_k p^alpha q^(1-alpha)
+        g = -tl.exp(_renyi_log_term(p, logp, logq, alpha) - renyi_lse)
+    elif DIV == "ab":
+        g = _ab_g(logp, logq, alpha, beta)
+    elif DIV == "skew_kl":
+        g = _skew_kl_g(p, q, logp, logq, log_mixture(logp, logq, log_w_p, log_w_q), skew)
+    else:
+        logm = log_mixture(logp, logq, log_w_p, log_w_q)
+        g = tl.where(q > 0, _q_log_ratio(q, logq, logm) - skew * tl.exp(logq + logq - logm), 0.0)
+    return g

@@ -1,0 +1,178 @@
+"""Launching the Triton row kernel: argument checks, autotuning, row errors, the reduction.
+
+``distill_forward`` has the signature and the contract of the C++ op
+``kdfast::distill_forward`` (csrc/distill_op.cpp): it returns the reduced loss
+and the gradient with respect to the student logits, computed in the forward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .._options import DIVERGENCES, REDUCTIONS, check_logits
+from . import row_kernel
+from .divergences import sums_g
+
+_WEIGHTINGS = ("none", "wttm", "entropy", "given")
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+# A small fixed list: tiles of 1k-8k entries with enough warps to keep each
+# row's loads in flight.  The interpreter gets one small tile, so that the
+# test shapes (V ~ 1000) span several tiles and a partial last tile.
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK": block}, num_warps=warps)
+    for block, warps in ((1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))
+]
+INTERPRETER_BLOCK = 512
+_INTERPRETER_CONFIGS = [triton.Config({"BLOCK": INTERPRETER_BLOCK}, num_warps=4)]
+
+# Keyed on V and the policy (the autotuner adds the tensors' dtypes to the key).
+_distill_rows = triton.autotune(
+    configs=_INTERPRETER_CONFIGS if interpreting() else _GPU_CONFIGS,
+    key=["V", "DIV", "WEIGHTING", "HARD", "COMPUTE_GRAD"],
+)(row_kernel.distill_rows_kernel)
+
+_REDUCE_BLOCK = 1024
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``(N, V)`` view with unit stride along V (copied only when that is impossible)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _log_or_neg_inf(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
+
+
+def _mixture_log_weights(divergence: str, beta: float, skew: float) -> Tuple[float, float]:
+    """``(log w_p, log w_q)`` of the mixture ``m = w_p p + w_q q`` of jsd and the skew divergences."""
+    w_p = {"jsd": beta, "skew_kl": skew, "skew_reverse_kl": 1.0 - skew}.get(divergence)
+    if w_p is None:
+        return 0.0, 0.0
+    return _log_or_neg_inf(w_p), _log_or_neg_inf(1.0 - w_p)
+
+
+def _inv_denominator(reduction: str, normalizer: Optional[float], labels: Optional[torch.Tensor], ignore_index: int,
+                     n_rows: int, device) -> torch.Tensor:
+    """``1 / denominator`` of the reduction as a float64 device scalar (no host sync)."""
+    if reduction != "batchmean":
+        return torch.ones(1, dtype=torch.float64, device=device)
+    if normalizer is not None:
+        return torch.full((1,), 1.0 / normalizer, dtype=torch.float64, device=device)
+    if labels is None:
+        return torch.full((1,), 1.0 / n_rows if n_rows else 0.0, dtype=torch.float64, device=device)
+    valid = (labels != ignore_index).sum().to(torch.float64).reshape(1)
+    # No valid row: the total is 0 and so is the loss, never 0/0.
+    return torch.where(valid > 0, 1.0 / valid.clamp(min=1), torch.zeros_like(valid))
+
+
+def _check_args(student, teacher, labels, weights, divergence, tau, tau_s, weighting, hard_weight, reduction,
+                normalizer) -> None:
+    check_logits(student, teacher)
+    if student.device.type != "cuda" and not interpreting():
+        raise ValueError(f"the triton backend takes CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
+                         f"got tensors on {student.device}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if weighting not in _WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not (tau > 0 and tau_s > 0):
+        raise ValueError(f"temperatures must be > 0, got {tau} and {tau_s}")
+    rows = student.numel() // student.shape[-1]
+    if labels is None and hard_weight != 0.0:
+        raise ValueError("hard_weight != 0 needs labels")
+    if labels is not None and labels.numel() != rows:
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match the {rows} rows of logits shape "
+                         f"{tuple(student.shape)}")
+    if weighting == "given" and (weights is None or weights.numel() != rows):
+        raise ValueError(f"a weighting tensor must have one entry per row ({rows}), got "
+                         f"{None if weights is None else tuple(weights.shape)}")
+    if normalizer is not None and (reduction != "batchmean" or not normalizer > 0):
+        raise ValueError(f"normalizer must be > 0 and is only used with reduction='batchmean', got "
+                         f"normalizer={normalizer}, reduction={reduction!r}")
+
+
+def _raise_on_bad_rows(status: torch.Tensor, labels: Optional[torch.Tensor], V: int, ignore_index: int) -> None:
+    """The spec's errors for rows the kernel refused.  Reading the status syncs with the device once."""
+    bad = status != row_kernel.STATUS_OK.value
+    if not bool(bad.any()):
+        return
+    i = int(bad.nonzero()[0, 0])
+    code = int(status[i])
+    if code == row_kernel.STATUS_LABEL_OUT_OF_RANGE.value:
+        raise ValueError(f"label {int(labels[i])} at row {i} is outside [0, {V}) and is not ignore_index "
+                         f"({ignore_index})")
+    who = "teacher" if code == row_kernel.STATUS_TEACHER_ALL_NEG_INF.value else "student"
+    raise ValueError(f"{who}_logits row {i} is all -inf: the {who} distribution is undefined")
+
+
+def distill_forward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    weights: Optional[torch.Tensor],
+    divergence: str,
+    tau: float,
+    tau_s: float,
+    alpha: float,
+    beta: float,
+    skew: float,
+    weighting: str,
+    ignore_index: int,
+    hard_weight: float,
+    soft_coef: float,
+    reduction: str,
+    normalizer: Optional[float],
+    compute_grad: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused loss and student gradient on the Triton kernel; see ``kdfast::distill_forward``."""
+    _check_args(student, teacher, labels, weights, divergence, tau, tau_s, weighting, hard_weight, reduction,
+                normalizer)
+    V = student.shape[-1]
+    s2, t2 = _as_rows(student), _as_rows(teacher)
+    N = s2.shape[0]
+    device = student.device
+    f64 = student.dtype == torch.float64 or teacher.dtype == torch.float64
+    acc_dtype = torch.float64 if f64 else torch.float32
+
+    grad = torch.empty((N, V) if compute_grad else (0,), dtype=student.dtype, device=device)
+    row_loss = torch.zeros(N, dtype=acc_dtype, device=device)
+    status = torch.zeros(N, dtype=torch.int32, device=device)
+    labels64 = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
+    weights64 = weights.detach().reshape(-1).to(torch.float64).contiguous() if weighting == "given" else None
+    inv_denom = _inv_denominator(reduction, normalizer, labels64, ignore_index, N, device)
+    log_w_p, log_w_q = _mixture_log_weights(divergence, beta, skew)
+    values = dict(inv_tau=1.0 / tau, inv_tau_s=1.0 / tau_s, alpha=alpha, beta=beta, skew=skew, log_w_p=log_w_p,
+                  log_w_q=log_w_q, hard_weight=hard_weight, soft_coef=soft_coef,
+                  log_V=math.log(V) if V > 1 else 0.0)
+    params = torch.tensor([values[name] for name in row_kernel.PARAMS], dtype=torch.float64, device=device)
+
+    hard = labels is not None and hard_weight != 0.0
+    if N > 0:
+        _distill_rows[(N,)](
+            s2, t2, s2.stride(0), t2.stride(0), grad, labels64 if labels64 is not None else status,
+            weights64 if weights64 is not None else params, params, inv_denom, row_loss, status, V, ignore_index,
+            DIV=divergence, WEIGHTING=weighting, HAS_LABELS=labels is not None, HARD=hard,
+            STUDENT_T1=hard and tau_s != 1.0, SUM_G=sums_g(divergence), COMPUTE_GRAD=compute_grad,
+            ACC=tl.float64 if f64 else tl.float32,
+        )
+        _raise_on_bad_rows(status, labels64, V, ignore_index)
+
+    if reduction == "none":
+        return row_loss, grad
+    loss = torch.empty((), dtype=acc_dtype, device=device)
+    row_kernel.reduce_kernel[(1,)](row_loss, loss, inv_denom, N, BLOCK=_REDUCE_BLOCK)
+    return loss, grad

@@ -1,0 +1,73 @@
+"""Compiles the Triton kernels for an H100 (sm_90) without a GPU; prints a JSON report.
+
+Run in a process of its own (``TRITON_INTERPRET`` must be off when the
+kernels are decorated, and the test session runs them interpreted):
+``python tests/compile_triton_for_gpu.py``.  Used by ``test_triton.py``.
+"""
+
+import json
+import sys
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kdfast._triton import row_kernel
+from kdfast._triton.divergences import sums_g
+
+DIVERGENCES = ["kl", "reverse_kl", "jsd", "tvd", "renyi", "ab", "skew_kl", "skew_reverse_kl"]
+# (logits dtype, accumulation, weighting, labels, hard-label CE at tau_s != 1, gradient)
+VARIANTS = [
+    ("bf16", "fp32", "wttm", True, True, True),
+    ("fp32", "fp32", "entropy", False, False, False),
+    ("fp64", "fp64", "given", True, False, True),
+]
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def variant_id(divergence, variant):
+    return "-".join([divergence] + [str(v) for v in variant])
+
+
+def compile_row_kernel(divergence, dtype, acc, weighting, labels, student_t1, grad, block=4096):
+    signature = {"S_ptr": f"*{dtype}", "T_ptr": f"*{dtype}", "s_row_stride": "i32", "t_row_stride": "i32",
+                 "G_ptr": f"*{dtype}", "LABELS_ptr": "*i64", "WEIGHTS_ptr": "*fp64", "PARAMS_ptr": "*fp64",
+                 "INV_DENOM_ptr": "*fp64", "ROW_LOSS_ptr": f"*{acc}", "STATUS_ptr": "*i32", "V": "i32",
+                 "ignore_index": "i32"}
+    constexprs = dict(DIV=divergence, WEIGHTING=weighting, HAS_LABELS=labels, HARD=labels, STUDENT_T1=student_t1,
+                      SUM_G=sums_g(divergence), COMPUTE_GRAD=grad,
+                      ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK=block)
+    signature.update({name: "constexpr" for name in constexprs})
+    source = ASTSource(fn=row_kernel.distill_rows_kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=TARGET, options={"num_warps": 8})
+
+
+def compile_reduce_kernel():
+    source = ASTSource(fn=row_kernel.reduce_kernel, constexprs={"BLOCK": 1024},
+                       signature={"ROW_LOSS_ptr": "*fp32", "OUT_ptr": "*fp32", "INV_DENOM_ptr": "*fp64", "N": "i32",
+                                  "BLOCK": "constexpr"})
+    return triton.compile(source, target=TARGET)
+
+
+def _report(compile_fn):
+    try:
+        compiled = compile_fn()
+    except Exception as exc:  # reported, not raised: one failure must not hide the others
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+    return {"ok": bool(compiled.asm.get("cubin")), "spills": ".local" in compiled.asm["ptx"],
+            "ttir": compiled.asm["ttir"]}
+
+
+def main():
+    report = {variant_id(d, v): _report(lambda d=d, v=v: compile_row_kernel(d, *v))
+              for d in DIVERGENCES for v in VARIANTS}
+    report["reduce"] = _report(compile_reduce_kernel)
+    for key, entry in report.items():
+        if key != variant_id("kl", VARIANTS[0]):
+            entry.pop("ttir", None)
+    json.dump(report, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
