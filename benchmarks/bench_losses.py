@@ -1,14 +1,19 @@
 """Forward+backward microbenchmark of the fused distillation losses.
 
 Compares, in one process and on the same inputs: the pure-PyTorch reference in
-eager mode, the reference under ``torch.compile``, and kdfast's fused kernel
-(CPU C++ here; Triton with ``--device cuda``).  Reports medians over runs, the
-peak extra memory of one forward+backward, the machine's copy bandwidth and
-the fraction of that roofline the kernel reaches (bytes: read both logits
-once, write the gradient once).
+eager mode, the reference under ``torch.compile``, Liger-Kernel's
+``LigerKLDIVLoss`` / ``LigerJSD`` / ``LigerTVDLoss`` (kl / jsd / tvd, CUDA, when
+installed: ``pip install --no-deps liger-kernel``; fed the log-softmaxes or
+softmaxes they take, computed by PyTorch inside the timed step), and kdfast's
+fused kernel (CPU C++ here; Triton with ``--device cuda``).  Reports medians
+over runs, the peak extra memory of one forward+backward, the copy bandwidth
+and the fraction of that roofline the kernel reaches (bytes: read both logits
+once, write the gradient once); on a GPU also the fraction of its nominal HBM
+bandwidth.
 
     python benchmarks/bench_losses.py --quick          # the small shape, KD only
     python benchmarks/bench_losses.py                  # the full matrix (long)
+    python benchmarks/bench_losses.py --device cuda    # GPU shapes, with Liger-Kernel
 
 Results go to benchmarks/results/<device>-<date>.json and a table on stdout.
 """
@@ -33,8 +38,11 @@ from kdfast._options import DIVERGENCES, make_config  # noqa: E402
 from kdfast.reference import distill_loss_reference  # noqa: E402
 from memory import peak_extra_bytes  # noqa: E402
 
-FULL_SHAPES = [(4096, 32000), (1024, 128256)]
+FULL_SHAPES = {"cpu": [(4096, 32000), (1024, 128256)], "cuda": [(8192, 32000), (8192, 128256), (4096, 256000)]}
 QUICK_SHAPE = (512, 8192)
+# Nominal HBM bandwidth (bytes/s) by device-name fragment, most specific first.
+NOMINAL_HBM = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.04e12),
+               ("A100", 1.56e12)]
 PARAMS = {"jsd": {"beta": 0.5}, "renyi": {"alpha": 0.5}, "ab": {"alpha": 0.5, "beta": 0.5}, "skew_kl": {"skew": 0.1},
           "skew_reverse_kl": {"skew": 0.1}}
 
@@ -56,6 +64,14 @@ def machine_info() -> dict:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": platform.python_version(),
     }
+
+
+def nominal_bandwidth(device) -> float | None:
+    """The GPU's nominal memory bandwidth in bytes/s when known (None on CPU or an unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((bw for key, bw in NOMINAL_HBM if key in name), None)
 
 
 def sync(device):
@@ -102,9 +118,30 @@ def make_methods(divergence: str, temperature: float, device):
         return kdfast.distill_loss(s, t, backend=fused_backend, **kw)
 
     methods = {"eager": eager, "compile": compiled}
+    liger = liger_method(divergence, temperature, device)
+    if liger is not None:
+        methods["liger"] = liger
     if fused_backend in kdfast.available_backends():
         methods["kdfast"] = fused
     return methods
+
+
+def liger_method(divergence: str, temperature: float, device):
+    """Liger-Kernel's loss for this divergence on the same inputs and value, or None (not installed, no GPU)."""
+    if device.type != "cuda" or divergence not in ("kl", "jsd", "tvd"):
+        return None
+    try:
+        from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss, LigerTVDLoss
+    except ImportError:
+        return None
+    if divergence == "kl":
+        loss = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+        return lambda s, t: loss(torch.log_softmax(s / temperature, -1), torch.log_softmax(t / temperature, -1))
+    if divergence == "jsd":
+        loss = LigerJSD(beta=PARAMS["jsd"]["beta"])  # (student log q, teacher log p), mean over rows
+        return lambda s, t: loss(torch.log_softmax(s / temperature, -1), torch.log_softmax(t / temperature, -1))
+    loss = LigerTVDLoss(reduction="batchmean")
+    return lambda s, t: loss(torch.softmax(s / temperature, -1), torch.softmax(t / temperature, -1))
 
 
 def fwd_bwd(loss_fn, s, t):
@@ -117,56 +154,79 @@ def fwd_bwd(loss_fn, s, t):
     return run
 
 
-def bench_case(divergence, N, V, dtype, device, runs, temperature, methods_filter, bw):
+def _measure(step, name, runs, device):
+    """(times, peak extra bytes) of one method's forward+backward."""
+    warmup = 2 if name == "compile" else 1
+    times = median_time(step, runs if name == "kdfast" else max(3, runs // 2), warmup, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return times, torch.cuda.max_memory_allocated() - base
+    kdfast.empty_cache()  # measure a cold call: the recycled gradient buffer would hide the allocation
+    return times, peak_extra_bytes(step)
+
+
+def bench_case(divergence, N, V, dtype, device, runs, temperature, methods_filter, bw, nominal_bw=None):
     g = torch.Generator(device="cpu").manual_seed(0)
     s = (torch.randn(N, V, generator=g) * 2).to(device=device, dtype=dtype).requires_grad_()
     t = (torch.randn(N, V, generator=g) * 2).to(device=device, dtype=dtype)
+    case = {"divergence": divergence, "N": N, "V": V, "dtype": str(dtype).replace("torch.", "")}
+    moved = N * V * (2 * s.element_size() + t.element_size())
     records = []
+    first_value = None
     for name, fn in make_methods(divergence, temperature, device).items():
         if methods_filter and name not in methods_filter:
             continue
-        step = fwd_bwd(fn, s, t)
-        warmup = 2 if name == "compile" else 1
-        times = median_time(step, runs if name == "kdfast" else max(3, runs // 2), warmup, device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - base
-        else:
-            kdfast.empty_cache()  # measure a cold call: the recycled gradient buffer would hide the allocation
-            peak = peak_extra_bytes(step)
+        try:
+            value = float(fn(s, t).detach())
+            times, peak = _measure(fwd_bwd(fn, s, t), name, runs, device)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            records.append(dict(case, method=name, error="out of memory"))
+            continue
+        first_value = value if first_value is None else first_value
         med = statistics.median(times)
-        moved = N * V * (2 * s.element_size() + t.element_size())
-        records.append({
-            "divergence": divergence, "N": N, "V": V, "dtype": str(dtype).replace("torch.", ""), "method": name,
-            "median_s": med, "times_s": times, "peak_extra_bytes": peak,
-            "grad_bytes": N * V * s.element_size(),
-            "roofline_fraction": moved / med / bw,
-        })
+        records.append(dict(
+            case, method=name, median_s=med, times_s=times, peak_extra_bytes=peak,
+            grad_bytes=N * V * s.element_size(),
+            roofline_fraction=moved / med / bw,
+            nominal_roofline_fraction=moved / med / nominal_bw if nominal_bw else None,
+            # against the first method's value: a check that all methods compute the same loss
+            value=value, value_rel_diff=abs(value - first_value) / max(abs(first_value), 1e-30),
+        ))
     return records
 
 
+METHOD_ORDER = ["eager", "compile", "liger", "kdfast"]
+
+
 def print_table(records):
+    """One line per case: each method's time, kdfast's speed-up over each, its roofline fractions and memory."""
     by_case = {}
     for r in records:
         by_case.setdefault((r["divergence"], r["N"], r["V"], r["dtype"]), {})[r["method"]] = r
-    header = (f"{'divergence':16s} {'N x V':>14s} {'dtype':>9s} {'eager ms':>9s} {'compile ms':>10s} "
-              f"{'kdfast ms':>9s} {'vs eager':>8s} {'vs comp.':>8s} {'roofline':>8s} {'peak MB':>8s} {'grad MB':>8s}")
+    methods = [m for m in METHOD_ORDER if any(m in c for c in by_case.values())]
+    others = [m for m in methods if m != "kdfast"]
+    header = (f"{'divergence':16s} {'N x V':>14s} {'dtype':>9s} " + " ".join(f"{m + ' ms':>10s}" for m in methods)
+              + " " + " ".join(f"{'vs ' + m:>10s}" for m in others)
+              + f" {'roofline':>8s} {'nominal':>8s} {'peak MB':>8s} {'grad MB':>8s}")
     print(header)
     print("-" * len(header))
+    dash = f"{'-':>10s}"
     for (div, N, V, dt), m in by_case.items():
-        def ms(k):
-            return f"{m[k]['median_s'] * 1e3:9.1f}" if k in m else f"{'-':>9s}"
-        k = m.get("kdfast")
-        speed_e = f"{m['eager']['median_s'] / k['median_s']:7.1f}x" if k and "eager" in m else f"{'-':>8s}"
-        speed_c = f"{m['compile']['median_s'] / k['median_s']:7.1f}x" if k and "compile" in m else f"{'-':>8s}"
+        ok = {k: r for k, r in m.items() if "median_s" in r}
+        k = ok.get("kdfast")
+        cells = [f"{ok[x]['median_s'] * 1e3:10.2f}" if x in ok else (f"{'OOM':>10s}" if x in m else dash)
+                 for x in methods]
+        cells += [f"{ok[x]['median_s'] / k['median_s']:9.2f}x" if k and x in ok else dash for x in others]
         roof = f"{k['roofline_fraction'] * 100:7.0f}%" if k else f"{'-':>8s}"
+        nominal = (f"{k['nominal_roofline_fraction'] * 100:7.0f}%" if k and k["nominal_roofline_fraction"]
+                   else f"{'-':>8s}")
         peak = f"{k['peak_extra_bytes'] / 2**20:8.0f}" if k and k["peak_extra_bytes"] is not None else f"{'-':>8s}"
         grad = f"{k['grad_bytes'] / 2**20:8.0f}" if k else f"{'-':>8s}"
-        print(f"{div:16s} {f'{N} x {V}':>14s} {dt:>9s} {ms('eager')} {ms('compile'):>10s} {ms('kdfast')} "
-              f"{speed_e} {speed_c} {roof} {peak} {grad}")
+        print(f"{div:16s} {f'{N} x {V}':>14s} {dt:>9s} " + " ".join(cells) + f" {roof} {nominal} {peak} {grad}")
 
 
 def main(argv=None):
@@ -176,7 +236,7 @@ def main(argv=None):
     ap.add_argument("--divergences", nargs="*", default=None, help="default: all (kl only with --quick)")
     ap.add_argument("--shapes", nargs="*", default=None, help="NxV, e.g. 4096x32000")
     ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
-    ap.add_argument("--methods", nargs="*", default=None, help="subset of eager, compile, kdfast")
+    ap.add_argument("--methods", nargs="*", default=None, help=f"subset of {METHOD_ORDER}")
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>-<date>.json)")
@@ -188,7 +248,7 @@ def main(argv=None):
     if args.shapes:
         shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes]
     else:
-        shapes = [QUICK_SHAPE] if args.quick else FULL_SHAPES
+        shapes = [QUICK_SHAPE] if args.quick else FULL_SHAPES[device.type]
     divergences = args.divergences or (["kl"] if args.quick else list(DIVERGENCES))
     dtypes = [getattr(torch, d) for d in args.dtypes]
 
@@ -196,22 +256,27 @@ def main(argv=None):
     largest = max(N * V for N, V in shapes)
     bw = copy_bandwidth(largest, device)
     info["copy_bandwidth_GBps"] = bw / 1e9
+    nominal_bw = nominal_bandwidth(device)
+    info["nominal_bandwidth_GBps"] = nominal_bw / 1e9 if nominal_bw else None
     print(f"# {info['cpu']} | {info['logical_cpus']} logical CPUs | torch {info['torch']} | "
           f"{info['torch_threads']} threads | kdfast CPU capability {info['kdfast_cpu_capability']}"
           + (f" | GPU {info['gpu']}" if info["gpu"] else ""))
     print(f"# copy bandwidth (read+write, preallocated): {bw / 1e9:.1f} GB/s; medians of {args.runs} runs "
-          f"(eager/compile: {max(3, args.runs // 2)}); T = {args.temperature}")
+          f"(others: {max(3, args.runs // 2)}); T = {args.temperature}"
+          + (f"; nominal memory bandwidth {nominal_bw / 1e9:.0f} GB/s" if nominal_bw else ""))
 
     records = []
     for N, V in shapes:
         for dtype in dtypes:
             for div in divergences:
-                records += bench_case(div, N, V, dtype, device, args.runs, args.temperature, args.methods, bw)
+                records += bench_case(div, N, V, dtype, device, args.runs, args.temperature, args.methods, bw,
+                                      nominal_bw)
                 print(f"#   done {div} {N}x{V} {dtype}", file=sys.stderr, flush=True)
     print_table(records)
 
+    tag = args.device if device.type == "cpu" else torch.cuda.get_device_name().replace(" ", "-")
     out = Path(args.out) if args.out else (
-        Path(__file__).resolve().parent / "results" / f"{args.device}-{_dt.date.today().isoformat()}.json")
+        Path(__file__).resolve().parent / "results" / f"{tag}-{_dt.date.today().isoformat()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": "bench_losses", "machine": info, "temperature": args.temperature, "records": records}
     out.write_text(json.dumps(payload, indent=1))

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .._options import DIVERGENCES, REDUCTIONS, check_logits
-from . import row_kernel
+from . import interpreter_requested, row_kernel
 from .divergences import sums_g
 
 _WEIGHTINGS = ("none", "wttm", "entropy", "given")
@@ -23,7 +23,10 @@ _WEIGHTINGS = ("none", "wttm", "entropy", "given")
 
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return bool(triton.knobs.runtime.interpret)
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; older ones read the variable directly
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return interpreter_requested()
 
 
 # A small fixed list: tiles of 1k-8k entries with enough warps to keep each

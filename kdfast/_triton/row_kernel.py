@@ -12,6 +12,11 @@ V (256k included) runs with a fixed tile and bounded registers:
   C. the gradient with respect to the student logits, written once (kl adds
      its value here, so the KD case reads each row twice and writes it once).
 
+Each sweep runs in the opposite direction of the one before it, so that it
+starts on the tiles the previous sweep read last: on a GPU those are the ones
+most likely still in L2 when a row (2 x 256 KB for V = 128k in bf16) does
+not fit there whole.  (A design choice, not yet measured on a GPU.)
+
 The divergence is the compile-time policy ``DIV`` (``divergences.py``); the
 weighting and the hard-label term are per-row scalars folded into the gradient
 coefficients.  Tile sums are tree reductions in the accumulation dtype and
@@ -82,6 +87,16 @@ def _round_to(x, DTYPE: tl.constexpr):
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def _tile_start(i, V, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """Start of the i-th tile of a sweep.  Sweeps alternate direction: a sweep that
+    begins where the previous one ended reads the tiles likeliest to be still in L2."""
+    if REVERSE:
+        return (tl.cdiv(V, BLOCK) - 1 - i) * BLOCK
+    else:
+        return i * BLOCK
 
 
 @triton.jit
@@ -210,8 +225,8 @@ def distill_rows_kernel(
         renyi_max = tl.full([], neg_inf, ACC)
         if SUM_G:
             g_sum = tl.zeros([], tl.float64)
-        for start in range(0, V, BLOCK):
-            offs = start + cols
+        for i in range(0, tl.cdiv(V, BLOCK)):
+            offs = _tile_start(i, V, True, BLOCK) + cols
             p, q, logp, logq, _ = _log_probs(T_row, S_row, offs, offs < V, mt, ms, inv_tau, inv_tau_s,
                                              log_sum_t, log_sum_s, ACC)
             v = value_term(DIV, p, q, logp, logq, alpha, beta, skew, log_w_p, log_w_q)
@@ -242,8 +257,8 @@ def distill_rows_kernel(
         B = B64.to(ACC)
         C = c_hard.to(ACC)
         shift_s1 = (ms.to(tl.float64) + log_sum_s1).to(ACC)
-        for start in range(0, V, BLOCK):
-            offs = start + cols
+        for i in range(0, tl.cdiv(V, BLOCK)):
+            offs = _tile_start(i, V, DIV == "kl", BLOCK) + cols  # kl has no sweep B: reverse A's order
             mask = offs < V
             p, q, logp, logq, zs = _log_probs(T_row, S_row, offs, mask, mt, ms, inv_tau, inv_tau_s,
                                               log_sum_t, log_sum_s, ACC)
