@@ -16,6 +16,7 @@
 
 #include "kernels/kernel_api.h"
 #include "kernels/selftest.h"
+#include "op_common.h"
 
 namespace kdfast {
 namespace {
@@ -35,104 +36,6 @@ Weighting parse_weighting(const std::string& name) {
   TORCH_CHECK_VALUE(false, "unknown weighting '", name, "'");
 }
 
-DType to_dtype(const at::Tensor& t, const char* what) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::Float32;
-    case at::kBFloat16: return DType::BFloat16;
-    case at::kHalf: return DType::Float16;
-    case at::kDouble: return DType::Float64;
-    default: TORCH_CHECK_TYPE(false, what, " must be float32, bfloat16, float16 or float64, got ", t.scalar_type());
-  }
-}
-
-// (..., V) -> (N, V) with unit stride along V; keeps expanded (stride-0) rows as views.
-at::Tensor as_rows(const at::Tensor& t) {
-  const int64_t V = t.size(-1);
-  at::Tensor rows = t.dim() == 2 ? t : t.reshape({-1, V});
-  if (rows.stride(1) != 1 && V > 1) rows = rows.contiguous();
-  return rows;
-}
-
-// The gradient is the one large buffer the op writes.  A fresh multi-MB
-// allocation is paid twice on first touch: a page fault per page and the
-// kernel zeroing every page, together as long as the kernel itself on a
-// typical VM.  So large gradient buffers are (1) backed by transparent huge
-// pages and (2) recycled: when autograd frees one, it is kept (at most
-// kMaxCached of them) for the next call of a similar size, as a training loop
-// makes.  KDFAST_GRAD_CACHE=0 turns the recycling off; kdfast.empty_cache()
-// releases what is kept.
-class GradBufferCache {
- public:
-  static GradBufferCache& instance() {
-    static GradBufferCache* cache = new GradBufferCache();  // leaked: tensors may die after static dtors
-    return *cache;
-  }
-
-  at::Tensor empty(int64_t N, int64_t V, const at::TensorOptions& options) {
-    const size_t bytes = size_t(N) * size_t(V) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (bytes >= kMinBytes) {
-      size_t capacity = 0;
-      void* data = take(bytes, &capacity);
-      if (!data) {
-        capacity = (bytes + kHuge - 1) / kHuge * kHuge;
-        if (posix_memalign(&data, kHuge, capacity) != 0) data = nullptr;
-        if (data) madvise(data, capacity, MADV_HUGEPAGE);
-      }
-      if (data)
-        return at::from_blob(data, {N, V}, [capacity](void* p) { instance().give(p, capacity); }, options);
-    }
-#endif
-    return at::empty({N, V}, options);
-  }
-
-  void clear() {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (auto& entry : free_) std::free(entry.first);
-    free_.clear();
-  }
-
- private:
-  static constexpr size_t kHuge = size_t(2) << 20;
-  static constexpr size_t kMinBytes = 16 * kHuge;
-  static constexpr size_t kMaxCached = 2;
-
-  GradBufferCache() {
-    const char* env = std::getenv("KDFAST_GRAD_CACHE");
-    enabled_ = !(env && std::string(env) == "0");
-  }
-
-  // The smallest cached buffer that fits without wasting more than half of it.
-  void* take(size_t bytes, size_t* capacity) {
-    std::lock_guard<std::mutex> lock(mu_);
-    size_t best = free_.size();
-    for (size_t i = 0; i < free_.size(); ++i)
-      if (free_[i].second >= bytes && free_[i].second <= 2 * bytes &&
-          (best == free_.size() || free_[i].second < free_[best].second))
-        best = i;
-    if (best == free_.size()) return nullptr;
-    void* p = free_[best].first;
-    *capacity = free_[best].second;
-    free_.erase(free_.begin() + best);
-    return p;
-  }
-
-  void give(void* p, size_t capacity) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (enabled_ && free_.size() < kMaxCached) {
-        free_.emplace_back(p, capacity);
-        return;
-      }
-    }
-    std::free(p);
-  }
-
-  std::mutex mu_;
-  bool enabled_ = true;
-  std::vector<std::pair<void*, size_t>> free_;
-};
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> distill_forward_cpu(
@@ -140,16 +43,7 @@ std::tuple<at::Tensor, at::Tensor> distill_forward_cpu(
     const c10::optional<at::Tensor>& weights, c10::string_view divergence, double tau, double tau_s, double alpha,
     double beta, double skew, c10::string_view weighting, int64_t ignore_index, double hard_weight, double soft_coef,
     c10::string_view reduction, c10::optional<double> normalizer, bool compute_grad) {
-  TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), "student_logits shape ", student.sizes(),
-                    " does not match teacher_logits shape ", teacher.sizes());
-  TORCH_CHECK_VALUE(student.dim() >= 1 && student.size(-1) >= 1, "logits need a non-empty last (vocabulary) dim, got ",
-                    student.sizes());
-  TORCH_CHECK_VALUE(student.device().is_cpu() && teacher.device().is_cpu(), "the cpu backend takes CPU tensors, got ",
-                    student.device(), " and ", teacher.device());
-  DType st = to_dtype(student, "student_logits"), tt = to_dtype(teacher, "teacher_logits");
-  TORCH_CHECK_TYPE((st == DType::Float64) == (tt == DType::Float64),
-                   "float64 logits must be paired with float64, got ", student.scalar_type(), " and ",
-                   teacher.scalar_type());
+  const auto [st, tt] = check_logits_pair(student, teacher);
   TORCH_CHECK_VALUE(tau > 0 && tau_s > 0, "temperatures must be > 0, got ", tau, " and ", tau_s);
 
   DistillParams prm;
@@ -215,14 +109,7 @@ std::tuple<at::Tensor, at::Tensor> distill_forward_cpu(
   std::vector<int32_t> row_status(N, 0);
 
   DistillBatch b;
-  b.rows = N;
-  b.vocab = V;
-  b.teacher = t2.data_ptr();
-  b.student = s2.data_ptr();
-  b.teacher_row_stride = t2.stride(0);
-  b.student_row_stride = s2.stride(0);
-  b.teacher_dtype = tt;
-  b.student_dtype = st;
+  set_logits(b, s2, t2, st, tt);
   b.labels = labels64.defined() ? labels64.data_ptr<int64_t>() : nullptr;
   b.ignore_index = ignore_index;
   b.weights = weights64.defined() ? weights64.data_ptr<double>() : nullptr;
@@ -235,13 +122,7 @@ std::tuple<at::Tensor, at::Tensor> distill_forward_cpu(
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { distill_rows(prm, b, begin, end); });
 
-  for (int64_t i = 0; i < N; ++i) {
-    TORCH_CHECK(row_status[i] >= 0, "kdfast: internal error in row ", i, " (out of memory or unsupported dtypes)");
-    TORCH_CHECK_VALUE(row_status[i] != kTeacherAllNegInf, "teacher_logits row ", i,
-                      " is all -inf: the teacher distribution is undefined");
-    TORCH_CHECK_VALUE(row_status[i] != kStudentAllNegInf, "student_logits row ", i,
-                      " is all -inf: the student distribution is undefined");
-  }
+  check_row_status(row_status);
 
   at::Tensor loss;
   if (red == "none") {

@@ -10,8 +10,9 @@ pure-PyTorch reference in :mod:`kdfast.reference`.
 from ._extension import cpu_extension_available
 from ._options import DIVERGENCES, REDUCTIONS, WEIGHTINGS
 from .backends import available_backends
+from .correlation_losses import correlation_loss, dist_loss, dkd_loss
 from .losses import distill_loss, kd_loss, ttm_loss, wttm_loss
-from .modules import DistillLoss, KDLoss, TTMLoss, WTTMLoss
+from .modules import CorrelationLoss, DISTLoss, DistillLoss, DKDLoss, KDLoss, TTMLoss, WTTMLoss
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,9 @@ def empty_cache() -> None:
 
 
 __all__ = [
+    "CorrelationLoss",
+    "DISTLoss",
+    "DKDLoss",
     "DIVERGENCES",
     "REDUCTIONS",
     "WEIGHTINGS",
@@ -41,8 +45,11 @@ __all__ = [
     "WTTMLoss",
     "available_backends",
     "cpu_capability",
+    "correlation_loss",
     "cpu_extension_available",
+    "dist_loss",
     "distill_loss",
+    "dkd_loss",
     "empty_cache",
     "kd_loss",
     "ttm_loss",

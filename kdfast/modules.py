@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import losses
+from . import correlation_losses, losses
 from ._options import resolve_divergence
 
 
@@ -50,3 +50,35 @@ class WTTMLoss(DistillLoss):
     """Weighted TTM, :func:`kdfast.wttm_loss`."""
 
     _fn = staticmethod(losses.wttm_loss)
+
+
+class _OptionsModule(nn.Module):
+    """A loss function with fixed keyword options, as a module (``extra_repr`` shows them)."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if not isinstance(v, torch.Tensor))
+
+
+class DISTLoss(_OptionsModule):
+    """DIST, :func:`kdfast.dist_loss`: ``DISTLoss(temperature=4.0, beta=1.0, gamma=1.0)(student, teacher)``."""
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return correlation_losses.dist_loss(student_logits, teacher_logits, **self.options)
+
+
+class CorrelationLoss(_OptionsModule):
+    """Pearson + Spearman matching, :func:`kdfast.correlation_loss`."""
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return correlation_losses.correlation_loss(student_logits, teacher_logits, **self.options)
+
+
+class DKDLoss(_OptionsModule):
+    """Decoupled KD, :func:`kdfast.dkd_loss`: ``DKDLoss(temperature=4.0, alpha=1.0, beta=8.0)(s, t, labels)``."""
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return correlation_losses.dkd_loss(student_logits, teacher_logits, labels, **self.options)

@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "dist_api.h"
 #include "kernel_api.h"
 
 namespace kdfast {
@@ -64,5 +65,21 @@ void distill_rows(const DistillParams& prm, const DistillBatch& b, int64_t begin
     default: return cpu_default::distill_rows(prm, b, begin, end);
   }
 }
+
+// The DIST stages: float64 always takes the baseline (its only double path).
+#define KDFAST_DIST_DISPATCH(stage)                                                           \
+  void stage(const DistParams& p, const DistBatch& b, int64_t begin, int64_t end) {          \
+    if (b.teacher_dtype == DType::Float64 || b.student_dtype == DType::Float64)               \
+      return cpu_default::stage(p, b, begin, end);                                            \
+    switch (active_cpu_capability()) {                                                        \
+      case CpuCapability::AVX512: return avx512::stage(p, b, begin, end);                     \
+      case CpuCapability::AVX2: return avx2::stage(p, b, begin, end);                         \
+      default: return cpu_default::stage(p, b, begin, end);                                   \
+    }                                                                                         \
+  }
+KDFAST_DIST_DISPATCH(dist_row_stats)
+KDFAST_DIST_DISPATCH(dist_column_stats)
+KDFAST_DIST_DISPATCH(dist_grad_rows)
+#undef KDFAST_DIST_DISPATCH
 
 }  // namespace kdfast

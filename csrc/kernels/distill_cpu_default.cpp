@@ -1,6 +1,8 @@
 // Baseline capability: scalar lanes; also the float64 path (gradcheck).
 #define KDFAST_CPU_CAPABILITY cpu_default
+#define KDFAST_DIST_BASELINE 1
 #include "distill_rows_impl.h"
+#include "dist_entry.h"
 
 namespace kdfast {
 namespace cpu_default {

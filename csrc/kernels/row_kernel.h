@@ -14,6 +14,8 @@
 // hard-label term are per-row scalars folded into the gradient coefficients.
 #pragma once
 
+#include <cstdlib>
+
 #include "convert.h"
 #include "divergences.h"
 #include "kernel_api.h"
@@ -50,6 +52,23 @@ inline void sweep(int64_t n, Body&& body, Flush&& flush) {
   }
 }
 inline void no_flush() {}
+
+// Calls f(i, scratch_a, scratch_b) for the rows [begin, end) with two scratch
+// rows of padded length V: one pair per call (= per thread chunk), so
+// O(threads * V) memory, never O(N * V).  Out of memory marks the rows -1.
+template <class V, class F>
+inline void rows_with_scratch(int64_t vocab, int32_t* row_status, int64_t begin, int64_t end, F&& f) {
+  using S = typename V::value_type;
+  const int64_t padded = (vocab + V::size - 1) / V::size * V::size;
+  const size_t bytes = ((2 * padded * sizeof(S)) + 63) / 64 * 64;
+  S* scratch = static_cast<S*>(std::aligned_alloc(64, bytes));
+  if (!scratch) {
+    for (int64_t i = begin; i < end; ++i) row_status[i] = -1;
+    return;
+  }
+  for (int64_t i = begin; i < end; ++i) f(i, scratch, scratch + padded);
+  std::free(scratch);
+}
 
 inline DivConsts make_div_consts(const DistillParams& p) {
   DivConsts c;

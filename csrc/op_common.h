@@ -1,0 +1,159 @@
+// What the CPU ops (distill_op.cpp, dist_op.cpp) share: dtype and layout
+// helpers and the cache of large gradient buffers.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "kernels/kernel_api.h"
+
+namespace kdfast {
+
+inline DType to_dtype(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::Float32;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kHalf: return DType::Float16;
+    case at::kDouble: return DType::Float64;
+    default: TORCH_CHECK_TYPE(false, what, " must be float32, bfloat16, float16 or float64, got ", t.scalar_type());
+  }
+}
+
+// (..., V) -> (N, V) with unit stride along V; keeps expanded (stride-0) rows as views.
+inline at::Tensor as_rows(const at::Tensor& t) {
+  const int64_t V = t.size(-1);
+  at::Tensor rows = t.dim() == 2 ? t : t.reshape({-1, V});
+  if (rows.stride(1) != 1 && V > 1) rows = rows.contiguous();
+  return rows;
+}
+
+// The gradient is the one large buffer the op writes.  A fresh multi-MB
+// allocation is paid twice on first touch: a page fault per page and the
+// kernel zeroing every page, together as long as the kernel itself on a
+// typical VM.  So large gradient buffers are (1) backed by transparent huge
+// pages and (2) recycled: when autograd frees one, it is kept (at most
+// kMaxCached of them) for the next call of a similar size, as a training loop
+// makes.  KDFAST_GRAD_CACHE=0 turns the recycling off; kdfast.empty_cache()
+// releases what is kept.
+class GradBufferCache {
+ public:
+  static GradBufferCache& instance() {
+    static GradBufferCache* cache = new GradBufferCache();  // leaked: tensors may die after static dtors
+    return *cache;
+  }
+
+  at::Tensor empty(int64_t N, int64_t V, const at::TensorOptions& options) {
+    const size_t bytes = size_t(N) * size_t(V) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (bytes >= kMinBytes) {
+      size_t capacity = 0;
+      void* data = take(bytes, &capacity);
+      if (!data) {
+        capacity = (bytes + kHuge - 1) / kHuge * kHuge;
+        if (posix_memalign(&data, kHuge, capacity) != 0) data = nullptr;
+        if (data) madvise(data, capacity, MADV_HUGEPAGE);
+      }
+      if (data)
+        return at::from_blob(data, {N, V}, [capacity](void* p) { instance().give(p, capacity); }, options);
+    }
+#endif
+    return at::empty({N, V}, options);
+  }
+
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& entry : free_) std::free(entry.first);
+    free_.clear();
+  }
+
+ private:
+  static constexpr size_t kHuge = size_t(2) << 20;
+  static constexpr size_t kMinBytes = 16 * kHuge;
+  static constexpr size_t kMaxCached = 2;
+
+  GradBufferCache() {
+    const char* env = std::getenv("KDFAST_GRAD_CACHE");
+    enabled_ = !(env && std::string(env) == "0");
+  }
+
+  // The smallest cached buffer that fits without wasting more than half of it.
+  void* take(size_t bytes, size_t* capacity) {
+    std::lock_guard<std::mutex> lock(mu_);
+    size_t best = free_.size();
+    for (size_t i = 0; i < free_.size(); ++i)
+      if (free_[i].second >= bytes && free_[i].second <= 2 * bytes &&
+          (best == free_.size() || free_[i].second < free_[best].second))
+        best = i;
+    if (best == free_.size()) return nullptr;
+    void* p = free_[best].first;
+    *capacity = free_[best].second;
+    free_.erase(free_.begin() + best);
+    return p;
+  }
+
+  void give(void* p, size_t capacity) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (enabled_ && free_.size() < kMaxCached) {
+        free_.emplace_back(p, capacity);
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+  std::mutex mu_;
+  bool enabled_ = true;
+  std::vector<std::pair<void*, size_t>> free_;
+};
+
+
+// Shapes, devices and dtypes of a (student, teacher) logits pair; returns their dtypes.
+inline std::pair<DType, DType> check_logits_pair(const at::Tensor& student, const at::Tensor& teacher) {
+  TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), "student_logits shape ", student.sizes(),
+                    " does not match teacher_logits shape ", teacher.sizes());
+  TORCH_CHECK_VALUE(student.dim() >= 1 && student.size(-1) >= 1, "logits need a non-empty last (vocabulary) dim, got ",
+                    student.sizes());
+  TORCH_CHECK_VALUE(student.device().is_cpu() && teacher.device().is_cpu(), "the cpu backend takes CPU tensors, got ",
+                    student.device(), " and ", teacher.device());
+  const DType st = to_dtype(student, "student_logits"), tt = to_dtype(teacher, "teacher_logits");
+  TORCH_CHECK_TYPE((st == DType::Float64) == (tt == DType::Float64),
+                   "float64 logits must be paired with float64, got ", student.scalar_type(), " and ",
+                   teacher.scalar_type());
+  return {st, tt};
+}
+
+// The logits fields every batch struct of the kernels has (DistillBatch, DistBatch).
+template <class Batch>
+void set_logits(Batch& b, const at::Tensor& student_rows, const at::Tensor& teacher_rows, DType st, DType tt) {
+  b.rows = student_rows.size(0);
+  b.vocab = student_rows.size(1);
+  b.teacher = teacher_rows.data_ptr();
+  b.student = student_rows.data_ptr();
+  b.teacher_row_stride = teacher_rows.stride(0);
+  b.student_row_stride = student_rows.stride(0);
+  b.teacher_dtype = tt;
+  b.student_dtype = st;
+}
+
+// The spec's errors for the rows a kernel refused (RowStatus codes).
+inline void check_row_status(const std::vector<int32_t>& status) {
+  for (size_t i = 0; i < status.size(); ++i) {
+    TORCH_CHECK(status[i] >= 0, "kdfast: internal error in row ", i, " (out of memory or unsupported dtypes)");
+    TORCH_CHECK_VALUE(status[i] != kTeacherAllNegInf, "teacher_logits row ", i,
+                      " is all -inf: the teacher distribution is undefined");
+    TORCH_CHECK_VALUE(status[i] != kStudentAllNegInf, "student_logits row ", i,
+                      " is all -inf: the student distribution is undefined");
+  }
+}
+
+}  // namespace kdfast

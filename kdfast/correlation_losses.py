@@ -1,0 +1,144 @@
+"""The losses that are not a plain per-row divergence: DIST, Pearson + Spearman matching, DKD.
+
+Each function validates its arguments here (the spec's ValueError / TypeError
+messages) and runs the fused kernel of the tensors' device when one exists
+for it, else the reference (``reference_correlation``, ``reference_dkd``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Optional, Union
+
+import torch
+
+from ._extension import cpu_extension_available
+from ._options import _finite_float, _check_row_tensor, check_logits
+from .reference import _check_labels, _check_rows_defined, entropy_weight
+from .reference_correlation import correlation_loss_reference, dist_loss_reference
+from .reference_dkd import dkd_loss_reference
+
+
+def _positive(name: str, value) -> float:
+    x = _finite_float(name, value)
+    if x <= 0:
+        raise ValueError(f"{name} must be > 0, got {name}={value}")
+    return x
+
+
+def _kernels(loss: str) -> Dict[str, Callable]:
+    """The fused kernels that exist for a loss, by backend name."""
+    kernels: Dict[str, Callable] = {}
+    if loss == "dist" and cpu_extension_available():
+        from ._cpu_correlation_op import dist_loss_cpu
+
+        kernels["cpu"] = dist_loss_cpu
+    return kernels
+
+
+def _pick(loss: str, backend: str, device: torch.device, reference: Callable) -> Callable:
+    """The implementation that runs: ``backend`` as in ``distill_loss`` ("auto", "torch", "cpu", "triton")."""
+    if backend == "auto":
+        backend = os.environ.get("KDFAST_BACKEND", "auto") or "auto"
+    kernels = _kernels(loss)
+    if backend == "auto":
+        fused = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
+        return kernels.get(fused, reference)
+    if backend == "torch":
+        return reference
+    if backend not in ("cpu", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch', 'cpu' or 'triton', got {backend!r}")
+    if backend not in kernels:
+        raise RuntimeError(f"{loss}_loss has no {backend!r} kernel here (available: "
+                           f"{['torch'] + sorted(kernels)})")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend 'cpu' takes CPU tensors, got tensors on {device}")
+    return kernels[backend]
+
+
+def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+              beta: float = 1.0, gamma: float = 1.0, *, backend: str = "auto") -> torch.Tensor:
+    """DIST (Huang et al., NeurIPS 2022): ``tau^2 (beta * inter + gamma * intra)``.
+
+    ``inter = 1 - mean_i pearson(y_s[i], y_t[i])`` over rows (the classes of one
+    sample), ``intra = 1 - mean_j pearson(y_s[:, j], y_t[:, j])`` over columns
+    (one class across the batch), ``y = softmax(logits / tau)``; Pearson as
+    torchdistill's ``DISTLoss`` (eps = 1e-8 clamps each centred norm).  Leading
+    dims are flattened into N rows.  With N = 1 the intra term is the constant
+    ``gamma tau^2`` (a single sample has no batch relation to match).
+
+    Returns a float32 scalar (float64 for float64 inputs); only the student gets a gradient.
+    """
+    check_logits(student_logits, teacher_logits)
+    tau = _positive("temperature", temperature)
+    beta, gamma = _finite_float("beta", beta), _finite_float("gamma", gamma)
+    impl = _pick("dist", backend, student_logits.device, dist_loss_reference)
+    return impl(student_logits, teacher_logits, tau, beta, gamma)
+
+
+def correlation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                     pearson_weight: float = 1.0, spearman_weight: float = 1.0, rank_strength: float = 1.0,
+                     weighting: Union[None, str, torch.Tensor] = None, *, backend: str = "auto") -> torch.Tensor:
+    """Pearson + Spearman correlation matching (CMKD), averaged over rows.
+
+    Per row: ``rho_P`` = Pearson of the softmaxes at ``temperature``;
+    ``rho_S`` = Pearson of the teacher's exact ranks (ties averaged) and the
+    student's soft ranks ``1 + sum_k sigmoid((x_j - x_k) / rank_strength)``,
+    ``x = z_s / temperature`` (exact as rank_strength -> 0).  The loss is
+    ``mean_i [pearson_weight w_i (1 - rho_P) + spearman_weight (1 - w_i) (1 - rho_S)]``
+    where ``w_i`` is the row's weighting: ``"entropy"`` (``1 - H(p1)/log V``:
+    confident teachers are matched on values, uncertain ones on ranks), a
+    tensor of N values in [0, 1], or None (both terms in full: ``w_i (1 - ...)``
+    and ``(1 - w_i)(1 - ...)`` are both replaced by ``(1 - ...)``).
+
+    Cost: the soft ranks are pairwise, O(V^2) time per row; V above
+    ``reference_correlation.MAX_RANK_VOCAB`` (4096) is a ValueError (classification
+    heads, not LLM vocabularies).
+    """
+    check_logits(student_logits, teacher_logits)
+    tau = _positive("temperature", temperature)
+    strength = _positive("rank_strength", rank_strength)
+    pw, sw = _finite_float("pearson_weight", pearson_weight), _finite_float("spearman_weight", spearman_weight)
+    weights = None
+    if isinstance(weighting, torch.Tensor):
+        _check_row_tensor("weighting", weighting, student_logits)
+        weights = weighting.detach()
+        if not torch.compiler.is_compiling() and bool(((weights < 0) | (weights > 1)).any()):
+            raise ValueError("weighting tensor values must lie in [0, 1]")
+    elif weighting == "entropy":
+        V = teacher_logits.shape[-1]
+        weights = entropy_weight(teacher_logits.detach().reshape(-1, V).float())
+    elif weighting is not None:
+        raise ValueError(f"weighting must be None, 'entropy' or a tensor of row weights in [0, 1], got {weighting!r}")
+    impl = _pick("correlation", backend, student_logits.device, correlation_loss_reference)
+    return impl(student_logits, teacher_logits, tau, pw, sw, strength, weights)
+
+
+def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+             temperature: float = 4.0, alpha: float = 1.0, beta: float = 8.0, *, ignore_index: int = -100,
+             backend: str = "auto") -> torch.Tensor:
+    """Decoupled KD (Zhao et al., CVPR 2022) as mdistiller's ``dkd_loss``, numerically safe.
+
+    ``T^2 (alpha * TCKD + beta * NCKD)`` summed over rows and divided by the
+    number of rows whose label is not ``ignore_index``.  TCKD is the KL of the
+    binary (target, rest) distributions, NCKD the KL of the distributions over
+    the non-target classes (see ``kdfast.reference_dkd`` for the safe forms).
+    Needs V >= 2; V = 2 gives NCKD = 0.
+    """
+    check_logits(student_logits, teacher_logits)
+    V = student_logits.shape[-1]
+    if V < 2:
+        raise ValueError(f"dkd_loss needs at least 2 classes (target and non-target), got V = {V}")
+    tau = _positive("temperature", temperature)
+    alpha, beta = _finite_float("alpha", alpha), _finite_float("beta", beta)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    _check_row_tensor("labels", labels, student_logits)
+    flat = labels.reshape(-1).long()
+    valid = flat != ignore_index
+    _check_labels(flat, valid, V, ignore_index)
+    _check_rows_defined(teacher_logits.detach().reshape(-1, V), student_logits.detach().reshape(-1, V), valid)
+    impl = _pick("dkd", backend, student_logits.device, dkd_loss_reference)
+    return impl(student_logits, teacher_logits, labels, tau, alpha, beta, int(ignore_index))

@@ -1,0 +1,298 @@
+"""DIST, Pearson + Spearman matching and DKD: references against the published definitions,
+fused kernels against the references."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdfast
+from kdfast.reference_correlation import (correlation_loss_reference, dist_loss_reference, exact_ranks, pearson,
+                                          soft_ranks)
+from kdfast.reference_dkd import dkd_loss_reference
+from conftest import KERNELS, kernel_backend, logits
+
+CPU_KERNELS = [k for k in KERNELS if k.startswith("cpu-")]
+cpu_kernels = pytest.mark.parametrize("kernel", CPU_KERNELS or [pytest.param(
+    "none", marks=pytest.mark.skip(reason="the C++ extension is not built"))])
+
+
+# ---------------------------------------------------------------- published definitions, ported
+def torchdistill_dist(student_logits, teacher_logits, beta=1.0, gamma=1.0, tau=1.0, eps=1e-8):
+    """torchdistill ``DISTLoss.forward`` (losses/mid_level.py), transcribed."""
+    def pearson_correlation(y_s, y_t):
+        return F.cosine_similarity(y_s - y_s.mean(1).unsqueeze(1), y_t - y_t.mean(1).unsqueeze(1), eps=eps)
+
+    def inter_class_relation(y_s, y_t):
+        return 1 - pearson_correlation(y_s, y_t).mean()
+
+    y_s = (student_logits / tau).softmax(dim=1)
+    y_t = (teacher_logits / tau).softmax(dim=1)
+    inter = tau**2 * inter_class_relation(y_s, y_t)
+    intra = tau**2 * inter_class_relation(y_s.transpose(0, 1), y_t.transpose(0, 1))
+    return beta * inter + gamma * intra
+
+
+def mdistiller_dkd(logits_student, logits_teacher, target, alpha, beta, temperature):
+    """mdistiller ``dkd_loss`` (mdistiller/distillers/DKD.py), transcribed."""
+    gt_mask = torch.zeros_like(logits_student).scatter_(1, target.unsqueeze(1), 1).bool()
+    other_mask = torch.ones_like(logits_student).scatter_(1, target.unsqueeze(1), 0).bool()
+    pred_student = F.softmax(logits_student / temperature, dim=1)
+    pred_teacher = F.softmax(logits_teacher / temperature, dim=1)
+
+    def cat_mask(t, mask1, mask2):
+        return torch.cat([(t * mask1).sum(dim=1, keepdims=True), (t * mask2).sum(1, keepdims=True)], dim=1)
+
+    pred_student = cat_mask(pred_student, gt_mask, other_mask)
+    pred_teacher = cat_mask(pred_teacher, gt_mask, other_mask)
+    log_pred_student = torch.log(pred_student)
+    tckd = F.kl_div(log_pred_student, pred_teacher, reduction="sum") * temperature**2 / target.shape[0]
+    pred_teacher_part2 = F.softmax(logits_teacher / temperature - 1000.0 * gt_mask, dim=1)
+    log_pred_student_part2 = F.log_softmax(logits_student / temperature - 1000.0 * gt_mask, dim=1)
+    nckd = F.kl_div(log_pred_student_part2, pred_teacher_part2, reduction="sum") * temperature**2 / target.shape[0]
+    return alpha * tckd + beta * nckd
+
+
+# ---------------------------------------------------------------- DIST reference
+@pytest.mark.parametrize("N,V", [(6, 10), (1, 5), (40, 3)])
+def test_dist_reference_is_torchdistill(N, V):
+    s, t = logits((N, V), torch.float64, seed=1), logits((N, V), torch.float64, seed=2)
+    got = dist_loss_reference(s, t, temperature=2.0, beta=0.7, gamma=1.3)
+    torch.testing.assert_close(got, torchdistill_dist(s, t, beta=0.7, gamma=1.3, tau=2.0), rtol=1e-14, atol=1e-14)
+
+
+def test_dist_reference_matches_installed_torchdistill():
+    mid_level = pytest.importorskip("torchdistill.losses.mid_level", reason="torchdistill is not installed "
+                                    "(pip install --no-deps torchdistill)")
+    s, t = logits((16, 100), torch.float64, seed=3), logits((16, 100), torch.float64, seed=4)
+    loss = mid_level.DISTLoss("s", "out", "t", "out", beta=2.0, gamma=0.5, tau=4.0)
+    expected = loss({"s": {"out": s}}, {"t": {"out": t}})
+    torch.testing.assert_close(dist_loss_reference(s, t, 4.0, 2.0, 0.5), expected, rtol=1e-14, atol=1e-14)
+
+
+def test_dist_reference_gradcheck():
+    s = logits((4, 7), torch.float64, seed=1).requires_grad_()
+    t = logits((4, 7), torch.float64, seed=2)
+    assert torch.autograd.gradcheck(lambda x: dist_loss_reference(x, t, 1.5, 0.8, 1.2), (s,))
+
+
+def test_dist_of_a_batch_of_one_has_a_constant_intra_term():
+    s, t = logits((1, 9), torch.float64, seed=1), logits((1, 9), torch.float64, seed=2)
+    intra_only = dist_loss_reference(s.requires_grad_(), t, temperature=3.0, beta=0.0, gamma=1.0)
+    assert float(intra_only) == pytest.approx(9.0)
+    (grad,) = torch.autograd.grad(intra_only, s)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_pearson_of_a_constant_vector_is_zero_not_nan():
+    assert float(pearson(torch.ones(5), torch.arange(5.0))) == 0.0
+
+
+# ---------------------------------------------------------------- DIST fused CPU kernel
+DIST_SHAPES = [(5, 1029), (1, 7), (33, 300), (3, 1), (3, 256), (7, 513)]
+
+
+def _dist_loss_and_grad(s, t, backend, **kw):
+    x = s.detach().clone().requires_grad_()
+    loss = kdfast.dist_loss(x, t, backend=backend, **kw)
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss.detach(), grad
+
+
+def assert_dist_matches(s, t, kernel, **kw):
+    with kernel_backend(kernel) as backend:
+        loss, grad = _dist_loss_and_grad(s, t, backend, **kw)
+    ref_loss, ref_grad = _dist_loss_and_grad(s.double(), t.double(), "torch", **kw)
+    f64 = s.dtype == torch.float64
+    # float32 accumulation: 1e-5 relative on the value; the gradient within 1e-5 of its largest
+    # entry (bf16/fp16: one rounding of the stored gradient, 2^-8 / 2^-11, on top)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-12 if f64 else 1e-5, atol=1e-12 if f64 else 1e-6)
+    assert grad.dtype == s.dtype
+    scale = float(ref_grad.abs().max()) or 1.0
+    rtol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}[s.dtype]
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=(1e-12 if f64 else 1e-5) * scale)
+
+
+@cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("N,V", DIST_SHAPES, ids=str)
+def test_dist_cpu_matches_reference(N, V, dtype, kernel):
+    s, t = logits((N, V), dtype, seed=N + V), logits((N, V), dtype, seed=N + V + 1)
+    assert_dist_matches(s, t, kernel, temperature=2.0, beta=0.7, gamma=1.3)
+
+
+@cpu_kernels
+def test_dist_cpu_two_rows(kernel):
+    """With two rows every column Pearson is +-1 and its gradient is 0 in exact arithmetic: a
+    cancellation of two terms of size tau^2 gamma / (V |c_j|), large where the two students are
+    close in a column.  Allowed: 10x the float32 reference's own error, or 1e-5 of the largest
+    gradient entry, whichever is larger."""
+    for seed in (7, 263):
+        s, t = logits((2, 256), seed=seed), logits((2, 256), seed=seed + 1)
+        with kernel_backend(kernel) as backend:
+            _, grad = _dist_loss_and_grad(s, t, backend, temperature=2.0)
+        _, ref = _dist_loss_and_grad(s.double(), t.double(), "torch", temperature=2.0)
+        _, ref32 = _dist_loss_and_grad(s, t, "torch", temperature=2.0)
+        allowed = max(10 * float((ref32.double() - ref).abs().max()), 1e-5 * float(ref.abs().max()))
+        assert float((grad.double() - ref).abs().max()) <= allowed
+
+
+@cpu_kernels
+def test_dist_cpu_edge_inputs(kernel):
+    s, t = logits((6, 300), seed=1), logits((6, 300), seed=2)
+    s[:, 290:] = t[:, 290:] = float("-inf")       # masked classes: probability 0, still classes
+    s[1] = 0.0                                     # a constant (uniform) student row
+    t[2] = t[3]                                    # repeated teacher rows
+    assert_dist_matches(s, t, kernel, temperature=4.0)
+    big = (torch.randint(0, 2, (4, 37), generator=torch.Generator().manual_seed(0)) * 2 - 1).float() * 1e4
+    assert_dist_matches(big, big.flip(0) + logits((4, 37), seed=3), kernel)
+    base_s, base_t = logits((5, 2, 70), seed=4), logits((5, 2, 70), seed=5)
+    assert_dist_matches(base_s[:, 0, ::2], base_t[:, 1, ::2], kernel)   # non-contiguous
+    assert_dist_matches(base_s, base_t, kernel)                        # 3-d: 10 rows
+
+
+@cpu_kernels
+def test_dist_cpu_is_deterministic_across_thread_counts(kernel):
+    s, t = logits((37, 1000), seed=1), logits((37, 1000), seed=2)
+    with kernel_backend(kernel) as backend:
+        first = _dist_loss_and_grad(s, t, backend, temperature=2.0)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            single = _dist_loss_and_grad(s, t, backend, temperature=2.0)
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(first[0], single[0]) and torch.equal(first[1], single[1])
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if CPU_KERNELS else []))
+def test_dist_errors(backend):
+    s, t = logits((3, 8), seed=1), logits((3, 8), seed=2)
+    with pytest.raises(ValueError, match="temperature"):
+        kdfast.dist_loss(s, t, temperature=0.0, backend=backend)
+    with pytest.raises(ValueError, match=r"\(3, 8\).*\(3, 9\)"):
+        kdfast.dist_loss(s, logits((3, 9)), backend=backend)
+    with pytest.raises(TypeError, match="float32"):
+        kdfast.dist_loss(s.long(), t, backend=backend)
+    if backend == "cpu":
+        t[1] = float("-inf")
+        with pytest.raises(ValueError, match="teacher_logits row 1 is all -inf"):
+            kdfast.dist_loss(s, t, backend=backend)
+
+
+@pytest.mark.skipif(not CPU_KERNELS, reason="the C++ extension is not built")
+def test_dist_op_registration_and_fullgraph_compile():
+    s = logits((3, 20), seed=1).requires_grad_()
+    torch.library.opcheck(torch.ops.kdfast.dist_forward.default, (s, logits((3, 20), seed=2), 2.0, 1.0, 1.0, True))
+    torch._dynamo.reset()
+    step = torch.compile(lambda x, y: kdfast.dist_loss(x, y, 2.0), fullgraph=True, backend="aot_eager")
+    a, b = s.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+    t = logits((3, 20), seed=2)
+    step(a, t).backward()
+    kdfast.dist_loss(b, t, 2.0).backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+# ---------------------------------------------------------------- DKD
+@pytest.mark.parametrize("N,V", [(8, 10), (3, 2), (16, 100)])
+def test_dkd_reference_is_mdistiller(N, V):
+    s, t = logits((N, V), torch.float64, seed=1), logits((N, V), torch.float64, seed=2)
+    y = torch.arange(N) % V
+    got = dkd_loss_reference(s, t, y, temperature=4.0, alpha=1.0, beta=8.0)
+    torch.testing.assert_close(got, mdistiller_dkd(s, t, y, 1.0, 8.0, 4.0), rtol=1e-12, atol=1e-12)
+
+
+def test_dkd_reference_gradcheck():
+    s = logits((5, 6), torch.float64, seed=1).requires_grad_()
+    t = logits((5, 6), torch.float64, seed=2)
+    y = torch.tensor([0, 5, -100, 2, 3])
+    assert torch.autograd.gradcheck(lambda x: dkd_loss_reference(x, t, y, 2.0, 0.7, 3.0), (s,))
+
+
+def test_dkd_is_safe_where_mdistiller_is_not():
+    """A teacher certain of the target (its other classes masked), and logit gaps beyond mdistiller's -1000 mask."""
+    s = logits((3, 5), torch.float64, seed=1)
+    t = torch.full((3, 5), -math.inf, dtype=torch.float64)
+    y = torch.tensor([0, 3, 4])
+    t[torch.arange(3), y] = 1.0
+    x = s.clone().requires_grad_()
+    loss = kdfast.dkd_loss(x, t, y)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    # with p_t = 1: TCKD = -log q_t, NCKD = 0 (no teacher mass outside the target)
+    expected = 16.0 * -torch.log_softmax(s / 4.0, -1)[torch.arange(3), y].sum() / 3
+    torch.testing.assert_close(loss, expected)
+    huge = logits((2, 4), torch.float64, seed=2) * 1e4
+    assert torch.isfinite(kdfast.dkd_loss(huge, huge.flip(1), torch.tensor([1, 2])))
+
+
+def test_dkd_two_classes_have_no_non_target_term():
+    s, t = logits((6, 2), torch.float64, seed=1), logits((6, 2), torch.float64, seed=2)
+    y = torch.tensor([0, 1, 1, 0, 0, 1])
+    only_nckd = kdfast.dkd_loss(s, t, y, alpha=0.0, beta=1.0)
+    assert abs(float(only_nckd)) < 1e-15
+
+
+def test_dkd_ignore_index_rows_count_nowhere():
+    s, t = logits((4, 7), torch.float64, seed=1), logits((4, 7), torch.float64, seed=2)
+    y = torch.tensor([1, -100, 6, -100])
+    t[1] = float("-inf")  # garbage in an ignored row must not matter
+    full = kdfast.dkd_loss(s, t, y)
+    kept = kdfast.dkd_loss(s[[0, 2]], t[[0, 2]], y[[0, 2]])
+    torch.testing.assert_close(full, kept)
+    assert float(kdfast.dkd_loss(s, t, torch.full((4,), -100))) == 0.0
+
+
+def test_dkd_errors():
+    s, t = logits((3, 5), seed=1), logits((3, 5), seed=2)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        kdfast.dkd_loss(s[:, :1], t[:, :1], torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="label 5 at row 1"):
+        kdfast.dkd_loss(s, t, torch.tensor([0, 5, 1]))
+    with pytest.raises(TypeError, match="integer"):
+        kdfast.dkd_loss(s, t, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"labels shape \(4,\)"):
+        kdfast.dkd_loss(s, t, torch.zeros(4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- Pearson + Spearman
+def test_exact_ranks_average_ties():
+    x = torch.tensor([[3.0, 1.0, 3.0, 2.0, 5.0]])
+    assert exact_ranks(x).tolist() == [[3.5, 1.0, 3.5, 2.0, 5.0]]
+
+
+def test_soft_ranks_approach_exact_ranks():
+    x = logits((2, 12), torch.float64, seed=1)
+    torch.testing.assert_close(soft_ranks(x, 1e-4), exact_ranks(x), rtol=0, atol=1e-6)
+
+
+def test_correlation_loss_of_identical_logits_is_zero_for_sharp_ranks():
+    t = logits((4, 30), torch.float64, seed=2)
+    loss = kdfast.correlation_loss(t, t, rank_strength=1e-6)
+    assert abs(float(loss)) < 1e-9
+
+
+def test_correlation_reference_gradcheck_and_weighting():
+    s = logits((3, 6), torch.float64, seed=1).requires_grad_()
+    t = logits((3, 6), torch.float64, seed=2)
+    assert torch.autograd.gradcheck(lambda x: correlation_loss_reference(x, t, 2.0, 0.6, 1.4, 0.5), (s,))
+    w = torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64)
+    weighted = kdfast.correlation_loss(s, t, weighting=w)
+    rho_p = pearson(torch.softmax(s, -1), torch.softmax(t, -1))
+    rho_s = pearson(soft_ranks(s, 1.0), exact_ranks(t))
+    torch.testing.assert_close(weighted, (w * (1 - rho_p) + (1 - w) * (1 - rho_s)).mean())
+    kdfast.correlation_loss(s, t, weighting="entropy").backward()
+    assert torch.isfinite(s.grad).all()
+
+
+def test_correlation_loss_errors():
+    s, t = logits((2, 5), seed=1), logits((2, 5), seed=2)
+    with pytest.raises(ValueError, match="V <= 4096"):
+        kdfast.correlation_loss(logits((1, 5000)), logits((1, 5000), seed=1))
+    with pytest.raises(ValueError, match="rank_strength"):
+        kdfast.correlation_loss(s, t, rank_strength=0.0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        kdfast.correlation_loss(s, t, weighting=torch.tensor([0.5, 2.0]))
+    with pytest.raises(RuntimeError, match="no 'cpu' kernel"):
+        kdfast.correlation_loss(s, t, backend="cpu")
