@@ -69,7 +69,7 @@ def _extensions():
     here = os.path.dirname(os.path.abspath(__file__))
     sources = [
         "csrc/distill_op.cpp",
-        "csrc/dist_op.cpp",
+        "csrc/correlation_ops.cpp",
         "csrc/kernels/cpu_dispatch.cpp",
         "csrc/kernels/distill_cpu_default.cpp",
         "csrc/kernels/distill_cpu_avx2.cpp",

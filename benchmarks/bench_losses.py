@@ -40,6 +40,7 @@ from memory import peak_extra_bytes  # noqa: E402
 
 FULL_SHAPES = {"cpu": [(4096, 32000), (1024, 128256)], "cuda": [(8192, 32000), (8192, 128256), (4096, 256000)]}
 QUICK_SHAPE = (512, 8192)
+CLASSIFICATION_SHAPES = [(n, v) for n in (256, 1024, 8192) for v in (100, 1000)]
 # Nominal HBM bandwidth (bytes/s) by device-name fragment, most specific first.
 NOMINAL_HBM = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.04e12),
                ("A100", 1.56e12)]
@@ -101,6 +102,8 @@ def copy_bandwidth(numel: int, device, runs: int = 7) -> float:
 
 
 def make_methods(divergence: str, temperature: float, device):
+    if divergence in OTHER_LOSSES:
+        return other_loss_methods(divergence, temperature, device)
     params = PARAMS.get(divergence, {})
     kw = dict(divergence=divergence, temperature=temperature, **params)
 
@@ -123,6 +126,39 @@ def make_methods(divergence: str, temperature: float, device):
         methods["liger"] = liger
     if fused_backend in kdfast.available_backends():
         methods["kdfast"] = fused
+    return methods
+
+
+# The losses of kdfast.correlation_losses, benchmarked by name in place of a divergence.
+OTHER_LOSSES = ("dist", "dkd", "correlation")
+
+
+def other_loss_methods(loss: str, temperature: float, device):
+    """eager / compile of the reference and the fused kernel (where one exists) of DIST, DKD, correlation."""
+    from kdfast import correlation_losses as cl
+    from kdfast.reference_correlation import correlation_loss_reference, dist_loss_reference
+    from kdfast.reference_dkd import dkd_loss_reference
+
+    def labels_for(s):
+        return torch.arange(s.shape[0], device=s.device) % s.shape[-1]
+
+    if loss == "dist":
+        public = lambda s, t, backend: cl.dist_loss(s, t, temperature, backend=backend)  # noqa: E731
+        wrap = lambda fn: lambda s, t: fn(s, t, temperature, 1.0, 1.0)  # noqa: E731
+        ref = dist_loss_reference
+    elif loss == "dkd":
+        public = lambda s, t, backend: cl.dkd_loss(s, t, labels_for(s), temperature, backend=backend)  # noqa: E731
+        wrap = lambda fn: lambda s, t: fn(s, t, labels_for(s), temperature, 1.0, 8.0, -100)  # noqa: E731
+        ref = dkd_loss_reference
+    else:
+        public = lambda s, t, backend: cl.correlation_loss(s, t, temperature, backend=backend)  # noqa: E731
+        wrap = lambda fn: lambda s, t: fn(s, t, temperature, 1.0, 1.0, 1.0, None)  # noqa: E731
+        ref = correlation_loss_reference
+    methods = {"eager": lambda s, t: public(s, t, "torch"),
+               "compile": wrap(torch.compile(ref, dynamic=False))}
+    fused = "cpu" if device.type == "cpu" else "triton"
+    if fused in cl._kernels(loss):
+        methods["kdfast"] = lambda s, t: public(s, t, fused)
     return methods
 
 
@@ -233,7 +269,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help=f"only the quick shape {QUICK_SHAPE}, KD (kl)")
-    ap.add_argument("--divergences", nargs="*", default=None, help="default: all (kl only with --quick)")
+    ap.add_argument("--divergences", nargs="*", default=None,
+                    help=f"divergences of distill_loss, or {OTHER_LOSSES}; default: all divergences "
+                         "(kl only with --quick)")
+    ap.add_argument("--classification", action="store_true",
+                    help=f"classification shapes {CLASSIFICATION_SHAPES} instead of the LLM ones")
     ap.add_argument("--shapes", nargs="*", default=None, help="NxV, e.g. 4096x32000")
     ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
     ap.add_argument("--methods", nargs="*", default=None, help=f"subset of {METHOD_ORDER}")
@@ -248,7 +288,8 @@ def main(argv=None):
     if args.shapes:
         shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes]
     else:
-        shapes = [QUICK_SHAPE] if args.quick else FULL_SHAPES[device.type]
+        shapes = ([QUICK_SHAPE] if args.quick else CLASSIFICATION_SHAPES if args.classification
+                  else FULL_SHAPES[device.type])
     divergences = args.divergences or (["kl"] if args.quick else list(DIVERGENCES))
     dtypes = [getattr(torch, d) for d in args.dtypes]
 

@@ -1,4 +1,4 @@
-// What the CPU ops (distill_op.cpp, dist_op.cpp) share: dtype and layout
+// What the CPU ops (distill_op.cpp, correlation_ops.cpp) share: dtype and layout
 // helpers and the cache of large gradient buffers.
 #pragma once
 

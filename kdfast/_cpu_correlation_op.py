@@ -1,55 +1,40 @@
-"""The fused C++ DIST op ``torch.ops.kdfast.dist_forward`` seen from Python.
+"""The fused C++ ops of DIST and DKD (``torch.ops.kdfast.dist_forward`` / ``dkd_forward``) seen from Python.
 
-Like the divergence op it returns ``(loss, grad)`` with the student gradient
-computed in the forward; here it gets its fake kernel and its autograd
-formula (backward scales the saved gradient; no copy when the incoming
-gradient is 1).
+Like the divergence op each returns ``(loss, grad)`` with the student
+gradient computed in the forward; here they get their fake kernels and the
+shared saved-gradient autograd formula of ``_fused_op``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._fused_op import _is_concrete
-
-_OP = "kdfast::dist_forward"
+from ._fused_op import fake_scalar_loss_and_grad, paired_logits, register_saved_grad_autograd, wants_grad
 
 
-@torch.library.register_fake(_OP)
+@torch.library.register_fake("kdfast::dist_forward")
 def _dist_forward_fake(student, teacher, tau, beta, gamma, compute_grad):
-    V = student.shape[-1]
-    N = student.numel() // V
-    f64 = student.dtype == torch.float64
-    loss = student.new_empty((), dtype=torch.float64 if f64 else torch.float32)
-    return loss, student.new_empty((N, V) if compute_grad else (0,))
+    return fake_scalar_loss_and_grad(student, compute_grad)
 
 
-def _setup_context(ctx, inputs, output):
-    _, grad = output
-    ctx.save_for_backward(grad)
-    ctx.student_shape = inputs[0].shape
-    ctx.mark_non_differentiable(grad)
-    ctx.set_materialize_grads(False)
+@torch.library.register_fake("kdfast::dkd_forward")
+def _dkd_forward_fake(student, teacher, labels, tau, alpha, beta, ignore_index, compute_grad):
+    return fake_scalar_loss_and_grad(student, compute_grad)
 
 
-def _backward(ctx, grad_loss, _grad_of_grad):
-    (grad,) = ctx.saved_tensors
-    if grad_loss is None:
-        return (None,) * 6
-    if grad.numel() == 0:
-        raise RuntimeError("kdfast: the forward ran without computing the gradient (compute_grad=False)")
-    scaled = grad if _is_concrete(grad_loss) and bool(grad_loss == 1) else grad * grad_loss
-    return (scaled.view(ctx.student_shape),) + (None,) * 5
-
-
-torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+register_saved_grad_autograd("kdfast::dist_forward", 6)
+register_saved_grad_autograd("kdfast::dkd_forward", 8)
 
 
 def dist_loss_cpu(student_logits, teacher_logits, temperature, beta, gamma):
     """The fused C++ DIST kernel; same contract as ``reference_correlation.dist_loss_reference``."""
-    teacher = teacher_logits.detach()
-    if (student_logits.dtype == torch.float64) != (teacher.dtype == torch.float64):
-        student_logits, teacher = student_logits.double(), teacher.double()
-    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, _ = torch.ops.kdfast.dist_forward(student_logits, teacher, temperature, beta, gamma, compute_grad)
+    s, t = paired_logits(student_logits, teacher_logits)
+    loss, _ = torch.ops.kdfast.dist_forward(s, t, temperature, beta, gamma, wants_grad(s))
+    return loss
+
+
+def dkd_loss_cpu(student_logits, teacher_logits, labels, temperature, alpha, beta, ignore_index):
+    """The fused C++ DKD kernel; same contract as ``reference_dkd.dkd_loss_reference``."""
+    s, t = paired_logits(student_logits, teacher_logits)
+    loss, _ = torch.ops.kdfast.dkd_forward(s, t, labels, temperature, alpha, beta, ignore_index, wants_grad(s))
     return loss

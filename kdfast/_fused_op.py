@@ -31,14 +31,12 @@ def fake_distill_forward(student, teacher, labels, weights, divergence, tau, tau
     return loss, grad
 
 
-def _setup_context(ctx, inputs, output):
-    _, grad = output
-    ctx.save_for_backward(grad)
-    ctx.student_shape = inputs[0].shape
-    ctx.per_row = inputs[_REDUCTION_ARG] == "none"
-    ctx.mark_non_differentiable(grad)
-    # Otherwise autograd materialises a zero (N, V) "gradient" for the grad output.
-    ctx.set_materialize_grads(False)
+def fake_scalar_loss_and_grad(student, compute_grad):
+    """Fake outputs of an op returning a scalar loss and the (N, V) student gradient."""
+    V = student.shape[-1]
+    N = student.numel() // V
+    loss = student.new_empty((), dtype=torch.float64 if student.dtype == torch.float64 else torch.float32)
+    return loss, student.new_empty((N, V) if compute_grad else (0,))
 
 
 def _is_concrete(t: torch.Tensor) -> bool:
@@ -51,35 +49,63 @@ def _is_concrete(t: torch.Tensor) -> bool:
     return detect_fake_mode(t) is None and get_proxy_mode() is None and not torch._is_functional_tensor(t)
 
 
-def _backward(ctx, grad_loss, _grad_of_grad):
-    (grad,) = ctx.saved_tensors
-    if grad_loss is None:
-        return (None,) * _N_INPUTS
-    if grad.numel() == 0 and grad_loss.numel() != 0:
-        raise RuntimeError("kdfast: the forward ran without computing the gradient (compute_grad=False)")
-    if ctx.per_row:
-        scaled = (grad.to(grad_loss.dtype) * grad_loss[:, None]).to(grad.dtype)
-    elif _is_concrete(grad_loss) and bool(grad_loss == 1):
-        scaled = grad  # the usual loss.backward(): no second (N, V) buffer
-    else:
-        scaled = grad * grad_loss
-    return (scaled.view(ctx.student_shape),) + (None,) * (_N_INPUTS - 1)
+def register_saved_grad_autograd(op, n_inputs: int, per_row=lambda inputs: False) -> None:
+    """Autograd of an op returning ``(loss, grad)`` whose ``grad`` (of the first input) came from the forward.
+
+    Backward scales the saved gradient by the incoming one: per row when
+    ``per_row(inputs)`` (a ``(N,)`` loss), and not at all when the incoming
+    gradient is exactly 1 (the usual ``loss.backward()``: no second (N, V) buffer).
+    """
+    def setup_context(ctx, inputs, output):
+        _, grad = output
+        ctx.save_for_backward(grad)
+        ctx.student_shape = inputs[0].shape
+        ctx.per_row = per_row(inputs)
+        ctx.mark_non_differentiable(grad)
+        # Otherwise autograd materialises a zero (N, V) "gradient" for the grad output.
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_loss, _grad_of_grad):
+        (grad,) = ctx.saved_tensors
+        if grad_loss is None:
+            return (None,) * n_inputs
+        if grad.numel() == 0 and grad_loss.numel() != 0:
+            raise RuntimeError("kdfast: the forward ran without computing the gradient (compute_grad=False)")
+        if ctx.per_row:
+            scaled = (grad.to(grad_loss.dtype) * grad_loss[:, None]).to(grad.dtype)
+        elif _is_concrete(grad_loss) and bool(grad_loss == 1):
+            scaled = grad
+        else:
+            scaled = grad * grad_loss
+        return (scaled.view(ctx.student_shape),) + (None,) * (n_inputs - 1)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
 def register_fake_and_autograd(op) -> None:
-    """Gives a fused op (a name or an op object) its fake kernel and its autograd formula."""
+    """Gives a fused distillation op (a name or an op object) its fake kernel and its autograd formula."""
     torch.library.register_fake(op, fake_distill_forward)
-    torch.library.register_autograd(op, _backward, setup_context=_setup_context)
+    register_saved_grad_autograd(op, _N_INPUTS, per_row=lambda inputs: inputs[_REDUCTION_ARG] == "none")
+
+
+def paired_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
+    """``(student, detached teacher)``; float64 paired with float64 (the kernels' float64 path is for gradchecks)."""
+    teacher = teacher_logits.detach()
+    if (student_logits.dtype == torch.float64) != (teacher.dtype == torch.float64):
+        return student_logits.double(), teacher.double()
+    return student_logits, teacher
+
+
+def wants_grad(student_logits: torch.Tensor) -> bool:
+    """Whether the op should write the student gradient in its forward."""
+    return torch.is_grad_enabled() and student_logits.requires_grad
 
 
 def call_distill_op(op, student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """Runs a fused op on a validated configuration; same contract as ``reference.distill_loss_reference``."""
-    teacher = teacher_logits.detach()
-    if (student_logits.dtype == torch.float64) != (teacher.dtype == torch.float64):
-        # The float64 kernels are for gradchecks; pair float64 with float64.
-        student_logits, teacher = student_logits.double(), teacher.double()
+    student_logits, teacher = paired_logits(student_logits, teacher_logits)
     weights = cfg.weighting if isinstance(cfg.weighting, torch.Tensor) else None
-    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    compute_grad = wants_grad(student_logits)
     loss, _ = op(
         student_logits,
         teacher,

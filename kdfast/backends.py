@@ -59,12 +59,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in _IMPLS:
         why = _triton.unavailable_reason() if backend == "triton" else "the C++ extension is not built"
         raise RuntimeError(f"backend {backend!r} is not available here ({why}; available: {available_backends()})")
+    check_device(backend, device)
+    return backend
+
+
+def check_device(backend: str, device: torch.device) -> None:
+    """ValueError when a fused backend cannot take tensors on ``device``."""
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend 'cpu' takes CPU tensors, got tensors on {device}")
     if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and _triton.interpreter_requested()):
         raise ValueError(f"backend 'triton' takes CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
                          f"got tensors on {device}")
-    return backend
 
 
 def implementation(backend: str):

@@ -12,8 +12,10 @@ from typing import Callable, Dict, Optional, Union
 
 import torch
 
+from . import _triton
 from ._extension import cpu_extension_available
 from ._options import _finite_float, _check_row_tensor, check_logits
+from .backends import check_device
 from .reference import _check_labels, _check_rows_defined, entropy_weight
 from .reference_correlation import correlation_loss_reference, dist_loss_reference
 from .reference_dkd import dkd_loss_reference
@@ -29,10 +31,14 @@ def _positive(name: str, value) -> float:
 def _kernels(loss: str) -> Dict[str, Callable]:
     """The fused kernels that exist for a loss, by backend name."""
     kernels: Dict[str, Callable] = {}
-    if loss == "dist" and cpu_extension_available():
-        from ._cpu_correlation_op import dist_loss_cpu
+    if cpu_extension_available() and loss in ("dist", "dkd"):
+        from . import _cpu_correlation_op as cpu
 
-        kernels["cpu"] = dist_loss_cpu
+        kernels["cpu"] = cpu.dist_loss_cpu if loss == "dist" else cpu.dkd_loss_cpu
+    if loss == "dkd" and _triton.unavailable_reason() is None:
+        from ._triton.dkd import dkd_loss_triton
+
+        kernels["triton"] = dkd_loss_triton
     return kernels
 
 
@@ -51,8 +57,7 @@ def _pick(loss: str, backend: str, device: torch.device, reference: Callable) ->
     if backend not in kernels:
         raise RuntimeError(f"{loss}_loss has no {backend!r} kernel here (available: "
                            f"{['torch'] + sorted(kernels)})")
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend 'cpu' takes CPU tensors, got tensors on {device}")
+    check_device(backend, device)
     return kernels[backend]
 
 
@@ -136,9 +141,10 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     _check_row_tensor("labels", labels, student_logits)
-    flat = labels.reshape(-1).long()
-    valid = flat != ignore_index
-    _check_labels(flat, valid, V, ignore_index)
-    _check_rows_defined(teacher_logits.detach().reshape(-1, V), student_logits.detach().reshape(-1, V), valid)
     impl = _pick("dkd", backend, student_logits.device, dkd_loss_reference)
+    if impl is dkd_loss_reference:  # the fused kernels check labels and rows themselves, in their pass
+        flat = labels.reshape(-1).long()
+        valid = flat != ignore_index
+        _check_labels(flat, valid, V, ignore_index)
+        _check_rows_defined(teacher_logits.detach().reshape(-1, V), student_logits.detach().reshape(-1, V), valid)
     return impl(student_logits, teacher_logits, labels, tau, alpha, beta, int(ignore_index))

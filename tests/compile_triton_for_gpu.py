@@ -43,6 +43,21 @@ def compile_row_kernel(divergence, dtype, acc, weighting, labels, student_t1, gr
     return triton.compile(source, target=TARGET, options={"num_warps": 8})
 
 
+def compile_dkd_kernel(dtype, acc, grad, block=4096):
+    from kdfast._triton.dkd import dkd_rows_kernel
+
+    signature = {"S_ptr": f"*{dtype}", "T_ptr": f"*{dtype}", "s_row_stride": "i32", "t_row_stride": "i32",
+                 "G_ptr": f"*{dtype}", "LABELS_ptr": "*i64", "PARAMS_ptr": "*fp64", "ROW_LOSS_ptr": f"*{acc}",
+                 "STATUS_ptr": "*i32", "V": "i32", "ignore_index": "i32",
+                 "COMPUTE_GRAD": "constexpr", "ACC": "constexpr", "BLOCK": "constexpr"}
+    constexprs = dict(COMPUTE_GRAD=grad, ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK=block)
+    source = ASTSource(fn=dkd_rows_kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=TARGET, options={"num_warps": 8})
+
+
+DKD_VARIANTS = [("bf16", "fp32", True), ("fp32", "fp32", False), ("fp64", "fp64", True)]
+
+
 def compile_reduce_kernel():
     source = ASTSource(fn=row_kernel.reduce_kernel, constexprs={"BLOCK": 1024},
                        signature={"ROW_LOSS_ptr": "*fp32", "OUT_ptr": "*fp32", "INV_DENOM_ptr": "*fp64", "N": "i32",
@@ -63,6 +78,8 @@ def main():
     report = {variant_id(d, v): _report(lambda d=d, v=v: compile_row_kernel(d, *v))
               for d in DIVERGENCES for v in VARIANTS}
     report["reduce"] = _report(compile_reduce_kernel)
+    for variant in DKD_VARIANTS:
+        report["dkd-" + "-".join(map(str, variant))] = _report(lambda v=variant: compile_dkd_kernel(*v))
     for key, entry in report.items():
         if key != variant_id("kl", VARIANTS[0]):
             entry.pop("ttir", None)

@@ -1,5 +1,9 @@
 """DIST, Pearson + Spearman matching and DKD: references against the published definitions,
-fused kernels against the references."""
+fused kernels against the references.
+
+Tolerances are those of the divergence kernels (conftest): values 1e-5 relative
+(float32 accumulation), gradients within 1e-5 of their largest entry, 16-bit
+gradients compared after one rounding to their dtype."""
 
 import math
 
@@ -11,11 +15,14 @@ import kdfast
 from kdfast.reference_correlation import (correlation_loss_reference, dist_loss_reference, exact_ranks, pearson,
                                           soft_ranks)
 from kdfast.reference_dkd import dkd_loss_reference
-from conftest import KERNELS, kernel_backend, logits
+from conftest import FUSED_BACKENDS, KERNELS, kernel_backend, kernel_device, logits
 
 CPU_KERNELS = [k for k in KERNELS if k.startswith("cpu-")]
 cpu_kernels = pytest.mark.parametrize("kernel", CPU_KERNELS or [pytest.param(
     "none", marks=pytest.mark.skip(reason="the C++ extension is not built"))])
+# DKD has C++ and Triton kernels; DIST a C++ one (its Triton kernel is not written yet)
+dkd_kernels = pytest.mark.parametrize("kernel", KERNELS or [pytest.param(
+    "none", marks=pytest.mark.skip(reason="no fused backend here"))])
 
 
 # ---------------------------------------------------------------- published definitions, ported
@@ -244,16 +251,91 @@ def test_dkd_ignore_index_rows_count_nowhere():
     assert float(kdfast.dkd_loss(s, t, torch.full((4,), -100))) == 0.0
 
 
-def test_dkd_errors():
-    s, t = logits((3, 5), seed=1), logits((3, 5), seed=2)
+def _dkd_loss_and_grad(s, t, y, backend, **kw):
+    device = kernel_device(backend)
+    x = s.detach().to(device).clone().requires_grad_()
+    loss = kdfast.dkd_loss(x, t.to(device), y.to(device), backend=backend, **kw)
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss.detach().cpu(), grad.cpu()
+
+
+@dkd_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("N,V", [(5, 1029), (3, 2), (8, 10), (4, 17), (1, 300)], ids=str)
+def test_dkd_kernel_matches_reference(N, V, dtype, kernel):
+    s, t = logits((N, V), dtype, seed=N + V), logits((N, V), dtype, seed=N + V + 1)
+    y = torch.arange(N) * 7 % V
+    if N > 1:
+        y[1] = -100
+    kw = dict(temperature=2.0, alpha=0.7, beta=3.0)
+    with kernel_backend(kernel) as backend:
+        loss, grad = _dkd_loss_and_grad(s, t, y, backend, **kw)
+    ref_loss, ref_grad = _dkd_loss_and_grad(s.double(), t.double(), y, "torch", **kw)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    f64 = dtype == torch.float64
+    # same tolerances as the divergence kernels (conftest): 1e-5 on values, gradient within 1e-5 of its
+    # largest entry, 16-bit gradients after one rounding to their dtype
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-12 if f64 else 1e-5, atol=1e-12 if f64 else 1e-6)
+    assert grad.dtype == dtype
+    rtol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    expected = ref_grad.to(dtype).double() if dtype in (torch.bfloat16, torch.float16) else ref_grad
+    scale = float(ref_grad.abs().max()) or 1.0
+    torch.testing.assert_close(grad.double(), expected, rtol=rtol, atol=(1e-12 if f64 else 1e-5) * scale)
+
+
+@dkd_kernels
+def test_dkd_kernel_edge_inputs(kernel):
+    """Certain teachers (p_t = 1), masked classes, huge logits, no valid row, non-contiguous rows."""
+    s = logits((4, 40), torch.float32, seed=1)
+    t = logits((4, 40), torch.float32, seed=2)
+    y = torch.tensor([4, 0, 38, 16])            # even: the strided case below keeps them
+    t[0] = float("-inf")
+    t[0, 4] = 2.0                               # the teacher is certain of the target
+    s[1, 20:] = t[1, 20:] = float("-inf")       # masked classes
+    t[2] = t[2] * 1e3                           # gaps far beyond mdistiller's -1000 mask
+    with kernel_backend(kernel) as backend:
+        loss, grad = _dkd_loss_and_grad(s, t, y, backend)
+        none_valid = _dkd_loss_and_grad(s, t, torch.full((4,), -100), backend)
+        strided = _dkd_loss_and_grad(s[:, ::2], t[:, ::2], y // 2, backend)
+    ref_loss, ref_grad = _dkd_loss_and_grad(s.double(), t.double(), y, "torch")
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-5 * float(ref_grad.abs().max()))
+    assert float(none_valid[0]) == 0.0 and torch.equal(none_valid[1], torch.zeros_like(none_valid[1]))
+    ref_strided = _dkd_loss_and_grad(s[:, ::2].double(), t[:, ::2].double(), y // 2, "torch")
+    torch.testing.assert_close(strided[0].double(), ref_strided[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in FUSED_BACKENDS] or [pytest.param(
+    "none", marks=pytest.mark.skip(reason="no fused backend here"))])
+def test_dkd_op_registration_and_fullgraph_compile(backend):
+    device = kernel_device(backend)
+    s = logits((3, 20), seed=1).to(device).requires_grad_()
+    t, y = logits((3, 20), seed=2).to(device), torch.tensor([1, -100, 19], device=device)
+    op = torch.ops.kdfast.dkd_forward if backend == "cpu" else torch.ops.kdfast.dkd_forward_triton
+    torch.library.opcheck(op.default, (s, t, y, 4.0, 1.0, 8.0, -100, True))
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: kdfast.dkd_loss(x, t, y, backend=backend), fullgraph=True, backend="aot_eager")
+    a, b = s.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+    step(a).backward()
+    kdfast.dkd_loss(b, t, y, backend=backend).backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FUSED_BACKENDS)
+def test_dkd_errors(backend):
+    device = kernel_device(backend)
+    s, t = logits((3, 5), seed=1).to(device), logits((3, 5), seed=2).to(device)
     with pytest.raises(ValueError, match="at least 2 classes"):
-        kdfast.dkd_loss(s[:, :1], t[:, :1], torch.zeros(3, dtype=torch.long))
+        kdfast.dkd_loss(s[:, :1], t[:, :1], torch.zeros(3, dtype=torch.long, device=device), backend=backend)
     with pytest.raises(ValueError, match="label 5 at row 1"):
-        kdfast.dkd_loss(s, t, torch.tensor([0, 5, 1]))
+        kdfast.dkd_loss(s, t, torch.tensor([0, 5, 1], device=device), backend=backend)
     with pytest.raises(TypeError, match="integer"):
-        kdfast.dkd_loss(s, t, torch.zeros(3))
+        kdfast.dkd_loss(s, t, torch.zeros(3, device=device), backend=backend)
     with pytest.raises(ValueError, match=r"labels shape \(4,\)"):
-        kdfast.dkd_loss(s, t, torch.zeros(4, dtype=torch.long))
+        kdfast.dkd_loss(s, t, torch.zeros(4, dtype=torch.long, device=device), backend=backend)
+    t[2] = float("-inf")
+    with pytest.raises(ValueError, match="teacher_logits row 2 is all -inf"):
+        kdfast.dkd_loss(s, t, torch.tensor([0, 1, 2], device=device), backend=backend)
 
 
 # ---------------------------------------------------------------- Pearson + Spearman
@@ -296,3 +378,5 @@ def test_correlation_loss_errors():
         kdfast.correlation_loss(s, t, weighting=torch.tensor([0.5, 2.0]))
     with pytest.raises(RuntimeError, match="no 'cpu' kernel"):
         kdfast.correlation_loss(s, t, backend="cpu")
+    with pytest.raises(RuntimeError, match="no 'triton' kernel"):
+        kdfast.dist_loss(s, t, backend="triton")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from compile_triton_for_gpu import DIVERGENCES, VARIANTS, variant_id
+from compile_triton_for_gpu import DIVERGENCES, DKD_VARIANTS, VARIANTS, variant_id
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -50,6 +50,13 @@ def test_row_offsets_are_64_bit(report):
 
 def test_reduction_kernel_compiles_for_a_gpu(report):
     assert report["reduce"]["ok"], report["reduce"].get("error")
+
+
+@pytest.mark.parametrize("variant", DKD_VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_dkd_kernel_compiles_for_a_gpu_without_spills(report, variant):
+    entry = report["dkd-" + "-".join(map(str, variant))]
+    assert entry["ok"], entry.get("error")
+    assert not entry["spills"], "registers spill to local memory"
 
 
 def test_autotuning_configs_are_small_and_fixed():

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "dist_api.h"
+#include "dkd_api.h"
 #include "kernel_api.h"
 
 namespace kdfast {
@@ -66,9 +67,9 @@ void distill_rows(const DistillParams& prm, const DistillBatch& b, int64_t begin
   }
 }
 
-// The DIST stages: float64 always takes the baseline (its only double path).
-#define KDFAST_DIST_DISPATCH(stage)                                                           \
-  void stage(const DistParams& p, const DistBatch& b, int64_t begin, int64_t end) {          \
+// The DIST stages and DKD rows: float64 always takes the baseline (its only double path).
+#define KDFAST_DIST_DISPATCH(stage, Params, Batch)                                            \
+  void stage(const Params& p, const Batch& b, int64_t begin, int64_t end) {                  \
     if (b.teacher_dtype == DType::Float64 || b.student_dtype == DType::Float64)               \
       return cpu_default::stage(p, b, begin, end);                                            \
     switch (active_cpu_capability()) {                                                        \
@@ -77,9 +78,10 @@ void distill_rows(const DistillParams& prm, const DistillBatch& b, int64_t begin
       default: return cpu_default::stage(p, b, begin, end);                                   \
     }                                                                                         \
   }
-KDFAST_DIST_DISPATCH(dist_row_stats)
-KDFAST_DIST_DISPATCH(dist_column_stats)
-KDFAST_DIST_DISPATCH(dist_grad_rows)
+KDFAST_DIST_DISPATCH(dist_row_stats, DistParams, DistBatch)
+KDFAST_DIST_DISPATCH(dist_column_stats, DistParams, DistBatch)
+KDFAST_DIST_DISPATCH(dist_grad_rows, DistParams, DistBatch)
+KDFAST_DIST_DISPATCH(dkd_rows, DkdParams, DkdBatch)
 #undef KDFAST_DIST_DISPATCH
 
 }  // namespace kdfast

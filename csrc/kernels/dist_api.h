@@ -1,4 +1,4 @@
-// The plain-C++ interface of the fused DIST kernels (csrc/dist_op.cpp calls
+// The plain-C++ interface of the fused DIST kernels (csrc/correlation_ops.cpp calls
 // them; dist_kernel.h implements them once per CPU capability).
 //
 // DIST = tau^2 (beta (1 - mean_i rho_row_i) + gamma (1 - mean_j rho_col_j)),

@@ -8,7 +8,7 @@
 #define KDFAST_ISA_AVX512 1
 #endif
 #include "distill_rows_entry.h"
-#include "dist_entry.h"
+#include "correlation_entry.h"
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC pop_options
 #endif

@@ -2,7 +2,7 @@
 #define KDFAST_CPU_CAPABILITY cpu_default
 #define KDFAST_DIST_BASELINE 1
 #include "distill_rows_impl.h"
-#include "dist_entry.h"
+#include "correlation_entry.h"
 
 namespace kdfast {
 namespace cpu_default {

@@ -108,10 +108,17 @@ def _fill_zero_row(G_row, V, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _log_probs(T_row, S_row, offs, mask, mt, ms, inv_tau, inv_tau_s, log_sum_t, log_sum_s, ACC: tl.constexpr):
-    """``(p, q, log p, log q)`` of a tile; masked and -inf entries give probability 0."""
+def load_logits(T_row, S_row, offs, mask, ACC: tl.constexpr):
+    """Teacher and student logits of a tile in the accumulation dtype; masked-off lanes are -inf."""
     zt = tl.load(T_row + offs, mask=mask, other=float("-inf")).to(ACC)
     zs = tl.load(S_row + offs, mask=mask, other=float("-inf")).to(ACC)
+    return zt, zs
+
+
+@triton.jit
+def _log_probs(T_row, S_row, offs, mask, mt, ms, inv_tau, inv_tau_s, log_sum_t, log_sum_s, ACC: tl.constexpr):
+    """``(p, q, log p, log q)`` of a tile; masked and -inf entries give probability 0."""
+    zt, zs = load_logits(T_row, S_row, offs, mask, ACC)
     # (z - max) / tau before subtracting log-sums: no rounding of large logits
     logp = (zt - mt) * inv_tau - log_sum_t
     logq = (zs - ms) * inv_tau_s - log_sum_s
@@ -177,8 +184,7 @@ def distill_rows_kernel(
     for start in range(0, V, BLOCK):
         offs = start + cols
         mask = offs < V
-        zt = tl.load(T_row + offs, mask=mask, other=neg_inf).to(ACC)
-        zs = tl.load(S_row + offs, mask=mask, other=neg_inf).to(ACC)
+        zt, zs = load_logits(T_row, S_row, offs, mask, ACC)
         if WEIGHTING == "wttm" or WEIGHTING == "entropy":
             sum_t1, ent_t1 = _entropy_update(mt, sum_t1, ent_t1, zt)
         if STUDENT_T1:

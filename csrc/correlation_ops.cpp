@@ -1,0 +1,123 @@
+// The fused CPU ops of the correlation and decoupled losses: DIST (the three
+// parallel stages of kernels/dist_api.h) and DKD (one row kernel,
+// kernels/dkd_api.h); checks and deterministic final sums.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "kernels/dist_api.h"
+#include "kernels/dkd_api.h"
+#include "op_common.h"
+
+namespace kdfast {
+
+std::tuple<at::Tensor, at::Tensor> dist_forward_cpu(const at::Tensor& student, const at::Tensor& teacher, double tau,
+                                                    double beta, double gamma, bool compute_grad) {
+  const auto [st, tt] = check_logits_pair(student, teacher);
+  TORCH_CHECK_VALUE(tau > 0, "temperature must be > 0, got ", tau);
+  const at::Tensor s2 = as_rows(student), t2 = as_rows(teacher);
+  const int64_t N = s2.size(0), V = s2.size(1);
+  TORCH_CHECK_VALUE(N >= 1, "dist_loss needs at least one row, got logits shape ", student.sizes());
+
+  DistParams prm;
+  prm.tau = tau;
+  prm.beta = beta;
+  prm.gamma = gamma;
+  const auto acc = st == DType::Float64 ? at::kDouble : at::kFloat;
+  std::vector<double> per_row(8 * size_t(N));
+  std::vector<int32_t> status(N, 0);
+  const int64_t blocks = (V + kDistColumnBlock - 1) / kDistColumnBlock;
+  std::vector<double> block_rho(blocks, 0.0);
+  at::Tensor col_coef = at::empty({6, V}, at::TensorOptions().dtype(acc));
+  at::Tensor grad = compute_grad ? GradBufferCache::instance().empty(N, V, student.options())
+                                 : at::empty({0}, student.options());
+
+  DistBatch b;
+  set_logits(b, s2, t2, st, tt);
+  double* p = per_row.data();
+  b.shift_t = p;
+  b.shift_s = p + N;
+  b.log_sum_t = p + 2 * N;
+  b.log_sum_s = p + 3 * N;
+  b.row_rho = p + 4 * N;
+  b.row_coef_t = p + 5 * N;
+  b.row_coef_s = p + 6 * N;
+  b.row_status = status.data();
+  b.col_coef = col_coef.data_ptr();
+  b.block_rho = block_rho.data();
+  b.grad = compute_grad ? grad.data_ptr() : nullptr;
+
+  const int64_t row_grain = std::max<int64_t>(1, 16384 / V);
+  at::parallel_for(0, N, row_grain, [&](int64_t lo, int64_t hi) { dist_row_stats(prm, b, lo, hi); });
+  check_row_status(status);
+  at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) { dist_column_stats(prm, b, lo, hi); });
+  if (compute_grad) at::parallel_for(0, N, row_grain, [&](int64_t lo, int64_t hi) { dist_grad_rows(prm, b, lo, hi); });
+
+  // serial sums in a fixed order: bit-identical run to run and across thread counts
+  double row_sum = 0, col_sum = 0;
+  for (int64_t i = 0; i < N; ++i) row_sum += b.row_rho[i];
+  for (int64_t k = 0; k < blocks; ++k) col_sum += block_rho[k];
+  const double value = tau * tau * (beta * (1.0 - row_sum / double(N)) + gamma * (1.0 - col_sum / double(V)));
+  return {at::scalar_tensor(value, at::TensorOptions().dtype(acc)), grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> dkd_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                   const at::Tensor& labels, double tau, double alpha, double beta,
+                                                   int64_t ignore_index, bool compute_grad) {
+  const auto [st, tt] = check_logits_pair(student, teacher);
+  TORCH_CHECK_VALUE(tau > 0, "temperature must be > 0, got ", tau);
+  const at::Tensor s2 = as_rows(student), t2 = as_rows(teacher);
+  const int64_t N = s2.size(0), V = s2.size(1);
+  TORCH_CHECK_VALUE(V >= 2, "dkd_loss needs at least 2 classes (target and non-target), got V = ", V);
+  TORCH_CHECK_VALUE(labels.numel() == N, "labels shape ", labels.sizes(), " does not match the ", N,
+                    " rows of logits shape ", student.sizes());
+  TORCH_CHECK_TYPE(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
+                   "labels must be an integer tensor, got ", labels.scalar_type());
+  const at::Tensor labels64 = labels.reshape({-1}).to(at::kLong).contiguous();
+  const int64_t* lp = labels64.data_ptr<int64_t>();
+  int64_t valid = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    if (lp[i] == ignore_index) continue;
+    TORCH_CHECK_VALUE(lp[i] >= 0 && lp[i] < V, "label ", lp[i], " at row ", i, " is outside [0, ", V,
+                      ") and is not ignore_index (", ignore_index, ")");
+    ++valid;
+  }
+  DkdParams prm;
+  prm.tau = tau;
+  prm.alpha = alpha;
+  prm.beta = beta;
+  prm.inv_denom = valid > 0 ? 1.0 / double(valid) : 0.0;
+  at::Tensor grad = compute_grad ? GradBufferCache::instance().empty(N, V, student.options())
+                                 : at::empty({0}, student.options());
+  std::vector<double> row_loss(N, 0.0);
+  std::vector<int32_t> status(N, 0);
+  DkdBatch b;
+  set_logits(b, s2, t2, st, tt);
+  b.labels = lp;
+  b.ignore_index = ignore_index;
+  b.grad = compute_grad ? grad.data_ptr() : nullptr;
+  b.row_loss = row_loss.data();
+  b.row_status = status.data();
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / V), [&](int64_t lo, int64_t hi) { dkd_rows(prm, b, lo, hi); });
+  check_row_status(status);
+  double total = 0;  // serial: bit-identical run to run
+  for (int64_t i = 0; i < N; ++i) total += row_loss[i];
+  const auto acc = st == DType::Float64 ? at::kDouble : at::kFloat;
+  return {at::scalar_tensor(total * prm.inv_denom, at::TensorOptions().dtype(acc)), grad};
+}
+
+}  // namespace kdfast
+
+TORCH_LIBRARY_FRAGMENT(kdfast, m) {
+  m.def("dist_forward(Tensor student, Tensor teacher, float tau, float beta, float gamma, bool compute_grad) "
+        "-> (Tensor, Tensor)");
+  m.def("dkd_forward(Tensor student, Tensor teacher, Tensor labels, float tau, float alpha, float beta, "
+        "int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
+  m.impl("dist_forward", &kdfast::dist_forward_cpu);
+  m.impl("dkd_forward", &kdfast::dkd_forward_cpu);
+}
