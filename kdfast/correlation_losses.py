@@ -35,10 +35,10 @@ def _kernels(loss: str) -> Dict[str, Callable]:
         from . import _cpu_correlation_op as cpu
 
         kernels["cpu"] = cpu.dist_loss_cpu if loss == "dist" else cpu.dkd_loss_cpu
-    if loss == "dkd" and _triton.unavailable_reason() is None:
-        from ._triton.dkd import dkd_loss_triton
+    if loss in ("dist", "dkd") and _triton.unavailable_reason() is None:
+        from ._triton import dist, dkd
 
-        kernels["triton"] = dkd_loss_triton
+        kernels["triton"] = dist.dist_loss_triton if loss == "dist" else dkd.dkd_loss_triton
     return kernels
 
 

@@ -56,6 +56,32 @@ def compile_dkd_kernel(dtype, acc, grad, block=4096):
 
 
 DKD_VARIANTS = [("bf16", "fp32", True), ("fp32", "fp32", False), ("fp64", "fp64", True)]
+DIST_VARIANTS = [("bf16", "fp32"), ("fp32", "fp32"), ("fp64", "fp64")]
+
+
+def compile_dist_kernels(dtype, acc):
+    """The three DIST kernels for one dtype; the last compiled (the gradient kernel) is returned."""
+    from kdfast._triton import dist
+
+    acc_tl = tl.float64 if acc == "fp64" else tl.float32
+    logits = {"S_ptr": f"*{dtype}", "T_ptr": f"*{dtype}", "s_row_stride": "i32", "t_row_stride": "i32"}
+    kernels = [
+        (dist.dist_row_kernel, dict(logits, PARAMS_ptr="*fp64", ROW_ptr="*fp64", RHO_ptr="*fp64", STATUS_ptr="*i32",
+                                    V="i32"), {"BLOCK": 4096}),
+        (dist.dist_column_kernel, dict(logits, PARAMS_ptr="*fp64", ROW_ptr="*fp64", COL_ptr=f"*{acc}",
+                                       COL_RHO_ptr="*fp64", N="i32", V="i32"), {"BLOCK_C": 128}),
+        (dist.dist_grad_kernel, dict(logits, G_ptr=f"*{dtype}", PARAMS_ptr="*fp64", ROW_ptr="*fp64",
+                                     COL_ptr=f"*{acc}", V="i32"), {"BLOCK": 4096}),
+    ]
+    compiled = None
+    for fn, signature, blocks in kernels:
+        constexprs = dict(blocks, ACC=acc_tl)
+        signature.update({name: "constexpr" for name in constexprs})
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=TARGET,
+                                  options={"num_warps": 8})
+        if ".local" in compiled.asm["ptx"]:
+            return compiled
+    return compiled
 
 
 def compile_reduce_kernel():
@@ -80,6 +106,8 @@ def main():
     report["reduce"] = _report(compile_reduce_kernel)
     for variant in DKD_VARIANTS:
         report["dkd-" + "-".join(map(str, variant))] = _report(lambda v=variant: compile_dkd_kernel(*v))
+    for variant in DIST_VARIANTS:
+        report["dist-" + "-".join(variant)] = _report(lambda v=variant: compile_dist_kernels(*v))
     for key, entry in report.items():
         if key != variant_id("kl", VARIANTS[0]):
             entry.pop("ttir", None)

@@ -12,6 +12,12 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI runs the same examples every time (reproducible); HYPOTHESIS_PROFILE=explore draws new ones.
+settings.register_profile("deterministic", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 # Without a GPU the Triton kernels run through Triton's CPU interpreter; it is
 # chosen when the kernels are decorated, so before kdfast is imported.
@@ -34,7 +40,8 @@ if "triton" in FUSED_BACKENDS and not TRITON_ON_GPU:
 VALUE_RTOL = 1e-5
 VALUE_ATOL = 1e-6
 # Gradients: atol is relative to the largest entry of the block, plus for
-# float32 an absolute 1e-7: entries like (q - p) / tau_s cancel O(1)
+# float32 an absolute 1e-7 (and, where that fails, within 4x of the float32
+# reference's own error: see assert_matches_oracle): entries like (q - p) / tau_s cancel O(1)
 # probabilities whose float32 rounding is ~1e-7.  16-bit gradients are compared
 # after one rounding to their dtype (8 / 11 significant bits), and float16 also
 # allows two steps of its subnormal spacing 2^-24.
@@ -127,5 +134,16 @@ def assert_matches_oracle(student, teacher, kernel, oracle_dtype=torch.float64, 
     tol = GRAD_TOL[student.dtype]
     expected = ref_grad.to(student.dtype).double() if student.dtype in (torch.bfloat16, torch.float16) else ref_grad
     scale = float(ref_grad.abs().max()) or 1.0
-    torch.testing.assert_close(grad.double(), expected, rtol=tol["rtol"], atol=tol["atol"] * scale + tol["atol_abs"])
+    try:
+        torch.testing.assert_close(grad.double(), expected, rtol=tol["rtol"],
+                                   atol=tol["atol"] * scale + tol["atol_abs"])
+    except AssertionError:
+        if student.dtype != torch.float32:
+            raise
+        # Ill-conditioned cases (small temperatures, peaked rows) cancel terms much larger than
+        # the result through the softmax Jacobian; float32 arithmetic cannot do better than the
+        # float32 reference does there, so the kernel must be within 4x of that reference's error.
+        _, ref32_grad = oracle(student, teacher, dtype=torch.float32, **kw)
+        ref32_error = float((ref32_grad - ref_grad).abs().max())
+        assert float((grad.double() - ref_grad).abs().max()) <= 4 * ref32_error + tol["atol_abs"]
 

@@ -17,12 +17,12 @@ from kdfast.reference_correlation import (correlation_loss_reference, dist_loss_
 from kdfast.reference_dkd import dkd_loss_reference
 from conftest import FUSED_BACKENDS, KERNELS, kernel_backend, kernel_device, logits
 
-CPU_KERNELS = [k for k in KERNELS if k.startswith("cpu-")]
-cpu_kernels = pytest.mark.parametrize("kernel", CPU_KERNELS or [pytest.param(
-    "none", marks=pytest.mark.skip(reason="the C++ extension is not built"))])
-# DKD has C++ and Triton kernels; DIST a C++ one (its Triton kernel is not written yet)
-dkd_kernels = pytest.mark.parametrize("kernel", KERNELS or [pytest.param(
+# DIST and DKD have C++ and Triton kernels
+fused_kernels = pytest.mark.parametrize("kernel", KERNELS or [pytest.param(
     "none", marks=pytest.mark.skip(reason="no fused backend here"))])
+dkd_kernels = fused_kernels
+fused_ops = pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in FUSED_BACKENDS] or [
+    pytest.param("none", marks=pytest.mark.skip(reason="no fused backend here"))])
 
 
 # ---------------------------------------------------------------- published definitions, ported
@@ -96,15 +96,16 @@ def test_pearson_of_a_constant_vector_is_zero_not_nan():
     assert float(pearson(torch.ones(5), torch.arange(5.0))) == 0.0
 
 
-# ---------------------------------------------------------------- DIST fused CPU kernel
+# ---------------------------------------------------------------- DIST fused kernels
 DIST_SHAPES = [(5, 1029), (1, 7), (33, 300), (3, 1), (3, 256), (7, 513)]
 
 
 def _dist_loss_and_grad(s, t, backend, **kw):
-    x = s.detach().clone().requires_grad_()
-    loss = kdfast.dist_loss(x, t, backend=backend, **kw)
+    device = kernel_device(backend)
+    x = s.detach().to(device).clone().requires_grad_()
+    loss = kdfast.dist_loss(x, t.to(device), backend=backend, **kw)
     (grad,) = torch.autograd.grad(loss, x)
-    return loss.detach(), grad
+    return loss.detach().cpu(), grad.cpu()
 
 
 def assert_dist_matches(s, t, kernel, **kw):
@@ -121,16 +122,16 @@ def assert_dist_matches(s, t, kernel, **kw):
     torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=(1e-12 if f64 else 1e-5) * scale)
 
 
-@cpu_kernels
+@fused_kernels
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("N,V", DIST_SHAPES, ids=str)
-def test_dist_cpu_matches_reference(N, V, dtype, kernel):
+def test_dist_kernel_matches_reference(N, V, dtype, kernel):
     s, t = logits((N, V), dtype, seed=N + V), logits((N, V), dtype, seed=N + V + 1)
     assert_dist_matches(s, t, kernel, temperature=2.0, beta=0.7, gamma=1.3)
 
 
-@cpu_kernels
-def test_dist_cpu_two_rows(kernel):
+@fused_kernels
+def test_dist_kernel_two_rows(kernel):
     """With two rows every column Pearson is +-1 and its gradient is 0 in exact arithmetic: a
     cancellation of two terms of size tau^2 gamma / (V |c_j|), large where the two students are
     close in a column.  Allowed: 10x the float32 reference's own error, or 1e-5 of the largest
@@ -145,8 +146,8 @@ def test_dist_cpu_two_rows(kernel):
         assert float((grad.double() - ref).abs().max()) <= allowed
 
 
-@cpu_kernels
-def test_dist_cpu_edge_inputs(kernel):
+@fused_kernels
+def test_dist_kernel_edge_inputs(kernel):
     s, t = logits((6, 300), seed=1), logits((6, 300), seed=2)
     s[:, 290:] = t[:, 290:] = float("-inf")       # masked classes: probability 0, still classes
     s[1] = 0.0                                     # a constant (uniform) student row
@@ -159,11 +160,13 @@ def test_dist_cpu_edge_inputs(kernel):
     assert_dist_matches(base_s, base_t, kernel)                        # 3-d: 10 rows
 
 
-@cpu_kernels
-def test_dist_cpu_is_deterministic_across_thread_counts(kernel):
-    s, t = logits((37, 1000), seed=1), logits((37, 1000), seed=2)
+@fused_kernels
+def test_dist_kernel_is_deterministic_across_runs_and_thread_counts(kernel):
+    s, t = logits((9, 700), seed=1), logits((9, 700), seed=2)
     with kernel_backend(kernel) as backend:
         first = _dist_loss_and_grad(s, t, backend, temperature=2.0)
+        again = _dist_loss_and_grad(s, t, backend, temperature=2.0)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
         threads = torch.get_num_threads()
         try:
             torch.set_num_threads(1)
@@ -173,31 +176,35 @@ def test_dist_cpu_is_deterministic_across_thread_counts(kernel):
     assert torch.equal(first[0], single[0]) and torch.equal(first[1], single[1])
 
 
-@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if CPU_KERNELS else []))
+@pytest.mark.parametrize("backend", ["torch"] + FUSED_BACKENDS)
 def test_dist_errors(backend):
-    s, t = logits((3, 8), seed=1), logits((3, 8), seed=2)
+    device = kernel_device(backend)
+    s, t = logits((3, 8), seed=1).to(device), logits((3, 8), seed=2).to(device)
     with pytest.raises(ValueError, match="temperature"):
         kdfast.dist_loss(s, t, temperature=0.0, backend=backend)
     with pytest.raises(ValueError, match=r"\(3, 8\).*\(3, 9\)"):
-        kdfast.dist_loss(s, logits((3, 9)), backend=backend)
+        kdfast.dist_loss(s, logits((3, 9)).to(device), backend=backend)
     with pytest.raises(TypeError, match="float32"):
         kdfast.dist_loss(s.long(), t, backend=backend)
-    if backend == "cpu":
+    if backend != "torch":
         t[1] = float("-inf")
         with pytest.raises(ValueError, match="teacher_logits row 1 is all -inf"):
             kdfast.dist_loss(s, t, backend=backend)
 
 
-@pytest.mark.skipif(not CPU_KERNELS, reason="the C++ extension is not built")
-def test_dist_op_registration_and_fullgraph_compile():
-    s = logits((3, 20), seed=1).requires_grad_()
-    torch.library.opcheck(torch.ops.kdfast.dist_forward.default, (s, logits((3, 20), seed=2), 2.0, 1.0, 1.0, True))
+@fused_ops
+def test_dist_op_registration_and_fullgraph_compile(backend):
+    device = kernel_device(backend)
+    s = logits((3, 20), seed=1).to(device).requires_grad_()
+    t = logits((3, 20), seed=2).to(device)
+    op = torch.ops.kdfast.dist_forward if backend == "cpu" else torch.ops.kdfast.dist_forward_triton
+    torch.library.opcheck(op.default, (s, t, 2.0, 1.0, 1.0, True))
     torch._dynamo.reset()
-    step = torch.compile(lambda x, y: kdfast.dist_loss(x, y, 2.0), fullgraph=True, backend="aot_eager")
+    step = torch.compile(lambda x, y: kdfast.dist_loss(x, y, 2.0, backend=backend), fullgraph=True,
+                         backend="aot_eager")
     a, b = s.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
-    t = logits((3, 20), seed=2)
     step(a, t).backward()
-    kdfast.dist_loss(b, t, 2.0).backward()
+    kdfast.dist_loss(b, t, 2.0, backend=backend).backward()
     torch.testing.assert_close(a.grad, b.grad)
 
 
@@ -305,8 +312,7 @@ def test_dkd_kernel_edge_inputs(kernel):
     torch.testing.assert_close(strided[0].double(), ref_strided[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in FUSED_BACKENDS] or [pytest.param(
-    "none", marks=pytest.mark.skip(reason="no fused backend here"))])
+@fused_ops
 def test_dkd_op_registration_and_fullgraph_compile(backend):
     device = kernel_device(backend)
     s = logits((3, 20), seed=1).to(device).requires_grad_()
@@ -379,4 +385,4 @@ def test_correlation_loss_errors():
     with pytest.raises(RuntimeError, match="no 'cpu' kernel"):
         kdfast.correlation_loss(s, t, backend="cpu")
     with pytest.raises(RuntimeError, match="no 'triton' kernel"):
-        kdfast.dist_loss(s, t, backend="triton")
+        kdfast.correlation_loss(s, t, backend="triton")

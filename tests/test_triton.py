@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from compile_triton_for_gpu import DIVERGENCES, DKD_VARIANTS, VARIANTS, variant_id
+from compile_triton_for_gpu import DIST_VARIANTS, DIVERGENCES, DKD_VARIANTS, VARIANTS, variant_id
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -66,3 +66,10 @@ def test_autotuning_configs_are_small_and_fixed():
     assert 1 <= len(configs) <= 8
     assert all(c.kwargs["BLOCK"] & (c.kwargs["BLOCK"] - 1) == 0 for c in configs)  # powers of two
     assert launch._distill_rows.keys == ["V", "DIV", "WEIGHTING", "HARD", "COMPUTE_GRAD"]
+
+
+@pytest.mark.parametrize("variant", DIST_VARIANTS, ids="-".join)
+def test_dist_kernels_compile_for_a_gpu_without_spills(report, variant):
+    entry = report["dist-" + "-".join(variant)]
+    assert entry["ok"], entry.get("error")
+    assert not entry["spills"], "registers spill to local memory"
