@@ -19,8 +19,11 @@ python3 -c "import torch, triton, kdfast; print('torch', torch.__version__, 'tri
 
 python3 -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
     tests/test_backend_matrix.py tests/test_edge_cases.py tests/test_determinism.py tests/test_compile.py \
-    tests/test_properties.py tests/test_errors.py -k "triton" 2>&1 | tee "$out/triton-tests.txt" | tail -20
+    tests/test_properties.py tests/test_errors.py tests/test_correlation_losses.py -k "triton" 2>&1 \
+    | tee "$out/triton-tests.txt" | tail -20
 
+gpu="$(python3 -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-"))')"
 python3 benchmarks/bench_losses.py --device cuda --divergences kl jsd tvd --runs 10 \
-    --out "$out/$(python3 -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-"))')-$(date +%F).json" "$@" \
-    2>&1 | tee "$out/bench.txt"
+    --out "$out/$gpu-$(date +%F).json" "$@" 2>&1 | tee "$out/bench.txt"
+python3 benchmarks/bench_losses.py --device cuda --divergences dist dkd --shapes 4096x32000 8192x1000 --runs 10 \
+    --out "$out/$gpu-$(date +%F)-dist-dkd.json" 2>&1 | tee "$out/bench-dist-dkd.txt"
