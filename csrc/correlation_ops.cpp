@@ -71,19 +71,7 @@ std::tuple<at::Tensor, at::Tensor> dkd_forward_cpu(const at::Tensor& student, co
   const at::Tensor s2 = as_rows(student), t2 = as_rows(teacher);
   const int64_t N = s2.size(0), V = s2.size(1);
   TORCH_CHECK_VALUE(V >= 2, "dkd_loss needs at least 2 classes (target and non-target), got V = ", V);
-  TORCH_CHECK_VALUE(labels.numel() == N, "labels shape ", labels.sizes(), " does not match the ", N,
-                    " rows of logits shape ", student.sizes());
-  TORCH_CHECK_TYPE(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
-                   "labels must be an integer tensor, got ", labels.scalar_type());
-  const at::Tensor labels64 = labels.reshape({-1}).to(at::kLong).contiguous();
-  const int64_t* lp = labels64.data_ptr<int64_t>();
-  int64_t valid = 0;
-  for (int64_t i = 0; i < N; ++i) {
-    if (lp[i] == ignore_index) continue;
-    TORCH_CHECK_VALUE(lp[i] >= 0 && lp[i] < V, "label ", lp[i], " at row ", i, " is outside [0, ", V,
-                      ") and is not ignore_index (", ignore_index, ")");
-    ++valid;
-  }
+  const auto [labels64, valid] = checked_labels(labels, student, N, V, ignore_index);
   DkdParams prm;
   prm.tau = tau;
   prm.alpha = alpha;
@@ -95,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> dkd_forward_cpu(const at::Tensor& student, co
   std::vector<int32_t> status(N, 0);
   DkdBatch b;
   set_logits(b, s2, t2, st, tt);
-  b.labels = lp;
+  b.labels = labels64.data_ptr<int64_t>();
   b.ignore_index = ignore_index;
   b.grad = compute_grad ? grad.data_ptr() : nullptr;
   b.row_loss = row_loss.data();

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -63,19 +64,7 @@ std::tuple<at::Tensor, at::Tensor> distill_forward_cpu(
   at::Tensor labels64;
   int64_t valid = N;
   if (labels.has_value()) {
-    TORCH_CHECK_VALUE(labels->numel() == N, "labels shape ", labels->sizes(), " does not match the ", N,
-                      " rows of logits shape ", student.sizes());
-    TORCH_CHECK_TYPE(!at::isFloatingType(labels->scalar_type()) && labels->scalar_type() != at::kBool,
-                     "labels must be an integer tensor, got ", labels->scalar_type());
-    labels64 = labels->reshape({-1}).to(at::kLong).contiguous();
-    const int64_t* lp = labels64.data_ptr<int64_t>();
-    valid = 0;
-    for (int64_t i = 0; i < N; ++i) {
-      if (lp[i] == ignore_index) continue;
-      TORCH_CHECK_VALUE(lp[i] >= 0 && lp[i] < V, "label ", lp[i], " at row ", i, " is outside [0, ", V,
-                        ") and is not ignore_index (", ignore_index, ")");
-      ++valid;
-    }
+    std::tie(labels64, valid) = checked_labels(*labels, student, N, V, ignore_index);
   } else {
     TORCH_CHECK_VALUE(hard_weight == 0.0, "hard_weight != 0 needs labels");
   }

@@ -145,6 +145,26 @@ void set_logits(Batch& b, const at::Tensor& student_rows, const at::Tensor& teac
   b.student_dtype = st;
 }
 
+// Labels (one per row) as contiguous int64, each checked to be in [0, V) or
+// ignore_index; returns them and the number of rows that are not ignored.
+inline std::pair<at::Tensor, int64_t> checked_labels(const at::Tensor& labels, const at::Tensor& student, int64_t N,
+                                                      int64_t V, int64_t ignore_index) {
+  TORCH_CHECK_VALUE(labels.numel() == N, "labels shape ", labels.sizes(), " does not match the ", N,
+                    " rows of logits shape ", student.sizes());
+  TORCH_CHECK_TYPE(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
+                   "labels must be an integer tensor, got ", labels.scalar_type());
+  at::Tensor labels64 = labels.reshape({-1}).to(at::kLong).contiguous();
+  const int64_t* lp = labels64.data_ptr<int64_t>();
+  int64_t valid = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    if (lp[i] == ignore_index) continue;
+    TORCH_CHECK_VALUE(lp[i] >= 0 && lp[i] < V, "label ", lp[i], " at row ", i, " is outside [0, ", V,
+                      ") and is not ignore_index (", ignore_index, ")");
+    ++valid;
+  }
+  return {labels64, valid};
+}
+
 // The spec's errors for the rows a kernel refused (RowStatus codes).
 inline void check_row_status(const std::vector<int32_t>& status) {
   for (size_t i = 0; i < status.size(); ++i) {

@@ -28,7 +28,7 @@ def _positive(name: str, value) -> float:
     return x
 
 
-def _kernels(loss: str) -> Dict[str, Callable]:
+def _find_kernels(loss: str) -> Dict[str, Callable]:
     """The fused kernels that exist for a loss, by backend name."""
     kernels: Dict[str, Callable] = {}
     if cpu_extension_available() and loss in ("dist", "dkd"):
@@ -42,11 +42,15 @@ def _kernels(loss: str) -> Dict[str, Callable]:
     return kernels
 
 
+# Found once at import, like ``backends._IMPLS``: no module probing on the call path.
+_KERNELS = {loss: _find_kernels(loss) for loss in ("dist", "dkd", "correlation")}
+
+
 def _pick(loss: str, backend: str, device: torch.device, reference: Callable) -> Callable:
     """The implementation that runs: ``backend`` as in ``distill_loss`` ("auto", "torch", "cpu", "triton")."""
     if backend == "auto":
         backend = os.environ.get("KDFAST_BACKEND", "auto") or "auto"
-    kernels = _kernels(loss)
+    kernels = _KERNELS[loss]
     if backend == "auto":
         fused = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
         return kernels.get(fused, reference)

@@ -57,18 +57,10 @@ CpuCapability set_cpu_capability(CpuCapability want) {
   return got;
 }
 
-void distill_rows(const DistillParams& prm, const DistillBatch& b, int64_t begin, int64_t end) {
-  if (b.teacher_dtype == DType::Float64 || b.student_dtype == DType::Float64)
-    return cpu_default::distill_rows(prm, b, begin, end);
-  switch (active_cpu_capability()) {
-    case CpuCapability::AVX512: return avx512::distill_rows(prm, b, begin, end);
-    case CpuCapability::AVX2: return avx2::distill_rows(prm, b, begin, end);
-    default: return cpu_default::distill_rows(prm, b, begin, end);
-  }
-}
 
-// The DIST stages and DKD rows: float64 always takes the baseline (its only double path).
-#define KDFAST_DIST_DISPATCH(stage, Params, Batch)                                            \
+// Every kernel entry point: float64 always takes the baseline (its only double
+// path), other dtypes the active capability.
+#define KDFAST_CAPABILITY_DISPATCH(stage, Params, Batch)                                      \
   void stage(const Params& p, const Batch& b, int64_t begin, int64_t end) {                  \
     if (b.teacher_dtype == DType::Float64 || b.student_dtype == DType::Float64)               \
       return cpu_default::stage(p, b, begin, end);                                            \
@@ -78,10 +70,11 @@ void distill_rows(const DistillParams& prm, const DistillBatch& b, int64_t begin
       default: return cpu_default::stage(p, b, begin, end);                                   \
     }                                                                                         \
   }
-KDFAST_DIST_DISPATCH(dist_row_stats, DistParams, DistBatch)
-KDFAST_DIST_DISPATCH(dist_column_stats, DistParams, DistBatch)
-KDFAST_DIST_DISPATCH(dist_grad_rows, DistParams, DistBatch)
-KDFAST_DIST_DISPATCH(dkd_rows, DkdParams, DkdBatch)
-#undef KDFAST_DIST_DISPATCH
+KDFAST_CAPABILITY_DISPATCH(distill_rows, DistillParams, DistillBatch)
+KDFAST_CAPABILITY_DISPATCH(dist_row_stats, DistParams, DistBatch)
+KDFAST_CAPABILITY_DISPATCH(dist_column_stats, DistParams, DistBatch)
+KDFAST_CAPABILITY_DISPATCH(dist_grad_rows, DistParams, DistBatch)
+KDFAST_CAPABILITY_DISPATCH(dkd_rows, DkdParams, DkdBatch)
+#undef KDFAST_CAPABILITY_DISPATCH
 
 }  // namespace kdfast

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .._fused_op import fake_scalar_loss_and_grad, paired_logits, register_saved_grad_autograd, wants_grad
 from . import row_kernel
-from .launch import INTERPRETER_BLOCK, _as_rows, _raise_on_bad_rows, interpreting
+from .launch import INTERPRETER_BLOCK, _as_rows, _inv_denominator, _raise_on_bad_rows, interpreting
 from .row_kernel import _fill_zero_row, _finite_shift, _lse_update, _round_to, load_logits
 
 
@@ -141,7 +141,7 @@ _dkd_rows = triton.autotune(
 @torch.library.custom_op("kdfast::dkd_forward_triton", mutates_args=())
 def dkd_forward_triton(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, tau: float, alpha: float,
                        beta: float, ignore_index: int, compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """DKD loss and student gradient on the Triton kernel (labels already validated by ``dkd_loss``)."""
+    """DKD loss and student gradient on the Triton kernel (out-of-range labels and all -inf rows raise)."""
     V = student.shape[-1]
     s2, t2 = _as_rows(student), _as_rows(teacher)
     N = s2.shape[0]
@@ -151,8 +151,7 @@ def dkd_forward_triton(student: torch.Tensor, teacher: torch.Tensor, labels: tor
     row_loss = torch.zeros(N, dtype=acc, device=device)
     status = torch.zeros(N, dtype=torch.int32, device=device)
     labels64 = labels.reshape(-1).to(torch.int64).contiguous()
-    valid = (labels64 != ignore_index).sum().to(torch.float64).reshape(1)
-    inv_valid = torch.where(valid > 0, 1.0 / valid.clamp(min=1), torch.zeros_like(valid))
+    inv_valid = _inv_denominator("batchmean", None, labels64, ignore_index, N, device)
     params = torch.tensor([1.0 / tau, alpha, beta, tau * tau, tau], dtype=torch.float64, device=device)
     params[4:] = params[4:] * inv_valid  # c = tau^2 / tau / valid rows, on the device: no sync
     if N > 0:
