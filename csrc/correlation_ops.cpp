@@ -1,12 +1,13 @@
 // The fused CPU ops of the correlation and decoupled losses: DIST (the three
-// parallel stages of kernels/dist_api.h) and DKD (one row kernel,
-// kernels/dkd_api.h); checks and deterministic final sums.
+// parallel stages of kernels/dist_api.h), DKD and Pearson + Spearman matching
+// (one row kernel each, kernels/dkd_api.h, kernels/correlation_api.h); checks and deterministic final sums.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include <vector>
 
+#include "kernels/correlation_api.h"
 #include "kernels/dist_api.h"
 #include "kernels/dkd_api.h"
 #include "op_common.h"
@@ -96,6 +97,46 @@ std::tuple<at::Tensor, at::Tensor> dkd_forward_cpu(const at::Tensor& student, co
   return {at::scalar_tensor(total * prm.inv_denom, at::TensorOptions().dtype(acc)), grad};
 }
 
+std::tuple<at::Tensor, at::Tensor> correlation_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                           const c10::optional<at::Tensor>& weights, double tau,
+                                                           double pearson_weight, double spearman_weight,
+                                                           double strength, bool compute_grad) {
+  const auto [st, tt] = check_logits_pair(student, teacher);
+  TORCH_CHECK_VALUE(tau > 0, "temperature must be > 0, got ", tau);
+  TORCH_CHECK_VALUE(strength > 0, "rank_strength must be > 0, got ", strength);
+  const at::Tensor s2 = as_rows(student), t2 = as_rows(teacher);
+  const int64_t N = s2.size(0), V = s2.size(1);
+  at::Tensor w64;
+  if (weights.has_value()) {
+    TORCH_CHECK_VALUE(weights->numel() == N, "weights must have one entry per row (", N, "), got shape ",
+                      weights->sizes());
+    w64 = weights->reshape({N}).to(at::kDouble).contiguous();
+  }
+  CorrelationParams prm;
+  prm.tau = tau;
+  prm.pearson_weight = pearson_weight;
+  prm.spearman_weight = spearman_weight;
+  prm.strength = strength;
+  prm.inv_rows = N > 0 ? 1.0 / double(N) : 0.0;
+  at::Tensor grad = compute_grad ? GradBufferCache::instance().empty(N, V, student.options())
+                                 : at::empty({0}, student.options());
+  std::vector<double> row_loss(N, 0.0);
+  std::vector<int32_t> status(N, 0);
+  CorrelationBatch b;
+  set_logits(b, s2, t2, st, tt);
+  b.weights = weights.has_value() ? w64.data_ptr<double>() : nullptr;
+  b.grad = compute_grad ? grad.data_ptr() : nullptr;
+  b.row_loss = row_loss.data();
+  b.row_status = status.data();
+  // a row costs O(V^2): one row is plenty of work per task
+  at::parallel_for(0, N, 1, [&](int64_t lo, int64_t hi) { correlation_rows(prm, b, lo, hi); });
+  check_row_status(status);
+  double total = 0;  // serial: bit-identical run to run
+  for (int64_t i = 0; i < N; ++i) total += row_loss[i];
+  const auto acc = st == DType::Float64 ? at::kDouble : at::kFloat;
+  return {at::scalar_tensor(total * prm.inv_rows, at::TensorOptions().dtype(acc)), grad};
+}
+
 }  // namespace kdfast
 
 TORCH_LIBRARY_FRAGMENT(kdfast, m) {
@@ -103,9 +144,12 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
         "-> (Tensor, Tensor)");
   m.def("dkd_forward(Tensor student, Tensor teacher, Tensor labels, float tau, float alpha, float beta, "
         "int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
+  m.def("correlation_forward(Tensor student, Tensor teacher, Tensor? weights, float tau, float pearson_weight, "
+        "float spearman_weight, float strength, bool compute_grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
   m.impl("dist_forward", &kdfast::dist_forward_cpu);
   m.impl("dkd_forward", &kdfast::dkd_forward_cpu);
+  m.impl("correlation_forward", &kdfast::correlation_forward_cpu);
 }

@@ -13,6 +13,7 @@ from .backends import available_backends
 from .correlation_losses import correlation_loss, dist_loss, dkd_loss
 from .losses import distill_loss, kd_loss, ttm_loss, wttm_loss
 from .modules import CorrelationLoss, DISTLoss, DistillLoss, DKDLoss, KDLoss, TTMLoss, WTTMLoss
+from .vocab_parallel import vocab_parallel_distill_loss
 
 __version__ = "0.1.0"
 
@@ -53,5 +54,6 @@ __all__ = [
     "empty_cache",
     "kd_loss",
     "ttm_loss",
+    "vocab_parallel_distill_loss",
     "wttm_loss",
 ]

@@ -17,7 +17,7 @@ from ._extension import cpu_extension_available
 from ._options import _finite_float, _check_row_tensor, check_logits
 from .backends import check_device
 from .reference import _check_labels, _check_rows_defined, entropy_weight
-from .reference_correlation import correlation_loss_reference, dist_loss_reference
+from .reference_correlation import check_rank_vocab, correlation_loss_reference, dist_loss_reference
 from .reference_dkd import dkd_loss_reference
 
 
@@ -31,11 +31,12 @@ def _positive(name: str, value) -> float:
 def _find_kernels(loss: str) -> Dict[str, Callable]:
     """The fused kernels that exist for a loss, by backend name."""
     kernels: Dict[str, Callable] = {}
-    if cpu_extension_available() and loss in ("dist", "dkd"):
+    if cpu_extension_available():
         from . import _cpu_correlation_op as cpu
 
-        kernels["cpu"] = cpu.dist_loss_cpu if loss == "dist" else cpu.dkd_loss_cpu
-    if loss in ("dist", "dkd") and _triton.unavailable_reason() is None:
+        kernels["cpu"] = {"dist": cpu.dist_loss_cpu, "dkd": cpu.dkd_loss_cpu,
+                          "correlation": cpu.correlation_loss_cpu}[loss]
+    if _triton.unavailable_reason() is None and loss in ("dist", "dkd"):
         from ._triton import dist, dkd
 
         kernels["triton"] = dist.dist_loss_triton if loss == "dist" else dkd.dkd_loss_triton
@@ -105,6 +106,7 @@ def correlation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     heads, not LLM vocabularies).
     """
     check_logits(student_logits, teacher_logits)
+    check_rank_vocab(student_logits.shape[-1])
     tau = _positive("temperature", temperature)
     strength = _positive("rank_strength", rank_strength)
     pw, sw = _finite_float("pearson_weight", pearson_weight), _finite_float("spearman_weight", spearman_weight)
@@ -120,6 +122,9 @@ def correlation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     elif weighting is not None:
         raise ValueError(f"weighting must be None, 'entropy' or a tensor of row weights in [0, 1], got {weighting!r}")
     impl = _pick("correlation", backend, student_logits.device, correlation_loss_reference)
+    if impl is correlation_loss_reference:  # the fused kernels check rows in their pass
+        zt, zs = (z.detach().reshape(-1, z.shape[-1]) for z in (teacher_logits, student_logits))
+        _check_rows_defined(zt, zs, torch.ones(zt.shape[0], dtype=torch.bool, device=zt.device))
     return impl(student_logits, teacher_logits, tau, pw, sw, strength, weights)
 
 

@@ -53,6 +53,13 @@ def dist_loss_reference(student_logits, teacher_logits, temperature=1.0, beta=1.
     return temperature**2 * (beta * inter + gamma * intra)
 
 
+def check_rank_vocab(V: int) -> None:
+    """The soft ranks cost O(V^2) per row (on every backend): refuse LLM-sized vocabularies."""
+    if V > MAX_RANK_VOCAB:
+        raise ValueError(f"correlation_loss ranks all V = {V} classes pairwise (O(V^2) per row); it supports "
+                         f"V <= {MAX_RANK_VOCAB}. For LLM vocabularies use dist_loss or distill_loss")
+
+
 def exact_ranks(x: torch.Tensor) -> torch.Tensor:
     """1-based ranks along the last dim, ties sharing their average rank."""
     ordered = x.sort(-1).values
@@ -62,17 +69,19 @@ def exact_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def soft_ranks(x: torch.Tensor, strength: float) -> torch.Tensor:
-    """``1 + sum_{k != j} sigmoid((x_j - x_k) / strength)``; exact ranks as strength -> 0."""
-    pairwise = torch.sigmoid((x[..., :, None] - x[..., None, :]) / strength)
+    """``1 + sum_{k != j} sigmoid((x_j - x_k) / strength)``; exact ranks as strength -> 0.
+
+    Two masked classes (``-inf``) tie: their difference, NaN, counts as 0 (with no gradient).
+    """
+    diff = x[..., :, None] - x[..., None, :]
+    pairwise = torch.sigmoid(torch.where(torch.isnan(diff), torch.zeros_like(diff), diff) / strength)
     return pairwise.sum(-1) + 0.5  # the k == j term is sigmoid(0) = 1/2
 
 
 def correlation_terms(student_logits, teacher_logits, temperature, rank_strength):
     """Per-row ``(pearson, spearman)`` of student and teacher, shapes ``(N,)``."""
     V = student_logits.shape[-1]
-    if V > MAX_RANK_VOCAB:
-        raise ValueError(f"correlation_loss ranks all V = {V} classes pairwise (O(V^2) per row); it supports "
-                         f"V <= {MAX_RANK_VOCAB}. For LLM vocabularies use dist_loss or distill_loss")
+    check_rank_vocab(V)
     acc = _acc_dtype(student_logits, teacher_logits)
     x_s = _rows(student_logits, acc) / temperature
     x_t = _rows(teacher_logits.detach(), acc) / temperature

@@ -147,3 +147,12 @@ def assert_matches_oracle(student, teacher, kernel, oracle_dtype=torch.float64, 
         ref32_error = float((ref32_grad - ref_grad).abs().max())
         assert float((grad.double() - ref_grad).abs().max()) <= 4 * ref32_error + tol["atol_abs"]
 
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and immune to a loaded CI machine (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -382,7 +382,114 @@ def test_correlation_loss_errors():
         kdfast.correlation_loss(s, t, rank_strength=0.0)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         kdfast.correlation_loss(s, t, weighting=torch.tensor([0.5, 2.0]))
-    with pytest.raises(RuntimeError, match="no 'cpu' kernel"):
-        kdfast.correlation_loss(s, t, backend="cpu")
-    with pytest.raises(RuntimeError, match="no 'triton' kernel"):
-        kdfast.correlation_loss(s, t, backend="triton")
+    with pytest.raises(ValueError, match="0.*got rank_strength=-1"):
+        kdfast.correlation_loss(s, t, rank_strength=-1)
+
+
+# the correlation loss has C++ kernels
+correlation_kernels = pytest.mark.parametrize("kernel", [k for k in KERNELS if k.startswith("cpu")] or [
+    pytest.param("none", marks=pytest.mark.skip(reason="no C++ extension here"))])
+
+
+def _correlation_loss_and_grad(s, t, backend, **kw):
+    x = s.detach().to(kernel_device(backend)).requires_grad_()
+    loss = kdfast.correlation_loss(x, t.to(x.device), backend=backend, **kw)
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss.detach().cpu(), grad.cpu()
+
+
+def assert_correlation_matches(s, t, kernel, **kw):
+    """Value 1e-5 relative, gradient within 1e-5 of its largest entry (16-bit: after one rounding)."""
+    with kernel_backend(kernel) as backend:
+        loss, grad = _correlation_loss_and_grad(s, t, backend, **kw)
+    ref_kw = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    ref_loss, ref_grad = _correlation_loss_and_grad(s.double(), t.double(), "torch", **ref_kw)
+    f64 = s.dtype == torch.float64
+    assert loss.dtype == (torch.float64 if f64 else torch.float32) and grad.dtype == s.dtype
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-12 if f64 else 1e-5, atol=1e-12 if f64 else 1e-6)
+    rtol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}[s.dtype]
+    expected = ref_grad.to(s.dtype).double() if s.dtype in (torch.bfloat16, torch.float16) else ref_grad
+    scale = float(ref_grad.abs().max()) or 1.0
+    torch.testing.assert_close(grad.double(), expected, rtol=rtol, atol=(1e-12 if f64 else 1e-5) * scale)
+
+
+@correlation_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("N,V", [(4, 10), (3, 37), (2, 300), (1, 1), (5, 17)], ids=str)
+def test_correlation_kernel_matches_reference(N, V, dtype, kernel):
+    s, t = logits((N, V), dtype, seed=N + V), logits((N, V), dtype, seed=N + V + 1)
+    assert_correlation_matches(s, t, kernel, temperature=2.0, pearson_weight=0.7, spearman_weight=1.3,
+                               rank_strength=0.5)
+    w = torch.rand(N, generator=torch.Generator().manual_seed(N))
+    assert_correlation_matches(s, t, kernel, weighting=w)
+
+
+@correlation_kernels
+def test_correlation_kernel_edge_inputs(kernel):
+    """Masked classes (-inf: probability 0, lowest rank, tied among themselves), a constant student
+    row, tied teacher logits, huge logits, sharp ranks, non-contiguous and 3-d inputs, entropy weights."""
+    s, t = logits((6, 40), seed=1), logits((6, 40), seed=2)
+    s[:, 33:] = t[:, 33:] = float("-inf")
+    s[1] = 0.0
+    t[2, ::2] = 1.0
+    t[3] *= 3e3
+    assert_correlation_matches(s, t, kernel, temperature=3.0)
+    assert_correlation_matches(s, t, kernel, rank_strength=1e-3, weighting="entropy")
+    base_s, base_t = logits((5, 2, 70), seed=4), logits((5, 2, 70), seed=5)
+    assert_correlation_matches(base_s[:, 0, ::2], base_t[:, 1, ::2], kernel)   # non-contiguous
+    assert_correlation_matches(base_s, base_t, kernel)                        # 3-d: 10 rows
+
+
+def test_correlation_reference_masked_classes_tie_without_nan():
+    s = logits((2, 8), torch.float64, seed=1).requires_grad_()
+    t = logits((2, 8), torch.float64, seed=2)
+    masked = s.detach().clone()
+    masked[:, 5:] = float("-inf")
+    x = masked.requires_grad_()
+    loss = correlation_loss_reference(x, t.masked_fill(masked.isinf(), float("-inf")))
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all() and bool((grad[:, 5:] == 0).all())
+    ranks = soft_ranks(x.detach(), 1.0)
+    torch.testing.assert_close(ranks[:, 5:], torch.full((2, 3), 2.0, dtype=torch.float64))  # 3 tied lowest: 1, 2, 3
+
+
+@correlation_kernels
+def test_correlation_kernel_is_deterministic_across_runs_and_thread_counts(kernel):
+    s, t = logits((7, 90), seed=1), logits((7, 90), seed=2)
+    with kernel_backend(kernel) as backend:
+        first = _correlation_loss_and_grad(s, t, backend)
+        assert all(torch.equal(a, b) for a, b in zip(first, _correlation_loss_and_grad(s, t, backend)))
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            single = _correlation_loss_and_grad(s, t, backend)
+        finally:
+            torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(first, single))
+
+
+def test_correlation_op_registration_and_fullgraph_compile():
+    if "cpu" not in FUSED_BACKENDS:
+        pytest.skip("no C++ extension here")
+    s = logits((3, 20), seed=1).requires_grad_()
+    t, w = logits((3, 20), seed=2), torch.tensor([0.2, 0.5, 1.0])
+    op = torch.ops.kdfast.correlation_forward.default
+    torch.library.opcheck(op, (s, t, w, 2.0, 1.0, 1.0, 0.5, True))
+    torch.library.opcheck(op, (s, t, None, 2.0, 1.0, 1.0, 0.5, True))
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: kdfast.correlation_loss(x, t, weighting=w, backend="cpu"), fullgraph=True,
+                         backend="aot_eager")
+    a, b = s.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+    step(a).backward()
+    kdfast.correlation_loss(b, t, weighting=w, backend="cpu").backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + [b for b in FUSED_BACKENDS if b == "cpu"])
+def test_correlation_rows_must_be_defined(backend):
+    s, t = logits((3, 5), seed=1), logits((3, 5), seed=2)
+    t[2] = float("-inf")
+    with pytest.raises(ValueError, match="teacher_logits row 2 is all -inf"):
+        kdfast.correlation_loss(s, t, backend=backend)
+    with pytest.raises(ValueError, match="student_logits row 0 is all -inf"):
+        kdfast.correlation_loss(t.flip(0), s, backend=backend)

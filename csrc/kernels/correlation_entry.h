@@ -1,9 +1,10 @@
-// Defines the DIST stages (dist_api.h) and the DKD rows (dkd_api.h) for the
+// Defines the DIST stages (dist_api.h), the DKD rows (dkd_api.h) and the correlation rows (correlation_api.h) for the
 // capability of the including translation unit.  The baseline TU also takes float64 (the gradcheck path);
 // a wide capability on a target without its ISA forwards to the baseline.
 #pragma once
 
 #if defined(KDFAST_ISA_AVX2) || defined(KDFAST_ISA_AVX512) || defined(KDFAST_DIST_BASELINE)
+#include "correlation_kernel.h"
 #include "dist_kernel.h"
 #include "dkd_kernel.h"
 namespace kdfast {
@@ -38,9 +39,20 @@ void dkd_rows(const DkdParams& p, const DkdBatch& b, int64_t begin, int64_t end)
   });
 }
 
+void correlation_rows(const CorrelationParams& p, const CorrelationBatch& b, int64_t begin, int64_t end) {
+#ifdef KDFAST_DIST_BASELINE
+  if (b.teacher_dtype == DType::Float64 || b.student_dtype == DType::Float64)
+    return correlation_run_rows<VecD, double, double>(p, b, begin, end);
+#endif
+  with_dtype_pair(b.teacher_dtype, b.student_dtype, [&](auto tt, auto ts) {
+    correlation_run_rows<VecF, typename decltype(tt)::type, typename decltype(ts)::type>(p, b, begin, end);
+  });
+}
+
 }  // namespace KDFAST_CPU_CAPABILITY
 }  // namespace kdfast
 #else
+#include "correlation_api.h"
 #include "dist_api.h"
 #include "dkd_api.h"
 namespace kdfast {
@@ -56,6 +68,9 @@ void dist_grad_rows(const DistParams& p, const DistBatch& b, int64_t begin, int6
 }
 void dkd_rows(const DkdParams& p, const DkdBatch& b, int64_t begin, int64_t end) {
   cpu_default::dkd_rows(p, b, begin, end);
+}
+void correlation_rows(const CorrelationParams& p, const CorrelationBatch& b, int64_t begin, int64_t end) {
+  cpu_default::correlation_rows(p, b, begin, end);
 }
 }  // namespace KDFAST_CPU_CAPABILITY
 }  // namespace kdfast

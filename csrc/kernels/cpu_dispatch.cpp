@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "correlation_api.h"
 #include "dist_api.h"
 #include "dkd_api.h"
 #include "kernel_api.h"
@@ -75,6 +76,7 @@ KDFAST_CAPABILITY_DISPATCH(dist_row_stats, DistParams, DistBatch)
 KDFAST_CAPABILITY_DISPATCH(dist_column_stats, DistParams, DistBatch)
 KDFAST_CAPABILITY_DISPATCH(dist_grad_rows, DistParams, DistBatch)
 KDFAST_CAPABILITY_DISPATCH(dkd_rows, DkdParams, DkdBatch)
+KDFAST_CAPABILITY_DISPATCH(correlation_rows, CorrelationParams, CorrelationBatch)
 #undef KDFAST_CAPABILITY_DISPATCH
 
 }  // namespace kdfast

@@ -13,6 +13,7 @@
 
 #include "dist_api.h"
 #include "dtype_pairs.h"
+#include "pearson.h"
 #include "row_kernel.h"
 
 namespace kdfast {
@@ -78,7 +79,7 @@ struct DistKernel {
       sweep<V>(n, [&](int64_t j, auto tail) {
         // padding lanes past V are not classes: out of the centred sums
         // (a masked class, -inf logit, is a class of probability 0 and stays in)
-        const V live = live_lanes(tail);
+        const V live = live_lanes<V>(tail);
         V a = (V::load(scratch_s + j) * inv_sum_s - mean) * live;
         V c = (V::load(scratch_t + j) * inv_sum_t - mean) * live;
         vaa = fmadd(a, a, vaa);
@@ -91,22 +92,13 @@ struct DistKernel {
         vaa = vbb = vab = V::zero();
       });
     }
-    const double na = std::sqrt(aa), nb = std::sqrt(bb);
-    const double ca = std::max(na, prm.eps), cb = std::max(nb, prm.eps);
-    const double rho = ab / (ca * cb);
-    b.row_rho[i] = rho;
+    const CentredPearson pc(ab, aa, bb, prm.eps);
+    b.row_rho[i] = pc.rho;
     // d(tau^2 beta (1 - mean rho)) / d y_s = -(tau^2 beta / N) d rho / d a  (centring adds nothing:
     // the coefficients multiply centred vectors, whose sums are 0)
     const double k = -prm.tau * prm.tau * prm.beta / double(b.rows);
-    b.row_coef_t[i] = k / (ca * cb);
-    b.row_coef_s[i] = na > prm.eps ? -k * rho / (ca * ca) : 0.0;
-  }
-
-  // 1 on the lanes that are entries of the row, 0 on the padding of a tail
-  static V live_lanes(Full) { return V::broadcast(S(1)); }
-  static V live_lanes(int n) {
-    alignas(64) static const S ones[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-    return load_tail<V>(ones, n, 0.0f);
+    b.row_coef_t[i] = k * pc.coef_b;
+    b.row_coef_s[i] = -k * pc.coef_a;
   }
 
   // -- stage 2: column moments of one block of columns over all rows.
@@ -168,16 +160,11 @@ struct DistKernel {
       const double cc = std::max(0.0, total[2][j] - N * ms * ms);
       const double dd = std::max(0.0, total[3][j] - N * mt * mt);
       const double cd = total[4][j] - N * ms * mt;
-      const double nc = std::sqrt(cc), nd = std::sqrt(dd);
-      const double clc = std::max(nc, prm.eps), cld = std::max(nd, prm.eps);
-      const double rho = cd / (clc * cld);
-      rho_sum += rho;
-      // d rho / d y_s = (y_t - mean_t) / (|c| |d|) - rho (y_s - mean_s) / |c|^2; each part is
-      // 0 when its centred vector is exactly 0 (the clamp then makes the coefficient huge)
-      const double uj = nd > 0 ? k / (clc * cld) : 0.0;
-      const double vj = nc > prm.eps ? -k * rho / (clc * clc) : 0.0;
-      u[j0 + j] = S(uj);
-      v[j0 + j] = S(vj);
+      const CentredPearson pc(cd, cc, dd, prm.eps);
+      rho_sum += pc.rho;
+      // d rho / d y_s = (y_t - mean_t) / (|c| |d|) - rho (y_s - mean_s) / |c|^2
+      u[j0 + j] = S(k * pc.coef_b);
+      v[j0 + j] = S(-k * pc.coef_a);
       // the means as (first row, offset): the gradient sweep rebuilds the same float
       // d = y - y[row 0] as here, so its centred values agree with the moments
       first_s[j0 + j] = first[0][j];

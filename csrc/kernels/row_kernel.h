@@ -53,21 +53,38 @@ inline void sweep(int64_t n, Body&& body, Flush&& flush) {
 }
 inline void no_flush() {}
 
-// Calls f(i, scratch_a, scratch_b) for the rows [begin, end) with two scratch
-// rows of padded length V: one pair per call (= per thread chunk), so
-// O(threads * V) memory, never O(N * V).  Out of memory marks the rows -1.
-template <class V, class F>
-inline void rows_with_scratch(int64_t vocab, int32_t* row_status, int64_t begin, int64_t end, F&& f) {
+// 1 on the lanes that are entries of the row, 0 on the padding of a tail
+template <class V> inline V live_lanes(Full) { return V::broadcast(typename V::value_type(1)); }
+template <class V> inline V live_lanes(int n) {
+  using S = typename V::value_type;
+  alignas(64) static const S ones[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+  return load_tail<V>(ones, n, 0.0f);
+}
+
+// Calls f(i, scratch, padded) for the rows [begin, end) with kRows scratch
+// rows of padded length V (row r at scratch + r * padded): one set per call
+// (= per thread chunk), so O(threads * V) memory, never O(N * V).  Out of
+// memory marks the rows -1.
+template <class V, int kRows, class F>
+inline void rows_with_scratch_n(int64_t vocab, int32_t* row_status, int64_t begin, int64_t end, F&& f) {
   using S = typename V::value_type;
   const int64_t padded = (vocab + V::size - 1) / V::size * V::size;
-  const size_t bytes = ((2 * padded * sizeof(S)) + 63) / 64 * 64;
+  const size_t bytes = ((kRows * padded * sizeof(S)) + 63) / 64 * 64;
   S* scratch = static_cast<S*>(std::aligned_alloc(64, bytes));
   if (!scratch) {
     for (int64_t i = begin; i < end; ++i) row_status[i] = -1;
     return;
   }
-  for (int64_t i = begin; i < end; ++i) f(i, scratch, scratch + padded);
+  for (int64_t i = begin; i < end; ++i) f(i, scratch, padded);
   std::free(scratch);
+}
+
+// The common case: two scratch rows, f(i, scratch_a, scratch_b).
+template <class V, class F>
+inline void rows_with_scratch(int64_t vocab, int32_t* row_status, int64_t begin, int64_t end, F&& f) {
+  using S = typename V::value_type;
+  rows_with_scratch_n<V, 2>(vocab, row_status, begin, end,
+                            [&](int64_t i, S* scratch, int64_t padded) { f(i, scratch, scratch + padded); });
 }
 
 inline DivConsts make_div_consts(const DistillParams& p) {
