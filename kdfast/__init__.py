@@ -13,6 +13,7 @@ from .backends import available_backends
 from .correlation_losses import correlation_loss, dist_loss, dkd_loss
 from .losses import distill_loss, kd_loss, ttm_loss, wttm_loss
 from .modules import CorrelationLoss, DISTLoss, DistillLoss, DKDLoss, KDLoss, TTMLoss, WTTMLoss
+from .topk import TopKDistillLoss, topk_distill_loss
 from .vocab_parallel import vocab_parallel_distill_loss
 
 __version__ = "0.1.0"
@@ -43,6 +44,7 @@ __all__ = [
     "DistillLoss",
     "KDLoss",
     "TTMLoss",
+    "TopKDistillLoss",
     "WTTMLoss",
     "available_backends",
     "cpu_capability",
@@ -53,6 +55,7 @@ __all__ = [
     "dkd_loss",
     "empty_cache",
     "kd_loss",
+    "topk_distill_loss",
     "ttm_loss",
     "vocab_parallel_distill_loss",
     "wttm_loss",

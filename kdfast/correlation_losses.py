@@ -36,10 +36,11 @@ def _find_kernels(loss: str) -> Dict[str, Callable]:
 
         kernels["cpu"] = {"dist": cpu.dist_loss_cpu, "dkd": cpu.dkd_loss_cpu,
                           "correlation": cpu.correlation_loss_cpu}[loss]
-    if _triton.unavailable_reason() is None and loss in ("dist", "dkd"):
-        from ._triton import dist, dkd
+    if _triton.unavailable_reason() is None:
+        from ._triton import correlation, dist, dkd
 
-        kernels["triton"] = dist.dist_loss_triton if loss == "dist" else dkd.dkd_loss_triton
+        kernels["triton"] = {"dist": dist.dist_loss_triton, "dkd": dkd.dkd_loss_triton,
+                             "correlation": correlation.correlation_loss_triton}[loss]
     return kernels
 
 

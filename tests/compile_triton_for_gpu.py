@@ -84,6 +84,25 @@ def compile_dist_kernels(dtype, acc):
     return compiled
 
 
+# (logits dtype, accumulation, weights, gradient, V): V = 4096 is the loss's cap (the largest row block)
+CORRELATION_VARIANTS = [("bf16", "fp32", True, True, 4096), ("fp32", "fp32", False, True, 1000),
+                        ("fp32", "fp32", True, False, 100), ("fp64", "fp64", False, True, 4096)]
+
+
+def compile_correlation_kernel(dtype, acc, weights, grad, V):
+    from kdfast._triton import correlation
+
+    block_v, block_j, warps = correlation._launch_shape(V)
+    signature = {"S_ptr": f"*{dtype}", "T_ptr": f"*{dtype}", "s_row_stride": "i32", "t_row_stride": "i32",
+                 "G_ptr": f"*{dtype}", "W_ptr": "*fp64", "PARAMS_ptr": "*fp64", "ROW_LOSS_ptr": f"*{acc}",
+                 "STATUS_ptr": "*i32", "V": "i32"}
+    constexprs = dict(HAS_WEIGHTS=weights, COMPUTE_GRAD=grad, ACC=tl.float64 if acc == "fp64" else tl.float32,
+                      BLOCK_V=block_v, BLOCK_J=block_j)
+    signature.update({name: "constexpr" for name in constexprs})
+    source = ASTSource(fn=correlation.correlation_rows_kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=TARGET, options={"num_warps": warps})
+
+
 def compile_reduce_kernel():
     source = ASTSource(fn=row_kernel.reduce_kernel, constexprs={"BLOCK": 1024},
                        signature={"ROW_LOSS_ptr": "*fp32", "OUT_ptr": "*fp32", "INV_DENOM_ptr": "*fp64", "N": "i32",
@@ -108,6 +127,9 @@ def main():
         report["dkd-" + "-".join(map(str, variant))] = _report(lambda v=variant: compile_dkd_kernel(*v))
     for variant in DIST_VARIANTS:
         report["dist-" + "-".join(variant)] = _report(lambda v=variant: compile_dist_kernels(*v))
+    for variant in CORRELATION_VARIANTS:
+        report["correlation-" + "-".join(map(str, variant))] = _report(
+            lambda v=variant: compile_correlation_kernel(*v))
     for key, entry in report.items():
         if key != variant_id("kl", VARIANTS[0]):
             entry.pop("ttir", None)

@@ -17,7 +17,7 @@ from kdfast.reference_correlation import (correlation_loss_reference, dist_loss_
 from kdfast.reference_dkd import dkd_loss_reference
 from conftest import FUSED_BACKENDS, KERNELS, kernel_backend, kernel_device, logits
 
-# DIST and DKD have C++ and Triton kernels
+# DIST, DKD and the correlation loss have C++ and Triton kernels
 fused_kernels = pytest.mark.parametrize("kernel", KERNELS or [pytest.param(
     "none", marks=pytest.mark.skip(reason="no fused backend here"))])
 dkd_kernels = fused_kernels
@@ -386,9 +386,7 @@ def test_correlation_loss_errors():
         kdfast.correlation_loss(s, t, rank_strength=-1)
 
 
-# the correlation loss has C++ kernels
-correlation_kernels = pytest.mark.parametrize("kernel", [k for k in KERNELS if k.startswith("cpu")] or [
-    pytest.param("none", marks=pytest.mark.skip(reason="no C++ extension here"))])
+correlation_kernels = fused_kernels
 
 
 def _correlation_loss_and_grad(s, t, backend, **kw):
@@ -468,26 +466,27 @@ def test_correlation_kernel_is_deterministic_across_runs_and_thread_counts(kerne
     assert all(torch.equal(a, b) for a, b in zip(first, single))
 
 
-def test_correlation_op_registration_and_fullgraph_compile():
-    if "cpu" not in FUSED_BACKENDS:
-        pytest.skip("no C++ extension here")
-    s = logits((3, 20), seed=1).requires_grad_()
-    t, w = logits((3, 20), seed=2), torch.tensor([0.2, 0.5, 1.0])
-    op = torch.ops.kdfast.correlation_forward.default
-    torch.library.opcheck(op, (s, t, w, 2.0, 1.0, 1.0, 0.5, True))
-    torch.library.opcheck(op, (s, t, None, 2.0, 1.0, 1.0, 0.5, True))
+@fused_ops
+def test_correlation_op_registration_and_fullgraph_compile(backend):
+    device = kernel_device(backend)
+    s = logits((3, 20), seed=1).to(device).requires_grad_()
+    t, w = logits((3, 20), seed=2).to(device), torch.tensor([0.2, 0.5, 1.0], device=device)
+    op = torch.ops.kdfast.correlation_forward if backend == "cpu" else torch.ops.kdfast.correlation_forward_triton
+    torch.library.opcheck(op.default, (s, t, w, 2.0, 1.0, 1.0, 0.5, True))
+    torch.library.opcheck(op.default, (s, t, None, 2.0, 1.0, 1.0, 0.5, True))
     torch._dynamo.reset()
-    step = torch.compile(lambda x: kdfast.correlation_loss(x, t, weighting=w, backend="cpu"), fullgraph=True,
+    step = torch.compile(lambda x: kdfast.correlation_loss(x, t, weighting=w, backend=backend), fullgraph=True,
                          backend="aot_eager")
     a, b = s.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
     step(a).backward()
-    kdfast.correlation_loss(b, t, weighting=w, backend="cpu").backward()
+    kdfast.correlation_loss(b, t, weighting=w, backend=backend).backward()
     torch.testing.assert_close(a.grad, b.grad)
 
 
-@pytest.mark.parametrize("backend", ["torch"] + [b for b in FUSED_BACKENDS if b == "cpu"])
+@pytest.mark.parametrize("backend", ["torch"] + FUSED_BACKENDS)
 def test_correlation_rows_must_be_defined(backend):
-    s, t = logits((3, 5), seed=1), logits((3, 5), seed=2)
+    device = kernel_device(backend)
+    s, t = logits((3, 5), seed=1).to(device), logits((3, 5), seed=2).to(device)
     t[2] = float("-inf")
     with pytest.raises(ValueError, match="teacher_logits row 2 is all -inf"):
         kdfast.correlation_loss(s, t, backend=backend)

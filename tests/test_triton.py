@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from compile_triton_for_gpu import DIST_VARIANTS, DIVERGENCES, DKD_VARIANTS, VARIANTS, variant_id
+from compile_triton_for_gpu import CORRELATION_VARIANTS, DIST_VARIANTS, DIVERGENCES, DKD_VARIANTS, VARIANTS, variant_id
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -71,5 +71,12 @@ def test_autotuning_configs_are_small_and_fixed():
 @pytest.mark.parametrize("variant", DIST_VARIANTS, ids="-".join)
 def test_dist_kernels_compile_for_a_gpu_without_spills(report, variant):
     entry = report["dist-" + "-".join(variant)]
+    assert entry["ok"], entry.get("error")
+    assert not entry["spills"], "registers spill to local memory"
+
+
+@pytest.mark.parametrize("variant", CORRELATION_VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_correlation_kernel_compiles_for_a_gpu_without_spills(report, variant):
+    entry = report["correlation-" + "-".join(map(str, variant))]
     assert entry["ok"], entry.get("error")
     assert not entry["spills"], "registers spill to local memory"

@@ -26,6 +26,7 @@ import triton.language as tl
 from .._fused_op import fake_scalar_loss_and_grad, paired_logits, register_saved_grad_autograd, wants_grad
 from . import row_kernel
 from .launch import INTERPRETER_BLOCK, _as_rows, _raise_on_bad_rows, interpreting
+from .pearson import centred_pearson
 from .row_kernel import _lse_update, _round_to, load_logits
 
 # per-row statistics, float64: max_t, max_s, log_sum_t, log_sum_s, coef_t, coef_s
@@ -84,17 +85,14 @@ def dist_row_kernel(S_ptr, T_ptr, s_row_stride, t_row_stride, PARAMS_ptr, ROW_pt
         aa += tl.sum(a * a, 0).to(tl.float64)
         bb += tl.sum(c * c, 0).to(tl.float64)
         ab += tl.sum(a * c, 0).to(tl.float64)
-    na = tl.sqrt(aa)
-    ca = tl.maximum(na, eps)
-    cb = tl.maximum(tl.sqrt(bb), eps)
-    rho = ab / (ca * cb)
+    rho, coef_b, coef_a = centred_pearson(ab, aa, bb, eps)
     tl.store(RHO_ptr + row, rho)
     tl.store(R + 0, mt.to(tl.float64))
     tl.store(R + 1, ms.to(tl.float64))
     tl.store(R + 2, log_sum_t)
     tl.store(R + 3, log_sum_s)
-    tl.store(R + 4, k_row / (ca * cb))
-    tl.store(R + 5, tl.where(na > eps, -k_row * rho / (ca * ca), 0.0))
+    tl.store(R + 4, k_row * coef_b)
+    tl.store(R + 5, -k_row * coef_a)
 
 
 @triton.jit
@@ -130,14 +128,9 @@ def dist_column_kernel(S_ptr, T_ptr, s_row_stride, t_row_stride, PARAMS_ptr, ROW
     n = tl.load(PARAMS_ptr + 4)
     off_s = s1 / n
     off_t = t1 / n
-    nc = tl.sqrt(tl.maximum(ss - n * off_s * off_s, 0.0))
-    nd = tl.sqrt(tl.maximum(tt - n * off_t * off_t, 0.0))
-    clc = tl.maximum(nc, eps)
-    cld = tl.maximum(nd, eps)
-    rho = (st - n * off_s * off_t) / (clc * cld)
-    # each part 0 when its centred vector is exactly 0 (the clamp would make the coefficient huge)
-    u = tl.where(nd > 0, k_col / (clc * cld), 0.0)
-    v = tl.where(nc > eps, -k_col * rho / (clc * clc), 0.0)
+    rho, coef_b, coef_a = centred_pearson(st - n * off_s * off_t, ss - n * off_s * off_s, tt - n * off_t * off_t, eps)
+    u = k_col * coef_b
+    v = -k_col * coef_a
     tl.store(COL_RHO_ptr + cols, tl.where(mask, rho, 0.0), mask=mask)
     tl.store(COL_ptr + 0 * V + cols, u, mask=mask)
     tl.store(COL_ptr + 1 * V + cols, v, mask=mask)
