@@ -172,8 +172,12 @@ def distill_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.T
     per_row = cfg.soft_weight * cfg.scale * soft
     if labels is not None and cfg.hard_weight != 0.0:
         per_row = per_row + cfg.hard_weight * cross_entropy(zs, torch.where(valid, labels, 0))
-    per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
+    return reduce_rows(per_row, valid, cfg)
 
+
+def reduce_rows(per_row: torch.Tensor, valid: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """SPEC.md's reduction: ignored rows are 0 and count in no denominator; ``cfg.reduction`` / ``normalizer``."""
+    per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
     if cfg.reduction == "none":
         return per_row
     total = per_row.sum()

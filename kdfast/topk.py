@@ -181,7 +181,7 @@ def topk_distill_loss(
     if hard:
         per_row = per_row + cfg.hard_weight * reference.cross_entropy(zs, torch.where(valid, labels, 0))
     per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
-    return _reduce(per_row, valid, cfg)
+    return reference.reduce_rows(per_row, valid, cfg)
 
 
 # ----------------------------------------------------------------- the two distributions
@@ -343,18 +343,6 @@ def _valid_rows(cfg: LossConfig, N: int, V: int, device: torch.device):
     valid = labels != cfg.ignore_index
     reference._check_labels(labels, valid, V, cfg.ignore_index)
     return valid, labels
-
-
-def _reduce(per_row: torch.Tensor, valid: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
-    """SPEC.md's reduction, as in :func:`kdfast.reference.distill_loss_reference`."""
-    if cfg.reduction == "none":
-        return per_row
-    total = per_row.sum()
-    if cfg.reduction == "sum":
-        return total
-    if cfg.normalizer is not None:
-        return total / cfg.normalizer
-    return total / valid.sum().clamp(min=1)
 
 
 # ----------------------------------------------------------------- module form

@@ -178,19 +178,6 @@ def _reject_undefined_rows(maxima: torch.Tensor, valid: torch.Tensor, name: str)
         raise ValueError(f"{name} row {i} is all -inf: the {name.split('_')[0]} distribution is undefined")
 
 
-def _reduce_rows(per_row: torch.Tensor, valid: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
-    """The reduction of ``distill_loss``: ignored rows are 0 and count in no denominator."""
-    per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
-    if cfg.reduction == "none":
-        return per_row
-    total = per_row.sum()
-    if cfg.reduction == "sum":
-        return total
-    if cfg.normalizer is not None:
-        return total / cfg.normalizer
-    return total / valid.sum().clamp(min=1)
-
-
 # ----------------------------------------------------------------- the loss
 def vocab_parallel_distill_loss(
     student_logits_shard: torch.Tensor,
@@ -302,7 +289,7 @@ def _sharded_loss(student_shard: torch.Tensor, teacher_shard: torch.Tensor, cfg:
     if hard:
         # Cross-entropy of the student at temperature 1: logsumexp(z_s) - z_s[label].
         per_row = per_row + cfg.hard_weight * (normaliser[("student", 1.0)] - totals["label_logit"])
-    return _reduce_rows(per_row, valid, cfg)
+    return reference.reduce_rows(per_row, valid, cfg)
 
 
 def _rows(student_shard: torch.Tensor, teacher_shard: torch.Tensor, cfg: LossConfig, layout: _ShardLayout):

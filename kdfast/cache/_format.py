@@ -43,6 +43,8 @@ from typing import NamedTuple
 
 import torch
 
+from .._atomic import replace_atomically
+
 FORMAT_NAME = "kdfast-topk-cache"
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -116,27 +118,9 @@ def file_digest(path: Path) -> str:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` is always either absent, the old file, or all of ``data``.
 
-    The bytes go to ``path + ".tmp"``, are fsynced, and the temporary file is
-    renamed over ``path`` (atomic on POSIX and Windows); the folder is fsynced
-    so the rename itself survives a power cut.
+    The temporary name is ``path + ".tmp"``: a resumed writer recognises (and removes) leftovers by it.
     """
-    temp = path.with_name(path.name + TEMP_SUFFIX)
-    with open(temp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
-    _fsync_folder(path.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    if os.name == "nt":  # Windows cannot open a folder for fsync; its rename is already durable.
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    replace_atomically(path, lambda f: f.write(data), temp_path=str(path.with_name(path.name + TEMP_SUFFIX)))
 
 
 def encode_index(index: dict) -> bytes:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from typing import Any, Dict, Optional
 
 import torch
+
+from .._atomic import replace_atomically
 
 CHECKPOINT_NAME = "last.pt"
 FORMAT_VERSION = 1
@@ -25,32 +26,9 @@ FORMAT_VERSION = 1
 def save_checkpoint(state: Dict[str, Any], path) -> str:
     """Write ``state`` to ``path`` atomically (temporary file + fsync + ``os.replace``); return the path."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(directory)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    replace_atomically(path, lambda f: torch.save(state, f))
     return path
-
-
-def _fsync_directory(directory: str) -> None:
-    # The rename is durable only once the directory entry is on disk (POSIX; Windows cannot open directories).
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path, map_location: Optional[torch.device] = None) -> Dict[str, Any]:
