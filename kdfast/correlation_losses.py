@@ -16,7 +16,7 @@ from . import _triton
 from ._extension import cpu_extension_available
 from ._options import _finite_float, _check_row_tensor, check_logits
 from .backends import check_device
-from .reference import _check_labels, _check_rows_defined, entropy_weight
+from .reference import _check_rows_defined, check_labels, entropy_weight
 from .reference_correlation import check_rank_vocab, correlation_loss_reference, dist_loss_reference
 from .reference_dkd import dkd_loss_reference
 
@@ -155,6 +155,6 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     if impl is dkd_loss_reference:  # the fused kernels check labels and rows themselves, in their pass
         flat = labels.reshape(-1).long()
         valid = flat != ignore_index
-        _check_labels(flat, valid, V, ignore_index)
+        check_labels(flat, valid, V, ignore_index)
         _check_rows_defined(teacher_logits.detach().reshape(-1, V), student_logits.detach().reshape(-1, V), valid)
     return impl(student_logits, teacher_logits, labels, tau, alpha, beta, int(ignore_index))

@@ -59,10 +59,14 @@ def tvd(logp, logq):
     return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
 
 
+def renyi_log_terms(logp, logq, alpha):
+    """The entries ``alpha log p + (1-alpha) log q`` of Renyi's logsumexp; ``-inf`` where p = 0 (they add nothing)."""
+    return torch.where(logp > -math.inf, alpha * logp + (1.0 - alpha) * logq, torch.full_like(logp, -math.inf))
+
+
 def renyi(logp, logq, alpha):
     """``logsumexp(alpha log p + (1-alpha) log q) / (alpha - 1)``; entries with p = 0 add nothing."""
-    x = torch.where(logp > -math.inf, alpha * logp + (1.0 - alpha) * logq, torch.full_like(logp, -math.inf))
-    return torch.logsumexp(x, dim=-1) / (alpha - 1.0)
+    return torch.logsumexp(renyi_log_terms(logp, logq, alpha), dim=-1) / (alpha - 1.0)
 
 
 def ab(logp, logq, alpha, beta):
@@ -108,20 +112,28 @@ def divergence(name: str, logp, logq, alpha=None, beta=None, skew=None):
 
 
 # ----------------------------------------------------------------- weights
+def wttm_weight_from_logsumexps(lse_tau, lse_1, temperature):
+    """``U_{1/T}`` from ``logsumexp(z_t / T)`` and ``logsumexp(z_t)``: ``exp(lse_tau - lse_1 / T)``."""
+    return torch.exp(lse_tau - lse_1 / temperature)
+
+
 def wttm_weight(teacher_logits, temperature):
     """``U_{1/T}(softmax(z_t)) = exp(logsumexp(z_t / T) - logsumexp(z_t) / T)``"""
-    return torch.exp(torch.logsumexp(teacher_logits / temperature, -1) - torch.logsumexp(teacher_logits, -1) / temperature)
+    return wttm_weight_from_logsumexps(torch.logsumexp(teacher_logits / temperature, -1),
+                                       torch.logsumexp(teacher_logits, -1), temperature)
+
+
+def entropy_weight_from_entropy(entropy, V: int):
+    """``1 - H / log V``, and 1 when V = 1 (a single class is certain)."""
+    return torch.ones_like(entropy) if V == 1 else 1.0 - entropy / math.log(V)
 
 
 def entropy_weight(teacher_logits):
     """``1 - H(softmax(z_t)) / log V`` (1 when V = 1: a single class is certain)."""
-    V = teacher_logits.shape[-1]
-    if V == 1:
-        return torch.ones_like(teacher_logits[..., 0])
     logp1 = torch.log_softmax(teacher_logits, -1)
     p1 = logp1.exp()
     entropy = -_plogratio(p1 > 0, p1, logp1, torch.zeros_like(logp1))
-    return 1.0 - entropy / math.log(V)
+    return entropy_weight_from_entropy(entropy, teacher_logits.shape[-1])
 
 
 def cross_entropy(student_logits, labels):
@@ -150,7 +162,7 @@ def distill_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.T
     if cfg.labels is not None:
         labels = cfg.labels.reshape(-1).long()
         valid = labels != cfg.ignore_index
-        _check_labels(labels, valid, V, cfg.ignore_index)
+        check_labels(labels, valid, V, cfg.ignore_index)
         # Ignored rows are replaced by zeros so that nothing in them (garbage,
         # all -inf rows) can reach the value or the gradient.
         zs = torch.where(valid[:, None], zs, torch.zeros_like(zs))
@@ -189,7 +201,7 @@ def reduce_rows(per_row: torch.Tensor, valid: torch.Tensor, cfg: LossConfig) -> 
     return total / valid.sum().clamp(min=1)
 
 
-def _check_labels(labels, valid, V, ignore_index):
+def check_labels(labels, valid, V, ignore_index):
     if torch.compiler.is_compiling():
         return
     bad = valid & ((labels < 0) | (labels >= V))
@@ -208,3 +220,4 @@ def _check_rows_defined(zt, zs, valid):
         if bool(dead.any()):
             i = int(dead.nonzero()[0, 0])
             raise ValueError(f"{name} row {i} is all -inf: the {name.split('_')[0]} distribution is undefined")
+_check_labels = check_labels  # TEMP alias

@@ -341,7 +341,7 @@ def _valid_rows(cfg: LossConfig, N: int, V: int, device: torch.device):
         return torch.ones(N, dtype=torch.bool, device=device), None
     labels = cfg.labels.reshape(-1).long()
     valid = labels != cfg.ignore_index
-    reference._check_labels(labels, valid, V, cfg.ignore_index)
+    reference.check_labels(labels, valid, V, cfg.ignore_index)
     return valid, labels
 
 

@@ -40,7 +40,6 @@ order, as for any tensor-parallel layer.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -149,15 +148,6 @@ def _shard_layout(local_rows: int, local_vocab: int, local_error: Optional[Excep
 
 
 # ----------------------------------------------------------------- per-row pieces
-def _renyi_log_terms(logp: torch.Tensor, logq: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``alpha log p + (1 - alpha) log q`` where ``p > 0``, else ``-inf``: the terms of ``reference.renyi``.
-
-    ``reference.renyi`` takes their logsumexp over one row; here the logsumexp
-    spans the shards, so the terms are needed themselves.
-    """
-    return torch.where(logp > -math.inf, alpha * logp + (1.0 - alpha) * logq, torch.full_like(logp, -math.inf))
-
-
 def _label_logits(student: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
                   layout: _ShardLayout) -> torch.Tensor:
     """This shard's share of ``z_s[label]`` per row: the logit where the label is one of its columns, else 0.
@@ -272,7 +262,7 @@ def _sharded_loss(student_shard: torch.Tensor, teacher_shard: torch.Tensor, cfg:
     shares, soft = {}, None
     if cfg.divergence == "renyi":
         # Its own round of all-reduces (MAX, SUM): the terms need the normalisers first.
-        soft = _global_logsumexps([_renyi_log_terms(logp, logq, cfg.alpha)], group)[0][:, 0] / (cfg.alpha - 1.0)
+        soft = _global_logsumexps([reference.renyi_log_terms(logp, logq, cfg.alpha)], group)[0][:, 0] / (cfg.alpha - 1.0)
     else:
         shares["divergence"] = reference.divergence(cfg.divergence, logp, logq, cfg.alpha, cfg.beta, cfg.skew)
     if cfg.weighting == "entropy":
@@ -302,7 +292,7 @@ def _rows(student_shard: torch.Tensor, teacher_shard: torch.Tensor, cfg: LossCon
         return zs, zt, None, torch.ones(zs.shape[0], dtype=torch.bool, device=zs.device)
     labels = cfg.labels.reshape(-1).long()
     valid = labels != cfg.ignore_index
-    reference._check_labels(labels, valid, layout.vocab_size, cfg.ignore_index)
+    reference.check_labels(labels, valid, layout.vocab_size, cfg.ignore_index)
     # As in the reference: ignored rows become zeros so that nothing in them
     # (garbage, all -inf rows) can reach the value or the gradient.
     zs = torch.where(valid[:, None], zs, torch.zeros_like(zs))
@@ -335,14 +325,10 @@ def _sum_rows_over_ranks(shares: Dict[str, torch.Tensor], group) -> Dict[str, to
 def _row_weights(cfg: LossConfig, normaliser, totals, layout: _ShardLayout, dtype) -> Union[float, torch.Tensor]:
     """The per-row weight ``w_i`` of the divergence (no gradient: it depends on the teacher only)."""
     if cfg.weighting == "wttm":
-        # U_{1/tau}(p1) = exp(logsumexp(z_t / tau) - logsumexp(z_t) / tau), as reference.wttm_weight.
         tau = cfg.temperature
-        return torch.exp(normaliser[("teacher", tau)] - normaliser[("teacher", 1.0)] / tau)
+        return reference.wttm_weight_from_logsumexps(normaliser[("teacher", tau)], normaliser[("teacher", 1.0)], tau)
     if cfg.weighting == "entropy":
-        # 1 - H / log V, and 1 for V = 1 (a single class is certain), as reference.entropy_weight.
-        if layout.vocab_size == 1:
-            return 1.0
-        return 1.0 + totals["neg_entropy"] / math.log(layout.vocab_size)
+        return reference.entropy_weight_from_entropy(-totals["neg_entropy"], layout.vocab_size)
     if isinstance(cfg.weighting, torch.Tensor):
         return cfg.weighting.reshape(-1).to(dtype)
     return 1.0
