@@ -13,6 +13,8 @@ from .backends import available_backends
 from .correlation_losses import correlation_loss, dist_loss, dkd_loss
 from .losses import distill_loss, kd_loss, ttm_loss, wttm_loss
 from .modules import CorrelationLoss, DISTLoss, DistillLoss, DKDLoss, KDLoss, TTMLoss, WTTMLoss
+from .fused_linear import (FusedLinearDistillLoss, FusedLinearTopKDistillLoss, fused_linear_distill_loss,
+                           fused_linear_topk_distill_loss)
 from .topk import TopKDistillLoss, topk_distill_loss
 from .vocab_parallel import vocab_parallel_distill_loss
 
@@ -42,6 +44,8 @@ __all__ = [
     "REDUCTIONS",
     "WEIGHTINGS",
     "DistillLoss",
+    "FusedLinearDistillLoss",
+    "FusedLinearTopKDistillLoss",
     "KDLoss",
     "TTMLoss",
     "TopKDistillLoss",
@@ -54,6 +58,8 @@ __all__ = [
     "distill_loss",
     "dkd_loss",
     "empty_cache",
+    "fused_linear_distill_loss",
+    "fused_linear_topk_distill_loss",
     "kd_loss",
     "topk_distill_loss",
     "ttm_loss",

@@ -220,4 +220,3 @@ def _check_rows_defined(zt, zs, valid):
         if bool(dead.any()):
             i = int(dead.nonzero()[0, 0])
             raise ValueError(f"{name} row {i} is all -inf: the {name.split('_')[0]} distribution is undefined")
-_check_labels = check_labels  # TEMP alias

@@ -1,0 +1,172 @@
+"""Checking and shaping the inputs of the fused linear losses.
+
+The fused linear losses take hidden states and LM-head weights instead of
+logits.  Here they become the ``(N, H)`` rows of a :class:`~kdfast._chunking.LinearHead`
+(after the optional causal shift), the per-row tensors are aligned with those
+rows, and the vocabulary policy reconciles the two heads.  Errors name the
+argument and its shape, as the rest of kdfast does (SPEC.md).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._chunking import LinearHead
+from ._options import LOGIT_DTYPES, _finite_float
+
+VOCAB_POLICIES = ("error", "truncate")
+
+
+def _check_tensor(name: str, t, dims: tuple) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() not in dims:
+        want = " or ".join(f"{d}-D" for d in dims)
+        raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+
+
+def shifted_positions(name: str, t: torch.Tensor, first: bool) -> torch.Tensor:
+    """The causal-LM shift of a ``(B, T, ...)`` tensor: positions ``0..T-2`` (``first``) or ``1..T-1``.
+
+    Hidden states at position ``i`` predict the token at ``i + 1``: the hidden
+    states (and the teacher's top-k) drop their last position, the labels their first.
+    """
+    if t.dim() < 2 or (t.dim() < 3 and name.endswith("hidden")):
+        raise ValueError(f"shift=True needs batched sequences: {name} must be (B, T, ...), got shape {tuple(t.shape)}")
+    return t[:, :-1] if first else t[:, 1:]
+
+
+def make_head(model: str, hidden, weight, bias, *, shift: bool, softcap: Optional[float]) -> LinearHead:
+    """The ``(N, H)`` head of one model (``model`` is 'student' or 'teacher'), checked and flattened."""
+    _check_tensor(f"{model}_hidden", hidden, (2, 3))
+    _check_tensor(f"{model}_weight", weight, (2,))
+    if hidden.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"{model}_hidden must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{model}_weight dtype {weight.dtype} does not match {model}_hidden dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{model}_weight is on {weight.device} but {model}_hidden is on {hidden.device}")
+    if weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"{model}_weight shape {tuple(weight.shape)} must be (V, H) with V > 0 and H = the last dim "
+                         f"of {model}_hidden shape {tuple(hidden.shape)}")
+    if bias is not None:
+        _check_tensor(f"{model}_bias", bias, (1,))
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{model}_bias shape {tuple(bias.shape)} does not match the V={weight.shape[0]} rows "
+                             f"of {model}_weight shape {tuple(weight.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{model}_bias dtype {bias.dtype} does not match {model}_weight dtype {weight.dtype}")
+        if bias.device != weight.device:
+            raise ValueError(f"{model}_bias is on {bias.device} but {model}_weight is on {weight.device}")
+    if shift:
+        hidden = shifted_positions(f"{model}_hidden", hidden, first=True)
+    return LinearHead(hidden.reshape(-1, hidden.shape[-1]), weight, bias, softcap)
+
+
+def check_same_rows(student_hidden: torch.Tensor, other: torch.Tensor, other_name: str, trailing: int = 1) -> None:
+    """``other`` covers the tokens of ``student_hidden``: the same leading dims, then ``trailing`` dims of its own."""
+    lead = student_hidden.shape[:-1]
+    other_lead = other.shape[: other.dim() - trailing] if trailing else other.shape
+    if tuple(other_lead) != tuple(lead):
+        raise ValueError(f"{other_name} shape {tuple(other.shape)} does not match the tokens of "
+                         f"student_hidden shape {tuple(student_hidden.shape)}")
+    if other.device != student_hidden.device:
+        raise ValueError(f"{other_name} is on {other.device} but student_hidden is on {student_hidden.device}")
+
+
+def reconcile_vocabularies(student: LinearHead, teacher: LinearHead, policy: str) -> LinearHead:
+    """The teacher head over the student's vocabulary.
+
+    ``"error"``: the sizes must match.  ``"truncate"``: a larger (padded)
+    teacher vocabulary keeps its first ``V_s`` entries; the teacher's softmax
+    over those is the renormalised restriction, which is exactly what slicing
+    the weight rows (a view, no copy) computes.
+    """
+    if policy not in VOCAB_POLICIES:
+        raise ValueError(f"vocab_policy must be one of {VOCAB_POLICIES}, got {policy!r}")
+    V_s, V_t = student.vocab_size, teacher.vocab_size
+    if V_s == V_t:
+        return teacher
+    if policy == "error":
+        raise ValueError(f"the teacher's vocabulary (V_t={V_t}) differs from the student's (V_s={V_s}); pass "
+                         f"vocab_policy='truncate' to restrict a larger teacher to the student's first V_s entries")
+    if V_t < V_s:
+        raise ValueError(f"vocab_policy='truncate' needs a teacher vocabulary at least as large as the student's, "
+                         f"got V_t={V_t} < V_s={V_s}")
+    bias = None if teacher.bias is None else teacher.bias[:V_s]
+    return LinearHead(teacher.hidden, teacher.weight[:V_s], bias, teacher.softcap)
+
+
+def row_tensor(name: str, t, student_hidden: torch.Tensor, *, shift: bool, drop_first: bool):
+    """A per-token tensor (labels, top-k rows) aligned with the loss rows; None stays None.
+
+    Without ``shift`` it is returned as given (its row count is checked with
+    the loss options).  With ``shift`` it must have the ``(B, T)`` leading dims
+    of the hidden states and loses its first position (labels) or its last
+    (teacher top-k, which belongs to the hidden states' positions).
+    """
+    if t is None or not shift:
+        return t
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    trailing = t.dim() - (student_hidden.dim() - 1)
+    if trailing not in (0, 1):
+        raise ValueError(f"{name} shape {tuple(t.shape)} does not match the tokens of "
+                         f"student_hidden shape {tuple(student_hidden.shape)}")
+    check_same_rows(student_hidden, t, name, trailing=trailing)
+    return shifted_positions(name, t, first=not drop_first)
+
+
+def virtual_logits(head: LinearHead) -> torch.Tensor:
+    """A stand-in for the head's ``(N, V)`` logits with the right shape, dtype and device and no memory.
+
+    It is one element expanded (stride 0): enough for the option checks of
+    ``make_config``, which look at shapes, dtypes and devices only.
+    """
+    return head.weight.new_zeros(()).expand(head.rows, head.vocab_size)
+
+
+def check_softcap(softcap) -> Optional[float]:
+    """None, or a finite ``softcap > 0``."""
+    if softcap is None:
+        return None
+    cap = _finite_float("softcap", softcap)
+    if cap <= 0:
+        raise ValueError(f"softcap must be > 0 (or None), got softcap={softcap!r}")
+    return cap
+
+
+def check_chunk_size(chunk_size) -> Optional[int]:
+    """None (choose automatically) or a positive int."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got chunk_size={chunk_size}")
+    return chunk_size
+
+
+def valid_row_count(labels: Optional[torch.Tensor], rows: int, ignore_index: int) -> int:
+    """The number of rows that count in ``"batchmean"``: labels other than ``ignore_index``, or all rows."""
+    if labels is None:
+        return rows
+    return int((labels.reshape(-1) != ignore_index).sum())
+
+
+def batchmean_normalizer(normalizer, labels, rows: int, ignore_index: int) -> float:
+    """The global denominator of ``"batchmean"``: the caller's ``normalizer``, else the valid rows (at least 1).
+
+    With no valid row every chunk's sum is 0, so dividing by 1 gives the
+    spec's 0 rather than 0/0.
+    """
+    if normalizer is not None:
+        return normalizer
+    return float(max(1, valid_row_count(labels, rows, ignore_index)))
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+

@@ -1,0 +1,429 @@
+"""Fused linear + distillation losses: the loss of two LM heads without their ``(N, V)`` logits.
+
+At LLM vocabularies the logits dominate the memory of distillation: ``N``
+tokens times ``V = 128k`` entries, for the student, the teacher and the
+student's gradient.  :func:`fused_linear_distill_loss` takes the heads instead
+(hidden states and weights, ``logits = hidden @ weight.T + bias``) and returns
+exactly ``kdfast.distill_loss`` of their logits, with the same options, while
+only ``chunk_size`` rows of logits exist at any time:
+
+* per chunk of rows: the teacher's logits (no gradient), the student's logits
+  as a detached leaf, the chunk's loss from ``kdfast.distill_loss`` (whose
+  fused CPU/Triton kernel writes the logits' gradient ``g`` in its forward),
+  and at once ``grad_hidden[chunk] = g @ W_s``, ``grad_W_s += g^T h_chunk``,
+  ``grad_b_s += sum(g)`` (:mod:`kdfast._chunking`);
+* ``"batchmean"`` divides every chunk by the *global* normaliser (the valid
+  rows of the whole batch, or ``normalizer``), so the chunks add up to the
+  full loss; the gradients are computed in the forward and only they are
+  saved for the backward, which scales them by the incoming gradient.
+
+The design is that of Liger-Kernel's fused linear cross-entropy, with kdfast's
+losses (every divergence, weighting, hard-label term and reduction of SPEC.md).
+:func:`fused_linear_topk_distill_loss` is the same loop against a sparse
+teacher (cached top-k log-probabilities, :func:`kdfast.topk.topk_distill_loss`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from . import reference
+from ._chunking import ChunkLossFactory, ChunkPlan, LinearHead, chunked_linear_loss, default_chunk_size
+from ._fused_linear_inputs import (
+    batchmean_normalizer,
+    check_chunk_size,
+    check_same_rows,
+    check_softcap,
+    element_size,
+    make_head,
+    reconcile_vocabularies,
+    row_tensor,
+    virtual_logits,
+)
+from ._options import make_config, resolve_divergence
+from .backends import resolve_backend
+from .losses import distill_loss
+
+__all__ = [
+    "FusedLinearDistillLoss",
+    "FusedLinearTopKDistillLoss",
+    "fused_linear_distill_loss",
+    "fused_linear_topk_distill_loss",
+]
+
+# Extra (chunk, V) float32 temporaries per logit that the pure-PyTorch losses
+# build (log-softmaxes, probabilities, products), counted in the chunk budget;
+# the fused kernels need none besides the gradient.
+_REFERENCE_TEMPORARIES = 8
+_TOPK_TEMPORARIES = 3
+
+
+def fused_linear_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    student_temperature: Optional[float] = None,
+    alpha: Optional[float] = None,
+    beta: Optional[float] = None,
+    skew: Optional[float] = None,
+    weighting: Union[None, str, torch.Tensor] = None,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    scale: float = 1.0,
+    reduction: str = "batchmean",
+    normalizer: Optional[float] = None,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+    vocab_policy: str = "error",
+    softcap: Optional[float] = None,
+    shift: bool = False,
+    accumulate_fp32: bool = True,
+    process_group=None,
+) -> torch.Tensor:
+    """``kdfast.distill_loss(student_hidden @ student_weight.T + b_s, teacher_hidden @ teacher_weight.T + b_t, ...)``
+    without materialising either ``(N, V)`` logits tensor.
+
+    Args:
+        student_hidden: ``(B, T, H_s)`` or ``(N, H_s)`` hidden states before the
+            student's LM head; gets a gradient.
+        student_weight: ``(V, H_s)`` LM-head weight (dtype of ``student_hidden``);
+            gets a gradient.
+        teacher_hidden, teacher_weight: ``(B, T, H_t)`` / ``(N, H_t)`` and
+            ``(V_t, H_t)``; ``H_t`` may differ from ``H_s``.  Never get a gradient.
+        labels: ``(B, T)`` / ``(N,)`` token ids (or ``ignore_index``), for the
+            row mask and the hard-label term, as in ``distill_loss``.
+        student_bias, teacher_bias: optional ``(V,)`` biases; the student's gets a gradient.
+        divergence, temperature, student_temperature, alpha, beta, skew,
+            weighting, ignore_index, hard_weight, soft_weight, scale, reduction,
+            normalizer, backend: exactly as :func:`kdfast.distill_loss` (a
+            weighting tensor has one weight per loss row, i.e. after the shift).
+            ``"batchmean"`` divides by the valid rows of the whole call (or by
+            ``normalizer``: pass the global token count to make gradient
+            accumulation over micro-batches equal one big batch).
+        chunk_size: rows of logits per chunk.  None: the most rows whose
+            temporaries fit a budget (CPU: 256 MiB; CUDA: 1/8 of the free
+            memory, clamped to [64 MiB, 2 GiB]), where a row costs ``V`` times
+            the bytes of one student logit, one teacher logit and one gradient
+            entry (plus 8 float32 temporaries of the pure-PyTorch loss when
+            ``backend`` resolves to ``"torch"``), rounded down to a multiple of 16.
+        vocab_policy: ``"error"`` (``V_t != V_s`` is a ValueError naming both) or
+            ``"truncate"`` (a larger teacher vocabulary is cut to the student's
+            first ``V_s`` entries and renormalised over them).
+        softcap: Gemma-style soft-capping ``c * tanh(z / c)`` of both models'
+            logits before the loss (the chain rule through tanh is applied).
+        shift: causal-LM shift: the hidden states at positions ``0..T-2``
+            predict the labels at ``1..T-1``.  Needs 3-D ``(B, T, H)`` hidden
+            states (and ``(B, T)`` labels); the loss has ``B * (T - 1)`` rows and
+            the last position's hidden states get a zero gradient.  Without it
+            labels are taken as already aligned with the hidden states.
+        accumulate_fp32: accumulate the gradients of a bf16/fp16 weight and bias
+            across chunks in float32 (cast to the parameter's dtype at the end);
+            each chunk's ``g^T h`` is taken in the weight's dtype (one rounding
+            per chunk, none compounding across chunks).
+        process_group: for vocabulary-parallel heads (``student_weight`` and
+            ``teacher_weight`` are this rank's vocabulary shards, the hidden
+            states are replicated): each chunk's loss is
+            :func:`kdfast.vocab_parallel.vocab_parallel_distill_loss` (the loss
+            of the full vocabulary, the same on every rank), the hidden-state
+            gradient is all-reduced over the group (so it is the full
+            gradient), the weight and bias gradients are this rank's shard.
+            Every rank must call with the same rows and options; ``backend``
+            must stay ``"auto"``.
+
+    Returns:
+        float32 (float64 for float64 inputs): a scalar, or ``(N,)`` per loss
+        row for ``reduction="none"`` (whose backward recomputes the logits
+        chunk by chunk: its gradient depends on the incoming gradient row by row).
+
+    Raises:
+        ValueError: bad options (as ``distill_loss``), mismatched shapes,
+            vocabularies or devices (naming both), labels out of range.
+        TypeError: non-tensors, unsupported dtypes, a weight whose dtype differs
+            from its hidden states.
+    """
+    student = make_head("student", student_hidden, student_weight, student_bias, shift=shift,
+                        softcap=check_softcap(softcap))
+    teacher = make_head("teacher", teacher_hidden, teacher_weight, teacher_bias, shift=shift, softcap=student.softcap)
+    check_same_rows(student_hidden, teacher_hidden, "teacher_hidden")
+    teacher = reconcile_vocabularies(student, teacher, vocab_policy)
+    labels = row_tensor("labels", labels, student_hidden, shift=shift, drop_first=True)
+    options = dict(divergence=divergence, temperature=temperature, student_temperature=student_temperature,
+                   alpha=alpha, beta=beta, skew=skew, ignore_index=ignore_index, hard_weight=hard_weight,
+                   soft_weight=soft_weight, scale=scale)
+    cfg = make_config(virtual_logits(student), virtual_logits(teacher), weighting=weighting, labels=labels,
+                      reduction=reduction, normalizer=normalizer, **options)
+    if process_group is None:
+        _check_label_range(cfg.labels, student.vocab_size, cfg.ignore_index)
+        loss_fn = functools.partial(distill_loss, backend=backend)
+        fused_kernel = resolve_backend(backend, student.weight.device) != "torch"
+    else:
+        if backend != "auto":
+            raise ValueError(f"backend={backend!r} cannot be combined with process_group: the vocabulary-parallel "
+                             "loss is built from PyTorch operations")
+        loss_fn = functools.partial(_vocab_parallel_loss(), process_group=process_group)
+        fused_kernel = False
+
+    per_row_tensors = {"labels": _flat(cfg.labels), "weighting": _flat(_weights_tensor(cfg.weighting))}
+    if not isinstance(cfg.weighting, torch.Tensor):
+        options["weighting"] = cfg.weighting
+    options.update(_chunk_reduction(cfg, student.rows))
+
+    bytes_per_row = student.vocab_size * (
+        2 * element_size(student.weight.dtype) + element_size(teacher.weight.dtype)
+        + (0 if fused_kernel else 4 * _REFERENCE_TEMPORARIES))
+    rows_per_chunk = _resolve_chunk_size(chunk_size, student, bytes_per_row, process_group)
+    plan = ChunkPlan(
+        make_chunk_loss=_dense_chunk_losses(teacher, loss_fn, options, per_row_tensors),
+        chunk_size=rows_per_chunk,
+        softcap=student.softcap,
+        per_row=cfg.reduction == "none",
+        accumulate_fp32=accumulate_fp32,
+        reduce_grad_hidden=None if process_group is None else _all_reduce_over(process_group),
+    )
+    return chunked_linear_loss(student, plan)
+
+
+def fused_linear_topk_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    topk_indices: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    student_bias: Optional[torch.Tensor] = None,
+    tail: str = "renormalize",
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    student_temperature: Optional[float] = None,
+    alpha: Optional[float] = None,
+    beta: Optional[float] = None,
+    skew: Optional[float] = None,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    scale: float = 1.0,
+    reduction: str = "batchmean",
+    normalizer: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+    softcap: Optional[float] = None,
+    shift: bool = False,
+    accumulate_fp32: bool = True,
+) -> torch.Tensor:
+    """:func:`kdfast.topk.topk_distill_loss` of ``student_hidden @ student_weight.T (+ bias)``, no ``(N, V)`` logits.
+
+    The sparse-teacher (offline, cached top-k) form of
+    :func:`fused_linear_distill_loss`, with the same chunk loop.
+
+    Args:
+        student_hidden, student_weight, student_bias: the student's head, as in
+            :func:`fused_linear_distill_loss`.
+        topk_indices, topk_logprobs: ``(B, T, k)`` / ``(N, k)`` the teacher's
+            top-k vocabulary entries per token and their log-probabilities (see
+            :func:`kdfast.topk.topk_distill_loss`), one row per position of the
+            hidden states.
+        labels: ``(B, T)`` / ``(N,)``, as in :func:`fused_linear_distill_loss`.
+        tail, divergence, temperature, student_temperature, alpha, beta, skew,
+            ignore_index, hard_weight, soft_weight, scale, reduction,
+            normalizer: as :func:`kdfast.topk.topk_distill_loss` (``"batchmean"``
+            divides by the valid rows of the whole call, or by ``normalizer``).
+        chunk_size, accumulate_fp32: as :func:`fused_linear_distill_loss`.
+        softcap: soft-capping of the *student's* logits (the teacher's
+            log-probabilities are given as they are).
+        shift: causal-LM shift, as in :func:`fused_linear_distill_loss`; the
+            top-k rows follow the hidden states (their last position is dropped).
+
+    Returns / Raises: as :func:`kdfast.topk.topk_distill_loss`.
+    """
+    from . import topk
+
+    student = make_head("student", student_hidden, student_weight, student_bias, shift=shift,
+                        softcap=check_softcap(softcap))
+    topk_indices = row_tensor("topk_indices", topk_indices, student_hidden, shift=shift, drop_first=False)
+    topk_logprobs = row_tensor("topk_logprobs", topk_logprobs, student_hidden, shift=shift, drop_first=False)
+    labels = row_tensor("labels", labels, student_hidden, shift=shift, drop_first=True)
+    if tail not in topk.TAILS:
+        raise ValueError(f"tail must be one of {topk.TAILS}, got {tail!r}")
+    logits = virtual_logits(student)
+    options = dict(divergence=divergence, temperature=temperature, student_temperature=student_temperature,
+                   alpha=alpha, beta=beta, skew=skew, ignore_index=ignore_index, hard_weight=hard_weight,
+                   soft_weight=soft_weight, scale=scale)
+    cfg = make_config(logits, logits, labels=labels, reduction=reduction, normalizer=normalizer, **options)
+    k = topk_indices.shape[-1] if isinstance(topk_indices, torch.Tensor) and topk_indices.dim() else 0
+    topk.check_topk_inputs(logits, _rows_of(topk_indices, k), _rows_of(topk_logprobs, k))
+    _check_label_range(cfg.labels, student.vocab_size, cfg.ignore_index)
+
+    options.update(tail=tail, **_chunk_reduction(cfg, student.rows))
+    per_row_tensors = {"topk_indices": topk_indices.reshape(-1, k), "topk_logprobs": topk_logprobs.reshape(-1, k),
+                       "labels": _flat(cfg.labels)}
+    bytes_per_row = student.vocab_size * (2 * element_size(student.weight.dtype) + 4 * _TOPK_TEMPORARIES)
+    plan = ChunkPlan(
+        make_chunk_loss=_topk_chunk_losses(topk.topk_distill_loss, options, per_row_tensors),
+        chunk_size=_resolve_chunk_size(chunk_size, student, bytes_per_row, None),
+        softcap=student.softcap,
+        per_row=cfg.reduction == "none",
+        accumulate_fp32=accumulate_fp32,
+    )
+    return chunked_linear_loss(student, plan)
+
+
+# ----------------------------------------------------------------- the per-chunk losses
+def _dense_chunk_losses(teacher: LinearHead, loss_fn, options: dict, per_row_tensors: dict) -> ChunkLossFactory:
+    """Per chunk: the teacher's logits of the chunk's rows (into one reused buffer), then ``loss_fn``."""
+
+    def make(capacity: int):
+        teacher_buffer = teacher.new_logits_buffer(capacity)
+
+        def chunk_loss(student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
+            teacher_logits = teacher.logits_into(rows, teacher_buffer)
+            return loss_fn(student_logits, teacher_logits, **options, **_slice_rows(per_row_tensors, rows))
+
+        return chunk_loss
+
+    return make
+
+
+def _topk_chunk_losses(loss_fn, options: dict, per_row_tensors: dict) -> ChunkLossFactory:
+    """Per chunk: ``loss_fn(student_logits, topk_indices[rows], topk_logprobs[rows], ...)``."""
+
+    def make(capacity: int):
+        def chunk_loss(student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
+            row_args = _slice_rows(per_row_tensors, rows)
+            return loss_fn(student_logits, row_args.pop("topk_indices"), row_args.pop("topk_logprobs"),
+                           **options, **row_args)
+
+        return chunk_loss
+
+    return make
+
+
+def _slice_rows(per_row_tensors: dict, rows: slice) -> dict:
+    return {name: t[rows] for name, t in per_row_tensors.items() if t is not None}
+
+
+def _chunk_reduction(cfg, rows: int) -> dict:
+    """The reduction each chunk uses so that the chunks add up to the whole loss.
+
+    ``"batchmean"`` becomes a chunk sum divided by the global normaliser, which
+    the fused kernels apply while writing the gradient (no extra pass).
+    """
+    if cfg.reduction != "batchmean":
+        return {"reduction": cfg.reduction}
+    return {"reduction": "batchmean",
+            "normalizer": batchmean_normalizer(cfg.normalizer, cfg.labels, rows, cfg.ignore_index)}
+
+
+# ----------------------------------------------------------------- helpers
+def _resolve_chunk_size(chunk_size, student: LinearHead, bytes_per_row: int, process_group) -> int:
+    size = check_chunk_size(chunk_size)
+    if size is not None:
+        return size
+    size = default_chunk_size(student.rows, bytes_per_row, student.weight.device)
+    if process_group is not None:
+        # Every rank must run the same chunks (each chunk's loss communicates);
+        # free memory and shard sizes may differ, so agree on the smallest.
+        import torch.distributed as dist
+
+        agreed = torch.tensor([size], dtype=torch.int64, device=student.weight.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=process_group)
+        size = int(agreed)
+    return size
+
+
+def _check_label_range(labels: Optional[torch.Tensor], V: int, ignore_index: int) -> None:
+    """Labels outside ``[0, V)`` are reported with their global row (a chunk would only know its own)."""
+    if labels is None:
+        return
+    flat = labels.reshape(-1).long()
+    reference.check_labels(flat, flat != ignore_index, V, ignore_index)
+
+
+def _weights_tensor(weighting):
+    return weighting if isinstance(weighting, torch.Tensor) else None
+
+
+def _flat(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.reshape(-1)
+
+
+def _rows_of(t, k: int):
+    """``t`` as ``(N, k)`` rows for the checks (non-tensors pass through to be reported)."""
+    return t.reshape(-1, k) if isinstance(t, torch.Tensor) and t.dim() else t
+
+
+def _vocab_parallel_loss():
+    # Imported on first use: it pulls in torch.distributed, which single-device training does not need.
+    from .vocab_parallel import vocab_parallel_distill_loss
+
+    return vocab_parallel_distill_loss
+
+
+def _all_reduce_over(process_group):
+    import torch.distributed as dist
+
+    def reduce(grad_hidden: torch.Tensor) -> None:
+        dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=process_group)
+
+    return reduce
+
+
+# ----------------------------------------------------------------- module forms
+class _FusedLinearModule(nn.Module):
+    """A fused linear loss with fixed keyword options; unknown option names fail at construction."""
+
+    _fn = None
+    _call_time = ("labels", "student_bias", "teacher_bias")
+
+    def __init__(self, **options):
+        super().__init__()
+        for name in self._call_time:
+            if name in options:
+                raise TypeError(f"{name} is passed at call time, not to {type(self).__name__}()")
+        inspect.signature(type(self)._fn).bind_partial(None, None, None, None, **options)
+        resolve_divergence(options.get("divergence", "kl"), options.get("alpha"), options.get("beta"),
+                           options.get("skew"))
+        self.options = options
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if not isinstance(v, torch.Tensor))
+
+
+class FusedLinearDistillLoss(_FusedLinearModule):
+    """``FusedLinearDistillLoss(**options)(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
+    student_bias=None, teacher_bias=None)``: :func:`fused_linear_distill_loss` as a module.
+
+    The heads' weights are arguments of the call (they belong to the models),
+    the loss options (divergence, temperature, chunk_size, softcap, ...) to the module.
+    """
+
+    _fn = staticmethod(fused_linear_distill_loss)
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
+                student_bias=None, teacher_bias=None) -> torch.Tensor:
+        return fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                                         student_bias=student_bias, teacher_bias=teacher_bias, **self.options)
+
+
+class FusedLinearTopKDistillLoss(_FusedLinearModule):
+    """``FusedLinearTopKDistillLoss(**options)(student_hidden, student_weight, topk_indices, topk_logprobs,
+    labels=None, student_bias=None)``: :func:`fused_linear_topk_distill_loss` as a module."""
+
+    _fn = staticmethod(fused_linear_topk_distill_loss)
+    _call_time = ("labels", "student_bias")
+
+    def forward(self, student_hidden, student_weight, topk_indices, topk_logprobs, labels=None,
+                student_bias=None) -> torch.Tensor:
+        return fused_linear_topk_distill_loss(student_hidden, student_weight, topk_indices, topk_logprobs, labels,
+                                              student_bias=student_bias, **self.options)
