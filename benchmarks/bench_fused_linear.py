@@ -40,8 +40,6 @@ import argparse
 import datetime as _dt
 import gc
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -56,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kdfast  # noqa: E402
 from kdfast.fused_linear import fused_linear_distill_loss  # noqa: E402
+from bench_losses import machine_info  # noqa: E402
 from memory import peak_extra_bytes  # noqa: E402
 
 METHODS = ("eager", "kdfast", "liger")
@@ -85,26 +84,6 @@ SHAPES = {
     "cuda": Shape(8192, 2048, 4096, 128256, "bfloat16"),
     "cuda-quick": Shape(2048, 1024, 2048, 32000, "bfloat16"),
 }
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "kdfast": kdfast.__version__,
-        "kdfast_cpu_capability": kdfast.cpu_capability(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "python": platform.python_version(),
-        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
 
 
 # ----------------------------------------------------------------- inputs and methods

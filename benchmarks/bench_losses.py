@@ -48,7 +48,8 @@ PARAMS = {"jsd": {"beta": 0.5}, "renyi": {"alpha": 0.5}, "ab": {"alpha": 0.5, "b
           "skew_reverse_kl": {"skew": 0.1}}
 
 
-def machine_info() -> dict:
+def machine_info(device=None) -> dict:
+    """The machine a benchmark ran on (CPU, threads, versions, SIMD level, GPU of ``device``, load)."""
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -62,8 +63,10 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "kdfast": kdfast.__version__,
         "kdfast_cpu_capability": kdfast.cpu_capability(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "gpu": (torch.cuda.get_device_name(device) if torch.cuda.is_available()
+                and (device is None or torch.device(device).type == "cuda") else None),
         "python": platform.python_version(),
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 

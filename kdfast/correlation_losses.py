@@ -8,7 +8,7 @@ for it, else the reference (``reference_correlation``, ``reference_dkd``).
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Union
 
 import torch
 
