@@ -37,13 +37,14 @@ Weighting parse_weighting(const std::string& name) {
   TORCH_CHECK_VALUE(false, "unknown weighting '", name, "'");
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> distill_forward_cpu(
+// The gradient goes to `grad_out` (an (N, V) buffer with rows of stride V in
+// the student's dtype; it may be the student itself, see distill_forward_inplace),
+// a recycled buffer when `grad_out` is undefined and `compute_grad`, or nowhere.
+std::tuple<at::Tensor, at::Tensor> run_distill(
     const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& labels,
     const c10::optional<at::Tensor>& weights, c10::string_view divergence, double tau, double tau_s, double alpha,
     double beta, double skew, c10::string_view weighting, int64_t ignore_index, double hard_weight, double soft_coef,
-    c10::string_view reduction, c10::optional<double> normalizer, bool compute_grad) {
+    c10::string_view reduction, c10::optional<double> normalizer, bool compute_grad, const at::Tensor& grad_out) {
   const auto [st, tt] = check_logits_pair(student, teacher);
   TORCH_CHECK_VALUE(tau > 0 && tau_s > 0, "temperatures must be > 0, got ", tau, " and ", tau_s);
 
@@ -93,7 +94,9 @@ std::tuple<at::Tensor, at::Tensor> distill_forward_cpu(
   prm.inv_denom = denom > 0 ? 1.0 / denom : 0.0;
 
   const auto acc_dtype = st == DType::Float64 ? at::kDouble : at::kFloat;
-  at::Tensor grad = compute_grad ? GradBufferCache::instance().empty(N, V, student.options()) : at::empty({0}, student.options());
+  at::Tensor grad = grad_out.defined() ? grad_out
+                    : compute_grad      ? GradBufferCache::instance().empty(N, V, student.options())
+                                        : at::empty({0}, student.options());
   std::vector<double> row_loss(N, 0.0);
   std::vector<int32_t> row_status(N, 0);
 
@@ -102,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> distill_forward_cpu(
   b.labels = labels64.defined() ? labels64.data_ptr<int64_t>() : nullptr;
   b.ignore_index = ignore_index;
   b.weights = weights64.defined() ? weights64.data_ptr<double>() : nullptr;
-  b.grad = compute_grad ? grad.data_ptr() : nullptr;
+  b.grad = grad.numel() ? grad.data_ptr() : nullptr;
   b.row_loss = row_loss.data();
   b.row_status = row_status.data();
 
@@ -124,6 +127,36 @@ std::tuple<at::Tensor, at::Tensor> distill_forward_cpu(
   return {loss, grad};
 }
 
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> distill_forward_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& labels,
+    const c10::optional<at::Tensor>& weights, c10::string_view divergence, double tau, double tau_s, double alpha,
+    double beta, double skew, c10::string_view weighting, int64_t ignore_index, double hard_weight, double soft_coef,
+    c10::string_view reduction, c10::optional<double> normalizer, bool compute_grad) {
+  return run_distill(student, teacher, labels, weights, divergence, tau, tau_s, alpha, beta, skew, weighting,
+                     ignore_index, hard_weight, soft_coef, reduction, normalizer, compute_grad, at::Tensor());
+}
+
+// The loss, with its student gradient written over the student logits.  The
+// row kernel's last sweep reads a vector of logits before it stores the same
+// vector of gradient, and no sweep reads them after, so the aliasing is safe;
+// it lets a caller that no longer needs the logits (the fused linear loss's
+// chunk loop) skip the (N, V) gradient buffer.
+at::Tensor distill_forward_inplace_cpu(
+    at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& labels,
+    const c10::optional<at::Tensor>& weights, c10::string_view divergence, double tau, double tau_s, double alpha,
+    double beta, double skew, c10::string_view weighting, int64_t ignore_index, double hard_weight, double soft_coef,
+    c10::string_view reduction, c10::optional<double> normalizer) {
+  TORCH_CHECK_VALUE(student.dim() == 2 && student.is_contiguous(),
+                    "distill_forward_inplace needs contiguous (N, V) student logits, got shape ", student.sizes(),
+                    " and strides ", student.strides());
+  auto [loss, grad] = run_distill(student, teacher, labels, weights, divergence, tau, tau_s, alpha, beta, skew,
+                                  weighting, ignore_index, hard_weight, soft_coef, reduction, normalizer,
+                                  /*compute_grad=*/true, student);
+  return loss;
+}
+
 }  // namespace kdfast
 
 TORCH_LIBRARY(kdfast, m) {
@@ -131,9 +164,16 @@ TORCH_LIBRARY(kdfast, m) {
       "distill_forward(Tensor student, Tensor teacher, Tensor? labels, Tensor? weights, str divergence, "
       "float tau, float tau_s, float alpha, float beta, float skew, str weighting, int ignore_index, "
       "float hard_weight, float soft_coef, str reduction, float? normalizer, bool compute_grad) -> (Tensor, Tensor)");
+  m.def(
+      "distill_forward_inplace(Tensor(a!) student, Tensor teacher, Tensor? labels, Tensor? weights, str divergence, "
+      "float tau, float tau_s, float alpha, float beta, float skew, str weighting, int ignore_index, "
+      "float hard_weight, float soft_coef, str reduction, float? normalizer) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(kdfast, CPU, m) { m.impl("distill_forward", &kdfast::distill_forward_cpu); }
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
+  m.impl("distill_forward", &kdfast::distill_forward_cpu);
+  m.impl("distill_forward_inplace", &kdfast::distill_forward_inplace_cpu);
+}
 
 namespace {
 std::string capability() { return kdfast::cpu_capability_name(kdfast::active_cpu_capability()); }

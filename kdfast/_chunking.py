@@ -32,6 +32,11 @@ ChunkLoss = Callable[[torch.Tensor, slice], torch.Tensor]
 # ``capacity`` rows.  A fresh one per pass over the rows, so that its scratch
 # buffers (the teacher's logits) live only while the loop runs.
 ChunkLossFactory = Callable[[int], ChunkLoss]
+# A ChunkLoss may also have a method ``loss_and_grad_(student_logits_chunk, rows)``
+# that returns the (non-differentiable) loss and overwrites the logits with its
+# gradient (a fused kernel writing in place): the loop then uses it, and the
+# chunk needs no gradient buffer besides the logits it already has.
+IN_PLACE_METHOD = "loss_and_grad_"
 
 CPU_CHUNK_BUDGET_BYTES = 256 * 2**20
 CUDA_CHUNK_BUDGET_FRACTION = 8  # use at most 1/8 of the free device memory ...
@@ -149,8 +154,10 @@ class _StudentGrads:
         self.weight = head.weight.detach()
         # contiguous, because every chunk writes its rows with out=
         self.hidden = head.hidden.new_empty(head.hidden.shape) if want_hidden else None
-        self.weight_acc = (torch.zeros(self.weight.shape, dtype=accumulator_dtype(self.weight, accumulate_fp32),
+        # Uninitialised: the first chunk's product is written, not added (no pass zeroing a (V, H) tensor).
+        self.weight_acc = (torch.empty(self.weight.shape, dtype=accumulator_dtype(self.weight, accumulate_fp32),
                                        device=self.weight.device) if want_weight else None)
+        self.weight_started = False
         self.bias_acc = (torch.zeros(head.bias.shape, dtype=accumulator_dtype(head.bias, accumulate_fp32),
                                      device=self.weight.device) if want_bias and head.bias is not None else None)
 
@@ -167,12 +174,15 @@ class _StudentGrads:
         if self.hidden is not None:
             torch.mm(grad, self.weight, out=self.hidden[rows])
         if self.weight_acc is not None:
-            _add_matmul_(self.weight_acc, grad.t(), self.head.hidden[rows].detach())
+            _add_matmul_(self.weight_acc, grad.t(), self.head.hidden[rows].detach(), first=not self.weight_started)
+            self.weight_started = True
         if self.bias_acc is not None:
             self.bias_acc.add_(grad.sum(0, dtype=self.bias_acc.dtype))
 
     def result(self):
         """``(grad_hidden, grad_weight, grad_bias)`` in the parameters' dtypes (None where not wanted)."""
+        if self.weight_acc is not None and not self.weight_started:
+            self.weight_acc.zero_()  # no chunk had a gradient (no rows, or every row ignored)
         weight = None if self.weight_acc is None else self.weight_acc.to(self.weight.dtype)
         bias = None if self.bias_acc is None else self.bias_acc.to(self.head.bias.dtype)
         return self.hidden, weight, bias
@@ -212,21 +222,22 @@ def run_chunks(
     capacity = max(1, min(chunk_size, head.rows))
     buffer = head.new_logits_buffer(capacity)
     chunk_loss = make_chunk_loss(capacity)
+    in_place = grads.any and uses_in_place_gradient(chunk_loss, head)
     losses = []
     for start in range(0, head.rows, chunk_size):
         rows = slice(start, min(start + chunk_size, head.rows))
         logits = head.logits_into(rows, buffer)
-        leaf = logits.detach().requires_grad_(grads.any)
-        with torch.set_grad_enabled(grads.any):
-            loss = chunk_loss(leaf, rows)
-            grad = None
-            if grads.any:
-                seed = None if row_grad is None else row_grad[rows].to(loss.dtype)
-                # allow_unused: a loss may not depend on the logits (every row ignored): g = 0
-                (grad,) = torch.autograd.grad(loss, leaf, seed, allow_unused=True)
+        if in_place:
+            loss = getattr(chunk_loss, IN_PLACE_METHOD)(logits, rows)
+            grad = logits
+            if row_grad is not None:
+                # in the loss's dtype (float32 at least): one rounding of each half-precision entry
+                grad.mul_(row_grad[rows].to(loss.dtype)[:, None])
+        else:
+            loss, grad = _loss_and_autograd_grad(chunk_loss, logits, rows, grads.any, row_grad)
+            if grad is not None and head.softcap is not None:
+                softcap_backward_(grad, logits, head.softcap)
         losses.append(loss.detach())
-        if grad is not None and head.softcap is not None:
-            softcap_backward_(grad, logits, head.softcap)
         grads.add_chunk(rows, grad)
         del grad  # the fused kernel recycles its gradient buffer for the next chunk
 
@@ -234,8 +245,30 @@ def run_chunks(
     return ChunkLoopResult(_combine(losses, scalar_loss, head), grad_hidden, grad_weight, grad_bias)
 
 
-def _add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b``.
+def uses_in_place_gradient(chunk_loss: ChunkLoss, head: LinearHead) -> bool:
+    """Whether the loop lets ``chunk_loss`` write the gradient over the logits.
+
+    Not with a softcap: its chain rule needs the capped logits after the loss.
+    """
+    return hasattr(chunk_loss, IN_PLACE_METHOD) and head.softcap is None
+
+
+def _loss_and_autograd_grad(chunk_loss: ChunkLoss, logits: torch.Tensor, rows: slice, want_grad: bool,
+                            row_grad: Optional[torch.Tensor]):
+    """The chunk's loss and, when wanted, its gradient with respect to ``logits`` by autograd (None: zero)."""
+    leaf = logits.detach().requires_grad_(want_grad)
+    with torch.set_grad_enabled(want_grad):
+        loss = chunk_loss(leaf, rows)
+        if not want_grad:
+            return loss, None
+        seed = None if row_grad is None else row_grad[rows].to(loss.dtype)
+        # allow_unused: a loss may not depend on the logits (every row ignored): g = 0
+        (grad,) = torch.autograd.grad(loss, leaf, seed, allow_unused=True)
+    return loss, grad
+
+
+def _add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool = False) -> None:
+    """``acc += a @ b`` (``acc = a @ b`` when ``first``: ``acc`` may be uninitialised).
 
     For a float32 accumulator of half-precision operands, the chunk's product
     is taken in the operands' dtype (tensor cores, or the CPU's bf16 GEMM:
@@ -245,7 +278,12 @@ def _add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     of the gradient is made.
     """
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        if first:
+            torch.mm(a, b, out=acc)
+        else:
+            acc.addmm_(a, b)
+    elif first:
+        acc.copy_(torch.mm(a, b))
     else:
         acc.add_(torch.mm(a, b))
 

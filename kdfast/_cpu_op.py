@@ -8,12 +8,34 @@ from __future__ import annotations
 
 import torch
 
-from ._fused_op import call_distill_op, register_fake_and_autograd
+from ._fused_op import call_distill_op, loss_arguments, register_fake_and_autograd
 from ._options import LossConfig
 
 register_fake_and_autograd("kdfast::distill_forward")
 
 
+@torch.library.register_fake("kdfast::distill_forward_inplace")
+def _fake_distill_forward_inplace(student, teacher, labels, weights, divergence, tau, tau_s, alpha, beta, skew,
+                                  weighting, ignore_index, hard_weight, soft_coef, reduction, normalizer):
+    f64 = student.dtype == torch.float64
+    return student.new_empty((student.shape[0],) if reduction == "none" else (),
+                             dtype=torch.float64 if f64 else torch.float32)
+
+
 def distill_loss_cpu(student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """The fused C++ kernel; same contract as ``reference.distill_loss_reference``."""
     return call_distill_op(torch.ops.kdfast.distill_forward, student_logits, teacher_logits, cfg)
+
+
+def distill_loss_and_grad_cpu_(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                               cfg: LossConfig) -> torch.Tensor:
+    """The loss of ``distill_loss_cpu``, not differentiable: its student gradient overwrites ``student_logits``.
+
+    For a caller that is done with the logits once the loss is known (the
+    fused linear loss's chunk loop): no ``(N, V)`` gradient buffer.  The
+    gradient is that of the loss as returned (per row for ``reduction="none"``).
+    ``student_logits`` must be a contiguous ``(N, V)`` tensor and
+    ``teacher_logits`` of the same float64-ness (not converted here: a copy
+    would defeat the point).
+    """
+    return torch.ops.kdfast.distill_forward_inplace(student_logits, teacher_logits.detach(), *loss_arguments(cfg))

@@ -101,14 +101,10 @@ def wants_grad(student_logits: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and student_logits.requires_grad
 
 
-def call_distill_op(op, student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
-    """Runs a fused op on a validated configuration; same contract as ``reference.distill_loss_reference``."""
-    student_logits, teacher = paired_logits(student_logits, teacher_logits)
+def loss_arguments(cfg: LossConfig) -> tuple:
+    """The op arguments after the two logits tensors, up to ``normalizer``, from a validated configuration."""
     weights = cfg.weighting if isinstance(cfg.weighting, torch.Tensor) else None
-    compute_grad = wants_grad(student_logits)
-    loss, _ = op(
-        student_logits,
-        teacher,
+    return (
         cfg.labels,
         weights,
         cfg.divergence,
@@ -123,6 +119,11 @@ def call_distill_op(op, student_logits: torch.Tensor, teacher_logits: torch.Tens
         cfg.soft_weight * cfg.scale,
         cfg.reduction,
         cfg.normalizer,
-        compute_grad,
     )
+
+
+def call_distill_op(op, student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """Runs a fused op on a validated configuration; same contract as ``reference.distill_loss_reference``."""
+    student_logits, teacher = paired_logits(student_logits, teacher_logits)
+    loss, _ = op(student_logits, teacher, *loss_arguments(cfg), wants_grad(student_logits))
     return loss

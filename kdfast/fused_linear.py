@@ -117,8 +117,10 @@ def fused_linear_distill_loss(
             temporaries fit a budget (CPU: 256 MiB; CUDA: 1/8 of the free
             memory, clamped to [64 MiB, 2 GiB]), where a row costs ``V`` times
             the bytes of one student logit, one teacher logit and one gradient
-            entry (plus 8 float32 temporaries of the pure-PyTorch loss when
-            ``backend`` resolves to ``"torch"``), rounded down to a multiple of 16.
+            entry (none on CPU, whose kernel writes the gradient over the
+            student logits, except with a softcap; plus 8 float32 temporaries of
+            the pure-PyTorch loss when ``backend`` resolves to ``"torch"``),
+            rounded down to a multiple of 16.
         vocab_policy: ``"error"`` (``V_t != V_s`` is a ValueError naming both) or
             ``"truncate"`` (a larger teacher vocabulary is cut to the student's
             first ``V_s`` entries and renormalised over them).
@@ -165,10 +167,13 @@ def fused_linear_distill_loss(
                    soft_weight=soft_weight, scale=scale)
     cfg = make_config(virtual_logits(student), virtual_logits(teacher), weighting=weighting, labels=labels,
                       reduction=reduction, normalizer=normalizer, **options)
+    in_place_kernel = None
     if process_group is None:
         _check_label_range(cfg.labels, student.vocab_size, cfg.ignore_index)
         loss_fn = functools.partial(distill_loss, backend=backend)
-        fused_kernel = resolve_backend(backend, student.weight.device) != "torch"
+        resolved = resolve_backend(backend, student.weight.device)
+        fused_kernel = resolved != "torch"
+        in_place_kernel = _in_place_kernel(resolved, student, teacher)
     else:
         if backend != "auto":
             raise ValueError(f"backend={backend!r} cannot be combined with process_group: the vocabulary-parallel "
@@ -181,12 +186,13 @@ def fused_linear_distill_loss(
         options["weighting"] = cfg.weighting
     options.update(_chunk_reduction(cfg, student.rows))
 
+    separate_gradient = in_place_kernel is None
     bytes_per_row = student.vocab_size * (
-        2 * element_size(student.weight.dtype) + element_size(teacher.weight.dtype)
+        (2 if separate_gradient else 1) * element_size(student.weight.dtype) + element_size(teacher.weight.dtype)
         + (0 if fused_kernel else 4 * _REFERENCE_TEMPORARIES))
     rows_per_chunk = _resolve_chunk_size(chunk_size, student, bytes_per_row, process_group)
     plan = ChunkPlan(
-        make_chunk_loss=_dense_chunk_losses(teacher, loss_fn, options, per_row_tensors),
+        make_chunk_loss=_dense_chunk_losses(teacher, loss_fn, options, per_row_tensors, in_place_kernel),
         chunk_size=rows_per_chunk,
         softcap=student.softcap,
         per_row=cfg.reduction == "none",
@@ -280,19 +286,58 @@ def fused_linear_topk_distill_loss(
 
 
 # ----------------------------------------------------------------- the per-chunk losses
-def _dense_chunk_losses(teacher: LinearHead, loss_fn, options: dict, per_row_tensors: dict) -> ChunkLossFactory:
-    """Per chunk: the teacher's logits of the chunk's rows (into one reused buffer), then ``loss_fn``."""
+class _DenseChunkLoss:
+    """The loss of a chunk of rows against the teacher's logits of the same rows (into one reused buffer).
 
-    def make(capacity: int):
-        teacher_buffer = teacher.new_logits_buffer(capacity)
+    Called, it is ``loss_fn`` (differentiable).  With an ``in_place_kernel``
+    it also has ``loss_and_grad_``, which the chunk loop prefers: the fused
+    kernel writes the gradient over the student logits, so a chunk costs one
+    student and one teacher logits buffer instead of three buffers, and the
+    default chunk holds more rows (larger matmuls) in the same memory.
+    """
 
-        def chunk_loss(student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
-            teacher_logits = teacher.logits_into(rows, teacher_buffer)
-            return loss_fn(student_logits, teacher_logits, **options, **_slice_rows(per_row_tensors, rows))
+    def __init__(self, teacher: LinearHead, capacity: int, loss_fn, options: dict, per_row_tensors: dict,
+                 in_place_kernel):
+        self.teacher = teacher
+        self.teacher_buffer = teacher.new_logits_buffer(capacity)
+        self.loss_fn = loss_fn
+        self.options = options
+        self.per_row_tensors = per_row_tensors
+        if in_place_kernel is not None:
+            self.in_place_kernel = in_place_kernel
+            self.loss_and_grad_ = self._loss_and_grad_
 
-        return chunk_loss
+    def __call__(self, student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        teacher_logits = self.teacher.logits_into(rows, self.teacher_buffer)
+        return self.loss_fn(student_logits, teacher_logits, **self.options, **_slice_rows(self.per_row_tensors, rows))
 
-    return make
+    def _loss_and_grad_(self, student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        teacher_logits = self.teacher.logits_into(rows, self.teacher_buffer)
+        cfg = make_config(student_logits, teacher_logits, **self.options, **_slice_rows(self.per_row_tensors, rows))
+        return self.in_place_kernel(student_logits, teacher_logits, cfg)
+
+
+def _dense_chunk_losses(teacher: LinearHead, loss_fn, options: dict, per_row_tensors: dict,
+                        in_place_kernel=None) -> ChunkLossFactory:
+    """Per chunk: the teacher's logits of the chunk's rows, then ``loss_fn`` (see :class:`_DenseChunkLoss`)."""
+    return functools.partial(_DenseChunkLoss, teacher, loss_fn=loss_fn, options=options,
+                             per_row_tensors=per_row_tensors, in_place_kernel=in_place_kernel)
+
+
+def _in_place_kernel(backend: str, student: LinearHead, teacher: LinearHead):
+    """The fused kernel that can write a chunk's gradient over its student logits, or None.
+
+    The C++ kernel, when it runs the loss as is: not with a softcap (whose
+    chain rule needs the logits after the loss) nor when one head is float64
+    and the other not (the logits would be converted, not overwritten).
+    """
+    if backend != "cpu" or student.softcap is not None:
+        return None
+    if (student.weight.dtype == torch.float64) != (teacher.weight.dtype == torch.float64):
+        return None
+    from ._cpu_op import distill_loss_and_grad_cpu_
+
+    return distill_loss_and_grad_cpu_
 
 
 def _topk_chunk_losses(loss_fn, options: dict, per_row_tensors: dict) -> ChunkLossFactory:
