@@ -34,6 +34,18 @@ def test_masked_vocabulary_entries(divergence, params, kernel):
 
 
 @kernels
+def test_hard_label_term_of_huge_logits_whose_label_is_the_argmax(kernel):
+    """The cross-entropy of a confident student (1e-5 at logits of 1e4) is not swamped by the rounding
+    of the kernels' base-2 shift of the row (1e-3 at that scale): the CE is taken in natural units.
+    At tau = 1 only: z / tau of 1e4-size logits is itself rounded by 1e-4 in float32."""
+    s = logits((3, 37), seed=11) + 1e4
+    labels = s.argmax(-1)
+    s[torch.arange(3), labels] += 12.0
+    t = logits((3, 37), seed=12) + 1e4
+    assert_matches_oracle(s, t, kernel, labels=labels, hard_weight=1.0, soft_weight=1e-3)
+
+
+@kernels
 @pytest.mark.parametrize("divergence", ["kl", "jsd", "tvd", "skew_kl"])
 def test_teacher_only_masked_entries(divergence, kernel):
     """A teacher entry of -inf (p = 0) where the student has mass is finite for these divergences."""

@@ -2,8 +2,8 @@
 //
 // Every divergence D(p || q) is described by:
 //   * its row value: either accumulated in the exponential sweep from the
-//     shifted logits x = (z - max) / tau and e = exp(x) (kValueFromExps: no
-//     extra sweep), or in a value sweep (Acc::add / Acc::flush);
+//     shifted logits in base 2, t = log2(e) (z - max) / tau, and e = 2^t
+//     (kValueFromExps: no extra sweep), or in a value sweep (Acc::add / Acc::flush);
 //   * finish(): the row value D and Sigma_g = sum_j g_j from the sums;
 //   * grad_term(): g_j = q_j * dD/dq_j.
 // The skeleton turns g into the gradient with respect to the student logits
@@ -70,15 +70,14 @@ struct TwoSums {
 };
 
 // ---------------------------------------------------------------- kl
-// D = sum p (log p - log q) = (1/S_t) sum e_t (x_t - x_s) - log S_t + log S_s
+// D = sum p (log p - log q) = (ln 2 / S_t) sum e_t (t_t - t_s) - log S_t + log S_s
 template <class V>
 struct KL {
   static constexpr bool kValueFromExps = true;
-  static V exp_term(V xt, V xs, V et, V) {
-    return select(gt(et, vzero<V>()), et * (xt - xs), vzero<V>());
-  }
+  // acc + e_t (t_t - t_s), skipping e_t == 0 (t_t may be -inf there)
+  static V add_exp_term(V acc, V tt, V ts, V et, V) { return fmadd_where(gt(et, vzero<V>()), et, tt - ts, acc); }
   static void finish(RowAcc& r, const DivConsts&) {
-    r.D = r.val / r.sum_t - r.log_sum_t + r.log_sum_s;
+    r.D = kLn2D * r.val / r.sum_t - r.log_sum_t + r.log_sum_s;
     r.gsum = -1.0;
   }
   static V grad_term(const Elem<V>& e, const RowAcc&, const DivConsts&) { return vzero<V>() - e.p; }

@@ -57,6 +57,15 @@ inline void no_flush() {}
 // DRAM would idle through it: it prefetches the next row's logits, one line of
 // each input per vector, spread over the sweep (hint: L2).
 template <class T> inline void prefetch_line(const T* p) { __builtin_prefetch(p, 0, 2); }
+// The line of `row` that holds entry j, once per line: a vector of 16-bit
+// logits covers half a line, and a second prefetch of it is a wasted slot.
+template <class V, class T> inline void prefetch_next_line(const T* row, int64_t j) {
+  constexpr int64_t kPerLine = 64 / sizeof(T);
+  if constexpr (kPerLine > V::size) {
+    if (j % kPerLine != 0) return;
+  }
+  prefetch_line(row + j);
+}
 
 // 1 on the lanes that are entries of the row, 0 on the padding of a tail
 template <class V> inline V live_lanes(Full) { return V::broadcast(typename V::value_type(1)); }
@@ -151,11 +160,14 @@ struct RowKernel {
     }
 
     // -- sweep 2: exponentials at the temperatures, kept in scratch
-    const V inv_tau = vset<V>(1.0 / prm.tau), inv_tau_s = vset<V>(1.0 / prm.tau_s);
     const V vmzt = V::broadcast(mzt), vmzs = V::broadcast(mzs);
-    // x = z / tau - max / tau in one FMA.  The rounding of max / tau shifts a
-    // whole row by the same amount, which every softmax quantity is invariant to.
-    const V shift_t = vset<V>(-double(mzt) / prm.tau), shift_s = vset<V>(-double(mzs) / prm.tau_s);
+    // The shifted logits in base 2, t = log2(e) (z - max) / tau, in one FMA
+    // (the exponentials are 2^t: no multiply by log2(e) per entry).  The
+    // rounding of the shift moves a whole row by the same amount, which every
+    // softmax quantity is invariant to, as long as every later use of the
+    // row (log p, log q below) derives from the same t.
+    const V log2e_inv_tau = vset<V>(kLog2eD / prm.tau), log2e_inv_tau_s = vset<V>(kLog2eD / prm.tau_s);
+    const V shift2_t = vset<V>(-kLog2eD * double(mzt) / prm.tau), shift2_s = vset<V>(-kLog2eD * double(mzs) / prm.tau_s);
     RowAcc r;
     {
       const bool has_next = row + 1 < b.rows;
@@ -163,16 +175,16 @@ struct RowKernel {
       const TS* zs_next = has_next ? zs + b.student_row_stride : zs;
       V at = V::zero(), as = V::zero(), av = V::zero();
       sweep<V>(n, [&](int64_t j, auto tail) {
-        prefetch_line(zt_next + j);
-        prefetch_line(zs_next + j);
-        V xt = fmadd(ld<V>(zt + j, tail, kNegInf), inv_tau, shift_t);
-        V xs = fmadd(ld<V>(zs + j, tail, kNegInf), inv_tau_s, shift_s);
-        V et = vexp_nonpositive(xt), es = vexp_nonpositive(xs);
+        prefetch_next_line<V>(zt_next, j);
+        prefetch_next_line<V>(zs_next, j);
+        V tt = fmadd(ld<V>(zt + j, tail, kNegInf), log2e_inv_tau, shift2_t);
+        V ts = fmadd(ld<V>(zs + j, tail, kNegInf), log2e_inv_tau_s, shift2_s);
+        V et = vexp2_nonpositive(tt), es = vexp2_nonpositive(ts);
         et.store(scratch_t + j);
         es.store(scratch_s + j);
         at = at + et;
         as = as + es;
-        if constexpr (Div<V>::kValueFromExps) av = av + Div<V>::exp_term(xt, xs, et, es);
+        if constexpr (Div<V>::kValueFromExps) av = Div<V>::add_exp_term(av, tt, ts, et, es);
       }, [&] {
         r.sum_t += at.reduce_add();
         r.sum_s += as.reduce_add();
@@ -212,7 +224,11 @@ struct RowKernel {
 
     // -- hard-label cross-entropy of the student at temperature 1
     const bool hard = b.labels && prm.hard_weight != 0.0;
-    double ce = 0.0, log_sum_s1 = r.log_sum_s;
+    // At tau_s = 1 the sum of the exponential sweep serves, in natural units:
+    // its 2^t are exp(z - max) times 2^(t at the max), which the rounding of
+    // the base-2 constants leaves nonzero (1e-3 for logits of 1e4).
+    const double t_at_max_s = double(mzs) * double(log2e_inv_tau_s.lane(0)) + double(shift2_s.lane(0));
+    double ce = 0.0, log_sum_s1 = r.log_sum_s - kLn2D * t_at_max_s;
     const bool student_t1_differs = prm.tau_s != 1.0;
     if (hard) {
       if (student_t1_differs) {
@@ -227,14 +243,17 @@ struct RowKernel {
 
     // -- divergence value and gradient
     const V inv_sum_t = vset<V>(1.0 / r.sum_t), inv_sum_s = vset<V>(1.0 / r.sum_s);
-    const V log_sum_t_v = vset<V>(r.log_sum_t), log_sum_s_v = vset<V>(r.log_sum_s);
+    // log p = ln 2 (t - log2 S_t): from the t of the exponential sweep, so that
+    // it is the log of the p it sits next to (to float rounding near the max).
+    const V log2_sum_t_v = vset<V>(kLog2eD * r.log_sum_t), log2_sum_s_v = vset<V>(kLog2eD * r.log_sum_s);
+    const V ln2 = vset<V>(kLn2D);
     auto elem = [&](int64_t j, auto tail) {
       V zt_j = ld<V>(zt + j, tail, kNegInf), zs_j = ld<V>(zs + j, tail, kNegInf);
       Elem<V> e;
       e.p = V::load(scratch_t + j) * inv_sum_t;
       e.q = V::load(scratch_s + j) * inv_sum_s;
-      e.logp = fmadd(zt_j, inv_tau, shift_t) - log_sum_t_v;
-      e.logq = fmadd(zs_j, inv_tau_s, shift_s) - log_sum_s_v;
+      e.logp = (fmadd(zt_j, log2e_inv_tau, shift2_t) - log2_sum_t_v) * ln2;
+      e.logq = (fmadd(zs_j, log2e_inv_tau_s, shift2_s) - log2_sum_s_v) * ln2;
       return e;
     };
 

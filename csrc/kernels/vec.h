@@ -24,6 +24,8 @@
 namespace kdfast {
 namespace KDFAST_CPU_CAPABILITY {
 
+constexpr double kLog2eD = 1.44269504088896340736, kLn2D = 0.693147180559945309417;
+
 // ---------------------------------------------------------------------------
 // Scalar lanes: the portable baseline, and the float64 path used by gradcheck.
 // ---------------------------------------------------------------------------
@@ -48,6 +50,13 @@ template <class T> inline ScalarVec<T> operator-(ScalarVec<T> a, ScalarVec<T> b)
 template <class T> inline ScalarVec<T> operator*(ScalarVec<T> a, ScalarVec<T> b) { return {a.v * b.v}; }
 template <class T> inline ScalarVec<T> operator/(ScalarVec<T> a, ScalarVec<T> b) { return {a.v / b.v}; }
 template <class T> inline ScalarVec<T> fmadd(ScalarVec<T> a, ScalarVec<T> b, ScalarVec<T> c) { return {a.v * b.v + c.v}; }
+// Fused for float lanes, as the vector ISAs' FMA is: the kernels scale
+// logits as z * (log2(e) / tau) + shift, where a rounded product of a 1e4-size
+// logit would be off by 1e-3 before the shift brings it near 0.  A float
+// product is exact in double, so this needs no (slow, software) std::fma.
+inline ScalarVec<float> fmadd(ScalarVec<float> a, ScalarVec<float> b, ScalarVec<float> c) {
+  return {float(double(a.v) * double(b.v) + double(c.v))};
+}
 template <class T> inline ScalarVec<T> vmax(ScalarVec<T> a, ScalarVec<T> b) { return {a.v > b.v ? a.v : b.v}; }
 template <class T> inline ScalarVec<T> vmin(ScalarVec<T> a, ScalarVec<T> b) { return {a.v < b.v ? a.v : b.v}; }
 template <class T> inline ScalarVec<T> vabs(ScalarVec<T> a) { return {std::fabs(a.v)}; }
@@ -58,6 +67,11 @@ template <class T> inline ScalarVec<T> select(bool m, ScalarVec<T> a, ScalarVec<
 // exp/log of the scalar lanes use libm: exact enough to be the baseline.
 template <class T> inline ScalarVec<T> vexp(ScalarVec<T> x) { return {std::exp(x.v)}; }
 template <class T> inline ScalarVec<T> vexp_nonpositive(ScalarVec<T> x) { return {std::exp(x.v)}; }
+template <class T> inline ScalarVec<T> vexp2_nonpositive(ScalarVec<T> t) { return {std::exp2(t.v)}; }
+// c ? a * b + d : d
+template <class T> inline ScalarVec<T> fmadd_where(bool c, ScalarVec<T> a, ScalarVec<T> b, ScalarVec<T> d) {
+  return c ? fmadd(a, b, d) : d;
+}
 // log of a value known to be positive and normal (the kernels only take the log
 // of 1 + y with y in [0, 1]).
 template <class T> inline ScalarVec<T> vlog_normal(ScalarVec<T> x) { return {std::log(x.v)}; }
@@ -65,9 +79,9 @@ template <class T> inline ScalarVec<T> vlog_normal(ScalarVec<T> x) { return {std
 #if defined(KDFAST_ISA_AVX2) || defined(KDFAST_ISA_AVX512)
 // ---------------------------------------------------------------------------
 // Float exp/log shared by the vector ISAs.  exp is accurate to ~2 ulp on
-// [-86.5, 88.7]; below -86.5 it flushes to exactly 0 (so that exp(-inf) == 0
-// and no denormal is produced), above 88.7 it is +inf, and NaN gives NaN.
-// log is Cephes' logf polynomial.
+// [-86.5, 88.7]; below it goes to exactly 0 (AVX2 flushes at -86.5, AVX-512
+// through denormals at -103), so exp(-inf) == 0; above 88.7 it is +inf, and
+// NaN gives NaN.  log is Cephes' logf polynomial.
 // ---------------------------------------------------------------------------
 namespace cephes {
 constexpr float kExpLo = -86.5f;
@@ -81,8 +95,15 @@ constexpr float kSqrtHalf = 0.707106781186547524f;
 constexpr float kShifter = 12582912.0f;
 // exp(r) ~ 1 + r (c1 + r (c2 + ...)) on |r| <= ln2 / 2, relative-error minimax
 // (Lawson iteration, degree 5 with p(0) = 1): max error 9.5e-8 with float coefficients.
-constexpr float kExpC1 = 0.999999707185771f, kExpC2 = 0.49999149523356046f, kExpC3 = 0.166676362019904f,
-                kExpC4 = 0.04189793026082907f, kExpC5 = 0.00829031464218091f;
+constexpr double kExpC1 = 0.999999707185771, kExpC2 = 0.49999149523356046, kExpC3 = 0.166676362019904,
+                 kExpC4 = 0.04189793026082907, kExpC5 = 0.00829031464218091;
+// The same polynomial in f = r / ln2 on |f| <= 1/2: 2^f ~ 1 + f (c1 ln2 + f (c2 ln2^2 + ...)).
+// Base 2 lets the callers fold log2(e) into the scale of their logits, and
+// the reduction f = t - round(t) is exact.
+constexpr float kExp2C1 = float(kExpC1 * kLn2D), kExp2C2 = float(kExpC2 * kLn2D * kLn2D),
+                kExp2C3 = float(kExpC3 * kLn2D * kLn2D * kLn2D), kExp2C4 = float(kExpC4 * kLn2D * kLn2D * kLn2D * kLn2D),
+                kExp2C5 = float(kExpC5 * kLn2D * kLn2D * kLn2D * kLn2D * kLn2D);
+constexpr float kExp2Lo = float(double(kExpLo) * kLog2eD);  // 2^t below: 0 on AVX2
 }  // namespace cephes
 #endif
 
@@ -133,10 +154,22 @@ inline VecF select(__m256 m, VecF a, VecF b) { return {_mm256_blendv_ps(b.v, a.v
 
 // ISA primitives of the shared exp/log below.
 inline VecF fnmadd(VecF a, VecF b, VecF c) { return {_mm256_fnmadd_ps(a.v, b.v, c.v)}; }
-// p * 2^n where n sits in the low mantissa bits of nf (see kShifter).
-inline VecF scale_by_pow2(VecF p, VecF nf) {
-  __m256i e = _mm256_slli_epi32(_mm256_castps_si256(nf.v), 23);
-  return {_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p.v), e))};
+inline VecF fmadd_where(__m256 c, VecF a, VecF b, VecF d) { return select(c, fmadd(a, b, d), d); }
+// 2^t = 2^n 2^f: the split of t and the final scaling.  AVX2 rounds with
+// kShifter (n lands in the low mantissa bits of `carrier`) and scales by
+// adding n to the exponent field, which is only right while the result is
+// normal: inputs are clamped at kExp2Lo and anything below returns 0 by a select.
+struct ExpSplit { VecF n, carrier; };
+constexpr float kExp2ClampLo = cephes::kExp2Lo;
+inline ExpSplit exp2_split(VecF t) {
+  const VecF shifter = VecF::broadcast(cephes::kShifter);
+  VecF nf = t + shifter;
+  return {nf - shifter, nf};
+}
+inline VecF exp2_scale(VecF p, ExpSplit s, VecF t) {
+  __m256i e = _mm256_slli_epi32(_mm256_castps_si256(s.carrier.v), 23);
+  VecF scaled = {_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p.v), e))};
+  return select(gt(VecF::broadcast(kExp2ClampLo), t), VecF::zero(), scaled);  // 2^(t < lo) == 0
 }
 // x = m * 2^e with m in [0.5, 1), for positive normal x.
 inline void frexp_half(VecF x, VecF& m, VecF& e) {
@@ -179,10 +212,18 @@ inline __mmask16 mask_and(__mmask16 a, __mmask16 b) { return a & b; }
 inline VecF select(__mmask16 m, VecF a, VecF b) { return {_mm512_mask_blend_ps(m, b.v, a.v)}; }
 
 inline VecF fnmadd(VecF a, VecF b, VecF c) { return {_mm512_fnmadd_ps(a.v, b.v, c.v)}; }
-inline VecF scale_by_pow2(VecF p, VecF nf) {
-  __m512i e = _mm512_slli_epi32(_mm512_castps_si512(nf.v), 23);
-  return {_mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p.v), e))};
+inline VecF fmadd_where(__mmask16 c, VecF a, VecF b, VecF d) { return {_mm512_mask3_fmadd_ps(a.v, b.v, d.v, c)}; }
+// AVX-512 rounds with vrndscaleps and scales with vscalefps, which flushes to
+// 0 (and overflows to inf) by itself: no select, and 3 fewer instructions per
+// exp than AVX2's, which matters in the compute-bound exponential sweep.  The
+// clamp only keeps -inf out of the reduction: at -151, p * 2^-151 < 2^-150
+// rounds to 0.
+struct ExpSplit { VecF n; };
+constexpr float kExp2ClampLo = -151.0f;
+inline ExpSplit exp2_split(VecF t) {
+  return {{_mm512_roundscale_ps(t.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}};
 }
+inline VecF exp2_scale(VecF p, ExpSplit s, VecF) { return {_mm512_scalef_ps(p.v, s.n.v)}; }
 inline void frexp_half(VecF x, VecF& m, VecF& e) {
   __m512i bits = _mm512_castps_si512(x.v);
   e = {_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(126)))};
@@ -197,22 +238,22 @@ inline void frexp_half(VecF x, VecF& m, VecF& e) {
 // ---------------------------------------------------------------------------
 // exp for x <= 0 (or -inf, or NaN): the sweeps' shifted logits.  NaN
 // propagates because vmax/min return their second operand on NaN.
-inline VecF vexp_nonpositive(VecF x) {
+// 2^t for t <= 0 (or -inf, or NaN).  The hot sweeps call this one with
+// log2(e) folded into the scale of their logits (one multiply fewer per exp).
+inline VecF vexp2_nonpositive(VecF t) {
   using namespace cephes;
-  const VecF lo = VecF::broadcast(kExpLo), shifter = VecF::broadcast(kShifter);
-  VecF xc = vmax(lo, x);
-  VecF nf = fmadd(xc, VecF::broadcast(kLog2e), shifter);  // round(x / ln2) + shifter
-  VecF n = nf - shifter;
-  // One-constant reduction: the error n * (ln2 - float(ln2)) < 2.4e-7 only
-  // reaches that size for n ~ -125, i.e. for values below 1e-37.
-  VecF r = fnmadd(n, VecF::broadcast(kLn2), xc);
-  VecF p = fmadd(VecF::broadcast(kExpC5), r, VecF::broadcast(kExpC4));
-  p = fmadd(p, r, VecF::broadcast(kExpC3));
-  p = fmadd(p, r, VecF::broadcast(kExpC2));
-  p = fmadd(p, r, VecF::broadcast(kExpC1));
-  p = fmadd(p, r, VecF::broadcast(1.0f));
-  return select(gt(lo, x), VecF::zero(), scale_by_pow2(p, nf));  // exp(x < lo) == 0
+  VecF tc = vmax(VecF::broadcast(kExp2ClampLo), t);
+  ExpSplit split = exp2_split(tc);  // n = round(t)
+  VecF f = tc - split.n;            // exact
+  VecF p = fmadd(VecF::broadcast(kExp2C5), f, VecF::broadcast(kExp2C4));
+  p = fmadd(p, f, VecF::broadcast(kExp2C3));
+  p = fmadd(p, f, VecF::broadcast(kExp2C2));
+  p = fmadd(p, f, VecF::broadcast(kExp2C1));
+  p = fmadd(p, f, VecF::broadcast(1.0f));
+  return exp2_scale(p, split, t);
 }
+
+inline VecF vexp_nonpositive(VecF x) { return vexp2_nonpositive(x * VecF::broadcast(cephes::kLog2e)); }
 
 // exp on the whole line: +inf above 88.7.
 inline VecF vexp(VecF x) {
