@@ -26,14 +26,13 @@ std::tuple<at::Tensor, at::Tensor> dist_forward_cpu(const at::Tensor& student, c
   prm.tau = tau;
   prm.beta = beta;
   prm.gamma = gamma;
-  const auto acc = st == DType::Float64 ? at::kDouble : at::kFloat;
+  const auto acc = loss_dtype(st);
   std::vector<double> per_row(8 * size_t(N));
   std::vector<int32_t> status(N, 0);
   const int64_t blocks = (V + kDistColumnBlock - 1) / kDistColumnBlock;
   std::vector<double> block_rho(blocks, 0.0);
   at::Tensor col_coef = at::empty({6, V}, at::TensorOptions().dtype(acc));
-  at::Tensor grad = compute_grad ? GradBufferCache::instance().empty(N, V, student.options())
-                                 : at::empty({0}, student.options());
+  at::Tensor grad = grad_buffer(compute_grad, N, V, student);
 
   DistBatch b;
   set_logits(b, s2, t2, st, tt);
@@ -78,23 +77,17 @@ std::tuple<at::Tensor, at::Tensor> dkd_forward_cpu(const at::Tensor& student, co
   prm.alpha = alpha;
   prm.beta = beta;
   prm.inv_denom = valid > 0 ? 1.0 / double(valid) : 0.0;
-  at::Tensor grad = compute_grad ? GradBufferCache::instance().empty(N, V, student.options())
-                                 : at::empty({0}, student.options());
-  std::vector<double> row_loss(N, 0.0);
-  std::vector<int32_t> status(N, 0);
+  at::Tensor grad = grad_buffer(compute_grad, N, V, student);
+  RowResults rows(N);
   DkdBatch b;
   set_logits(b, s2, t2, st, tt);
   b.labels = labels64.data_ptr<int64_t>();
   b.ignore_index = ignore_index;
   b.grad = compute_grad ? grad.data_ptr() : nullptr;
-  b.row_loss = row_loss.data();
-  b.row_status = status.data();
-  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / V), [&](int64_t lo, int64_t hi) { dkd_rows(prm, b, lo, hi); });
-  check_row_status(status);
-  double total = 0;  // serial: bit-identical run to run
-  for (int64_t i = 0; i < N; ++i) total += row_loss[i];
-  const auto acc = st == DType::Float64 ? at::kDouble : at::kFloat;
-  return {at::scalar_tensor(total * prm.inv_denom, at::TensorOptions().dtype(acc)), grad};
+  b.row_loss = rows.loss.data();
+  b.row_status = rows.status.data();
+  rows.run(std::max<int64_t>(1, 16384 / V), [&](int64_t lo, int64_t hi) { dkd_rows(prm, b, lo, hi); });
+  return {rows.scalar(prm.inv_denom, st), grad};
 }
 
 std::tuple<at::Tensor, at::Tensor> correlation_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
@@ -118,23 +111,17 @@ std::tuple<at::Tensor, at::Tensor> correlation_forward_cpu(const at::Tensor& stu
   prm.spearman_weight = spearman_weight;
   prm.strength = strength;
   prm.inv_rows = N > 0 ? 1.0 / double(N) : 0.0;
-  at::Tensor grad = compute_grad ? GradBufferCache::instance().empty(N, V, student.options())
-                                 : at::empty({0}, student.options());
-  std::vector<double> row_loss(N, 0.0);
-  std::vector<int32_t> status(N, 0);
+  at::Tensor grad = grad_buffer(compute_grad, N, V, student);
+  RowResults rows(N);
   CorrelationBatch b;
   set_logits(b, s2, t2, st, tt);
   b.weights = weights.has_value() ? w64.data_ptr<double>() : nullptr;
   b.grad = compute_grad ? grad.data_ptr() : nullptr;
-  b.row_loss = row_loss.data();
-  b.row_status = status.data();
+  b.row_loss = rows.loss.data();
+  b.row_status = rows.status.data();
   // a row costs O(V^2): one row is plenty of work per task
-  at::parallel_for(0, N, 1, [&](int64_t lo, int64_t hi) { correlation_rows(prm, b, lo, hi); });
-  check_row_status(status);
-  double total = 0;  // serial: bit-identical run to run
-  for (int64_t i = 0; i < N; ++i) total += row_loss[i];
-  const auto acc = st == DType::Float64 ? at::kDouble : at::kFloat;
-  return {at::scalar_tensor(total * prm.inv_rows, at::TensorOptions().dtype(acc)), grad};
+  rows.run(1, [&](int64_t lo, int64_t hi) { correlation_rows(prm, b, lo, hi); });
+  return {rows.scalar(prm.inv_rows, st), grad};
 }
 
 }  // namespace kdfast

@@ -93,12 +93,8 @@ std::tuple<at::Tensor, at::Tensor> run_distill(
   }
   prm.inv_denom = denom > 0 ? 1.0 / denom : 0.0;
 
-  const auto acc_dtype = st == DType::Float64 ? at::kDouble : at::kFloat;
-  at::Tensor grad = grad_out.defined() ? grad_out
-                    : compute_grad      ? GradBufferCache::instance().empty(N, V, student.options())
-                                        : at::empty({0}, student.options());
-  std::vector<double> row_loss(N, 0.0);
-  std::vector<int32_t> row_status(N, 0);
+  at::Tensor grad = grad_out.defined() ? grad_out : grad_buffer(compute_grad, N, V, student);
+  RowResults rows(N);
 
   DistillBatch b;
   set_logits(b, s2, t2, st, tt);
@@ -106,25 +102,19 @@ std::tuple<at::Tensor, at::Tensor> run_distill(
   b.ignore_index = ignore_index;
   b.weights = weights64.defined() ? weights64.data_ptr<double>() : nullptr;
   b.grad = grad.numel() ? grad.data_ptr() : nullptr;
-  b.row_loss = row_loss.data();
-  b.row_status = row_status.data();
+  b.row_loss = rows.loss.data();
+  b.row_status = rows.status.data();
 
   // Rows are independent and each is reduced in a fixed order, so results do
   // not depend on how rows are split across threads.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { distill_rows(prm, b, begin, end); });
+  rows.run(std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)),
+           [&](int64_t begin, int64_t end) { distill_rows(prm, b, begin, end); });
 
-  check_row_status(row_status);
-
-  at::Tensor loss;
   if (red == "none") {
-    loss = at::from_blob(row_loss.data(), {N}, at::TensorOptions().dtype(at::kDouble)).to(acc_dtype, false, /*copy=*/true);
-  } else {
-    double total = 0.0;  // serial sum: bit-identical run to run
-    for (int64_t i = 0; i < N; ++i) total += row_loss[i];
-    loss = at::scalar_tensor(total * prm.inv_denom, at::TensorOptions().dtype(acc_dtype));
+    at::Tensor per_row = at::from_blob(rows.loss.data(), {N}, at::TensorOptions().dtype(at::kDouble));
+    return {per_row.to(loss_dtype(st), false, /*copy=*/true), grad};
   }
-  return {loss, grad};
+  return {rows.scalar(prm.inv_denom, st), grad};
 }
 
 }  // namespace

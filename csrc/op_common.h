@@ -2,6 +2,7 @@
 // helpers and the cache of large gradient buffers.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <cstdlib>
@@ -175,5 +176,42 @@ inline void check_row_status(const std::vector<int32_t>& status) {
                       " is all -inf: the student distribution is undefined");
   }
 }
+
+// The (N, V) student gradient an op writes in its forward (a recycled buffer),
+// or an empty tensor when no gradient is wanted.
+inline at::Tensor grad_buffer(bool compute_grad, int64_t N, int64_t V, const at::Tensor& student) {
+  return compute_grad ? GradBufferCache::instance().empty(N, V, student.options()) : at::empty({0}, student.options());
+}
+
+// The dtype of an op's loss: float64 for float64 logits, else float32.
+inline at::ScalarType loss_dtype(DType student) { return student == DType::Float64 ? at::kDouble : at::kFloat; }
+
+// What a row kernel reports per row (its loss and its status), filled in
+// parallel and then checked and summed serially: in a fixed order, so the
+// loss is bit-identical run to run and for any number of threads.
+struct RowResults {
+  std::vector<double> loss;
+  std::vector<int32_t> status;
+
+  explicit RowResults(int64_t N) : loss(size_t(N), 0.0), status(size_t(N), 0) {}
+
+  // Runs rows(lo, hi) over [0, N) in parallel tasks of at least `grain` rows,
+  // then raises the spec's error for the first row that reported one.
+  template <class Rows>
+  void run(int64_t grain, Rows&& rows) {
+    at::parallel_for(0, int64_t(loss.size()), grain, rows);
+    check_row_status(status);
+  }
+
+  double sum() const {
+    double total = 0.0;
+    for (double x : loss) total += x;
+    return total;
+  }
+
+  at::Tensor scalar(double scale, DType student) const {
+    return at::scalar_tensor(sum() * scale, at::TensorOptions().dtype(loss_dtype(student)));
+  }
+};
 
 }  // namespace kdfast

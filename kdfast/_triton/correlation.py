@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .._fused_op import fake_scalar_loss_and_grad, paired_logits, register_saved_grad_autograd, wants_grad
 from . import row_kernel
-from .launch import _as_rows, _raise_on_bad_rows, interpreting
+from .launch import _as_rows, _raise_on_bad_rows, interpreting, reduced_loss, row_outputs
 from .pearson import centred_pearson
 from .row_kernel import _fill_zero_row, _round_to, load_logits
 
@@ -155,10 +155,8 @@ def correlation_forward_triton(student: torch.Tensor, teacher: torch.Tensor, wei
     s2, t2 = _as_rows(student), _as_rows(teacher)
     N = s2.shape[0]
     device = student.device
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    grad = torch.empty((N, V) if compute_grad else (0,), dtype=student.dtype, device=device)
-    row_loss = torch.zeros(N, dtype=acc, device=device)
-    status = torch.zeros(N, dtype=torch.int32, device=device)
+    f64 = student.dtype == torch.float64
+    grad, row_loss, status = row_outputs(student, N, compute_grad, f64)
     w = weights.reshape(-1).to(device=device, dtype=torch.float64).contiguous() if weights is not None else row_loss
     params = torch.tensor([1.0 / tau, 1.0 / (tau * strength), pearson_weight, spearman_weight,
                            1.0 / N if N else 0.0], dtype=torch.float64, device=device)
@@ -166,12 +164,10 @@ def correlation_forward_triton(student: torch.Tensor, teacher: torch.Tensor, wei
         block_v, block_j, warps = _launch_shape(V)
         correlation_rows_kernel[(N,)](s2, t2, s2.stride(0), t2.stride(0), grad, w, params, row_loss, status, V,
                                       HAS_WEIGHTS=weights is not None, COMPUTE_GRAD=compute_grad,
-                                      ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_V=block_v,
+                                      ACC=tl.float64 if f64 else tl.float32, BLOCK_V=block_v,
                                       BLOCK_J=block_j, num_warps=warps)
         _raise_on_bad_rows(status, None, V, -100)
-    loss = torch.empty((), dtype=acc, device=device)
-    row_kernel.reduce_kernel[(1,)](row_loss, loss, params[4:], N, BLOCK=1024)
-    return loss, grad
+    return reduced_loss(row_loss, params[4:]), grad
 
 
 @correlation_forward_triton.register_fake

@@ -23,7 +23,8 @@ import triton.language as tl
 
 from .._fused_op import fake_scalar_loss_and_grad, paired_logits, register_saved_grad_autograd, wants_grad
 from . import row_kernel
-from .launch import INTERPRETER_BLOCK, _as_rows, _inv_denominator, _raise_on_bad_rows, interpreting
+from .launch import (INTERPRETER_BLOCK, _as_rows, _inv_denominator, _raise_on_bad_rows, interpreting, reduced_loss,
+                     row_outputs)
 from .row_kernel import _fill_zero_row, _finite_shift, _lse_update, _round_to, load_logits
 
 
@@ -146,21 +147,17 @@ def dkd_forward_triton(student: torch.Tensor, teacher: torch.Tensor, labels: tor
     s2, t2 = _as_rows(student), _as_rows(teacher)
     N = s2.shape[0]
     device = student.device
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    grad = torch.empty((N, V) if compute_grad else (0,), dtype=student.dtype, device=device)
-    row_loss = torch.zeros(N, dtype=acc, device=device)
-    status = torch.zeros(N, dtype=torch.int32, device=device)
+    f64 = student.dtype == torch.float64
+    grad, row_loss, status = row_outputs(student, N, compute_grad, f64)
     labels64 = labels.reshape(-1).to(torch.int64).contiguous()
     inv_valid = _inv_denominator("batchmean", None, labels64, ignore_index, N, device)
     params = torch.tensor([1.0 / tau, alpha, beta, tau * tau, tau], dtype=torch.float64, device=device)
     params[4:] = params[4:] * inv_valid  # c = tau^2 / tau / valid rows, on the device: no sync
     if N > 0:
         _dkd_rows[(N,)](s2, t2, s2.stride(0), t2.stride(0), grad, labels64, params, row_loss, status, V,
-                        ignore_index, COMPUTE_GRAD=compute_grad, ACC=tl.float64 if acc == torch.float64 else tl.float32)
+                        ignore_index, COMPUTE_GRAD=compute_grad, ACC=tl.float64 if f64 else tl.float32)
         _raise_on_bad_rows(status, labels64, V, ignore_index)
-    loss = torch.empty((), dtype=acc, device=device)
-    row_kernel.reduce_kernel[(1,)](row_loss, loss, inv_valid, N, BLOCK=1024)
-    return loss, grad
+    return reduced_loss(row_loss, inv_valid), grad
 
 
 @dkd_forward_triton.register_fake

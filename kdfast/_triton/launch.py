@@ -54,6 +54,29 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def row_outputs(student: torch.Tensor, N: int, compute_grad: bool, f64: bool):
+    """``(grad, row_loss, status)``: what a row kernel fills for ``N`` rows of ``student``.
+
+    The ``(N, V)`` gradient in the student's dtype (an empty tensor without
+    ``compute_grad``), the per-row losses in the accumulation dtype, zeroed
+    (float64 when ``f64``), and the per-row status codes.
+    """
+    device = student.device
+    grad = torch.empty((N, student.shape[-1]) if compute_grad else (0,), dtype=student.dtype, device=device)
+    row_loss = torch.zeros(N, dtype=torch.float64 if f64 else torch.float32, device=device)
+    return grad, row_loss, torch.zeros(N, dtype=torch.int32, device=device)
+
+
+def reduced_loss(row_loss: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``scale * sum(row_loss)`` as a 0-d tensor, summed on the device in a fixed order (deterministic).
+
+    ``scale`` is a one-element device tensor (no host synchronisation).
+    """
+    loss = torch.empty((), dtype=row_loss.dtype, device=row_loss.device)
+    row_kernel.reduce_kernel[(1,)](row_loss, loss, scale, row_loss.shape[0], BLOCK=_REDUCE_BLOCK)
+    return loss
+
+
 def _log_or_neg_inf(x: float) -> float:
     return math.log(x) if x > 0 else -math.inf
 
@@ -149,11 +172,7 @@ def distill_forward(
     N = s2.shape[0]
     device = student.device
     f64 = student.dtype == torch.float64 or teacher.dtype == torch.float64
-    acc_dtype = torch.float64 if f64 else torch.float32
-
-    grad = torch.empty((N, V) if compute_grad else (0,), dtype=student.dtype, device=device)
-    row_loss = torch.zeros(N, dtype=acc_dtype, device=device)
-    status = torch.zeros(N, dtype=torch.int32, device=device)
+    grad, row_loss, status = row_outputs(student, N, compute_grad, f64)
     labels64 = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
     weights64 = weights.detach().reshape(-1).to(torch.float64).contiguous() if weighting == "given" else None
     inv_denom = _inv_denominator(reduction, normalizer, labels64, ignore_index, N, device)
@@ -176,6 +195,4 @@ def distill_forward(
 
     if reduction == "none":
         return row_loss, grad
-    loss = torch.empty((), dtype=acc_dtype, device=device)
-    row_kernel.reduce_kernel[(1,)](row_loss, loss, inv_denom, N, BLOCK=_REDUCE_BLOCK)
-    return loss, grad
+    return reduced_loss(row_loss, inv_denom), grad
