@@ -8,6 +8,8 @@ student's gradients (hidden states and LM-head weight) from the two heads:
   autograd through the matmul;
 * ``kdfast``: ``kdfast.fused_linear.fused_linear_distill_loss`` (chunked, no
   ``(N, V)`` tensor; chunk size chosen automatically);
+* ``kdfast_mm`` (only when asked for): the same with ``torch.mm`` (MKL) instead
+  of oneDNN for the chunks' logits, to measure what oneDNN brings;
 * ``liger``:  Liger-Kernel's ``LigerFusedLinearJSDLoss`` (its chunked PyTorch
   implementation, which also runs on CPU) with ``beta=0``, where Liger's
   generalised JSD is exactly ``KL(p_teacher || q_student)``, ``weight_hard_loss=0``,
@@ -57,7 +59,8 @@ from kdfast.fused_linear import fused_linear_distill_loss  # noqa: E402
 from bench_losses import machine_info  # noqa: E402
 from memory import peak_extra_bytes  # noqa: E402
 
-METHODS = ("eager", "kdfast", "liger")
+METHODS = ("eager", "kdfast", "liger", "kdfast_mm")
+DEFAULT_METHODS = ("eager", "kdfast", "liger")
 # The acceptance targets of the CPU shape: kdfast's peak extra memory at most
 # 20% of the eager reference's, and its time no worse than the eager reference's.
 MEMORY_TARGET = 0.20
@@ -121,6 +124,18 @@ def make_method(name: str, inputs: dict, liger_compiled: bool = True):
         return eager
     if name == "kdfast":
         return lambda: grads_of(fused_linear_distill_loss(hs, ws, ht, wt, divergence="kl"))
+    if name == "kdfast_mm":
+        import kdfast._chunking as chunking
+
+        def without_onednn():
+            use = chunking.uses_onednn
+            chunking.uses_onednn = lambda weight: False
+            try:
+                return grads_of(fused_linear_distill_loss(hs, ws, ht, wt, divergence="kl"))
+            finally:
+                chunking.uses_onednn = use
+
+        return without_onednn
     if name == "liger":
         try:
             from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
@@ -220,7 +235,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="the small shape of the device")
     p.add_argument("--shape", help="NxHxV or NxH_sxH_txV (overrides the device's shape)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="overrides the shape's dtype")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS,
+                   help="kdfast_mm: kdfast with torch.mm for the chunk logits instead of oneDNN (an A/B)")
     p.add_argument("--runs", type=int, default=5, help="timed steps per method (median reported)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--liger-eager", action="store_true", help="Liger without torch.compile")
@@ -288,7 +304,7 @@ def summarise(records: list) -> dict:
         return {}
     ours = by["kdfast"]
     summary = {}
-    for other in ("eager", "liger"):
+    for other in ("eager", "liger", "kdfast_mm"):
         if other not in by:
             continue
         theirs = by[other]

@@ -2,8 +2,8 @@
 
 A fused linear loss takes the hidden states and the weight of an LM head
 instead of its logits.  :func:`run_chunks` walks the ``N`` rows in chunks of
-``chunk_size``; per chunk it computes the student logits ``h W^T (+ b)`` into a
-reused buffer, hands them (as a detached leaf) to a per-chunk loss, takes the
+``chunk_size``; per chunk it computes the student logits ``h W^T (+ b)`` (into a
+reused buffer, or by oneDNN: :mod:`kdfast._onednn`), hands them (as a detached leaf) to a per-chunk loss, takes the
 gradient of that loss with respect to the logits, and turns it at once into the
 gradients of the hidden states, the weight and the bias:
 
@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from ._fused_op import _is_concrete
+from ._onednn import onednn_logits, uses_onednn
 
 # ``loss = chunk_loss(student_logits_chunk, rows)``: the loss of the rows
 # ``rows`` (a slice of the N rows), differentiable in ``student_logits_chunk``.
@@ -109,19 +110,30 @@ class LinearHead:
     def vocab_size(self) -> int:
         return self.weight.shape[0]
 
-    def new_logits_buffer(self, chunk_size: int) -> torch.Tensor:
-        """An uninitialised ``(chunk_size, V)`` buffer, reused by every chunk (no page faults per chunk)."""
+    def new_logits_buffer(self, chunk_size: int) -> Optional[torch.Tensor]:
+        """An uninitialised ``(chunk_size, V)`` buffer, reused by every chunk (no page faults per chunk).
+
+        None where the logits come from oneDNN (:mod:`kdfast._onednn`), which
+        allocates them itself.
+        """
+        if uses_onednn(self.weight):
+            return None
         return self.weight.new_empty((chunk_size, self.vocab_size))
 
     @torch.no_grad()
-    def logits_into(self, rows: slice, buffer: torch.Tensor) -> torch.Tensor:
-        """The logits of ``rows`` written into the first rows of ``buffer``; returns that view."""
+    def logits_into(self, rows: slice, buffer: Optional[torch.Tensor]) -> torch.Tensor:
+        """The logits of ``rows``: written into the first rows of ``buffer`` (that view is returned), or new."""
         h = self.hidden[rows].detach()
-        out = buffer[: h.shape[0]]
-        if self.bias is None:
-            torch.mm(h, self.weight.detach().t(), out=out)
+        weight = self.weight.detach()
+        bias = None if self.bias is None else self.bias.detach()
+        if buffer is None:
+            out = onednn_logits(h, weight, bias)
         else:
-            torch.addmm(self.bias.detach(), h, self.weight.detach().t(), out=out)
+            out = buffer[: h.shape[0]]
+            if bias is None:
+                torch.mm(h, weight.t(), out=out)
+            else:
+                torch.addmm(bias, h, weight.t(), out=out)
         if self.softcap is not None:
             apply_softcap_(out, self.softcap)
         return out

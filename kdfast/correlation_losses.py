@@ -79,8 +79,12 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     ``gamma tau^2`` (a single sample has no batch relation to match).
 
     Returns a float32 scalar (float64 for float64 inputs); only the student gets a gradient.
+    Raises ValueError for no rows (N = 0), besides the errors of ``distill_loss``.
     """
     check_logits(student_logits, teacher_logits)
+    if student_logits.numel() == 0:
+        # Both Pearson means would be over nothing (NaN): refused on every backend alike.
+        raise ValueError(f"dist_loss needs at least one row, got logits shape {tuple(student_logits.shape)}")
     tau = _positive("temperature", temperature)
     beta, gamma = _finite_float("beta", beta), _finite_float("gamma", gamma)
     impl = _pick("dist", backend, student_logits.device, dist_loss_reference)

@@ -192,6 +192,24 @@ def test_resume_false_starts_over(tmp_path):
     assert [p.name for p in shard_paths(tmp_path)] == ["shard-00000.safetensors"]
 
 
+def test_a_second_writer_of_the_same_folder_is_refused_until_the_first_is_done(tmp_path):
+    from kdfast.cache.writer import writer_lock
+
+    pytest.importorskip("fcntl", reason="the writer lock is an flock (POSIX)")
+    teacher = Teacher()
+    with writer_lock(tmp_path):  # a first writer, mid-run
+        with pytest.raises(RuntimeError, match="another writer"):
+            write(tmp_path, teacher=teacher)
+    assert teacher.calls == 0 and not shard_paths(tmp_path)
+    assert len(write(tmp_path)) == NUM_BATCHES * 10  # free again
+
+
+def test_the_lock_is_released_when_the_writer_fails(tmp_path):
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        write(tmp_path, teacher=Teacher(fail_on_call=4))
+    assert len(write(tmp_path)) == NUM_BATCHES * 10
+
+
 @pytest.mark.parametrize("kw,pattern", [
     (dict(k=K + 1), r"k: cache has 5, asked for 6"),
     (dict(logprob_dtype=torch.float32), r"logprob_dtype: cache has 'float16', asked for 'float32'"),
@@ -292,10 +310,12 @@ def test_no_pickle_anywhere(tmp_path, monkeypatch):
     cache = write(tmp_path)
     cache = TopKCache(tmp_path, verify="all")
     list(cache.iter_batches())
-    # Every file is JSON or safetensors (whose header is JSON, tensors raw bytes).
+    # Every file is JSON or safetensors (whose header is JSON, tensors raw bytes), or the empty lock file.
     for path in tmp_path.iterdir():
         if path.name == "index.json":
             assert json.loads(path.read_text())["format"] == "kdfast-topk-cache"
+        elif path.name == ".writer.lock":
+            assert path.stat().st_size == 0
         else:
             with safe_open(str(path), framework="pt") as f:
                 assert f.metadata() == {"format": "kdfast-topk-cache/1"}

@@ -186,6 +186,8 @@ def test_dist_errors(backend):
         kdfast.dist_loss(s, logits((3, 9)).to(device), backend=backend)
     with pytest.raises(TypeError, match="float32"):
         kdfast.dist_loss(s.long(), t, backend=backend)
+    with pytest.raises(ValueError, match="at least one row"):  # no batch to correlate: not a NaN
+        kdfast.dist_loss(s[:0], t[:0], backend=backend)
     if backend != "torch":
         t[1] = float("-inf")
         with pytest.raises(ValueError, match="teacher_logits row 1 is all -inf"):

@@ -379,6 +379,43 @@ def test_default_chunk_size_fits_the_budget():
     assert default_chunk_size(100, 10 * CPU_CHUNK_BUDGET_BYTES, torch.device("cpu")) == 1
 
 
+# ----------------------------------------------------------------- the logits' matrix product
+def test_onednn_and_torch_mm_chunk_logits_agree(monkeypatch):
+    from kdfast import _chunking, _onednn
+
+    heads = make_heads((64,), dtype=torch.float32)
+    if not _onednn.uses_onednn(heads["student_weight"]):
+        pytest.skip("oneDNN's linear is not available in this torch build")
+    labels = make_labels((64,))
+    loss = fused_loss(heads, labels, chunk_size=24, hard_weight=0.3)
+    grads = student_grads(loss, heads)
+    monkeypatch.setattr(_chunking, "uses_onednn", lambda weight: False)
+    mm_loss = fused_loss(heads, labels, chunk_size=24, hard_weight=0.3)
+    assert_close(loss, mm_loss, torch.float32, scale_atol=False)
+    for got, want in zip(grads, student_grads(mm_loss, heads)):
+        assert_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_only_float32_heads_use_onednn(dtype):
+    from kdfast._onednn import uses_onednn
+
+    assert not uses_onednn(torch.zeros(4, 3, dtype=dtype))
+    assert not uses_onednn(torch.zeros(3, 4).t())  # not contiguous: no per-chunk copy of the weight
+
+
+def test_kdfast_onednn_0_turns_it_off(monkeypatch):
+    from kdfast._onednn import onednn_linear_works, uses_onednn
+
+    monkeypatch.setenv("KDFAST_ONEDNN", "0")
+    onednn_linear_works.cache_clear()
+    try:
+        assert not uses_onednn(torch.zeros(4, 3))
+    finally:
+        monkeypatch.delenv("KDFAST_ONEDNN")
+        onednn_linear_works.cache_clear()
+
+
 # ----------------------------------------------------------------- errors
 def test_shape_and_type_errors_name_the_tensors():
     heads = make_heads()

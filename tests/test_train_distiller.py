@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from kdfast.train import Distiller, make_train_loader, seed_everything
+from kdfast.train import ClassificationMetrics, Distiller, make_train_loader, seed_everything
 from kdfast.train.progress import _NoBar, progress_bar
 
 
@@ -100,6 +100,23 @@ def test_evaluate_restores_the_training_mode_and_writes_the_diagram(tmp_path):
     result = d.evaluate(DataLoader(toy_data(), batch_size=16), reliability_path=tmp_path / "r.png")
     assert student.training and (tmp_path / "r.png").exists()
     assert set(result) == {"accuracy", "nll", "ece"}  # no teacher: no agreement
+
+
+def test_accumulate_metrics_evaluates_models_without_a_distiller():
+    from kdfast.train import accumulate_metrics
+
+    student, teacher = mlp(), mlp(seed=1)
+    data = toy_data()
+    student.train()
+    teacher.eval()
+    meters = accumulate_metrics([student, teacher], DataLoader(data, batch_size=16), reference=teacher)
+    assert student.training and not teacher.training  # modes restored
+    x, y = data.tensors
+    with torch.no_grad():
+        expected = ClassificationMetrics()
+        expected.update(student.eval()(x), y, teacher(x))
+    assert meters[0].compute() == pytest.approx(expected.compute())
+    assert meters[1].compute()["agreement"] == 1.0  # the teacher agrees with itself
 
 
 def test_step_scheduler_and_epoch_scheduler():

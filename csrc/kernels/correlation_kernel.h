@@ -43,14 +43,10 @@ struct CorrelationKernel {
     b.row_status[i] = kRowOk;
     b.row_loss[i] = 0.0;
 
-    V vmt = V::broadcast(kNegInf), vms = V::broadcast(kNegInf);
-    sweep<V>(n, [&](int64_t j, auto tail) {
-      vmt = vmax(ld<V>(zt + j, tail, kNegInf), vmt);
-      vms = vmax(ld<V>(zs + j, tail, kNegInf), vms);
-    }, no_flush);
-    const S mt = vmt.reduce_max(), ms = vms.reduce_max();
-    if (mt == S(kNegInf) || ms == S(kNegInf)) {
-      b.row_status[i] = mt == S(kNegInf) ? kTeacherAllNegInf : kStudentAllNegInf;
+    const RowMaxima<V> maxima = row_maxima<V>(zt, zs, n);
+    const S mt = maxima.teacher, ms = maxima.student;
+    if (maxima.status != kRowOk) {
+      b.row_status[i] = maxima.status;
       if (grad) std::memset(static_cast<void*>(grad), 0, sizeof(TS) * n);
       return;
     }

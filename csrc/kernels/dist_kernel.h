@@ -37,14 +37,10 @@ struct DistKernel {
     const TT* zt = static_cast<const TT*>(b.teacher) + i * b.teacher_row_stride;
     const TS* zs = static_cast<const TS*>(b.student) + i * b.student_row_stride;
     b.row_status[i] = kRowOk;
-    V vmt = V::broadcast(kNegInf), vms = V::broadcast(kNegInf);
-    sweep<V>(n, [&](int64_t j, auto tail) {
-      vmt = vmax(ld<V>(zt + j, tail, kNegInf), vmt);
-      vms = vmax(ld<V>(zs + j, tail, kNegInf), vms);
-    }, no_flush);
-    const S mt = vmt.reduce_max(), ms = vms.reduce_max();
-    if (mt == S(kNegInf) || ms == S(kNegInf)) {
-      b.row_status[i] = mt == S(kNegInf) ? kTeacherAllNegInf : kStudentAllNegInf;
+    const RowMaxima<V> maxima = row_maxima<V>(zt, zs, n);
+    const S mt = maxima.teacher, ms = maxima.student;
+    if (maxima.status != kRowOk) {
+      b.row_status[i] = maxima.status;
       return;
     }
     const V inv_tau = vset<V>(1.0 / prm.tau);

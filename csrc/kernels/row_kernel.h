@@ -67,6 +67,28 @@ template <class V, class T> inline void prefetch_next_line(const T* row, int64_t
   prefetch_line(row + j);
 }
 
+// The maxima of a teacher row and a student row (the first sweep of every
+// row kernel), and the row's status: a row that is all -inf has no
+// distribution, which the op reports as the spec's error.
+template <class V>
+struct RowMaxima {
+  typename V::value_type teacher, student;
+  RowStatus status;
+};
+template <class V, class TT, class TS>
+inline RowMaxima<V> row_maxima(const TT* zt, const TS* zs, int64_t n) {
+  using S = typename V::value_type;
+  constexpr float kNegInf = -INFINITY;
+  V vmt = V::broadcast(kNegInf), vms = V::broadcast(kNegInf);
+  sweep<V>(n, [&](int64_t j, auto tail) {
+    vmt = vmax(ld<V>(zt + j, tail, kNegInf), vmt);
+    vms = vmax(ld<V>(zs + j, tail, kNegInf), vms);
+  }, no_flush);
+  const S mt = vmt.reduce_max(), ms = vms.reduce_max();
+  const RowStatus status = mt == S(kNegInf) ? kTeacherAllNegInf : ms == S(kNegInf) ? kStudentAllNegInf : kRowOk;
+  return {mt, ms, status};
+}
+
 // 1 on the lanes that are entries of the row, 0 on the padding of a tail
 template <class V> inline V live_lanes(Full) { return V::broadcast(typename V::value_type(1)); }
 template <class V> inline V live_lanes(int n) {
@@ -146,14 +168,10 @@ struct RowKernel {
     }
 
     // -- sweep 1: maxima
-    V vmt = V::broadcast(kNegInf), vms = V::broadcast(kNegInf);
-    sweep<V>(n, [&](int64_t j, auto tail) {
-      vmt = vmax(ld<V>(zt + j, tail, kNegInf), vmt);
-      vms = vmax(ld<V>(zs + j, tail, kNegInf), vms);
-    }, no_flush);
-    const S mzt = vmt.reduce_max(), mzs = vms.reduce_max();
-    if (mzt == S(kNegInf) || mzs == S(kNegInf)) {
-      b.row_status[row] = mzt == S(kNegInf) ? kTeacherAllNegInf : kStudentAllNegInf;
+    const RowMaxima<V> maxima = row_maxima<V>(zt, zs, n);
+    const S mzt = maxima.teacher, mzs = maxima.student;
+    if (maxima.status != kRowOk) {
+      b.row_status[row] = maxima.status;
       b.row_loss[row] = 0.0;
       if (grad) std::memset(static_cast<void*>(grad), 0, sizeof(TS) * n);
       return;

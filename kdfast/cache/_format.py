@@ -50,6 +50,9 @@ INDEX_FILE = "index.json"
 SHARD_PREFIX = "shard-"
 SHARD_SUFFIX = ".safetensors"
 TEMP_SUFFIX = ".tmp"
+# Held (flock) by the writer for as long as it runs; the kernel drops it when
+# the process ends, however it ends, so it never goes stale.
+LOCK_FILE = ".writer.lock"
 
 TOKEN_DTYPE = torch.int64
 INDEX_DTYPE = torch.int32

@@ -8,6 +8,7 @@ writer resumes after the last listed one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import sys
@@ -20,7 +21,8 @@ from safetensors.torch import save as safetensors_bytes
 
 from .._options import _finite_float
 from ._format import (
-    FORMAT_NAME, FORMAT_VERSION, INDEX_DTYPE, INDEX_FILE, LOGPROB_DTYPES, SHARD_METADATA, TAIL_DTYPE, TEMP_SUFFIX,
+    FORMAT_NAME, FORMAT_VERSION, INDEX_DTYPE, INDEX_FILE, LOCK_FILE, LOGPROB_DTYPES, SHARD_METADATA, TAIL_DTYPE,
+    TEMP_SUFFIX,
     TOKEN_DTYPE, TopKRows, atomic_write, dtype_name, encode_index, is_shard_file_name, read_index, shard_file_name,
     tensor_dtypes, tokens_digest,
 )
@@ -74,8 +76,12 @@ def write_topk_cache(
             differs per run).  The writer skips, without calling the teacher,
             the batches already stored, and checks their token ids against the
             stored ones' digests (ValueError if they differ).
-        out_dir: the cache folder (created if needed).  The writer assumes it
-            is the only process writing there.
+        out_dir: the cache folder (created if needed).  One writer at a
+            time: a second process (or call) writing to the same folder gets a
+            RuntimeError at once instead of corrupting the first one's shards
+            (an advisory ``flock`` on ``out_dir/.writer.lock``, released when
+            the writer returns or its process dies; where ``fcntl`` does not
+            exist, e.g. Windows, there is no such check).
         k: entries kept per row, ``1 <= k <= V``.
         logprob_dtype: ``torch.float16`` (default), ``torch.bfloat16`` or ``torch.float32``.
         tokens_per_shard: rows after which a shard is closed.
@@ -94,12 +100,33 @@ def write_topk_cache(
     out_dir = Path(out_dir)
     settings = _check_settings(teacher, k, logprob_dtype, tokens_per_shard, temperature, teacher_name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_temporaries(out_dir)
-    index = _open_index(out_dir, settings, resume)
-    _remove_unlisted_shards(out_dir, index)
-    if not index["complete"]:
-        _ShardWriter(out_dir, index, progress).run(teacher, iter(batches), token_key)
+    with writer_lock(out_dir):
+        _remove_temporaries(out_dir)
+        index = _open_index(out_dir, settings, resume)
+        _remove_unlisted_shards(out_dir, index)
+        if not index["complete"]:
+            _ShardWriter(out_dir, index, progress).run(teacher, iter(batches), token_key)
     return TopKCache(out_dir, verify=False)
+
+
+@contextlib.contextmanager
+def writer_lock(out_dir: Path):
+    """Exclusive right to write the cache in ``out_dir``; RuntimeError if another writer holds it."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): unguarded, as documented
+        yield
+        return
+    with open(out_dir / LOCK_FILE, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another writer is writing the top-k cache in {out_dir} (it holds "
+                               f"{out_dir / LOCK_FILE}); wait for it to finish, or write elsewhere") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _check_settings(teacher, k, logprob_dtype, tokens_per_shard, temperature, teacher_name) -> dict:

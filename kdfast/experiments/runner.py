@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..train import CHECKPOINT_NAME, Distiller, load_checkpoint, make_train_loader, train_teacher
+from ..train import CHECKPOINT_NAME, Distiller, accumulate_metrics, load_checkpoint, make_train_loader, train_teacher
 from .config import ExperimentConfig
 from .methods import Method, get_method
 from .mnist5k import DigitSplits, labelled_subset, load_mnist5k, make_splits
@@ -185,8 +185,8 @@ class Experiment:
                       device="cpu", checkpoint_dir=run_dir, resume=config.resume,
                       metrics_path=os.path.join(run_dir, "metrics.jsonl"), progress=False)
         self._teachers[spec] = model
-        evaluator = Distiller(model, None, optimizer=optimizer, device="cpu")
-        return {**evaluator.evaluate(self.test_loader), "parameters": count_parameters(model)}
+        (metrics,) = accumulate_metrics([model], self.test_loader)
+        return {**metrics.compute(), "parameters": count_parameters(model)}
 
     def _train_student(self, spec: RunSpec, run_dir: str) -> dict:
         config = self.config

@@ -38,6 +38,8 @@ pieces are small and replaceable:
     "ece", "agreement"}`` (of the first student; ``"agreement"`` only with a
     teacher; with several students also ``"students": {name: {...}}``).
     Batches are ``(inputs, labels)`` pairs; models are called ``model(inputs)``.
+    ``accumulate_metrics(models, loader)`` is that evaluation for any models,
+    without a Distiller (one ``ClassificationMetrics`` per model).
 
 Teacher signals (:mod:`.teachers`, :mod:`.mean_teacher`, :mod:`.stochastic`)
     ``FrozenTeacher(model)``; ``MultiTeacher(models, confidence_temperature=1.0)``
@@ -71,7 +73,7 @@ Distributed (:mod:`.distributed`)
 """
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, seed_everything
-from .distiller import Distiller
+from .distiller import Distiller, accumulate_metrics
 from .distributed import DistributedContext, init_distributed, make_train_loader
 from .mean_teacher import MeanTeacher, ema_decay, sigmoid_rampup
 from .metrics import (
@@ -102,6 +104,7 @@ __all__ = [
     "TeacherSchedule",
     "TeacherSignal",
     "TeacherTarget",
+    "accumulate_metrics",
     "accuracy",
     "agreement",
     "ema_decay",

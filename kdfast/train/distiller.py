@@ -282,20 +282,9 @@ class Distiller:
         last shard with repeats) or the whole set (the ratios are unchanged).  ``reliability_path``: write the first
         student's reliability diagram there (rank 0; needs matplotlib).
         """
-        modes = [s.training for s in self.students]
-        for s in self.students:
-            s.eval()
-        meters = [ClassificationMetrics(ignore_index=self.ignore_index) for _ in self.students]
-        try:
-            for batch in loader:
-                x, y = (_to_device(v, self.device) for v in _as_pair(batch))
-                with self._autocast():
-                    reference = self.signal.reference_logits(x) if self.signal is not None else None
-                    for student, meter in zip(self.students, meters):
-                        meter.update(student(x), y, reference)
-        finally:
-            for s, mode in zip(self.students, modes):
-                s.train(mode)
+        reference = self.signal.reference_logits if self.signal is not None else None
+        meters = accumulate_metrics(self.students, loader, device=self.device, ignore_index=self.ignore_index,
+                                    reference=reference, autocast=self._autocast)
         for meter in meters:
             meter.all_reduce(self.device)
         results: Dict[str, object] = dict(meters[0].compute())
@@ -403,6 +392,34 @@ class Distiller:
             if on_epoch_end is not None:
                 on_epoch_end(record)
         return history
+
+
+def accumulate_metrics(models: Sequence[nn.Module], loader, *, device="cpu", ignore_index: int = -100,
+                       reference=None, autocast=contextlib.nullcontext) -> List[ClassificationMetrics]:
+    """One :class:`ClassificationMetrics` per model, summed over ``loader``'s ``(inputs, labels)`` batches.
+
+    The models run in eval mode under ``torch.no_grad()`` (their modes are
+    restored after).  ``reference(inputs)``, when given, supplies the logits
+    the models' agreement is measured against (a teacher's); ``autocast()``
+    is entered around the forward passes.  Nothing is reduced across ranks.
+    """
+    device = torch.device(device)
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    meters = [ClassificationMetrics(ignore_index=ignore_index) for _ in models]
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                x, y = (_to_device(v, device) for v in _as_pair(batch))
+                with autocast():
+                    ref = reference(x) if reference is not None else None
+                    for model, meter in zip(models, meters):
+                        meter.update(model(x), y, ref)
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    return meters
 
 
 def _as_pair(batch):
