@@ -22,6 +22,8 @@
 namespace kdfast {
 namespace {
 
+constexpr size_t kStreamGradMinBytes = size_t(64) << 20;
+
 Divergence parse_divergence(const std::string& name) {
   static const char* names[] = {"kl", "reverse_kl", "jsd", "tvd", "renyi", "ab", "skew_kl", "skew_reverse_kl"};
   for (int i = 0; i < static_cast<int>(Divergence::Count); ++i)
@@ -102,6 +104,11 @@ std::tuple<at::Tensor, at::Tensor> run_distill(
   b.ignore_index = ignore_index;
   b.weights = weights64.defined() ? weights64.data_ptr<double>() : nullptr;
   b.grad = grad.numel() ? grad.data_ptr() : nullptr;
+  // A gradient that outgrows the caches is written around them (the caller
+  // reads it long after); a small one stays cached for the ops that follow.
+  // Not over the student logits: the row's next load would hit a line that a
+  // streamed half-line has just taken out of the cache.
+  b.stream_grad = !grad_out.defined() && grad.nbytes() >= kStreamGradMinBytes;
   b.row_loss = rows.loss.data();
   b.row_status = rows.status.data();
 

@@ -148,3 +148,32 @@ def test_expanded_rows_beyond_2_31_elements(kernel):
 def test_kernel_row_offsets_are_64_bit():
     """A row whose element offset exceeds 2^31 (pointer-shift probe, no 8 GB buffer)."""
     assert _C._check_large_row_offsets() == ""
+
+
+@pytest.mark.parametrize("vocab", [32768, 32769])  # rows all aligned; rows aligned one in 16
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("capability", [k[len("cpu-"):] for k in KERNELS if k.startswith("cpu-")])
+def test_gradients_larger_than_the_caches_are_streamed_to_the_same_bits(capability, dtype, vocab):
+    """A gradient of >= 64 MB is written with non-temporal stores (aligned full vectors; other rows
+    and tails store normally).  Rows are independent, so the rows of one such call must be
+    bit-identical to the same rows computed in calls small enough to be stored normally."""
+    from conftest import cpu_capability
+
+    rows = (64 << 20) // (vocab * dtype.itemsize) + 8
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(rows, vocab, generator=g) * 3).to(dtype)
+    t = (torch.randn(rows, vocab, generator=g) * 3).to(dtype)
+
+    def loss_and_grad(s_rows, t_rows):
+        leaf = s_rows.clone().requires_grad_()
+        loss = kdfast.distill_loss(leaf, t_rows, temperature=2.0, reduction="none", backend="cpu")
+        (grad,) = torch.autograd.grad(loss.sum(), leaf)
+        return loss.detach(), grad
+
+    with cpu_capability(capability):
+        big_loss, big_grad = loss_and_grad(s, t)
+        assert big_grad.untyped_storage().nbytes() >= 64 << 20
+        for part in (slice(0, rows // 2), slice(rows // 2, rows)):
+            loss, grad = loss_and_grad(s[part], t[part])
+            assert grad.untyped_storage().nbytes() < 64 << 20
+            assert torch.equal(loss, big_loss[part]) and torch.equal(grad, big_grad[part])

@@ -107,16 +107,18 @@ struct Convert<VecF, BF16> {
     __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
   }
-  static void store(BF16* p, VecF v) {
+  // round to nearest even, NaN kept quiet
+  static __m128i bits(VecF v) {
     __m256i b = _mm256_castps_si256(v.v);
     __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
     __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
     __m256 nan = _mm256_cmp_ps(v.v, v.v, _CMP_UNORD_Q);
     r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r),
                                              _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc0)), nan));
-    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
   }
+  static void store(BF16* p, VecF v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bits(v)); }
+  static void stream(BF16* p, VecF v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), bits(v)); }
 };
 template <>
 struct Convert<VecF, F16> {
@@ -126,7 +128,11 @@ struct Convert<VecF, F16> {
   static void store(F16* p, VecF v) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
   }
+  static void stream(F16* p, VecF v) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
+  }
 };
+inline void stream_store(float* p, VecF v) { _mm256_stream_ps(p, v.v); }
 #endif
 
 #if defined(KDFAST_ISA_AVX512)
@@ -136,13 +142,16 @@ struct Convert<VecF, BF16> {
     __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
   }
-  static void store(BF16* p, VecF v) {
+  // round to nearest even, NaN kept quiet
+  static __m256i bits(VecF v) {
     __m512i b = _mm512_castps_si512(v.v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
     r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v.v, v.v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+    return _mm512_cvtepi32_epi16(r);
   }
+  static void store(BF16* p, VecF v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits(v)); }
+  static void stream(BF16* p, VecF v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bits(v)); }
 };
 template <>
 struct Convert<VecF, F16> {
@@ -152,8 +161,29 @@ struct Convert<VecF, F16> {
   static void store(F16* p, VecF v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
   }
+  static void stream(F16* p, VecF v) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
+  }
 };
+inline void stream_store(float* p, VecF v) { _mm512_stream_ps(p, v.v); }
 #endif
+
+// Non-temporal stores of a full vector of the gradient (where the ISA has
+// them): the gradient is written once and read by the caller long after, so
+// it bypasses the caches, and DRAM does not first read every line it is about
+// to overwrite.  p must be aligned to the stored bytes (kStreamAlign); after a
+// row, stream_fence() orders these weakly-ordered stores before later ones.
+#if defined(KDFAST_ISA_AVX2) || defined(KDFAST_ISA_AVX512)
+inline void stream_store(BF16* p, VecF v) { Convert<VecF, BF16>::stream(p, v); }
+inline void stream_store(F16* p, VecF v) { Convert<VecF, F16>::stream(p, v); }
+inline void stream_fence() { _mm_sfence(); }
+#else
+inline void stream_fence() {}
+#endif
+template <class V, class T>
+concept Streamable = requires(T* p, V v) { stream_store(p, v); };
+template <class V, class T>
+inline constexpr int64_t kStreamAlign = int64_t(V::size * sizeof(T));
 
 // Tails (the last V % Vec::size entries): padded with `fill` on load, only the
 // first n lanes written on store.

@@ -35,6 +35,7 @@ struct DistillBatch {
   int64_t ignore_index = -100;
   const double* weights = nullptr;   // (rows,) when weighting == Given
   void* grad = nullptr;              // (rows, vocab) contiguous, student dtype; null: forward only
+  bool stream_grad = false;          // write grad with non-temporal stores (a gradient larger than the caches)
   double* row_loss = nullptr;        // (rows,) hard_weight * CE + soft_coef * w * D, unnormalised
   int32_t* row_status = nullptr;     // (rows,) RowStatus
 };

@@ -14,7 +14,9 @@
 // hard-label term are per-row scalars folded into the gradient coefficients.
 #pragma once
 
+#include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 
 #include "convert.h"
 #include "divergences.h"
@@ -278,6 +280,10 @@ struct RowKernel {
     const double c_soft = prm.soft_coef * weight * prm.inv_denom;
     const double c_hard = hard ? prm.hard_weight * prm.inv_denom : 0.0;
     // gradient_j = A * g_j + B * q_j (+ c_hard * softmax(z_s)_j when tau_s != 1) - c_hard [j == label]
+    // Streaming needs full vectors at their natural alignment: rows whose
+    // start is not aligned (V not a multiple of the vector) store normally.
+    const bool stream = Streamable<V, TS> && b.stream_grad &&
+                        reinterpret_cast<uintptr_t>(grad) % kStreamAlign<V, TS> == 0;
     auto write_grad = [&] {
       const V A = vset<V>(c_soft / prm.tau_s);
       const V B = vset<V>(-c_soft / prm.tau_s * r.gsum + (student_t1_differs ? 0.0 : c_hard));
@@ -294,8 +300,15 @@ struct RowKernel {
           t[label - j] -= S(c_hard);
           out = V::load(t);
         }
+        if constexpr (Streamable<V, TS> && std::is_same_v<decltype(tail), Full>) {
+          if (stream) {
+            stream_store(grad + j, out);
+            return;
+          }
+        }
         st(grad + j, out, tail);
       }, no_flush);
+      if (stream) stream_fence();
     };
 
     if constexpr (!Div<V>::kValueFromExps) {
