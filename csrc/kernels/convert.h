@@ -3,6 +3,9 @@
 // upcast copy of the row), accumulation is always in the lanes' type.
 #pragma once
 
+#include <type_traits>
+#include <utility>
+
 #include "vec.h"
 
 namespace kdfast {
@@ -180,8 +183,17 @@ inline void stream_fence() { _mm_sfence(); }
 #else
 inline void stream_fence() {}
 #endif
+// Every other (storage, lanes) pair: no streaming (the overload exists only to be detected as deleted).
+template <class T, class V>
+void stream_store(T*, V) = delete;
+// Whether stream_store(T*, V) exists for these lanes and storage type (C++17 detection).
+template <class V, class T, class = void>
+struct HasStreamStore : std::false_type {};
 template <class V, class T>
-concept Streamable = requires(T* p, V v) { stream_store(p, v); };
+struct HasStreamStore<V, T, std::void_t<decltype(stream_store(std::declval<T*>(), std::declval<V>()))>>
+    : std::true_type {};
+template <class V, class T>
+inline constexpr bool Streamable = HasStreamStore<V, T>::value;
 template <class V, class T>
 inline constexpr int64_t kStreamAlign = int64_t(V::size * sizeof(T));
 
