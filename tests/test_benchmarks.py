@@ -35,6 +35,23 @@ def test_bench_losses_writes_records(tmp_path, capsys):
         assert r["median_s"] > 0 and len(r["times_s"]) >= 2
         assert r["value_rel_diff"] < 1e-5  # every method computes the same loss
     assert "vs eager" in capsys.readouterr().out
+    assert payload["bf16_vs_fp32"] == []  # one dtype: nothing to compare
+
+
+def test_bf16_speedup_compares_the_kernel_times_of_one_case():
+    bench = _load_bench()
+
+    def rec(dtype, method, seconds, div="kl"):
+        return {"divergence": div, "N": 4, "V": 8, "dtype": dtype, "method": method, "median_s": seconds}
+
+    records = [rec("float32", "kdfast", 0.3), rec("bfloat16", "kdfast", 0.25),
+               rec("float32", "eager", 9.0), rec("bfloat16", "eager", 1.0),
+               rec("float32", "kdfast", 0.4, div="jsd")]  # no bf16 run of jsd
+    (kl,) = bench.dtype_speedups(records)
+    assert kl["divergence"] == "kl" and kl["bf16_speedup_over_fp32"] == pytest.approx(1.2)
+    assert not kl["target_met"] and kl["target"] == 1.5
+    records[1]["median_s"] = 0.15
+    assert bench.dtype_speedups(records)[0]["target_met"]
 
 
 def test_liger_is_only_offered_on_cuda():
