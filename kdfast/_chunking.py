@@ -36,7 +36,10 @@ ChunkLossFactory = Callable[[int], ChunkLoss]
 # A ChunkLoss may also have a method ``loss_and_grad_(student_logits_chunk, rows)``
 # that returns the (non-differentiable) loss and overwrites the logits with its
 # gradient (a fused kernel writing in place): the loop then uses it, and the
-# chunk needs no gradient buffer besides the logits it already has.
+# chunk needs no gradient buffer besides the logits it already has.  A loss
+# offers it only where it is valid for the head (never with a softcap, whose
+# chain rule needs the capped logits after the loss): the caller, who also
+# sizes the chunks by it, decides.
 IN_PLACE_METHOD = "loss_and_grad_"
 
 CPU_CHUNK_BUDGET_BYTES = 256 * 2**20
@@ -234,7 +237,7 @@ def run_chunks(
     capacity = max(1, min(chunk_size, head.rows))
     buffer = head.new_logits_buffer(capacity)
     chunk_loss = make_chunk_loss(capacity)
-    in_place = grads.any and uses_in_place_gradient(chunk_loss, head)
+    in_place = grads.any and hasattr(chunk_loss, IN_PLACE_METHOD)
     losses = []
     for start in range(0, head.rows, chunk_size):
         rows = slice(start, min(start + chunk_size, head.rows))
@@ -255,14 +258,6 @@ def run_chunks(
 
     grad_hidden, grad_weight, grad_bias = grads.result()
     return ChunkLoopResult(_combine(losses, scalar_loss, head), grad_hidden, grad_weight, grad_bias)
-
-
-def uses_in_place_gradient(chunk_loss: ChunkLoss, head: LinearHead) -> bool:
-    """Whether the loop lets ``chunk_loss`` write the gradient over the logits.
-
-    Not with a softcap: its chain rule needs the capped logits after the loss.
-    """
-    return hasattr(chunk_loss, IN_PLACE_METHOD) and head.softcap is None
 
 
 def _loss_and_autograd_grad(chunk_loss: ChunkLoss, logits: torch.Tensor, rows: slice, want_grad: bool,
