@@ -128,12 +128,9 @@ struct Convert<VecF, F16> {
   static VecF load(const F16* p) {
     return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
   }
-  static void store(F16* p, VecF v) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
-  }
-  static void stream(F16* p, VecF v) {
-    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
-  }
+  static __m128i bits(VecF v) { return _mm256_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT); }
+  static void store(F16* p, VecF v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bits(v)); }
+  static void stream(F16* p, VecF v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), bits(v)); }
 };
 inline void stream_store(float* p, VecF v) { _mm256_stream_ps(p, v.v); }
 #endif
@@ -161,12 +158,9 @@ struct Convert<VecF, F16> {
   static VecF load(const F16* p) {
     return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
   }
-  static void store(F16* p, VecF v) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
-  }
-  static void stream(F16* p, VecF v) {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
-  }
+  static __m256i bits(VecF v) { return _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT); }
+  static void store(F16* p, VecF v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits(v)); }
+  static void stream(F16* p, VecF v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bits(v)); }
 };
 inline void stream_store(float* p, VecF v) { _mm512_stream_ps(p, v.v); }
 #endif
