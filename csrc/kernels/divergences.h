@@ -13,6 +13,8 @@
 // with masks because masked (-inf) vocabulary entries are legal input.
 #pragma once
 
+#include <type_traits>
+
 #include "vec.h"
 
 namespace kdfast {
@@ -38,6 +40,14 @@ struct RowAcc {
   // set by finish():
   double D = 0, gsum = 0, lse = 0;
 };
+
+// Whether a policy's grad_term is -p (KL): then the gradient is a combination
+// of the two exponential rows, and the skeleton folds the normalisations 1 / S
+// into its coefficients (2 multiplies fewer per vector).  Default: false.
+template <class D, class = void>
+struct GradTermIsMinusP : std::false_type {};
+template <class D>
+struct GradTermIsMinusP<D, std::void_t<decltype(D::kGradTermIsMinusP)>> : std::bool_constant<D::kGradTermIsMinusP> {};
 
 template <class V> inline V vzero() { return V::zero(); }
 template <class V> inline V vset(double x) { return V::broadcast(typename V::value_type(x)); }
@@ -74,6 +84,7 @@ struct TwoSums {
 template <class V>
 struct KL {
   static constexpr bool kValueFromExps = true;
+  static constexpr bool kGradTermIsMinusP = true;  // the skeleton folds 1 / S_t into its coefficient
   // acc + e_t (t_t - t_s), skipping e_t == 0 (t_t may be -inf there)
   static V add_exp_term(V acc, V tt, V ts, V et, V) { return fmadd_where(gt(et, vzero<V>()), et, tt - ts, acc); }
   static void finish(RowAcc& r, const DivConsts&) {

@@ -77,16 +77,70 @@ struct RowMaxima {
   typename V::value_type teacher, student;
   RowStatus status;
 };
+// The running maximum of one input's logits, on float lanes (a value type, so
+// that the sweep keeps it in registers).  NaN logits are skipped (vmax keeps
+// its second operand); they reach the loss through sums.
+template <class V, class T>
+struct LaneMax {
+  using Acc = V;
+  static Acc init() { return V::broadcast(-INFINITY); }
+  template <class Tail> static Acc add(Acc m, const T* p, Tail tail) { return vmax(ld<V>(p, tail, -INFINITY), m); }
+  static typename V::value_type result(Acc m) { return m.reduce_max(); }  // never NaN
+};
+
+#if defined(KDFAST_ISA_AVX2) || defined(KDFAST_ISA_AVX512)
+// bf16 logits: the max and the min of their raw bits as int16, with no
+// conversion to float (the first sweep of a bf16 row costs 2 instructions per
+// vector instead of 6).  Bits order non-negative floats as the floats do and
+// negative ones in reverse, so the largest float is the largest bit pattern
+// when that is >= 0 (some entry is non-negative), else the smallest one.  Tail
+// padding is -inf, which neither can pick over a real entry.  A NaN could
+// win either way; result() is then NaN and row_maxima redoes the sweep on
+// float lanes, which skip NaNs.
+template <>
+struct LaneMax<VecF, BF16> {
+  struct Acc { VecI16 hi, lo; };
+  static constexpr uint16_t kNegInfBits = 0xff80;
+  static Acc init() { return {VecI16::broadcast(INT16_MIN), VecI16::broadcast(INT16_MAX)}; }
+  static Acc add(Acc m, const BF16* p, Full) {
+    const VecI16 x = VecI16::load(p);
+    return {vmax(m.hi, x), vmin(m.lo, x)};
+  }
+  static Acc add(Acc m, const BF16* p, int n) {
+    BF16 t[VecF::size];
+    for (int i = 0; i < VecF::size; ++i) t[i] = i < n ? p[i] : BF16{kNegInfBits};
+    return add(m, t, Full{});
+  }
+  static float result(Acc m) {
+    const int16_t top = m.hi.reduce_max();
+    return to_float(BF16{uint16_t(top >= 0 ? top : m.lo.reduce_min())});
+  }
+};
+#endif
+
+// The max of one input on float lanes, NaN-skipping: the redo of a raw-bits max.
+template <class V, class T>
+inline typename V::value_type float_lane_max(const T* z, int64_t n) {
+  V m = V::broadcast(-INFINITY);
+  sweep<V>(n, [&](int64_t j, auto tail) { m = vmax(ld<V>(z + j, tail, -INFINITY), m); }, no_flush);
+  return m.reduce_max();
+}
+
 template <class V, class TT, class TS>
 inline RowMaxima<V> row_maxima(const TT* zt, const TS* zs, int64_t n) {
   using S = typename V::value_type;
   constexpr float kNegInf = -INFINITY;
-  V vmt = V::broadcast(kNegInf), vms = V::broadcast(kNegInf);
+  using MaxT = LaneMax<V, TT>;
+  using MaxS = LaneMax<V, TS>;
+  typename MaxT::Acc amt = MaxT::init();
+  typename MaxS::Acc ams = MaxS::init();
   sweep<V>(n, [&](int64_t j, auto tail) {
-    vmt = vmax(ld<V>(zt + j, tail, kNegInf), vmt);
-    vms = vmax(ld<V>(zs + j, tail, kNegInf), vms);
+    amt = MaxT::add(amt, zt + j, tail);
+    ams = MaxS::add(ams, zs + j, tail);
   }, no_flush);
-  const S mt = vmt.reduce_max(), ms = vms.reduce_max();
+  S mt = MaxT::result(amt), ms = MaxS::result(ams);
+  if (std::isnan(mt)) mt = float_lane_max<V>(zt, n);  // only a raw-bits max can be NaN
+  if (std::isnan(ms)) ms = float_lane_max<V>(zs, n);
   const RowStatus status = mt == S(kNegInf) ? kTeacherAllNegInf : ms == S(kNegInf) ? kStudentAllNegInf : kRowOk;
   return {mt, ms, status};
 }
@@ -285,14 +339,21 @@ struct RowKernel {
     const bool stream = Streamable<V, TS> && b.stream_grad &&
                         reinterpret_cast<uintptr_t>(grad) % kStreamAlign<V, TS> == 0;
     auto write_grad = [&] {
-      const V A = vset<V>(c_soft / prm.tau_s);
-      const V B = vset<V>(-c_soft / prm.tau_s * r.gsum + (student_t1_differs ? 0.0 : c_hard));
+      const double a = c_soft / prm.tau_s, b = -a * r.gsum + (student_t1_differs ? 0.0 : c_hard);
+      const V A = vset<V>(a), B = vset<V>(b);
+      // KL: A (-p) + B q = (-A / S_t) e_t + (B / S_s) e_s
+      const V A_minus_p = vset<V>(-a / r.sum_t), B_q = vset<V>(b / r.sum_s);
       const V C = vset<V>(c_hard);
       const V shift1 = vset<V>(double(mzs) + log_sum_s1);
       const bool add_q1 = hard && student_t1_differs;
       sweep<V>(n, [&](int64_t j, auto tail) {
-        Elem<V> e = elem(j, tail);
-        V out = fmadd(A, Div<V>::grad_term(e, r, dc), B * e.q);
+        V out;
+        if constexpr (GradTermIsMinusP<Div<V>>::value) {
+          out = fmadd(V::load(scratch_t + j), A_minus_p, V::load(scratch_s + j) * B_q);
+        } else {
+          Elem<V> e = elem(j, tail);
+          out = fmadd(A, Div<V>::grad_term(e, r, dc), B * e.q);
+        }
         if (add_q1) out = fmadd(C, vexp(ld<V>(zs + j, tail, kNegInf) - shift1), out);
         if (hard && label >= j && label < j + lanes(tail, V::size)) {
           alignas(64) S t[V::size];
