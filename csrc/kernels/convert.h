@@ -138,9 +138,14 @@ inline void stream_store(float* p, VecF v) { _mm256_stream_ps(p, v.v); }
 #if defined(KDFAST_ISA_AVX512)
 template <>
 struct Convert<VecF, BF16> {
+  // One permute (AVX512BW) moves each bf16 into the high half of its float
+  // lane and zeroes the low half: 1 instruction where widen + shift take 2,
+  // in sweeps that are bound by their instruction count.
   static VecF load(const BF16* p) {
-    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+    const __m512i to_high_halves = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0,
+                                                    7, 0, 6, 0, 5, 0, 4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
+    const __m512i w = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return {_mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAA, to_high_halves, w))};
   }
   // round to nearest even, NaN kept quiet
   static __m256i bits(VecF v) {
