@@ -74,6 +74,7 @@ def _extensions():
         "csrc/kernels/distill_cpu_default.cpp",
         "csrc/kernels/distill_cpu_avx2.cpp",
         "csrc/kernels/distill_cpu_avx512.cpp",
+        "csrc/kernels/distill_cpu_avx512_bf16.cpp",
         "csrc/kernels/selftest.cpp",
     ]
     ext = CppExtension(

@@ -177,9 +177,7 @@ std::string capability() { return kdfast::cpu_capability_name(kdfast::active_cpu
 std::string supported_capability() { return kdfast::cpu_capability_name(kdfast::supported_cpu_capability()); }
 std::string set_capability(const std::string& name) {
   kdfast::CpuCapability want = kdfast::CpuCapability::Default;
-  if (name == "avx2") want = kdfast::CpuCapability::AVX2;
-  else if (name == "avx512") want = kdfast::CpuCapability::AVX512;
-  else TORCH_CHECK_VALUE(name == "default", "unknown CPU capability '", name, "'");
+  TORCH_CHECK_VALUE(kdfast::parse_cpu_capability(name.c_str(), &want), "unknown CPU capability '", name, "'");
   return kdfast::cpu_capability_name(kdfast::set_cpu_capability(want));
 }
 }  // namespace

@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 
 def cpu_capability() -> str:
-    """The SIMD level of the CPU kernels ('avx512', 'avx2', 'default'), or 'unavailable'."""
+    """The SIMD level of the CPU kernels ('avx512_bf16', 'avx512', 'avx2', 'default'), or 'unavailable'."""
     from ._extension import _C
 
     return _C.cpu_capability() if _C is not None else "unavailable"

@@ -57,7 +57,7 @@ def cpu_capabilities():
     """The SIMD levels this machine can run (the kernels of each are tested)."""
     if _C is None:
         return []
-    order = ["default", "avx2", "avx512"]
+    order = ["default", "avx2", "avx512", "avx512_bf16"]
     best = _C.supported_cpu_capability()
     return order[: order.index(best) + 1]
 

@@ -149,11 +149,17 @@ struct Convert<VecF, BF16> {
   }
   // round to nearest even, NaN kept quiet
   static __m256i bits(VecF v) {
+#if defined(KDFAST_ISA_AVX512_BF16)
+    // the same rounding in one instruction, except that it flushes subnormal
+    // results (|x| < 2^-126, far below any gradient that matters) to zero
+    return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v.v));
+#else
     __m512i b = _mm512_castps_si512(v.v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
     r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v.v, v.v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
     return _mm512_cvtepi32_epi16(r);
+#endif
   }
   static void store(BF16* p, VecF v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits(v)); }
   static void stream(BF16* p, VecF v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bits(v)); }
@@ -207,10 +213,13 @@ inline Vec load_tail(const T* p, int n, float fill) {
 }
 template <class Vec, class T>
 inline void store_tail(T* p, Vec v, int n) {
-  using S = typename Vec::value_type;
-  alignas(64) S t[Vec::size];
-  v.store(t);
-  for (int i = 0; i < n; ++i) p[i] = from_float<T>(float(t[i]));
+  if constexpr (Vec::size > 1) {  // the full vector's conversion, so that a tail rounds as the rest of its row
+    T t[Vec::size];
+    Convert<Vec, T>::store(t, v);
+    for (int i = 0; i < n; ++i) p[i] = t[i];
+  } else {
+    for (int i = 0; i < n; ++i) p[i] = from_float<T>(float(v.lane(i)));
+  }
 }
 template <class Vec>
 inline void store_tail(double* p, Vec v, int n) {

@@ -37,6 +37,7 @@ struct CorrelationBatch {
 namespace cpu_default { void correlation_rows(const CorrelationParams&, const CorrelationBatch&, int64_t, int64_t); }
 namespace avx2 { void correlation_rows(const CorrelationParams&, const CorrelationBatch&, int64_t, int64_t); }
 namespace avx512 { void correlation_rows(const CorrelationParams&, const CorrelationBatch&, int64_t, int64_t); }
+namespace avx512_bf16 { void correlation_rows(const CorrelationParams&, const CorrelationBatch&, int64_t, int64_t); }
 void correlation_rows(const CorrelationParams&, const CorrelationBatch&, int64_t begin, int64_t end);
 
 }  // namespace kdfast

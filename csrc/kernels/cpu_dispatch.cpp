@@ -15,7 +15,7 @@ CpuCapability supported_cpu_capability() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return CpuCapability::AVX512;
+    return __builtin_cpu_supports("avx512bf16") ? CpuCapability::AVX512_BF16 : CpuCapability::AVX512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuCapability::AVX2;
 #endif
   return CpuCapability::Default;
@@ -23,21 +23,30 @@ CpuCapability supported_cpu_capability() {
 
 const char* cpu_capability_name(CpuCapability c) {
   switch (c) {
+    case CpuCapability::AVX512_BF16: return "avx512_bf16";
     case CpuCapability::AVX512: return "avx512";
     case CpuCapability::AVX2: return "avx2";
     default: return "default";
   }
 }
 
-// KDFAST_CPU_CAPABILITY can only lower the level (an unsupported request would crash).
+bool parse_cpu_capability(const char* name, CpuCapability* out) {
+  for (CpuCapability c : {CpuCapability::Default, CpuCapability::AVX2, CpuCapability::AVX512, CpuCapability::AVX512_BF16}) {
+    if (std::strcmp(name, cpu_capability_name(c)) == 0) {
+      *out = c;
+      return true;
+    }
+  }
+  return false;
+}
+
+// KDFAST_CPU_CAPABILITY can only lower the level (an unsupported request would
+// crash); an unknown name leaves the best level.
 static CpuCapability resolve_capability() {
   const CpuCapability best = supported_cpu_capability();
   const char* env = std::getenv("KDFAST_CPU_CAPABILITY");
-  if (!env || !*env) return best;
   CpuCapability want = best;
-  if (std::strcmp(env, "default") == 0) want = CpuCapability::Default;
-  else if (std::strcmp(env, "avx2") == 0) want = CpuCapability::AVX2;
-  else if (std::strcmp(env, "avx512") == 0) want = CpuCapability::AVX512;
+  if (!env || !*env || !parse_cpu_capability(env, &want)) return best;
   return static_cast<int>(want) < static_cast<int>(best) ? want : best;
 }
 
@@ -67,6 +76,7 @@ CpuCapability set_cpu_capability(CpuCapability want) {
     if (b.teacher_dtype == DType::Float64 || b.student_dtype == DType::Float64)               \
       return cpu_default::stage(p, b, begin, end);                                            \
     switch (active_cpu_capability()) {                                                        \
+      case CpuCapability::AVX512_BF16: return avx512_bf16::stage(p, b, begin, end);           \
       case CpuCapability::AVX512: return avx512::stage(p, b, begin, end);                     \
       case CpuCapability::AVX2: return avx2::stage(p, b, begin, end);                         \
       default: return cpu_default::stage(p, b, begin, end);                                   \

@@ -62,6 +62,11 @@ void dist_row_stats(const DistParams&, const DistBatch&, int64_t begin, int64_t 
 void dist_column_stats(const DistParams&, const DistBatch&, int64_t block_begin, int64_t block_end);
 void dist_grad_rows(const DistParams&, const DistBatch&, int64_t begin, int64_t end);
 }  // namespace avx512
+namespace avx512_bf16 {
+void dist_row_stats(const DistParams&, const DistBatch&, int64_t begin, int64_t end);
+void dist_column_stats(const DistParams&, const DistBatch&, int64_t block_begin, int64_t block_end);
+void dist_grad_rows(const DistParams&, const DistBatch&, int64_t begin, int64_t end);
+}  // namespace avx512_bf16
 
 // Dispatched on the active capability (float64 inputs take the scalar double path).
 void dist_row_stats(const DistParams&, const DistBatch&, int64_t begin, int64_t end);

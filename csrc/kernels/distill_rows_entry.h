@@ -1,4 +1,4 @@
-// Defines distill_rows for a wide capability TU (avx2 / avx512).  On targets
+// Defines distill_rows for a wide capability TU (avx2 / avx512 / avx512_bf16).  On targets
 // without that ISA the capability forwards to the baseline kernels.
 #pragma once
 

@@ -35,6 +35,7 @@ struct DkdBatch {
 namespace cpu_default { void dkd_rows(const DkdParams&, const DkdBatch&, int64_t begin, int64_t end); }
 namespace avx2 { void dkd_rows(const DkdParams&, const DkdBatch&, int64_t begin, int64_t end); }
 namespace avx512 { void dkd_rows(const DkdParams&, const DkdBatch&, int64_t begin, int64_t end); }
+namespace avx512_bf16 { void dkd_rows(const DkdParams&, const DkdBatch&, int64_t begin, int64_t end); }
 void dkd_rows(const DkdParams&, const DkdBatch&, int64_t begin, int64_t end);
 
 }  // namespace kdfast

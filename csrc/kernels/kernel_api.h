@@ -44,15 +44,19 @@ struct DistillBatch {
 namespace cpu_default { void distill_rows(const DistillParams&, const DistillBatch&, int64_t begin, int64_t end); }
 namespace avx2 { void distill_rows(const DistillParams&, const DistillBatch&, int64_t begin, int64_t end); }
 namespace avx512 { void distill_rows(const DistillParams&, const DistillBatch&, int64_t begin, int64_t end); }
+namespace avx512_bf16 { void distill_rows(const DistillParams&, const DistillBatch&, int64_t begin, int64_t end); }
 
 // The capability the dispatcher uses: the best the CPU supports, lowered by
-// the environment variable KDFAST_CPU_CAPABILITY=default|avx2|avx512.
-enum class CpuCapability : int32_t { Default = 0, AVX2 = 1, AVX512 = 2 };
+// the environment variable KDFAST_CPU_CAPABILITY=default|avx2|avx512|avx512_bf16.
+// avx512_bf16 is avx512 plus AVX512_BF16's conversion for bf16 gradients.
+enum class CpuCapability : int32_t { Default = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3 };
 CpuCapability supported_cpu_capability();
 CpuCapability active_cpu_capability();
 // Sets the capability (clamped to what the CPU supports) and returns it; for tests and benchmarks.
 CpuCapability set_cpu_capability(CpuCapability);
 const char* cpu_capability_name(CpuCapability);
+// The capability of a name ("default", "avx2", ...); false for an unknown name.
+bool parse_cpu_capability(const char* name, CpuCapability* out);
 void distill_rows(const DistillParams&, const DistillBatch&, int64_t begin, int64_t end);
 
 }  // namespace kdfast
