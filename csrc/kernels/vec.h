@@ -12,7 +12,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <utility>
 
 #if defined(KDFAST_ISA_AVX2) || defined(KDFAST_ISA_AVX512)
 #include <immintrin.h>
@@ -123,8 +122,10 @@ inline int16_t reduce_i16(__m128i x, Op op) {
   x = op(x, _mm_shufflelo_epi16(x, 0xb1));
   return int16_t(_mm_extract_epi16(x, 0));
 }
+// (a struct, not std::pair: a template argument would drop __m128i's attributes)
+struct I16Halves { __m128i lo, hi; };
 template <class Op>
-inline int16_t reduce_i16(std::pair<__m128i, __m128i> x, Op op) { return reduce_i16(op(x.first, x.second), op); }
+inline int16_t reduce_i16(I16Halves x, Op op) { return reduce_i16(op(x.lo, x.hi), op); }
 #endif
 
 #if defined(KDFAST_ISA_AVX2)
@@ -243,7 +244,7 @@ struct VecI16 {
 
  private:
   // the two 128-bit halves side by side, as reduce_i16 takes them
-  std::pair<__m128i, __m128i> halves() const { return {_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)}; }
+  I16Halves halves() const { return {_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)}; }
 };
 inline VecI16 vmax(VecI16 a, VecI16 b) { return {_mm256_max_epi16(a.v, b.v)}; }
 inline VecI16 vmin(VecI16 a, VecI16 b) { return {_mm256_min_epi16(a.v, b.v)}; }
