@@ -53,6 +53,8 @@ def as_stored_bf16(grad: torch.Tensor, capability: str) -> torch.Tensor:
 
 
 def loss_and_grad(student, teacher, **options):
+    """(per-row loss, gradient) with an upstream gradient of 1, so that backward returns the
+    kernel's gradient as stored (conftest's varying upstream would round a bf16 gradient twice)."""
     student = student.detach().clone().requires_grad_()
     loss = kdfast.distill_loss(student, teacher, backend="cpu", reduction="none", **options)
     loss.sum().backward()

@@ -81,12 +81,15 @@ struct RowMaxima {
 // that the sweep keeps it in registers).  NaN logits are skipped (vmax keeps
 // its second operand); they reach the loss through sums.
 template <class V, class T>
-struct LaneMax {
+struct FloatLaneMax {
   using Acc = V;
   static Acc init() { return V::broadcast(-INFINITY); }
   template <class Tail> static Acc add(Acc m, const T* p, Tail tail) { return vmax(ld<V>(p, tail, -INFINITY), m); }
   static typename V::value_type result(Acc m) { return m.reduce_max(); }  // never NaN
 };
+// The max sweep's accumulator for a dtype: float lanes unless specialised.
+template <class V, class T>
+struct LaneMax : FloatLaneMax<V, T> {};
 
 #if defined(KDFAST_ISA_AVX2) || defined(KDFAST_ISA_AVX512)
 // bf16 logits: the max and the min of their raw bits as int16, with no
@@ -121,9 +124,10 @@ struct LaneMax<VecF, BF16> {
 // The max of one input on float lanes, NaN-skipping: the redo of a raw-bits max.
 template <class V, class T>
 inline typename V::value_type float_lane_max(const T* z, int64_t n) {
-  V m = V::broadcast(-INFINITY);
-  sweep<V>(n, [&](int64_t j, auto tail) { m = vmax(ld<V>(z + j, tail, -INFINITY), m); }, no_flush);
-  return m.reduce_max();
+  using M = FloatLaneMax<V, T>;
+  typename M::Acc m = M::init();
+  sweep<V>(n, [&](int64_t j, auto tail) { m = M::add(m, z + j, tail); }, no_flush);
+  return M::result(m);
 }
 
 template <class V, class TT, class TS>

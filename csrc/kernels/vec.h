@@ -115,6 +115,12 @@ constexpr float kExp2UnitC1 = 0x1.62e4b2p-1f, kExp2UnitC2 = 0x1.ebdc78p-3f, kExp
 #if defined(KDFAST_ISA_AVX2) || defined(KDFAST_ISA_AVX512)
 // The op (max or min) of the 8 int16 lanes of x, or of two such vectors, in
 // registers (a store to an array would keep a loop's accumulator in memory).
+struct MaxI16 {
+  __m128i operator()(__m128i a, __m128i b) const { return _mm_max_epi16(a, b); }
+};
+struct MinI16 {
+  __m128i operator()(__m128i a, __m128i b) const { return _mm_min_epi16(a, b); }
+};
 template <class Op>
 inline int16_t reduce_i16(__m128i x, Op op) {
   x = op(x, _mm_shuffle_epi32(x, 0x4e));
@@ -188,8 +194,8 @@ struct VecI16 {
   __m128i v;
   static VecI16 broadcast(int16_t x) { return {_mm_set1_epi16(x)}; }
   static VecI16 load(const void* p) { return {_mm_loadu_si128(static_cast<const __m128i*>(p))}; }
-  int16_t reduce_max() const { return reduce_i16(v, [](__m128i a, __m128i b) { return _mm_max_epi16(a, b); }); }
-  int16_t reduce_min() const { return reduce_i16(v, [](__m128i a, __m128i b) { return _mm_min_epi16(a, b); }); }
+  int16_t reduce_max() const { return reduce_i16(v, MaxI16{}); }
+  int16_t reduce_min() const { return reduce_i16(v, MinI16{}); }
 };
 inline VecI16 vmax(VecI16 a, VecI16 b) { return {_mm_max_epi16(a.v, b.v)}; }
 inline VecI16 vmin(VecI16 a, VecI16 b) { return {_mm_min_epi16(a.v, b.v)}; }
@@ -239,8 +245,8 @@ struct VecI16 {
   __m256i v;
   static VecI16 broadcast(int16_t x) { return {_mm256_set1_epi16(x)}; }
   static VecI16 load(const void* p) { return {_mm256_loadu_si256(static_cast<const __m256i*>(p))}; }
-  int16_t reduce_max() const { return reduce_i16(halves(), [](__m128i a, __m128i b) { return _mm_max_epi16(a, b); }); }
-  int16_t reduce_min() const { return reduce_i16(halves(), [](__m128i a, __m128i b) { return _mm_min_epi16(a, b); }); }
+  int16_t reduce_max() const { return reduce_i16(halves(), MaxI16{}); }
+  int16_t reduce_min() const { return reduce_i16(halves(), MinI16{}); }
 
  private:
   // the two 128-bit halves side by side, as reduce_i16 takes them
