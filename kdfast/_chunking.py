@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ._fused_op import _is_concrete
+from ._fused_op import _is_concrete, may_hand_out_saved_gradient, refuse_double_backward
 from ._onednn import onednn_logits, uses_onednn
 
 # ``loss = chunk_loss(student_logits_chunk, rows)``: the loss of the rows
@@ -349,8 +349,14 @@ class ChunkedLinearLoss(torch.autograd.Function):
         return result.loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
+        refuse_double_backward(
+            "kdfast's fused linear losses", "Materialise the logits and use distill_loss(..., backend='torch').")
+        with torch.no_grad():
+            return ChunkedLinearLoss._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         plan: ChunkPlan = ctx.plan
         if plan.per_row:
             hidden, weight, bias = ctx.saved_tensors
@@ -363,6 +369,8 @@ class ChunkedLinearLoss(torch.autograd.Function):
         grads = ctx.saved_tensors
         if not _is_one(grad_loss):
             grads = tuple(None if g is None else g * grad_loss for g in grads)
+        elif not may_hand_out_saved_gradient():
+            grads = tuple(None if g is None else g.clone() for g in grads)
         return (*grads, None)
 
 

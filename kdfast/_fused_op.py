@@ -49,12 +49,41 @@ def _is_concrete(t: torch.Tensor) -> bool:
     return detect_fake_mode(t) is None and get_proxy_mode() is None and not torch._is_functional_tensor(t)
 
 
+def may_hand_out_saved_gradient() -> bool:
+    """Whether a backward may return a gradient saved by the forward itself (no copy).
+
+    Only when autograd frees the graph after this backward (``retain_graph``
+    off): then nothing can read the buffer again, so the caller may own it
+    (keep it as ``.grad``, zero it, clip it in place).  With the graph retained
+    another backward will read it, so each one gets its own copy: two results
+    never share storage and a later backward never finds the buffer modified.
+    """
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is not None and not keep_graph()
+
+
+def refuse_double_backward(name: str = "kdfast's fused kernels",
+                           remedy: str = "Use backend='torch' (the differentiable reference) for such a loss.") -> None:
+    """Raises when a backward runs with ``create_graph=True`` (a double backward).
+
+    The fused kernels hand out a gradient computed in the forward, which is a
+    constant to autograd: differentiating it again would silently drop the
+    loss's second-order term, so it is an error instead.
+    """
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"{name} do not support double backward (create_graph=True: Hessian-vector products, gradient "
+            f"penalties): the gradient they compute in the forward is not differentiable. {remedy}")
+
+
 def register_saved_grad_autograd(op, n_inputs: int, per_row=lambda inputs: False) -> None:
     """Autograd of an op returning ``(loss, grad)`` whose ``grad`` (of the first input) came from the forward.
 
     Backward scales the saved gradient by the incoming one: per row when
     ``per_row(inputs)`` (a ``(N,)`` loss), and not at all when the incoming
-    gradient is exactly 1 (the usual ``loss.backward()``: no second (N, V) buffer).
+    gradient is exactly 1 (the usual ``loss.backward()``: no second (N, V)
+    buffer) and no later backward can read the buffer (see
+    :func:`may_hand_out_saved_gradient`).  A double backward is refused.
     """
     def setup_context(ctx, inputs, output):
         _, grad = output
@@ -69,17 +98,25 @@ def register_saved_grad_autograd(op, n_inputs: int, per_row=lambda inputs: False
         (grad,) = ctx.saved_tensors
         if grad_loss is None:
             return (None,) * n_inputs
-        if grad.numel() == 0 and grad_loss.numel() != 0:
+        refuse_double_backward()
+        if grad.numel() == 0 and _student_numel(ctx.student_shape) != 0:
             raise RuntimeError("kdfast: the forward ran without computing the gradient (compute_grad=False)")
         if ctx.per_row:
             scaled = (grad.to(grad_loss.dtype) * grad_loss[:, None]).to(grad.dtype)
         elif _is_concrete(grad_loss) and bool(grad_loss == 1):
-            scaled = grad
+            scaled = grad if may_hand_out_saved_gradient() else grad.clone()
         else:
             scaled = grad * grad_loss
         return (scaled.view(ctx.student_shape),) + (None,) * (n_inputs - 1)
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+def _student_numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def register_fake_and_autograd(op) -> None:

@@ -15,8 +15,10 @@ import triton
 import triton.language as tl
 
 from .._options import DIVERGENCES, REDUCTIONS, check_logits
-from . import interpreter_requested, row_kernel
+from . import interpreter_compat, interpreter_requested, row_kernel
 from .divergences import sums_g
+
+interpreter_compat.apply()
 
 _WEIGHTINGS = ("none", "wttm", "entropy", "given")
 
