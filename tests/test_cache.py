@@ -2,7 +2,10 @@
 
 import json
 import math
+import os
 import pickle
+import shutil
+import sys
 
 import pytest
 import torch
@@ -320,6 +323,216 @@ def test_no_pickle_anywhere(tmp_path, monkeypatch):
             with safe_open(str(path), framework="pt") as f:
                 assert f.metadata() == {"format": "kdfast-topk-cache/1"}
                 assert sorted(f.keys()) == ["tail_logprobs", "token_ids", "topk_indices", "topk_logprobs"]
+
+
+# ----------------------------------------------------------------- a hostile or damaged index
+VERIFY = [True, False, "all"]  # every setting TopKCache accepts
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """A finished cache (3 shards of 30 rows), written once and copied by the tests that damage it."""
+    out = tmp_path_factory.mktemp("pristine") / "cache"
+    write(out)
+    return out
+
+
+@pytest.fixture
+def cache_dir(tmp_path, pristine):
+    out = tmp_path / "cache"
+    shutil.copytree(pristine, out)
+    return out
+
+
+def edit_index(folder, change):
+    index = json.loads((folder / "index.json").read_text())
+    change(index)
+    (folder / "index.json").write_text(json.dumps(index))
+
+
+def use(folder, verify):
+    """Open the cache and read every row: whatever is wrong must surface on the way."""
+    cache = TopKCache(folder, verify=verify)
+    list(cache.iter_batches())
+    return cache
+
+
+def setter(*keys_and_value):
+    """``setter("shards", 0, "rows", "30")``: a change to the index setting ``index["shards"][0]["rows"] = "30"``."""
+    *keys, last, value = keys_and_value
+
+    def change(index):
+        for key in keys:
+            index = index[key]
+        index[last] = value
+    return change
+
+
+def deleter(*keys):
+    def change(index):
+        for key in keys[:-1]:
+            index = index[key]
+        del index[keys[-1]]
+    return change
+
+
+# (change, the offending entry the message must name)
+BAD_INDEXES = {
+    "file None": (setter("shards", 0, "file", None), "'shards[0].file'"),
+    "file nested": (setter("shards", 0, "file", {"name": "shard-00000.safetensors"}), "'shards[0].file'"),
+    "file empty": (setter("shards", 0, "file", ""), "'shards[0].file'"),
+    "file another name": (setter("shards", 0, "file", "index.json"), "'shards[0].file'"),
+    "file in a subfolder": (setter("shards", 0, "file", "sub/shard-00000.safetensors"), "'shards[0].file'"),
+    "file with unicode digits": (setter("shards", 0, "file", "shard-\u0660.safetensors"), "'shards[0].file'"),
+    "file twice": (setter("shards", 1, "file", "shard-00000.safetensors"), "'shards'"),
+    "rows a string": (setter("shards", 0, "rows", "30"), "'shards[0].rows'"),
+    "rows negative": (setter("shards", 0, "rows", -30), "'shards[0].rows'"),
+    "rows a bool": (setter("shards", 0, "rows", True), "'shards[0].rows'"),
+    "rows a float": (setter("shards", 0, "rows", 30.0), "'shards[0].rows'"),
+    "batch_shapes not matching rows": (setter("shards", 0, "batch_shapes", [[2, 5]]), "'shards[0].batch_shapes'"),
+    "batch_shapes negative": (setter("shards", 0, "batch_shapes", [[-2, -5], [2, 5], [2, 5]]),
+                              "'shards[0].batch_shapes'"),
+    "batch_shapes with a bool": (setter("shards", 0, "batch_shapes", [[True, 10], [2, 5], [2, 5]]),
+                                 "'shards[0].batch_shapes'"),
+    "batch_shapes nested": (setter("shards", 0, "batch_shapes", [[[2, 5]], [2, 5], [2, 5]]),
+                            "'shards[0].batch_shapes'"),
+    "batch_shapes a string": (setter("shards", 0, "batch_shapes", "[[2, 5]]"), "'shards[0].batch_shapes'"),
+    "batch_shapes empty": (setter("shards", 0, "batch_shapes", []), "'shards[0].batch_shapes'"),
+    "bytes a string": (setter("shards", 0, "bytes", "1234"), "'shards[0].bytes'"),
+    "bytes negative": (setter("shards", 0, "bytes", -1), "'shards[0].bytes'"),
+    "sha256 None": (setter("shards", 0, "sha256", None), "'shards[0].sha256'"),
+    "sha256 not hex": (setter("shards", 0, "sha256", "z" * 64), "'shards[0].sha256'"),
+    "tokens_sha256 a list": (setter("shards", 0, "tokens_sha256", ["0" * 64]), "'shards[0].tokens_sha256'"),
+    "shard k differs": (setter("shards", 0, "k", K + 1), "'shards[0].k'"),
+    "shard vocab_size a bool": (setter("shards", 2, "vocab_size", True), "'shards[2].vocab_size'"),
+    "shard dtypes differ": (setter("shards", 0, "dtypes", {"token_ids": "float32"}), "'shards[0].dtypes'"),
+    "shard entry missing": (deleter("shards", 0, "sha256"), "'shards[0]' lacks the entries ['sha256']"),
+    "shard not an object": (setter("shards", 1, "shard-00001.safetensors"), "'shards[1]'"),
+    "shards not a list": (setter("shards", {"0": "shard-00000.safetensors"}), "'shards'"),
+    "shards a string": (setter("shards", "shard-00000.safetensors"), "'shards'"),
+    "complete a string": (setter("complete", "no"), "'complete'"),
+    "complete an int": (setter("complete", 1), "'complete'"),
+    "k a bool": (setter("k", True), "'k'"),
+    "k zero": (setter("k", 0), "'k'"),
+    "k a list": (setter("k", [K]), "'k'"),
+    "vocab_size below k": (setter("vocab_size", K - 1), "'vocab_size'"),
+    "vocab_size a string": (setter("vocab_size", "24"), "'vocab_size'"),
+    "vocab_size null with shards": (setter("vocab_size", None), "'vocab_size'"),
+    "temperature a string": (setter("temperature", "1.0"), "'temperature'"),
+    "temperature negative": (setter("temperature", -1.0), "'temperature'"),
+    "temperature NaN": (setter("temperature", float("nan")), "'temperature'"),
+    "teacher nested": (setter("teacher", {"name": "tiny"}), "'teacher'"),
+    "logprob_dtype nested": (setter("logprob_dtype", {"float16": 1}), "'logprob_dtype'"),
+    "logprob_dtype unknown": (setter("logprob_dtype", "float64"), "'logprob_dtype'"),
+    "tokens_per_shard zero": (setter("tokens_per_shard", 0), "'tokens_per_shard'"),
+    "num_rows wrong": (setter("num_rows", 91), "'num_rows'"),
+    "num_batches a string": (setter("num_batches", "9"), "'num_batches'"),
+    "num_batches wrong": (setter("num_batches", 8), "'num_batches'"),
+    "entry missing": (deleter("num_rows"), "lacks the entries ['num_rows']"),
+    "format_version a bool": (setter("format_version", True), "format_version True"),
+}
+
+
+@pytest.mark.parametrize("verify", VERIFY)
+@pytest.mark.parametrize("variant", BAD_INDEXES)
+def test_every_entry_of_the_index_is_checked(cache_dir, variant, verify):
+    change, entry = BAD_INDEXES[variant]
+    edit_index(cache_dir, change)
+    with pytest.raises(CacheCorruptedError) as caught:
+        use(cache_dir, verify)
+    message = str(caught.value)
+    assert message.startswith(str(cache_dir / "index.json")), message
+    assert entry in message
+
+
+@pytest.mark.parametrize("verify", VERIFY)
+def test_an_index_nested_too_deeply_is_corrupt_not_a_recursion_error(cache_dir, verify):
+    (cache_dir / "index.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CacheCorruptedError, match=r"index\.json is not a kdfast-topk-cache index"):
+        use(cache_dir, verify)
+
+
+def test_a_writer_resuming_a_damaged_index_stops(cache_dir):
+    edit_index(cache_dir, setter("shards", 0, "file", "../outside.safetensors"))
+    with pytest.raises(CacheCorruptedError, match=r"'shards\[0\]\.file'"):
+        write(cache_dir)
+
+
+# ----------------------------------------------------------------- reads outside the cache folder
+SECRET = b"SECRET CONTENTS " * 321  # 5136 bytes: neither may appear in an error
+
+
+def _escape(cache_dir, how, target):
+    """Point shard 0 of the cache in ``cache_dir`` at ``target`` (a file outside), in the way ``how``."""
+    if how == "relative":
+        edit_index(cache_dir, setter("shards", 0, "file", os.path.relpath(target, cache_dir)))
+    elif how == "absolute":
+        edit_index(cache_dir, setter("shards", 0, "file", str(target)))
+    elif how == "symlink outside":
+        (cache_dir / "shard-00000.safetensors").unlink()
+        (cache_dir / "shard-00000.safetensors").symlink_to(target)
+    elif how == "symlink inside":  # the shard moved aside within the folder, a relative link in its place
+        (cache_dir / "shard-00000.safetensors").rename(cache_dir / "moved.safetensors")
+        (cache_dir / "shard-00000.safetensors").symlink_to("moved.safetensors")
+
+
+_opened = None  # while a list: the paths Python code opens (the audit hook below appends to it)
+
+
+def _audit(event, args):
+    if event == "open" and _opened is not None and isinstance(args[0], (str, bytes, os.PathLike)):
+        _opened.append(os.path.realpath(os.fsdecode(args[0])))
+
+
+@pytest.fixture
+def opened_files():
+    """The real paths of the files opened from Python during the test (os.open, open, Path.read_*)."""
+    global _opened
+    if not getattr(sys, "_kdfast_test_cache_audit", False):
+        sys.addaudithook(_audit)  # hooks cannot be removed: it stays, muted, once the test is over
+        sys._kdfast_test_cache_audit = True
+    _opened = []
+    try:
+        yield _opened
+    finally:
+        _opened = None
+
+
+@pytest.mark.parametrize("verify", VERIFY)
+@pytest.mark.parametrize("target", ["valid shard", "other file"])
+@pytest.mark.parametrize("how", ["relative", "absolute", "symlink outside", "symlink inside"])
+def test_a_shard_outside_the_folder_or_behind_a_link_is_refused_before_it_is_opened(
+        cache_dir, opened_files, how, target, verify):
+    outside = cache_dir.parent / "outside.safetensors"
+    if target == "valid shard":  # the very bytes the index expects: only where they are read from is wrong
+        shutil.copyfile(cache_dir / "shard-00000.safetensors", outside)
+    else:
+        outside.write_bytes(SECRET)
+    _escape(cache_dir, how, outside)
+    opened_files.clear()  # the copies above
+    with pytest.raises(CacheCorruptedError) as caught:
+        use(cache_dir, verify)
+    message = str(caught.value)
+    assert str(cache_dir) in message
+    assert ("'shards[0].file'" if how in ("relative", "absolute") else "shard-00000.safetensors") in message
+    assert "symbolic link" in message or how in ("relative", "absolute")
+    assert str(len(SECRET)) not in message and "SECRET" not in message
+    assert set(opened_files) <= {os.path.realpath(cache_dir / "index.json")}, "opened before it was checked"
+
+
+@pytest.mark.parametrize("verify", VERIFY)
+def test_a_symlinked_index_is_refused(cache_dir, verify):
+    (cache_dir / "index.json").rename(cache_dir.parent / "index.json")
+    (cache_dir / "index.json").symlink_to(cache_dir.parent / "index.json")
+    with pytest.raises(CacheCorruptedError, match=r"index\.json is a symbolic link"):
+        use(cache_dir, verify)
+
+
+@pytest.mark.parametrize("verify", VERIFY)
+def test_a_cache_reached_through_a_linked_folder_still_opens(cache_dir, verify):
+    link = cache_dir.parent / "link"
+    link.symlink_to(cache_dir, target_is_directory=True)
+    assert len(use(link, verify)) == NUM_BATCHES * 10
 
 
 # ----------------------------------------------------------------- writer arguments

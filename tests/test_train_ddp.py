@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from kdfast.train import load_checkpoint
-from kdfast.train.checkpoint import CHECKPOINT_NAME
+from kdfast.train.checkpoint import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME
 
 sys.path.insert(0, os.path.dirname(__file__))
 from ddp_worker import build_run  # noqa: E402
@@ -54,4 +54,4 @@ def test_two_ranks_end_identical_and_equal_to_one_process_with_the_global_batch(
         assert logged["losses"] == pytest.approx(expected["losses"], rel=1e-5)
     state = load_checkpoint(ckpt / CHECKPOINT_NAME)
     assert len(state["rng"]) == 2 and state["data"]["world_size"] == 2
-    assert os.listdir(ckpt) == [CHECKPOINT_NAME]
+    assert sorted(os.listdir(ckpt)) == sorted([CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME])  # only rank 0 writes

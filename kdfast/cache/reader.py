@@ -14,7 +14,7 @@ from safetensors.torch import load_file as safetensors_load_file
 
 from ._format import (
     INDEX_DTYPE, LOGPROB_DTYPES, TAIL_DTYPE, TENSOR_NAMES, TOKEN_DTYPE, CacheCorruptedError, TopKRows, file_digest,
-    read_index,
+    open_shard, read_index, shard_stat,
 )
 
 class TopKCache:
@@ -31,14 +31,18 @@ class TopKCache:
         verify: ``True`` (default): every shard's presence and byte size are
             checked here, its sha256 when it is first loaded.  ``"all"``: the
             sha256 of every shard here too (reads the whole cache once).
-            ``False``: no checks (a trusted cache; loads are memory-mapped).
+            ``False``: no size or digest checks (a trusted cache; loads are
+            memory-mapped).  Whatever the setting, the index is checked entry
+            by entry, and a shard that is a symbolic link, or not a plain
+            shard name in ``path``, is refused before it is opened.
         allow_incomplete: open a cache whose writer has not finished (only its
             complete shards are visible); by default that is a ValueError.
 
     Raises:
         FileNotFoundError: no index in ``path``.
         CacheCorruptedError: a missing, truncated or altered shard (naming it
-            and what differs), or an index that is not a cache index.
+            and what differs), a shard that is a symbolic link, or an index
+            that is not a cache index (naming the entry).
         ValueError: an incomplete cache without ``allow_incomplete``.
     """
 
@@ -64,7 +68,8 @@ class TopKCache:
                 self._check_size(shard)
         if verify == "all":
             for number, shard in enumerate(self.shards):
-                self._check_digest(shard, file_digest(self.path / shard["file"]))
+                with open_shard(self.path, shard["file"]) as f:
+                    self._check_digest(shard, file_digest(f))
                 self._verified.add(number)
 
     # ------------------------------------------------------------ metadata
@@ -162,24 +167,21 @@ class TopKCache:
     # ------------------------------------------------------------ loading and checks
     def _load(self, number: int) -> TopKRows:
         shard = self.shards[number]
-        path = self.path / shard["file"]
         if self.verify and number not in self._verified:
             self._check_size(shard)
-            data = path.read_bytes()
+            with open_shard(self.path, shard["file"]) as f:
+                data = f.read()
             self._check_digest(shard, hashlib.sha256(data).hexdigest())
             self._verified.add(number)
             tensors = self._parse(shard, lambda: safetensors_load(data))
         else:
-            if not path.is_file():
-                raise CacheCorruptedError(f"shard {shard['file']} of the cache in {self.path} is missing")
-            tensors = self._parse(shard, lambda: safetensors_load_file(path))
+            # Unverified is trust in the contents, not in where they are read from: links are refused here too.
+            shard_stat(self.path, shard["file"])
+            tensors = self._parse(shard, lambda: safetensors_load_file(self.path / shard["file"]))
         return TopKRows(*(tensors[name] for name in TENSOR_NAMES))
 
     def _check_size(self, shard: dict) -> None:
-        path = self.path / shard["file"]
-        if not path.is_file():
-            raise CacheCorruptedError(f"shard {shard['file']} of the cache in {self.path} is missing")
-        size = path.stat().st_size
+        size = shard_stat(self.path, shard["file"]).st_size
         if size != shard["bytes"]:
             how = "truncated" if size < shard["bytes"] else "grown"
             raise CacheCorruptedError(f"shard {shard['file']} of the cache in {self.path} has {size} bytes but the "

@@ -59,11 +59,14 @@ Metrics (:mod:`.metrics`)
     ``ClassificationMetrics`` (an accumulator that reduces across ranks).
 
 Checkpoints (:mod:`.checkpoint`)
-    ``save_checkpoint`` (atomic: temporary file, fsync, ``os.replace``) and
-    ``load_checkpoint`` (``torch.load(weights_only=True)``); ``fit`` writes
-    ``<checkpoint_dir>/last.pt`` after every epoch and ``resume=True`` continues
-    from it, bit-identically to an uninterrupted run with the same seeds
-    (``seed_everything(seed)`` seeds torch, ``random`` and numpy).
+    ``save_checkpoint`` (atomic: temporary file, fsync, ``os.replace``; the
+    payload's sha256 in a header) and ``load_checkpoint`` (checksum checked,
+    then ``torch.load(weights_only=True)``; ``CheckpointCorruptedError``, naming
+    the file, for a damaged one); ``fit`` writes ``<checkpoint_dir>/last.pt``
+    after every epoch, keeping the one before as ``previous.pt``, and
+    ``resume=True`` continues from the newest good one
+    (``load_latest_checkpoint``), bit-identically to an uninterrupted run with
+    the same seeds (``seed_everything(seed)`` seeds torch, ``random`` and numpy).
 
 Distributed (:mod:`.distributed`)
     ``init_distributed()`` (from ``torchrun``'s environment: gloo on CPU, nccl
@@ -72,7 +75,15 @@ Distributed (:mod:`.distributed`)
     in one process: the data order survives a resume).
 """
 
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, seed_everything
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    PREVIOUS_CHECKPOINT_NAME,
+    CheckpointCorruptedError,
+    load_checkpoint,
+    load_latest_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
 from .distiller import Distiller, accumulate_metrics
 from .distributed import DistributedContext, init_distributed, make_train_loader
 from .mean_teacher import MeanTeacher, ema_decay, sigmoid_rampup
@@ -91,6 +102,7 @@ from .teachers import FrozenTeacher, MultiTeacher, TeacherSchedule, TeacherSigna
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "CheckpointCorruptedError",
     "ClassificationMetrics",
     "DistillObjective",
     "Distiller",
@@ -100,6 +112,7 @@ __all__ = [
     "LOSS_NAMES",
     "MeanTeacher",
     "MultiTeacher",
+    "PREVIOUS_CHECKPOINT_NAME",
     "StochasticTeacher",
     "TeacherSchedule",
     "TeacherSignal",
@@ -111,6 +124,7 @@ __all__ = [
     "expected_calibration_error",
     "init_distributed",
     "load_checkpoint",
+    "load_latest_checkpoint",
     "make_train_loader",
     "nll",
     "reliability_diagram",

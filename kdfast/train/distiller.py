@@ -37,8 +37,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..losses import kd_loss
-from .checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, capture_rng_state, load_checkpoint, restore_rng_state, \
-    save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, PREVIOUS_CHECKPOINT_NAME, capture_rng_state, \
+    load_latest_checkpoint, restore_rng_state, save_checkpoint
 from .distributed import all_gather, all_reduce_sum, barrier, current_context, epoch_sampler, is_distributed
 from .metrics import ClassificationMetrics
 from .objectives import HARD_LOSSES, LossSpec, check_weight, count_valid, hard_loss_sum, resolve_loss
@@ -346,9 +346,12 @@ class Distiller:
 
         A record is ``{"epoch" (1-based), "step", "lr", "losses": {term: mean},
         "time_s"}`` plus the :meth:`evaluate` metrics of ``eval_loader``.
-        ``checkpoint_dir``: write ``<dir>/last.pt`` (atomically) after every
-        epoch; ``resume=True`` continues from it (or starts afresh when there
-        is none), and a fresh run refuses to overwrite one.  ``metrics_path``:
+        ``checkpoint_dir``: write ``<dir>/last.pt`` (atomically, with its
+        sha256) after every epoch, the one before renamed ``previous.pt``;
+        ``resume=True`` continues from ``last.pt``, or from ``previous.pt``
+        with a warning when ``last.pt`` is damaged (or starts afresh when there
+        is none; a CheckpointCorruptedError when neither is good), and a fresh
+        run refuses to overwrite one.  ``metrics_path``:
         append each record as a JSON line (rank 0; on resume, lines of epochs
         after the checkpoint are dropped).  ``on_epoch_end(record)`` runs last.
         """
@@ -356,14 +359,20 @@ class Distiller:
             raise ValueError(f"epochs must be an int >= 0, got epochs={epochs!r}")
         sampler = epoch_sampler(train_loader)
         start = 0
-        path = None
+        path = previous = None
+        rotate = True  # whether the next save first renames last.pt to previous.pt
         if checkpoint_dir is not None:
             path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_NAME)
-            if os.path.exists(path):
-                if not resume:
-                    raise FileExistsError(f"{path} exists: pass resume=True to continue that run, "
-                                          f"or choose another checkpoint_dir")
-                start = self.load_state_dict(load_checkpoint(path, self.device), sampler)
+            previous = os.path.join(os.fspath(checkpoint_dir), PREVIOUS_CHECKPOINT_NAME)
+            existing = [p for p in (path, previous) if os.path.exists(p)]
+            if existing and not resume:
+                raise FileExistsError(f"{existing[0]} exists: pass resume=True to continue that run, "
+                                      f"or choose another checkpoint_dir")
+            found = load_latest_checkpoint(checkpoint_dir, self.device) if existing else None
+            if found is not None:
+                start = self.load_state_dict(found[0], sampler)
+                # Resumed from previous.pt: last.pt is damaged, and rotating it would replace the only good one.
+                rotate = found[1] == path
         elif resume:
             raise ValueError("resume=True needs a checkpoint_dir")
         if metrics_path is not None and self.context.is_main:
@@ -383,7 +392,8 @@ class Distiller:
             if path is not None:
                 state = self.state_dict(epoch + 1, sampler)
                 if self.context.is_main:
-                    save_checkpoint(state, path)
+                    save_checkpoint(state, path, previous=previous if rotate else None)
+                rotate = True
                 barrier()
             if metrics_path is not None and self.context.is_main:
                 with open(metrics_path, "a") as f:
