@@ -5,6 +5,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "kernels/correlation_api.h"
@@ -37,8 +39,8 @@ std::tuple<at::Tensor, at::Tensor> dist_forward_cpu(const at::Tensor& student, c
   DistBatch b;
   set_logits(b, s2, t2, st, tt);
   double* p = per_row.data();
-  b.shift_t = p;
-  b.shift_s = p + N;
+  b.max_t = p;
+  b.max_s = p + N;
   b.log_sum_t = p + 2 * N;
   b.log_sum_s = p + 3 * N;
   b.row_rho = p + 4 * N;
@@ -52,6 +54,13 @@ std::tuple<at::Tensor, at::Tensor> dist_forward_cpu(const at::Tensor& student, c
   const int64_t row_grain = std::max<int64_t>(1, 16384 / V);
   at::parallel_for(0, N, row_grain, [&](int64_t lo, int64_t hi) { dist_row_stats(prm, b, lo, hi); });
   check_row_status(status);
+  // The columns couple every row: one NaN or +inf logit (a NaN row sum) makes the loss and the whole gradient NaN.
+  for (int64_t i = 0; i < N; ++i) {
+    if (std::isnan(b.log_sum_t[i]) || std::isnan(b.log_sum_s[i])) {
+      if (compute_grad) grad.fill_(std::numeric_limits<double>::quiet_NaN());
+      return {at::scalar_tensor(std::numeric_limits<double>::quiet_NaN(), at::TensorOptions().dtype(acc)), grad};
+    }
+  }
   at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) { dist_column_stats(prm, b, lo, hi); });
   if (compute_grad) at::parallel_for(0, N, row_grain, [&](int64_t lo, int64_t hi) { dist_grad_rows(prm, b, lo, hi); });
 

@@ -14,9 +14,9 @@ import torch
 
 from . import _triton
 from ._extension import cpu_extension_available
-from ._options import _finite_float, _check_row_tensor, check_logits
+from ._options import _check_row_tensor, _finite_float, _integer, check_logits
 from .backends import check_device
-from .reference import _check_rows_defined, check_labels, entropy_weight
+from .reference import check_rows_defined, check_labels, entropy_weight
 from .reference_correlation import check_rank_vocab, correlation_loss_reference, dist_loss_reference
 from .reference_dkd import dkd_loss_reference
 
@@ -87,6 +87,9 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
         raise ValueError(f"dist_loss needs at least one row, got logits shape {tuple(student_logits.shape)}")
     tau = _positive("temperature", temperature)
     beta, gamma = _finite_float("beta", beta), _finite_float("gamma", gamma)
+    V = student_logits.shape[-1]
+    zt, zs = teacher_logits.detach().reshape(-1, V), student_logits.detach().reshape(-1, V)
+    check_rows_defined(zt, zs, torch.ones(zt.shape[0], dtype=torch.bool, device=zt.device))
     impl = _pick("dist", backend, student_logits.device, dist_loss_reference)
     return impl(student_logits, teacher_logits, tau, beta, gamma)
 
@@ -129,7 +132,7 @@ def correlation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     impl = _pick("correlation", backend, student_logits.device, correlation_loss_reference)
     if impl is correlation_loss_reference:  # the fused kernels check rows in their pass
         zt, zs = (z.detach().reshape(-1, z.shape[-1]) for z in (teacher_logits, student_logits))
-        _check_rows_defined(zt, zs, torch.ones(zt.shape[0], dtype=torch.bool, device=zt.device))
+        check_rows_defined(zt, zs, torch.ones(zt.shape[0], dtype=torch.bool, device=zt.device))
     return impl(student_logits, teacher_logits, tau, pw, sw, strength, weights)
 
 
@@ -160,5 +163,5 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
         flat = labels.reshape(-1).long()
         valid = flat != ignore_index
         check_labels(flat, valid, V, ignore_index)
-        _check_rows_defined(teacher_logits.detach().reshape(-1, V), student_logits.detach().reshape(-1, V), valid)
-    return impl(student_logits, teacher_logits, labels, tau, alpha, beta, int(ignore_index))
+        check_rows_defined(teacher_logits.detach().reshape(-1, V), student_logits.detach().reshape(-1, V), valid)
+    return impl(student_logits, teacher_logits, labels, tau, alpha, beta, _integer("ignore_index", ignore_index))

@@ -39,7 +39,10 @@ def distill_loss(
         divergence: ``"kl"``, ``"reverse_kl"``, ``"jsd"`` (``beta``, default 0.5),
             ``"tvd"``, ``"renyi"`` (``alpha``, default 0.5), ``"ab"`` (``alpha``,
             ``beta``, default 0.5 each), ``"skew_kl"``, ``"skew_reverse_kl"``
-            (``skew``, default 0.1). See README for the formulas.
+            (``skew``, default 0.1). Each formula is the docstring of its
+            function in :mod:`kdfast.reference` (``kl``, ``jsd``, ``renyi``, ...);
+            ``renyi`` within 1e-4 of ``alpha = 1`` is computed as ``kl``
+            (``RENYI_KL_WINDOW`` in ``kdfast/_options.py`` says why).
         temperature: teacher temperature ``tau``; ``p = softmax(z_t / tau)``.
         student_temperature: ``tau_s`` (default ``tau``); ``q = softmax(z_s / tau_s)``.
         weighting: per-row weight of the divergence: None, ``"wttm"``
@@ -55,16 +58,25 @@ def distill_loss(
         normalizer: the denominator of ``"batchmean"`` (e.g. a global token
             count, so gradient accumulation matches one big batch).
         backend: ``"auto"`` (fused kernel for the tensors' device, else the
-            reference; ``KDFAST_BACKEND`` overrides), ``"cpu"`` or ``"torch"``.
+            reference; ``KDFAST_BACKEND`` overrides), ``"cpu"``, ``"triton"`` or
+            ``"torch"``.
 
     Returns:
         The loss in float32 (float64 for float64 inputs): a scalar, or ``(N,)``
-        for ``reduction="none"``. No valid row gives 0, never NaN.
+        for ``reduction="none"``. No valid row gives 0, never NaN. A valid row
+        with a NaN or +inf logit in either model has a NaN loss and an all-NaN
+        gradient (other rows are unaffected); ignored rows stay 0. README,
+        "Numerical contract", states this on every backend.
 
     Raises:
-        ValueError: bad parameters, mismatched shapes/devices, labels out of
-            range, a valid row whose teacher (or student) logits are all -inf.
-        TypeError: unsupported dtypes.
+        ValueError: bad parameters (a weighting tensor entry that is negative or
+            not finite; a temperature, normalizer or coefficient outside
+            float32's range), mismatched shapes/devices, labels out of range, a
+            valid row whose teacher (or student) logits are all -inf.
+        TypeError: unsupported dtypes; a bool or string given for a number; an
+            ``ignore_index`` that is not an integer.
+        RuntimeError: a double backward (``create_graph=True``) through a fused
+            backend; use ``backend="torch"``.
     """
     cfg = make_config(
         student_logits,

@@ -170,7 +170,8 @@ def distill_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.T
     else:
         labels = None
         valid = torch.ones(N, dtype=torch.bool, device=zs.device)
-    _check_rows_defined(zt, zs, valid)
+    check_rows_defined(zt, zs, valid)
+    undefined = valid & (nan_or_posinf_rows(zt) | nan_or_posinf_rows(zs))
 
     logp = torch.log_softmax(zt / cfg.temperature, -1)
     logq = torch.log_softmax(zs / cfg.student_temperature, -1)
@@ -184,7 +185,23 @@ def distill_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.T
     per_row = cfg.soft_weight * cfg.scale * soft
     if labels is not None and cfg.hard_weight != 0.0:
         per_row = per_row + cfg.hard_weight * cross_entropy(zs, torch.where(valid, labels, 0))
-    return reduce_rows(per_row, valid, cfg)
+    return reduce_rows(nan_rows_where(undefined, per_row, zs), valid, cfg)
+
+
+def nan_or_posinf_rows(z: torch.Tensor) -> torch.Tensor:
+    """Rows of ``z`` with a NaN or a ``+inf`` entry: no distribution, so the contract makes them NaN."""
+    return (torch.isnan(z) | torch.isposinf(z)).any(-1)
+
+
+def nan_rows_where(undefined: torch.Tensor, per_row: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
+    """``per_row`` with NaN on the ``undefined`` rows, whose gradient is then NaN in every entry of ``zs``.
+
+    Masks inside the formulas (``0 log 0 = 0``) would otherwise turn a NaN into
+    a 0 that hides it; NaN in, NaN out is what every backend does.
+    """
+    nan_on_undefined = torch.where(undefined, math.nan, 0.0).to(per_row.dtype)
+    # where() before the sum: the other rows' entries never meet the NaN (0 * -inf would be NaN).
+    return per_row + torch.where(undefined[:, None], zs, torch.zeros_like(zs)).sum(-1) * nan_on_undefined
 
 
 def reduce_rows(per_row: torch.Tensor, valid: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
@@ -212,7 +229,7 @@ def check_labels(labels, valid, V, ignore_index):
         )
 
 
-def _check_rows_defined(zt, zs, valid):
+def check_rows_defined(zt, zs, valid):
     if torch.compiler.is_compiling():
         return
     for name, z in (("teacher_logits", zt), ("student_logits", zs)):

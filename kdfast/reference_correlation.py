@@ -21,7 +21,11 @@ oracle of the fused kernels' tests.
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from .reference import nan_or_posinf_rows, nan_rows_where
 
 PEARSON_EPS = 1e-8
 # Pairwise soft ranks cost V^2 per row; beyond this the reference refuses.
@@ -46,11 +50,16 @@ def _acc_dtype(*tensors) -> torch.dtype:
 def dist_loss_reference(student_logits, teacher_logits, temperature=1.0, beta=1.0, gamma=1.0):
     """DIST: ``beta * inter + gamma * intra``, each scaled by ``tau^2``."""
     acc = _acc_dtype(student_logits, teacher_logits)
-    y_s = torch.softmax(_rows(student_logits, acc) / temperature, -1)
-    y_t = torch.softmax(_rows(teacher_logits.detach(), acc) / temperature, -1)
+    zs, zt = _rows(student_logits, acc), _rows(teacher_logits.detach(), acc)
+    y_s = torch.softmax(zs / temperature, -1)
+    y_t = torch.softmax(zt / temperature, -1)
     inter = 1.0 - pearson(y_s, y_t).mean()
     intra = 1.0 - pearson(y_s.t(), y_t.t()).mean()
-    return temperature**2 * (beta * inter + gamma * intra)
+    loss = temperature**2 * (beta * inter + gamma * intra)
+    # The columns couple every row: one NaN or +inf logit makes the loss and the whole gradient NaN.
+    poisoned = (nan_or_posinf_rows(zt) | nan_or_posinf_rows(zs)).any()
+    nan_if_poisoned = torch.where(poisoned, math.nan, 0.0).to(loss.dtype)
+    return loss + torch.where(poisoned, zs, torch.zeros_like(zs)).sum() * nan_if_poisoned
 
 
 def check_rank_vocab(V: int) -> None:
@@ -107,4 +116,7 @@ def correlation_loss_reference(student_logits, teacher_logits, temperature=1.0, 
     else:
         w = weights.reshape(-1).to(rho_p.dtype)
         per_row = pearson_weight * w * (1.0 - rho_p) + spearman_weight * (1.0 - w) * (1.0 - rho_s)
+    zs = _rows(student_logits, per_row.dtype)
+    undefined = nan_or_posinf_rows(_rows(teacher_logits.detach(), per_row.dtype)) | nan_or_posinf_rows(zs)
+    per_row = nan_rows_where(undefined, per_row, zs)
     return per_row.mean() if per_row.numel() else per_row.sum()

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .reference import kl
+from .reference import kl, nan_or_posinf_rows, nan_rows_where
 
 
 def _target_split(x: torch.Tensor, target: torch.Tensor):
@@ -61,5 +61,6 @@ def dkd_loss_reference(student_logits, teacher_logits, labels, temperature=4.0, 
     zs = torch.where(valid[:, None], zs, torch.zeros_like(zs))
     zt = torch.where(valid[:, None], zt, torch.zeros_like(zt))
     per_row = dkd_per_row(zs, zt, torch.where(valid, labels, 0), temperature, alpha, beta)
-    per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
+    undefined = valid & (nan_or_posinf_rows(zt) | nan_or_posinf_rows(zs))
+    per_row = torch.where(valid, nan_rows_where(undefined, per_row, zs), torch.zeros_like(per_row))
     return per_row.sum() / valid.sum().clamp(min=1)

@@ -200,7 +200,10 @@ def teacher_log_probs(topk_logprobs: torch.Tensor, tail: str, temperature: float
         if rows.shape[-1] == vocab_size:
             rest = torch.full_like(rows[:, :1], -math.inf)
         elif rest is None:
-            rest = log1mexp(torch.logsumexp(rows, -1, keepdim=True))
+            # 1 - sum within the rounding of the stored log-probs is no mass either
+            # (whether it rounds to 0 or to 1e-16 depends on the SIMD width).
+            top_mass = torch.logsumexp(rows, -1, keepdim=True)
+            rest = log1mexp(top_mass).masked_fill(-top_mass <= sum_rounding(rows.dtype, rows.shape[-1]), -math.inf)
         rows = torch.cat([rows, rest], -1)
     else:
         _check_defined(rows, "topk_logprobs row {} is all -inf: the renormalised teacher is undefined")
@@ -276,14 +279,22 @@ def check_topk_inputs(student_logits: torch.Tensor, topk_indices, topk_logprobs,
         raise ValueError(f"k (the last dim of topk_indices) must be in [1, V={V}], got k={k}")
 
 
-def mass_tolerance(dtype: torch.dtype, k: int) -> float:
-    """How far above 1 the top-k mass of valid ``dtype`` log-probs can round.
+def sum_rounding(dtype: torch.dtype, k: int) -> float:
+    """How far the mass of ``k`` valid ``dtype`` log-probs can round from its true value.
 
     Rounding each ``log p_j`` to ``dtype`` moves the mass by at most
     ``u * sum p_j |log p_j| <= u * log k`` (``u`` = half an ulp); twice ``eps``
-    gives a 4x margin, and 1e-5 covers float32 log-softmaxes stored as float64.
+    gives a 4x margin.
     """
-    return max(1e-5, 2.0 * torch.finfo(dtype).eps * max(1.0, math.log(k)))
+    return 2.0 * torch.finfo(dtype).eps * max(1.0, math.log(k))
+
+
+def mass_tolerance(dtype: torch.dtype, k: int) -> float:
+    """How far above 1 the top-k mass of valid ``dtype`` log-probs can round.
+
+    :func:`sum_rounding`, and at least 1e-5, which covers float32 log-softmaxes stored as float64.
+    """
+    return max(1e-5, sum_rounding(dtype, k))
 
 
 def check_topk_values(idx: torch.Tensor, lp: torch.Tensor, V: int, logprob_dtype: torch.dtype,

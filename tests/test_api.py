@@ -120,3 +120,17 @@ def test_backward_allocates_no_second_buffer():
         torch.autograd.grad(loss, s)
     allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages())
     assert allocated < 64 * 1000 * 4 // 4, allocated
+
+
+def test_a_triton_older_than_3_6_is_reported_unavailable(monkeypatch):
+    import importlib.util
+    from importlib import metadata
+
+    from kdfast import _triton
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(metadata, "version", lambda name: "3.5.1")
+    assert "triton 3.5.1 is older than 3.6" in _triton.unavailable_reason()
+    monkeypatch.setattr(metadata, "version", lambda name: "3.6.0+git1234")
+    assert "older" not in (_triton.unavailable_reason() or "")

@@ -177,3 +177,14 @@ def test_gradients_larger_than_the_caches_are_streamed_to_the_same_bits(capabili
             loss, grad = loss_and_grad(s[part], t[part])
             assert grad.untyped_storage().nbytes() < 64 << 20
             assert torch.equal(loss, big_loss[part]) and torch.equal(grad, big_grad[part])
+
+
+@kernels
+@pytest.mark.parametrize("h", [1e-5, 1e-7, 1e-12, -1e-7])
+def test_renyi_next_to_alpha_1_is_its_kl_limit(h, kernel):
+    """Within RENYI_KL_WINDOW of 1 the direct formula would cancel (8 % off at 1 + 1e-7 in float32)."""
+    s, t = logits((4, 50), seed=1), logits((4, 50), seed=2)
+    loss, grad = loss_and_grad(s, t, backend=kernel, divergence="renyi", alpha=1 + h)
+    kl_loss, kl_grad = oracle(s, t, divergence="kl")
+    torch.testing.assert_close(loss.double(), kl_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), kl_grad, rtol=1e-4, atol=1e-6)

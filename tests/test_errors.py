@@ -127,3 +127,59 @@ def test_wrappers_fix_their_parameters():
         kdfast.wttm_loss(s, t, weighting="entropy")
     with pytest.raises(ValueError, match="alpha"):
         kdfast.DistillLoss(divergence="renyi", alpha=-1)
+
+
+@backends
+@pytest.mark.parametrize(
+    "kw,pattern",
+    [
+        (dict(temperature=True), "temperature must be a real number, got True"),
+        (dict(temperature="2"), "temperature must be a real number, got '2'"),
+        (dict(student_temperature=False), "student_temperature must be a real number"),
+        (dict(scale="1"), "scale must be a real number"),
+        (dict(temperature=torch.ones(2)), "temperature must be a real number"),
+        (dict(labels=torch.tensor([0, 1, 2, 3]), ignore_index=1.5), "ignore_index must be an integer, got 1.5"),
+        (dict(labels=torch.tensor([0, 1, 2, 3]), ignore_index=True), "ignore_index must be an integer"),
+        (dict(labels=torch.tensor([0, 1, 2, 3]), ignore_index=-100.0), "ignore_index must be an integer"),
+    ],
+)
+def test_a_bool_a_string_or_a_fraction_is_not_silently_converted(backend, kw, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        call(backend, **kw)
+
+
+@backends
+@pytest.mark.parametrize(
+    "kw,pattern",
+    [
+        (dict(scale=1e39), "scale=1e\\+39 is outside float32's range"),
+        (dict(soft_weight=-1e39), "soft_weight=-1e\\+39 is outside float32's range"),
+        (dict(soft_weight=1e20, scale=1e20), "soft_weight \\* scale"),
+        (dict(normalizer=1e-45), "normalizer=1e-45 is outside float32's range"),
+        (dict(normalizer=1e-30, scale=1e10), "soft_weight \\* scale / normalizer"),
+        (dict(temperature=1e-40), "temperature=1e-40 is outside float32's range"),
+        (dict(weighting=torch.tensor([1.0, -1.0, 1.0, 1.0])), "finite and >= 0, got -1.0 at row 1"),
+        (dict(weighting=torch.tensor([1.0, 1.0, float("nan"), 1.0])), "finite and >= 0, got nan at row 2"),
+        (dict(weighting=torch.tensor([1.0, 1.0, 1.0, float("inf")])), "finite and >= 0, got inf at row 3"),
+    ],
+)
+def test_values_the_kernels_cannot_represent_or_use(backend, kw, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call(backend, **kw)
+
+
+@backends
+def test_a_one_element_tensor_is_a_number(backend):
+    expected = call(backend, temperature=2.0, labels=torch.tensor([0, 1, -100, 3]), hard_weight=0.5)
+    got = call(backend, temperature=torch.tensor(2.0), labels=torch.tensor([0, 1, -100, 3]), hard_weight=0.5,
+               ignore_index=torch.tensor(-100))
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + [b for b in FUSED_BACKENDS])
+def test_dist_refuses_an_all_minus_inf_row_on_every_backend(backend):
+    t = logits((3, 10), seed=2)
+    t[1] = float("-inf")
+    device = kernel_device(backend)
+    with pytest.raises(ValueError, match="teacher_logits row 1 is all -inf"):
+        kdfast.dist_loss(logits((3, 10), seed=1).to(device), t.to(device), backend=backend)

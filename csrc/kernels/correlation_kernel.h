@@ -53,13 +53,14 @@ struct CorrelationKernel {
 
     // exponentials about the maxima; the logits the pairwise loop compares (padding lanes -inf)
     const V inv_tau = vset<V>(1.0 / prm.tau), rank_scale = vset<V>(1.0 / (prm.tau * prm.strength));
-    const V shift_t = vset<V>(-double(mt) / prm.tau), shift_s = vset<V>(-double(ms) / prm.tau);
+    // (the maxima are subtracted before the scaling: folded into an FMA, a huge one would round away)
+    const V vmax_t = V::broadcast(mt), vmax_s = V::broadcast(ms);
     double sum_t = 0, sum_s = 0;
     {
       V at = V::zero(), as = V::zero();
       sweep<V>(n, [&](int64_t j, auto tail) {
         const V lt = ld<V>(zt + j, tail, kNegInf), ls = ld<V>(zs + j, tail, kNegInf);
-        const V et = vexp_nonpositive(fmadd(lt, inv_tau, shift_t)), es = vexp_nonpositive(fmadd(ls, inv_tau, shift_s));
+        const V et = vexp_nonpositive((lt - vmax_t) * inv_tau), es = vexp_nonpositive((ls - vmax_s) * inv_tau);
         et.store(yt + j);
         es.store(ys + j);
         lt.store(zt_row + j);
@@ -71,6 +72,13 @@ struct CorrelationKernel {
         sum_s += as.reduce_add();
         at = as = V::zero();
       });
+    }
+
+    // A NaN or +inf logit makes its sum NaN: NaN in, NaN out.
+    if (!(std::isfinite(sum_t) && std::isfinite(sum_s))) {
+      b.row_loss[i] = std::numeric_limits<double>::quiet_NaN();
+      if (grad) fill_nan(grad, n);
+      return;
     }
 
     // softmaxes (stored) and the Pearson sums of their centred values (the mean of a softmax row is 1/V)

@@ -30,9 +30,9 @@ struct DistBatch {
   const void* student = nullptr;
   int64_t teacher_row_stride = 0, student_row_stride = 0;
   DType teacher_dtype = DType::Float32, student_dtype = DType::Float32;
-  // per row (rows entries), written by stage 1: y = exp(z / tau + shift - log_sum)
-  double* shift_t = nullptr;
-  double* shift_s = nullptr;
+  // per row (rows entries), written by stage 1: y = exp((z - max) / tau - log_sum)
+  double* max_t = nullptr;
+  double* max_s = nullptr;
   double* log_sum_t = nullptr;
   double* log_sum_s = nullptr;
   double* row_rho = nullptr;

@@ -24,11 +24,13 @@ struct DistKernel {
   using S = typename V::value_type;
   static constexpr float kNegInf = -INFINITY;
 
-  // y = exp(z / tau + shift - log_sum) of one tile; the same S-rounded
+  // y = exp((z - max) / tau - log_sum) of one tile; the same S-rounded
   // constants in every stage, so the stages agree on every softmax value.
+  // The maximum is subtracted before the scaling: folded into one FMA with
+  // z / tau, a huge one would round by more than the exponentials' range.
   template <class T, class Tail>
-  static V softmax_tile(const T* z, int64_t j, Tail tail, V inv_tau, V shift, V log_sum) {
-    return vexp(fmadd(ld<V>(z + j, tail, kNegInf), inv_tau, shift) - log_sum);
+  static V softmax_tile(const T* z, int64_t j, Tail tail, V inv_tau, V max, V log_sum) {
+    return vexp((ld<V>(z + j, tail, kNegInf) - max) * inv_tau - log_sum);
   }
 
   // -- stage 1: per-row normalisers and row Pearson; scratch holds 2 padded rows
@@ -44,14 +46,13 @@ struct DistKernel {
       return;
     }
     const V inv_tau = vset<V>(1.0 / prm.tau);
-    const double shift_t = -double(mt) / prm.tau, shift_s = -double(ms) / prm.tau;
-    const V vshift_t = vset<V>(shift_t), vshift_s = vset<V>(shift_s);
+    const V vmax_t = V::broadcast(mt), vmax_s = V::broadcast(ms);
     double sum_t = 0, sum_s = 0;
     {
       V at = V::zero(), as = V::zero();
       sweep<V>(n, [&](int64_t j, auto tail) {
-        V et = vexp_nonpositive(fmadd(ld<V>(zt + j, tail, kNegInf), inv_tau, vshift_t));
-        V es = vexp_nonpositive(fmadd(ld<V>(zs + j, tail, kNegInf), inv_tau, vshift_s));
+        V et = vexp_nonpositive((ld<V>(zt + j, tail, kNegInf) - vmax_t) * inv_tau);
+        V es = vexp_nonpositive((ld<V>(zs + j, tail, kNegInf) - vmax_s) * inv_tau);
         et.store(scratch_t + j);
         es.store(scratch_s + j);
         at = at + et;
@@ -62,8 +63,8 @@ struct DistKernel {
         at = as = V::zero();
       });
     }
-    b.shift_t[i] = shift_t;
-    b.shift_s[i] = shift_s;
+    b.max_t[i] = mt;
+    b.max_s[i] = ms;
     b.log_sum_t[i] = std::log(sum_t);
     b.log_sum_s[i] = std::log(sum_s);
 
@@ -114,7 +115,7 @@ struct DistKernel {
     auto row_tiles = [&](int64_t i, auto&& body) {
       const TT* zt = static_cast<const TT*>(b.teacher) + i * b.teacher_row_stride + j0;
       const TS* zs = static_cast<const TS*>(b.student) + i * b.student_row_stride + j0;
-      const V sh_t = vset<V>(b.shift_t[i]), sh_s = vset<V>(b.shift_s[i]);
+      const V sh_t = vset<V>(b.max_t[i]), sh_s = vset<V>(b.max_s[i]);
       const V lt = vset<V>(b.log_sum_t[i]), ls = vset<V>(b.log_sum_s[i]);
       sweep<V>(width, [&](int64_t j, auto tail) {
         body(j, softmax_tile(zs, j, tail, inv_tau, sh_s, ls), softmax_tile(zt, j, tail, inv_tau, sh_t, lt));
@@ -184,7 +185,7 @@ struct DistKernel {
     const S* offset_s = first_t + n;
     const S* offset_t = offset_s + n;
     const V inv_tau = vset<V>(1.0 / prm.tau);
-    const V sh_t = vset<V>(b.shift_t[i]), sh_s = vset<V>(b.shift_s[i]);
+    const V sh_t = vset<V>(b.max_t[i]), sh_s = vset<V>(b.max_s[i]);
     const V lt = vset<V>(b.log_sum_t[i]), ls = vset<V>(b.log_sum_s[i]);
     const V row_mean = vset<V>(1.0 / double(n));
     const V ct = vset<V>(b.row_coef_t[i]), cs = vset<V>(b.row_coef_s[i]);

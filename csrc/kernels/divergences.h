@@ -162,10 +162,12 @@ struct TVD {
 template <class V>
 struct Renyi {
   static constexpr bool kValueFromExps = false;
-  // x_j = alpha log p_j + (1 - alpha) log q_j; entries with p_j = 0 contribute nothing.
+  // x_j = alpha log p_j + (1 - alpha) log q_j; masked entries (log p_j = -inf)
+  // contribute nothing.  Not p_j > 0: with huge logits the largest term can be
+  // one whose p_j underflows while q_j does not.
   static V x(const Elem<V>& e, const DivConsts& c) {
     V v = vset<V>(c.alpha) * e.logp + vset<V>(1.0 - c.alpha) * e.logq;
-    return select(gt(e.p, vzero<V>()), v, vset<V>(-INFINITY));
+    return select(gt(e.logp, vset<V>(-INFINITY)), v, vset<V>(-INFINITY));
   }
   // Per-lane online logsumexp: the terms p^alpha q^(1-alpha) overflow for alpha > 1.
   struct Acc {

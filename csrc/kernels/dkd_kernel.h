@@ -53,23 +53,27 @@ struct DkdKernel {
     }, no_flush);
     const double zl_t = double(to_float(zt[label])), zl_s = double(to_float(zs[label]));
     const double mot = double(vmt.reduce_max()), mos = double(vms.reduce_max());  // -inf: no other class
-    if ((mot == -INFINITY && zl_t == -INFINITY) || (mos == -INFINITY && zl_s == -INFINITY)) {
-      b.row_status[i] = (mot == -INFINITY && zl_t == -INFINITY) ? kTeacherAllNegInf : kStudentAllNegInf;
+    // (vmax skips NaNs: a row of NaN and -inf entries is a NaN row, not an all -inf one)
+    const bool dead_t = mot == -INFINITY && zl_t == -INFINITY && !row_has_nan(zt, n);
+    const bool dead_s = mos == -INFINITY && zl_s == -INFINITY && !row_has_nan(zs, n);
+    if (dead_t || dead_s) {
+      b.row_status[i] = dead_t ? kTeacherAllNegInf : kStudentAllNegInf;
       if (grad) std::memset(static_cast<void*>(grad), 0, sizeof(TS) * n);
       return;
     }
 
     // exponentials of the non-target classes at x = (z - max_other) / tau (target lane 0), their sums
-    // and sum e_t (x_t - x_s); all -inf non-target classes shift by 0 (their exponentials are 0)
+    // and sum e_t (x_t - x_s); all -inf non-target classes shift by 0 (their exponentials are 0).
+    // The maximum is subtracted before the scaling: a huge one folded into one FMA would round
+    // by more than the exponentials' range.
     const V inv_tau = vset<V>(1.0 / prm.tau);
-    const V shift_t = vset<V>(mot == -INFINITY ? 0.0 : -mot / prm.tau);
-    const V shift_s = vset<V>(mos == -INFINITY ? 0.0 : -mos / prm.tau);
+    const V vmot = vset<V>(mot == -INFINITY ? 0.0 : mot), vmos = vset<V>(mos == -INFINITY ? 0.0 : mos);
     double other_t = 0, other_s = 0, other_kl = 0;
     {
       V ot = V::zero(), os = V::zero(), ok = V::zero();
       sweep<V>(n, [&](int64_t j, auto tail) {
-        V xt = fmadd(without_target(ld<V>(zt + j, tail, kNegInf), j, tail), inv_tau, shift_t);
-        V xs = fmadd(without_target(ld<V>(zs + j, tail, kNegInf), j, tail), inv_tau, shift_s);
+        V xt = (without_target(ld<V>(zt + j, tail, kNegInf), j, tail) - vmot) * inv_tau;
+        V xs = (without_target(ld<V>(zs + j, tail, kNegInf), j, tail) - vmos) * inv_tau;
         V et = vexp_nonpositive(xt), es = vexp_nonpositive(xs);
         et.store(scratch_t + j);
         es.store(scratch_s + j);
@@ -82,6 +86,13 @@ struct DkdKernel {
         other_kl += ok.reduce_add();
         ot = os = ok = V::zero();
       });
+    }
+    // A NaN or +inf logit, off the target (NaN sums) or on it: NaN in, NaN out.
+    if (!std::isfinite(other_t) || !std::isfinite(other_s) || std::isnan(zl_t) || std::isnan(zl_s) ||
+        zl_t == INFINITY || zl_s == INFINITY) {
+      b.row_loss[i] = std::numeric_limits<double>::quiet_NaN();
+      if (grad) fill_nan(grad, n);
+      return;
     }
     // log-masses in double: lse_other = max_other / tau + log(sum), lse = logaddexp(lse_other, z_target / tau)
     auto logaddexp = [](double a, double c) {

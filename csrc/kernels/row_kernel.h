@@ -130,6 +130,21 @@ inline typename V::value_type float_lane_max(const T* z, int64_t n) {
   return M::result(m);
 }
 
+// A row of the contract's NaN in, NaN out: every gradient entry NaN.
+template <class T>
+inline void fill_nan(T* row, int64_t n) {
+  const T nan = from_float<T>(std::numeric_limits<float>::quiet_NaN());
+  for (int64_t j = 0; j < n; ++j) row[j] = nan;
+}
+
+// Whether a row has a NaN entry (only asked of rows whose maximum is -inf: rare, scalar).
+template <class T>
+inline bool row_has_nan(const T* z, int64_t n) {
+  for (int64_t j = 0; j < n; ++j)
+    if (std::isnan(to_float(z[j]))) return true;
+  return false;
+}
+
 template <class V, class TT, class TS>
 inline RowMaxima<V> row_maxima(const TT* zt, const TS* zs, int64_t n) {
   using S = typename V::value_type;
@@ -145,6 +160,10 @@ inline RowMaxima<V> row_maxima(const TT* zt, const TS* zs, int64_t n) {
   S mt = MaxT::result(amt), ms = MaxS::result(ams);
   if (std::isnan(mt)) mt = float_lane_max<V>(zt, n);  // only a raw-bits max can be NaN
   if (std::isnan(ms)) ms = float_lane_max<V>(zs, n);
+  // The float max skips NaNs: a row of NaN (and -inf) entries is not all -inf.
+  // A NaN maximum sends it down the NaN-row path (NaN sums) instead of the error.
+  if (mt == S(kNegInf) && row_has_nan(zt, n)) mt = std::numeric_limits<S>::quiet_NaN();
+  if (ms == S(kNegInf) && row_has_nan(zs, n)) ms = std::numeric_limits<S>::quiet_NaN();
   const RowStatus status = mt == S(kNegInf) ? kTeacherAllNegInf : ms == S(kNegInf) ? kStudentAllNegInf : kRowOk;
   return {mt, ms, status};
 }
@@ -207,6 +226,33 @@ inline DivConsts make_div_consts(const DistillParams& p) {
   return c;
 }
 
+// Below this |k max| the one-FMA shift's rounding (half an ulp of c) is at
+// most 1/4: 2^t stays within [2^-1/4, 2^1/4] of its exact value at the max.
+constexpr double kFmaShiftLimit = 4194304.0;  // 2^22
+
+// t = log2(e) (z - max) / tau as one FMA, z k + c, c = -k max rounded once.
+template <class V>
+struct ShiftByFma {
+  using S = typename V::value_type;
+  V k, c;
+  double t_max;  // the t of the maximum itself (the rounding of c, |t_max| <= 1/4)
+  ShiftByFma(S k_, S max) : k(V::broadcast(k_)), c(V::broadcast(S(-double(k_) * double(max)))),
+                            t_max(double(max) * double(k_) + double(S(-double(k_) * double(max)))) {}
+  V operator()(V z) const { return fmadd(z, k, c); }
+  double at_max() const { return t_max; }
+};
+
+// t = (z - max) k: exact 0 at the maximum whatever its size; z - max may
+// round (or be -inf) far below it, where 2^t is 0 anyway.
+template <class V>
+struct ShiftBySub {
+  using S = typename V::value_type;
+  V k, m;
+  ShiftBySub(S k_, S max) : k(V::broadcast(k_)), m(V::broadcast(max)) {}
+  V operator()(V z) const { return (z - m) * k; }
+  double at_max() const { return 0.0; }
+};
+
 template <template <class> class Div, class V, class TT, class TS>
 struct RowKernel {
   using S = typename V::value_type;
@@ -238,14 +284,32 @@ struct RowKernel {
     }
 
     // -- sweep 2: exponentials at the temperatures, kept in scratch
+    // The shifted logits in base 2, t = log2(e) (z - max) / tau.  Ordinary rows
+    // take them in one FMA, z k + c with c = -k max (the exponentials are 2^t:
+    // no multiply by log2(e) per entry); the rounding of c moves a whole row by
+    // the same amount, which every softmax quantity is invariant to, as long as
+    // every later use of the row (log p, log q below) derives from the same t.
+    // That offset is at most half an ulp of k max: rows where k max could be
+    // 2^22 or more (huge logits, tiny temperatures) subtract the maximum first,
+    // so that 2^t never overflows and t = 0 at the maximum exactly.
+    const S k_t = S(kLog2eD / prm.tau), k_s = S(kLog2eD / prm.tau_s);
+    const bool fma_shift = std::fabs(double(mzt) * double(k_t)) < kFmaShiftLimit &&
+                           std::fabs(double(mzs) * double(k_s)) < kFmaShiftLimit;
+    if (fma_shift)
+      finish_row(prm, dc, b, row, scratch_t, scratch_s, zt, zs, grad, label, mzt, mzs,
+                 ShiftByFma<V>(k_t, mzt), ShiftByFma<V>(k_s, mzs));
+    else
+      finish_row(prm, dc, b, row, scratch_t, scratch_s, zt, zs, grad, label, mzt, mzs,
+                 ShiftBySub<V>(k_t, mzt), ShiftBySub<V>(k_s, mzs));
+  }
+
+  // Sweeps 2 to the end of one row, with the base-2 shift of the row's size.
+  template <class Shift>
+  static void finish_row(const DistillParams& prm, const DivConsts& dc, const DistillBatch& b, int64_t row,
+                         S* scratch_t, S* scratch_s, const TT* zt, const TS* zs, TS* grad, int64_t label, S mzt,
+                         S mzs, const Shift to_t, const Shift to_s) {
+    const int64_t n = b.vocab;
     const V vmzt = V::broadcast(mzt), vmzs = V::broadcast(mzs);
-    // The shifted logits in base 2, t = log2(e) (z - max) / tau, in one FMA
-    // (the exponentials are 2^t: no multiply by log2(e) per entry).  The
-    // rounding of the shift moves a whole row by the same amount, which every
-    // softmax quantity is invariant to, as long as every later use of the
-    // row (log p, log q below) derives from the same t.
-    const V log2e_inv_tau = vset<V>(kLog2eD / prm.tau), log2e_inv_tau_s = vset<V>(kLog2eD / prm.tau_s);
-    const V shift2_t = vset<V>(-kLog2eD * double(mzt) / prm.tau), shift2_s = vset<V>(-kLog2eD * double(mzs) / prm.tau_s);
     RowAcc r;
     {
       const bool has_next = row + 1 < b.rows;
@@ -255,8 +319,8 @@ struct RowKernel {
       sweep<V>(n, [&](int64_t j, auto tail) {
         prefetch_next_line<V>(zt_next, j);
         prefetch_next_line<V>(zs_next, j);
-        V tt = fmadd(ld<V>(zt + j, tail, kNegInf), log2e_inv_tau, shift2_t);
-        V ts = fmadd(ld<V>(zs + j, tail, kNegInf), log2e_inv_tau_s, shift2_s);
+        V tt = to_t(ld<V>(zt + j, tail, kNegInf));
+        V ts = to_s(ld<V>(zs + j, tail, kNegInf));
         V et = vexp2_nonpositive(tt), es = vexp2_nonpositive(ts);
         et.store(scratch_t + j);
         es.store(scratch_s + j);
@@ -269,6 +333,14 @@ struct RowKernel {
         if constexpr (Div<V>::kValueFromExps) r.val += av.reduce_add();
         at = as = av = V::zero();
       });
+    }
+    // A NaN or +inf logit makes its sum NaN (2^t of a finite row is at most
+    // 2^(1/4) per entry, so a finite row's sums are finite): the contract's
+    // NaN in, NaN out, for the row's loss and every entry of its gradient.
+    if (!(std::isfinite(r.sum_t) && std::isfinite(r.sum_s))) {
+      b.row_loss[row] = std::numeric_limits<double>::quiet_NaN();
+      if (grad) fill_nan(grad, n);
+      return;
     }
     r.log_sum_t = std::log(r.sum_t);
     r.log_sum_s = std::log(r.sum_s);
@@ -305,7 +377,7 @@ struct RowKernel {
     // At tau_s = 1 the sum of the exponential sweep serves, in natural units:
     // its 2^t are exp(z - max) times 2^(t at the max), which the rounding of
     // the base-2 constants leaves nonzero (1e-3 for logits of 1e4).
-    const double t_at_max_s = double(mzs) * double(log2e_inv_tau_s.lane(0)) + double(shift2_s.lane(0));
+    const double t_at_max_s = to_s.at_max();
     double ce = 0.0, log_sum_s1 = r.log_sum_s - kLn2D * t_at_max_s;
     const bool student_t1_differs = prm.tau_s != 1.0;
     if (hard) {
@@ -330,8 +402,8 @@ struct RowKernel {
       Elem<V> e;
       e.p = V::load(scratch_t + j) * inv_sum_t;
       e.q = V::load(scratch_s + j) * inv_sum_s;
-      e.logp = (fmadd(zt_j, log2e_inv_tau, shift2_t) - log2_sum_t_v) * ln2;
-      e.logq = (fmadd(zs_j, log2e_inv_tau_s, shift2_s) - log2_sum_s_v) * ln2;
+      e.logp = (to_t(zt_j) - log2_sum_t_v) * ln2;
+      e.logq = (to_s(zs_j) - log2_sum_s_v) * ln2;
       return e;
     };
 
@@ -348,7 +420,7 @@ struct RowKernel {
       // KL: A (-p) + B q = (-A / S_t) e_t + (B / S_s) e_s
       const V A_minus_p = vset<V>(-a / r.sum_t), B_q = vset<V>(b / r.sum_s);
       const V C = vset<V>(c_hard);
-      const V shift1 = vset<V>(double(mzs) + log_sum_s1);
+      const V log_sum_s1_v = vset<V>(log_sum_s1);
       const bool add_q1 = hard && student_t1_differs;
       sweep<V>(n, [&](int64_t j, auto tail) {
         V out;
@@ -358,7 +430,7 @@ struct RowKernel {
           Elem<V> e = elem(j, tail);
           out = fmadd(A, Div<V>::grad_term(e, r, dc), B * e.q);
         }
-        if (add_q1) out = fmadd(C, vexp(ld<V>(zs + j, tail, kNegInf) - shift1), out);
+        if (add_q1) out = fmadd(C, vexp((ld<V>(zs + j, tail, kNegInf) - vmzs) - log_sum_s1_v), out);
         if (hard && label >= j && label < j + lanes(tail, V::size)) {
           alignas(64) S t[V::size];
           out.store(t);

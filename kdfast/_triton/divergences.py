@@ -39,8 +39,11 @@ def log_mixture(logp, logq, log_w_p, log_w_q):
 
 @triton.jit
 def _renyi_log_term(p, logp, logq, alpha):
-    """``alpha log p + (1 - alpha) log q``; entries with ``p = 0`` add nothing."""
-    return tl.where(p > 0, alpha * logp + (1.0 - alpha) * logq, float("-inf"))
+    """``alpha log p + (1 - alpha) log q``; masked entries (``log p = -inf``) add nothing.
+
+    Not ``p > 0``: with huge logits the largest term can be one whose ``p``
+    underflows while ``q`` does not (the reference's rule)."""
+    return tl.where(logp > float("-inf"), alpha * logp + (1.0 - alpha) * logq, float("-inf"))
 
 
 @triton.jit

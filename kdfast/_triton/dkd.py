@@ -81,11 +81,16 @@ def dkd_rows_kernel(S_ptr, T_ptr, s_row_stride, t_row_stride, G_ptr, LABELS_ptr,
         mt, sum_t = _lse_update(mt, sum_t, zt, inv_tau)
         ms, sum_s = _lse_update(ms, sum_s, zs, inv_tau)
 
-    if (mt == neg_inf) | (ms == neg_inf):
-        tl.store(STATUS_ptr + row, tl.where(mt == neg_inf, row_kernel.STATUS_TEACHER_ALL_NEG_INF,
-                                            row_kernel.STATUS_STUDENT_ALL_NEG_INF))
+    status = row_kernel.all_neg_inf_status(mt, sum_t, ms, sum_s)
+    if status != row_kernel.STATUS_OK:
+        tl.store(STATUS_ptr + row, status)
         if COMPUTE_GRAD:
             _fill_zero_row(G_row, V, BLOCK)
+        return
+    if row_kernel.undefined_sums(sum_t, sum_s):
+        tl.store(ROW_LOSS_ptr + row, float("nan"))
+        if COMPUTE_GRAD:
+            row_kernel.fill_row(G_row, V, float("nan"), BLOCK)
         return
 
     inv_tau64 = inv_tau.to(tl.float64)

@@ -100,11 +100,33 @@ def _tile_start(i, V, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fill_zero_row(G_row, V, BLOCK: tl.constexpr):
+def all_neg_inf_status(mt, sum_t, ms, sum_s):
+    """The row's status from its running maxima and sums: an all -inf row sums to 0 (the spec's error).
+
+    A NaN or +inf logit, whether or not the maximum saw it, makes its sum NaN
+    instead (see :func:`undefined_sums`): such a row is not "all -inf"."""
+    dead_t = (mt == float("-inf")) & (sum_t == 0)
+    dead_s = (ms == float("-inf")) & (sum_s == 0)
+    return tl.where(dead_t, STATUS_TEACHER_ALL_NEG_INF, tl.where(dead_s, STATUS_STUDENT_ALL_NEG_INF, STATUS_OK))
+
+
+@triton.jit
+def undefined_sums(sum_t, sum_s):
+    """A NaN or +inf logit in the row: the contract's NaN in, NaN out for its loss and gradient."""
+    return (sum_t != sum_t) | (sum_s != sum_s)
+
+
+@triton.jit
+def fill_row(G_row, V, value, BLOCK: tl.constexpr):
     cols = tl.arange(0, BLOCK)
     for start in range(0, V, BLOCK):
         offs = start + cols
-        tl.store(G_row + offs, tl.zeros([BLOCK], G_row.dtype.element_ty), mask=offs < V)
+        tl.store(G_row + offs, tl.full([BLOCK], value, G_row.dtype.element_ty), mask=offs < V)
+
+
+@triton.jit
+def _fill_zero_row(G_row, V, BLOCK: tl.constexpr):
+    fill_row(G_row, V, 0.0, BLOCK)
 
 
 @triton.jit
@@ -192,11 +214,18 @@ def distill_rows_kernel(
         mt, sum_t = _lse_update(mt, sum_t, zt, inv_tau)
         ms, sum_s = _lse_update(ms, sum_s, zs, inv_tau_s)
 
-    if (mt == neg_inf) | (ms == neg_inf):
+    status = all_neg_inf_status(mt, sum_t, ms, sum_s)
+    if status != STATUS_OK:
         tl.store(ROW_LOSS_ptr + row, 0.0)
-        tl.store(STATUS_ptr + row, tl.where(mt == neg_inf, STATUS_TEACHER_ALL_NEG_INF, STATUS_STUDENT_ALL_NEG_INF))
+        tl.store(STATUS_ptr + row, status)
         if COMPUTE_GRAD:
             _fill_zero_row(G_row, V, BLOCK)
+        return
+    if undefined_sums(sum_t, sum_s):
+        tl.store(ROW_LOSS_ptr + row, float("nan"))
+        tl.store(STATUS_ptr + row, STATUS_OK)
+        if COMPUTE_GRAD:
+            fill_row(G_row, V, float("nan"), BLOCK)
         return
 
     log_sum_t64 = tl.log(sum_t)

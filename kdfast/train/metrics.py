@@ -62,7 +62,9 @@ class ClassificationMetrics:
 
         self.sums[_ROWS] += y.numel()
         self.sums[_CORRECT] += correct.sum().cpu()
-        self.sums[_NLL] += F.nll_loss(logp, y, reduction="sum").double().cpu()
+        # Rows in float32, their sum in float64: how a float32 sum rounds depends on the
+        # batch's length and the SIMD width, and the metrics must not depend on either.
+        self.sums[_NLL] += -logp.gather(-1, y[:, None]).double().sum().cpu()
         # Bin k holds confidences in (k/n, (k+1)/n]; a confidence is never 0 (it is >= 1/V).
         index = (torch.ceil(confidence.double() * self.n_bins).long() - 1).clamp(0, self.n_bins - 1)
         for row, values in enumerate((torch.ones_like(correct), confidence.double(), correct)):

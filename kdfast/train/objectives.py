@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import correlation_losses, losses
-from .._options import _finite_float
+from .._options import _finite_float, _integer
 
 # name -> (kdfast function, how it is called)
 _LOSSES: Dict[str, tuple] = {
@@ -54,7 +54,7 @@ class DistillObjective:
         self.fn = fn
         self.kind = kind  # "rowwise", "batch", "labelled" or "callable"
         self.options = dict(options)
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = _integer("ignore_index", ignore_index)
 
     @property
     def needs_labels(self) -> bool:
