@@ -166,7 +166,7 @@ inline std::pair<at::Tensor, int64_t> checked_labels(const at::Tensor& labels, c
   return {labels64, valid};
 }
 
-// The spec's errors for the rows a kernel refused (RowStatus codes).
+// The errors of docs/contract.md for the rows a kernel refused (RowStatus codes).
 inline void check_row_status(const std::vector<int32_t>& status) {
   for (size_t i = 0; i < status.size(); ++i) {
     TORCH_CHECK(status[i] >= 0, "kdfast: internal error in row ", i, " (out of memory or unsupported dtypes)");
@@ -196,7 +196,7 @@ struct RowResults {
   explicit RowResults(int64_t N) : loss(size_t(N), 0.0), status(size_t(N), 0) {}
 
   // Runs rows(lo, hi) over [0, N) in parallel tasks of at least `grain` rows,
-  // then raises the spec's error for the first row that reported one.
+  // then raises the contract's error for the first row that reported one.
   template <class Rows>
   void run(int64_t grain, Rows&& rows) {
     at::parallel_for(0, int64_t(loss.size()), grain, rows);

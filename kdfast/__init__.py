@@ -3,7 +3,7 @@
 >>> import kdfast
 >>> loss = kdfast.kd_loss(student_logits, teacher_logits, temperature=2.0)
 
-The math contract is SPEC.md (see README); every backend matches the
+The math contract is docs/contract.md; every backend matches the
 pure-PyTorch reference in :mod:`kdfast.reference`.
 """
 

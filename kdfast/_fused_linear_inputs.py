@@ -4,7 +4,7 @@ The fused linear losses take hidden states and LM-head weights instead of
 logits.  Here they become the ``(N, H)`` rows of a :class:`~kdfast._chunking.LinearHead`
 (after the optional causal shift), the per-row tensors are aligned with those
 rows, and the vocabulary policy reconciles the two heads.  Errors name the
-argument and its shape, as the rest of kdfast does (SPEC.md).
+argument and its shape, as the rest of kdfast does (docs/contract.md).
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def batchmean_normalizer(normalizer, labels, rows: int, ignore_index: int) -> fl
     """The global denominator of ``"batchmean"``: the caller's ``normalizer``, else the valid rows (at least 1).
 
     With no valid row every chunk's sum is 0, so dividing by 1 gives the
-    spec's 0 rather than 0/0.
+    contract's 0 (docs/contract.md) rather than 0/0.
     """
     if normalizer is not None:
         return normalizer

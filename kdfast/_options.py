@@ -2,7 +2,7 @@
 
 One place checks the arguments of ``distill_loss`` and turns them into a
 ``LossConfig``; the backends receive only valid, canonical configurations.
-Errors follow ../shared/SPEC.md: ``ValueError`` for bad values and shapes
+Errors follow docs/contract.md: ``ValueError`` for bad values and shapes
 (naming the parameter and its value, or both shapes), ``TypeError`` for dtypes.
 """
 
@@ -108,8 +108,8 @@ def resolve_divergence(divergence: str, alpha=None, beta=None, skew=None):
     """Check a divergence and its parameters; return ``(name, alpha, beta, skew)``.
 
     Defaults: ``jsd`` beta=0.5 (Liger-Kernel's), ``renyi`` alpha=0.5, ``ab``
-    alpha=beta=0.5, ``skew_*`` skew=0.1 (DistiLLM's).  The boundary cases the
-    spec names map to their limits: ``jsd`` beta=0 is ``kl`` and beta=1 is
+    alpha=beta=0.5, ``skew_*`` skew=0.1 (DistiLLM's).  The boundary cases of
+    docs/contract.md (section 2) are renamed: ``jsd`` beta=0 is ``kl`` and beta=1 is
     ``reverse_kl``; ``renyi`` with ``|alpha - 1| < RENYI_KL_WINDOW`` is ``kl``
     (see there why not only alpha = 1).  Giving a parameter that the
     divergence does not use is an error (it is almost always a mistake).

@@ -1,7 +1,7 @@
 """The losses that are not a plain per-row divergence: DIST, Pearson + Spearman matching, DKD.
 
-Each function validates its arguments here (the spec's ValueError / TypeError
-messages) and runs the fused kernel of the tensors' device when one exists
+Each function validates its arguments here (the ValueError / TypeError
+messages of docs/contract.md) and runs the fused kernel of the tensors' device when one exists
 for it, else the reference (``reference_correlation``, ``reference_dkd``).
 """
 

@@ -18,7 +18,7 @@ only ``chunk_size`` rows of logits exist at any time:
   saved for the backward, which scales them by the incoming gradient.
 
 The design is that of Liger-Kernel's fused linear cross-entropy, with kdfast's
-losses (every divergence, weighting, hard-label term and reduction of SPEC.md).
+losses (every divergence, weighting, hard-label term and reduction of docs/contract.md).
 :func:`fused_linear_topk_distill_loss` is the same loop against a sparse
 teacher (cached top-k log-probabilities, :func:`kdfast.topk.topk_distill_loss`).
 """

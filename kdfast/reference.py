@@ -1,4 +1,4 @@
-"""The reference backend: every formula of ../shared/SPEC.md in plain PyTorch.
+"""The reference backend: every formula of docs/contract.md in plain PyTorch.
 
 Written to be read and to be the oracle of the tests: one short function per
 formula, log-space throughout, differentiable (float64 gradcheck), and no
@@ -205,7 +205,10 @@ def nan_rows_where(undefined: torch.Tensor, per_row: torch.Tensor, zs: torch.Ten
 
 
 def reduce_rows(per_row: torch.Tensor, valid: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
-    """SPEC.md's reduction: ignored rows are 0 and count in no denominator; ``cfg.reduction`` / ``normalizer``."""
+    """The reduction of docs/contract.md (section 5): ``cfg.reduction`` / ``normalizer``.
+
+    Ignored rows are 0 and count in no denominator.
+    """
     per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
     if cfg.reduction == "none":
         return per_row

@@ -1,4 +1,4 @@
-"""Reference of the correlation losses: DIST and Pearson + Spearman matching (../shared/SPEC.md).
+"""Reference of the correlation losses: DIST and Pearson + Spearman matching (docs/contract.md).
 
 Plain PyTorch, written for reading, float64-capable and differentiable; the
 oracle of the fused kernels' tests.

@@ -4,14 +4,14 @@ This is offline distillation from a cache (see :mod:`kdfast.cache`): the
 teacher ran once, and for every row kept the indices ``S`` of its ``k`` most
 likely vocabulary entries and their log-probabilities ``log p1_j`` (teacher at
 temperature 1, normalised over the *full* vocabulary).  Two ways to turn that
-into a pair of distributions over one common support (SPEC.md, last section):
+into a pair of distributions over one common support (docs/contract.md, section 12):
 
 ``tail="renormalize"``
     Both models restricted to ``S`` and renormalised there: the teacher
     ``p_j = softmax(log p1_S / tau)_j`` and the student
     ``q_j = softmax(z_s[S] / tau_s)_j``, ``j`` in ``S``.  These are the two
     *conditional* distributions given "the token is in S", so every divergence
-    of SPEC.md is a proper divergence between them (zero iff they agree on S).
+    of docs/contract.md is a proper divergence between them (zero iff they agree on S).
     The alternative, the full-vocabulary student against a teacher that is zero
     off ``S``, is not: reverse KL is infinite whenever the student puts any
     mass off ``S`` (always, for finite logits), and forward KL silently adds
@@ -47,7 +47,7 @@ remainder computed from float16 log-probs carries ~1e-3 of error, which is why
 ``tail_logprobs`` exists.
 
 The divergence values come from :func:`kdfast.reference.divergence` on these
-log-probability rows, so every divergence of SPEC.md is available; masking
+log-probability rows, so every divergence of docs/contract.md is available; masking
 (``labels``/``ignore_index``), the hard-label cross-entropy (full student
 logits, temperature 1) and the reductions are those of
 :func:`kdfast.distill_loss`.

@@ -7,7 +7,7 @@ returns ``kdfast.distill_loss`` of the full (concatenated) logits, the same valu
 on every rank, and a gradient for the local student shard, without ever
 gathering logits: only per-row quantities cross ranks.
 
-Why every loss of the spec decomposes over shards: once the global softmax
+Why every loss of docs/contract.md decomposes over shards: once the global softmax
 normalisers (logsumexps) are known, ``log p`` and ``log q`` of a shard are local,
 and every divergence except Renyi is a row sum of an elementwise function of
 ``(log p_v, log q_v)`` -- so the reference's own divergence applied to a shard is

@@ -102,9 +102,10 @@ def test_nan_logits_behave_as_in_float32(sign, capability):
     assert torch.isnan(loss16[0]) and torch.isnan(loss32[0])
     assert_identical(loss16[1:], loss32[1:])
 
-    # NaN and -inf only: both dtypes see a row with no finite maximum
+    # NaN and -inf only: no finite maximum, but not "all -inf" either: a NaN row in both dtypes
     teacher[0] = float("-inf")
     teacher[0, 4] = nan
     for t in (teacher, teacher.float()):
-        with cpu_capability(capability), pytest.raises(ValueError, match="teacher_logits row 0 is all -inf"):
-            loss_and_grad(student.to(t.dtype), t)
+        with cpu_capability(capability):
+            loss, grad = loss_and_grad(student.to(t.dtype), t)
+        assert torch.isnan(loss[0]) and torch.isnan(grad[0]).all() and not torch.isnan(loss[1:]).any()

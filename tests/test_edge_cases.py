@@ -1,4 +1,4 @@
-"""The edge cases of the spec, fused backends against the oracle."""
+"""The edge cases of docs/contract.md, fused backends against the oracle."""
 
 import pytest
 import torch

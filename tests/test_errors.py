@@ -1,4 +1,4 @@
-"""Bad input raises the spec's errors, with the offending names and values, on every backend."""
+"""Bad input raises the errors of docs/contract.md, with the offending names and values, on every backend."""
 
 import pytest
 import torch

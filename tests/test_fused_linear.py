@@ -559,6 +559,8 @@ def test_triton_backend_through_the_interpreter():
     pytest.importorskip("triton", reason="the Triton backend needs triton")
     if "triton" not in kdfast.available_backends():
         pytest.skip("the Triton backend is not available here")
+    if torch.cuda.is_available():
+        pytest.skip("CPU tensors: interpreter only (tests/test_gpu_session.py runs fused linear on CUDA)")
     rows = (12,)
     heads = make_heads(rows, dtype=torch.float32, bias=False)
     assert_matches_materialised(heads, make_labels(rows), dtype=torch.float32, backend="triton", chunk_size=5,

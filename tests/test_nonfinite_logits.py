@@ -228,3 +228,21 @@ def test_the_other_families_take_huge_finite_logits(kernel, name, t_scale, s_sca
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     torch.testing.assert_close(loss, ref_loss, rtol=2e-5, atol=1e-5)
     torch.testing.assert_close(grad, ref_grad, rtol=2e-5, atol=1e-5 * max(1.0, float(ref_grad.abs().max())))
+
+
+@pytest.mark.parametrize("kernel", BACKENDS)
+def test_fused_linear_agrees_nan_in_nan_out(kernel):
+    """A NaN in one token's teacher hidden state: its row is NaN, so the loss and the weight gradient are;
+    the other tokens' hidden-state gradients are not."""
+    device = kernel_device(kernel)
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(5, 8, generator=g), torch.randn(13, 8, generator=g)
+    th, tw = torch.randn(5, 8, generator=g), torch.randn(13, 8, generator=g)
+    th[3, 2] = math.nan
+    hh, ww = h.to(device).clone().requires_grad_(True), w.to(device).clone().requires_grad_(True)
+    with kernel_backend(kernel) as backend:
+        loss = kdfast.fused_linear_distill_loss(hh, ww, th.to(device), tw.to(device), backend=backend, chunk_size=2)
+        loss.backward()
+    assert math.isnan(float(loss.detach()))
+    assert torch.isnan(hh.grad[3]).all() and torch.isfinite(hh.grad[[0, 1, 2, 4]]).all()
+    assert torch.isnan(ww.grad).all()

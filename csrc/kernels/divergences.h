@@ -9,7 +9,7 @@
 // The skeleton turns g into the gradient with respect to the student logits
 // through the softmax Jacobian: dD/dz_s_j = (g_j - q_j * Sigma_g) / tau_s.
 // Any term c * q_j of g_j cancels in that formula, so policies drop such terms.
-// The formulas are those of ../shared/SPEC.md; `0 * log 0 == 0` is enforced
+// The formulas are those of docs/contract.md; `0 * log 0 == 0` is enforced
 // with masks because masked (-inf) vocabulary entries are legal input.
 #pragma once
 

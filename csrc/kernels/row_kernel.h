@@ -71,7 +71,7 @@ template <class V, class T> inline void prefetch_next_line(const T* row, int64_t
 
 // The maxima of a teacher row and a student row (the first sweep of every
 // row kernel), and the row's status: a row that is all -inf has no
-// distribution, which the op reports as the spec's error.
+// distribution, which the op reports as the contract's error (docs/contract.md).
 template <class V>
 struct RowMaxima {
   typename V::value_type teacher, student;

@@ -16,7 +16,7 @@ The skeleton turns ``g`` into the student-logit gradient through the softmax
 Jacobian, ``(g_j - q_j Sigma_g) / tau_s``; any ``c q_j`` term of ``g_j`` cancels
 there, so the policies drop such terms.  ``0 * log 0 == 0`` is enforced with
 masks because masked (-inf) vocabulary entries are legal input.  The formulas
-are those of ../shared/SPEC.md and of ``kdfast.reference``.
+are those of docs/contract.md and of ``kdfast.reference``.
 """
 
 import triton

@@ -134,7 +134,7 @@ def _check_args(student, teacher, labels, weights, divergence, tau, tau_s, weigh
 
 
 def _raise_on_bad_rows(status: torch.Tensor, labels: Optional[torch.Tensor], V: int, ignore_index: int) -> None:
-    """The spec's errors for rows the kernel refused.  Reading the status syncs with the device once."""
+    """The errors of docs/contract.md for rows the kernel refused.  Reading the status syncs the device once."""
     bad = status != row_kernel.STATUS_OK.value
     if not bool(bad.any()):
         return

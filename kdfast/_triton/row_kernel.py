@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .divergences import grad_term, row_value, value_term
 
-# Row status codes; the launcher turns them into the errors of the spec.
+# Row status codes; the launcher turns them into the errors of docs/contract.md.
 STATUS_OK = tl.constexpr(0)
 STATUS_TEACHER_ALL_NEG_INF = tl.constexpr(1)
 STATUS_STUDENT_ALL_NEG_INF = tl.constexpr(2)
@@ -101,7 +101,7 @@ def _tile_start(i, V, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def all_neg_inf_status(mt, sum_t, ms, sum_s):
-    """The row's status from its running maxima and sums: an all -inf row sums to 0 (the spec's error).
+    """The row's status from its running maxima and sums: an all -inf row sums to 0 (the contract's error).
 
     A NaN or +inf logit, whether or not the maximum saw it, makes its sum NaN
     instead (see :func:`undefined_sums`): such a row is not "all -inf"."""

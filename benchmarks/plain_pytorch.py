@@ -1,0 +1,175 @@
+"""The losses as a user writes them in plain PyTorch: the baselines of the benchmarks.
+
+kdfast's own reference (``kdfast.distill_loss(..., backend="torch")``) validates
+its options, guards masked entries (``0 log 0``) and all ``-inf`` rows, and is
+written to be an oracle; nobody writes that in a training loop.  What people do
+write is a few lines of ``log_softmax`` / ``softmax`` / ``logsumexp`` and
+``F.kl_div``, e.g. Hinton's KD::
+
+    F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="batchmean") * T**2
+
+That is what ``eager`` (and, compiled, ``compile``) means in the benchmarks.
+Every form here computes the same value as kdfast's reference for the same
+options (the tests check values and gradients in float64):
+
+* the soft-max's are taken in float32 (``dtype=torch.float32``, float64 for
+  float64 logits), the idiom of careful training code (e.g. DistiLLM's): a
+  bf16 ``log_softmax`` would round the loss to 8 bits, and kdfast accumulates
+  in float32;
+* the divergences follow the usual open-source forms: JSD as TRL's
+  ``generalized_jsd_loss`` (the mixture as a ``logsumexp`` of a stack, then two
+  ``kl_div``), the skewed KLs as DistiLLM's (its mixture formed the same way,
+  in log space rather than as ``log`` of a sum of probabilities, which float32
+  can underflow), Renyi and alpha-beta from their definitions;
+* the weightings: WTTM's ``U_{1/T}(softmax(t)) = sum softmax(t) ** (1/T)``
+  and the entropy weight ``1 - H(softmax(t)) / log V``.
+
+Rows are batch-meaned (``reduction="batchmean"``, no labels): the benchmarks'
+setting.  DIST and correlation matching have no simpler form than kdfast's
+references (``kdfast.reference_correlation`` already *is* torchdistill's DIST
+and the CMKD formula), so :func:`plain_other_loss` returns those; DKD's plain
+form is mdistiller's ``dkd_loss`` (masking the target with ``-1000``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["plain_loss", "plain_other_loss", "dkd_mdistiller", "DIVERGENCE_ROWS"]
+
+
+def _kl_rows(log_target, log_input):
+    """``sum exp(log_target) (log_target - log_input)`` per row, as ``F.kl_div`` computes it."""
+    return F.kl_div(log_input, log_target, reduction="none", log_target=True).sum(-1)
+
+
+def _log_mixture(log_a, log_b, weight_a):
+    """``log(w a + (1 - w) b)``, as TRL's ``generalized_jsd_loss`` forms JSD's mixture (a logsumexp of a stack)."""
+    log_w = math.log(weight_a) if weight_a > 0 else -math.inf
+    log_1mw = math.log1p(-weight_a) if weight_a < 1 else -math.inf
+    return torch.logsumexp(torch.stack([log_a + log_w, log_b + log_1mw]), dim=0)
+
+
+def kl(log_p, log_q):
+    """Forward KL ``KL(p || q)``: teacher ``p``, student ``q``."""
+    return _kl_rows(log_p, log_q)
+
+
+def reverse_kl(log_p, log_q):
+    """``KL(q || p)``."""
+    return _kl_rows(log_q, log_p)
+
+
+def jsd(log_p, log_q, beta=0.5):
+    """Generalised JSD: ``beta KL(p || m) + (1 - beta) KL(q || m)``, ``m = beta p + (1 - beta) q``."""
+    log_m = _log_mixture(log_p, log_q, beta)
+    return beta * _kl_rows(log_p, log_m) + (1 - beta) * _kl_rows(log_q, log_m)
+
+
+def tvd(log_p, log_q):
+    """Total variation ``0.5 sum |p - q|``."""
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+
+
+def renyi(log_p, log_q, alpha=0.5):
+    """Renyi divergence ``log sum p^alpha q^(1 - alpha) / (alpha - 1)``."""
+    return torch.logsumexp(alpha * log_p + (1 - alpha) * log_q, -1) / (alpha - 1)
+
+
+def ab(log_p, log_q, alpha=0.5, beta=0.5):
+    """Alpha-beta divergence ``-1/(a b) sum [p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)]``."""
+    s = alpha + beta
+    inner = (alpha * log_p + beta * log_q).exp() - alpha / s * (s * log_p).exp() - beta / s * (s * log_q).exp()
+    return -inner.sum(-1) / (alpha * beta)
+
+
+def skew_kl(log_p, log_q, skew=0.1):
+    """DistiLLM's skew KL ``KL(p || skew p + (1 - skew) q)``."""
+    return _kl_rows(log_p, _log_mixture(log_p, log_q, skew))
+
+
+def skew_reverse_kl(log_p, log_q, skew=0.1):
+    """DistiLLM's skew reverse KL ``KL(q || (1 - skew) p + skew q)``."""
+    return _kl_rows(log_q, _log_mixture(log_p, log_q, 1 - skew))
+
+
+# divergence name -> (per-row function of (log p, log q, **params), the parameter names it takes)
+DIVERGENCE_ROWS = {
+    "kl": (kl, ()),
+    "reverse_kl": (reverse_kl, ()),
+    "jsd": (jsd, ("beta",)),
+    "tvd": (tvd, ()),
+    "renyi": (renyi, ("alpha",)),
+    "ab": (ab, ("alpha", "beta")),
+    "skew_kl": (skew_kl, ("skew",)),
+    "skew_reverse_kl": (skew_reverse_kl, ("skew",)),
+}
+
+
+def wttm_weight(teacher_logits, temperature):
+    """WTTM's ``U_{1/T}(softmax(t)) = sum softmax(t) ** (1/T)`` per row."""
+    return teacher_logits.softmax(-1).pow(1 / temperature).sum(-1)
+
+
+def entropy_weight(teacher_logits):
+    """``1 - H(softmax(t)) / log V`` per row."""
+    log_p1 = teacher_logits.log_softmax(-1)
+    entropy = -(log_p1.exp() * log_p1).sum(-1)
+    return 1 - entropy / math.log(teacher_logits.shape[-1])
+
+
+def plain_loss(student_logits, teacher_logits, *, divergence="kl", temperature=1.0, student_temperature=None,
+               scale=1.0, weighting=None, alpha=None, beta=None, skew=None):
+    """``scale * mean over rows of w * D(softmax(t / T) || softmax(s / T_s))``: the options of ``distill_loss``.
+
+    Takes the keyword arguments of ``kdfast.distill_loss`` that the benchmarks
+    use (``weighting`` None, ``"wttm"`` or ``"entropy"``; a divergence's
+    parameters default as kdfast's do) and returns the same batchmean value.
+    """
+    rows_of, names = DIVERGENCE_ROWS[divergence]
+    given = {"alpha": alpha, "beta": beta, "skew": skew}
+    params = {name: given[name] for name in names if given[name] is not None}
+    acc = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    T_s = temperature if student_temperature is None else student_temperature
+    log_p = F.log_softmax(teacher_logits / temperature, -1, dtype=acc)
+    log_q = F.log_softmax(student_logits / T_s, -1, dtype=acc)
+    rows = rows_of(log_p, log_q, **params)
+    if weighting == "wttm":
+        rows = wttm_weight(teacher_logits.to(acc), temperature) * rows
+    elif weighting == "entropy":
+        rows = entropy_weight(teacher_logits.to(acc)) * rows
+    elif weighting is not None:
+        raise ValueError(f"plain_loss takes weighting None, 'wttm' or 'entropy', got {weighting!r}")
+    return rows.mean() * scale
+
+
+def _cat_mask(probs, gt_mask, other_mask):
+    """mdistiller's ``cat_mask``: each row's probability of the target and of the rest, ``(N, 2)``."""
+    return torch.cat([(probs * gt_mask).sum(1, keepdim=True), (probs * other_mask).sum(1, keepdim=True)], 1)
+
+
+def dkd_mdistiller(student_logits, teacher_logits, target, temperature=4.0, alpha=1.0, beta=8.0):
+    """Decoupled KD as mdistiller writes it (``alpha TCKD + beta NCKD``, ``T^2``, batchmean); no ignored labels."""
+    acc = torch.promote_types(student_logits.dtype, torch.float32)
+    s, t = student_logits.to(acc) / temperature, teacher_logits.to(acc) / temperature
+    gt_mask = F.one_hot(target, s.shape[-1]).bool()
+    other_mask = ~gt_mask
+    log_pred_student = torch.log(_cat_mask(F.softmax(s, 1), gt_mask, other_mask))
+    pred_teacher = _cat_mask(F.softmax(t, 1), gt_mask, other_mask)
+    tckd = F.kl_div(log_pred_student, pred_teacher, reduction="sum") * temperature**2 / target.shape[0]
+    pred_teacher_part2 = F.softmax(t - 1000.0 * gt_mask, 1)
+    log_pred_student_part2 = F.log_softmax(s - 1000.0 * gt_mask, 1)
+    nckd = F.kl_div(log_pred_student_part2, pred_teacher_part2, reduction="sum") * temperature**2 / target.shape[0]
+    return alpha * tckd + beta * nckd
+
+
+def plain_other_loss(loss: str):
+    """The plain form of ``dist`` / ``correlation`` (kdfast's references: there is none simpler) or ``dkd``."""
+    if loss == "dkd":
+        return dkd_mdistiller
+    from kdfast.reference_correlation import correlation_loss_reference, dist_loss_reference
+
+    return {"dist": dist_loss_reference, "correlation": correlation_loss_reference}[loss]
