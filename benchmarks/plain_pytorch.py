@@ -74,6 +74,11 @@ def tvd(log_p, log_q):
     return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
 
 
+def hellinger(log_p, log_q):
+    """Squared Hellinger distance ``sum (sqrt p - sqrt q)^2``."""
+    return (log_p.exp().sqrt() - log_q.exp().sqrt()).square().sum(-1)
+
+
 def renyi(log_p, log_q, alpha=0.5):
     """Renyi divergence ``log sum p^alpha q^(1 - alpha) / (alpha - 1)``."""
     return torch.logsumexp(alpha * log_p + (1 - alpha) * log_q, -1) / (alpha - 1)
@@ -106,6 +111,7 @@ DIVERGENCE_ROWS = {
     "ab": (ab, ("alpha", "beta")),
     "skew_kl": (skew_kl, ("skew",)),
     "skew_reverse_kl": (skew_reverse_kl, ("skew",)),
+    "hellinger": (hellinger, ()),
 }
 
 

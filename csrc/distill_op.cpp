@@ -24,8 +24,12 @@ namespace {
 
 constexpr size_t kStreamGradMinBytes = size_t(64) << 20;
 
+#define KDFAST_DIVERGENCE_NAME(policy, name) name,
+const char* const kDivergenceNames[] = {KDFAST_FOR_EACH_DIVERGENCE(KDFAST_DIVERGENCE_NAME)};
+#undef KDFAST_DIVERGENCE_NAME
+
 Divergence parse_divergence(const std::string& name) {
-  static const char* names[] = {"kl", "reverse_kl", "jsd", "tvd", "renyi", "ab", "skew_kl", "skew_reverse_kl"};
+  const auto& names = kDivergenceNames;
   for (int i = 0; i < static_cast<int>(Divergence::Count); ++i)
     if (name == names[i]) return static_cast<Divergence>(i);
   TORCH_CHECK_VALUE(false, "unknown divergence '", name, "'");
@@ -185,6 +189,9 @@ std::string set_capability(const std::string& name) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kdfast fused CPU kernels";
   m.def("cpu_capability", &capability, "The SIMD capability the kernels run with.");
+  m.def("divergence_names", [] {
+    return std::vector<std::string>(std::begin(kdfast::kDivergenceNames), std::end(kdfast::kDivergenceNames));
+  }, "The divergences of the C++ kernels, in their enum's order (kdfast.registry's table).");
   m.def("supported_cpu_capability", &supported_capability, "The best SIMD capability this CPU supports.");
   m.def("set_cpu_capability", &set_capability, "Lower (or restore) the SIMD capability; returns the one in effect.");
   m.def("empty_cache", [] { kdfast::GradBufferCache::instance().clear(); },

@@ -16,6 +16,7 @@ import math
 import torch
 
 from ._options import LossConfig
+from .registry import divergence_spec
 
 
 def _masked(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -90,25 +91,30 @@ def skew_reverse_kl(logp, logq, skew):
     return _plogratio(q > 0, q, logq, logm)
 
 
+def hellinger(logp, logq):
+    """``sum (sqrt p - sqrt q)^2``, the squared Hellinger distance (an f-divergence; 0 <= H^2 <= 2)"""
+    return ((0.5 * logp).exp() - (0.5 * logq).exp()).square().sum(-1)
+
+
+# One formula per name of kdfast.registry's table (tests/test_registry.py checks the two agree).
+FORMULAS = {
+    "kl": kl,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
+    "tvd": tvd,
+    "renyi": renyi,
+    "ab": ab,
+    "skew_kl": skew_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "hellinger": hellinger,
+}
+
+
 def divergence(name: str, logp, logq, alpha=None, beta=None, skew=None):
-    """``D(p || q)`` per row for a (validated) divergence name."""
-    if name == "kl":
-        return kl(logp, logq)
-    if name == "reverse_kl":
-        return reverse_kl(logp, logq)
-    if name == "jsd":
-        return jsd(logp, logq, beta)
-    if name == "tvd":
-        return tvd(logp, logq)
-    if name == "renyi":
-        return renyi(logp, logq, alpha)
-    if name == "ab":
-        return ab(logp, logq, alpha, beta)
-    if name == "skew_kl":
-        return skew_kl(logp, logq, skew)
-    if name == "skew_reverse_kl":
-        return skew_reverse_kl(logp, logq, skew)
-    raise ValueError(f"unknown divergence {name!r}")
+    """``D(p || q)`` per row for a (validated) divergence name, with the parameters its table entry names."""
+    given = {"alpha": alpha, "beta": beta, "skew": skew}
+    params = {p.name: given[p.name] for p in divergence_spec(name).params}
+    return FORMULAS[name](logp, logq, **params)
 
 
 # ----------------------------------------------------------------- weights

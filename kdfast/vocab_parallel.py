@@ -48,6 +48,7 @@ import torch.distributed as dist
 
 from . import reference
 from ._options import LossConfig, make_config
+from .registry import divergence_spec
 
 __all__ = ["vocab_parallel_distill_loss"]
 
@@ -260,7 +261,7 @@ def _sharded_loss(student_shard: torch.Tensor, teacher_shard: torch.Tensor, cfg:
 
     # Row sums that span the shards: this shard's share of each, then one all-reduce.
     shares, soft = {}, None
-    if cfg.divergence == "renyi":
+    if not divergence_spec(cfg.divergence).separable:  # renyi: the log of a sum
         # Its own round of all-reduces (MAX, SUM): the terms need the normalisers first.
         soft = _global_logsumexps([reference.renyi_log_terms(logp, logq, cfg.alpha)], group)[0][:, 0] / (cfg.alpha - 1.0)
     else:
@@ -271,6 +272,9 @@ def _sharded_loss(student_shard: torch.Tensor, teacher_shard: torch.Tensor, cfg:
         shares["neg_entropy"] = reference.kl(logp1, torch.zeros_like(logp1))
     if hard:
         shares["label_logit"] = _label_logits(zs, labels, valid, layout)
+    # NaN in, NaN out (docs/contract.md): a NaN or +inf logit on any rank's shard makes the row NaN
+    # on every rank; the count rides in the same all-reduce as the row sums.
+    shares["undefined"] = (reference.nan_or_posinf_rows(zt) | reference.nan_or_posinf_rows(zs)).to(zs.dtype)
     totals = _sum_rows_over_ranks(shares, group)
 
     if soft is None:
@@ -279,6 +283,7 @@ def _sharded_loss(student_shard: torch.Tensor, teacher_shard: torch.Tensor, cfg:
     if hard:
         # Cross-entropy of the student at temperature 1: logsumexp(z_s) - z_s[label].
         per_row = per_row + cfg.hard_weight * (normaliser[("student", 1.0)] - totals["label_logit"])
+    per_row = reference.nan_rows_where(valid & (totals["undefined"] > 0), per_row, zs)
     return reference.reduce_rows(per_row, valid, cfg)
 
 

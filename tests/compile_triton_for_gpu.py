@@ -14,9 +14,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kdfast._triton import row_kernel
-from kdfast._triton.divergences import sums_g
+from kdfast.registry import DIVERGENCE_NAMES, needs_grad_sum
 
-DIVERGENCES = ["kl", "reverse_kl", "jsd", "tvd", "renyi", "ab", "skew_kl", "skew_reverse_kl"]
+DIVERGENCES = list(DIVERGENCE_NAMES)
 # (logits dtype, accumulation, weighting, labels, hard-label CE at tau_s != 1, gradient)
 VARIANTS = [
     ("bf16", "fp32", "wttm", True, True, True),
@@ -36,7 +36,7 @@ def compile_row_kernel(divergence, dtype, acc, weighting, labels, student_t1, gr
                  "INV_DENOM_ptr": "*fp64", "ROW_LOSS_ptr": f"*{acc}", "STATUS_ptr": "*i32", "V": "i32",
                  "ignore_index": "i32"}
     constexprs = dict(DIV=divergence, WEIGHTING=weighting, HAS_LABELS=labels, HARD=labels, STUDENT_T1=student_t1,
-                      SUM_G=sums_g(divergence), COMPUTE_GRAD=grad,
+                      SUM_G=needs_grad_sum(divergence), COMPUTE_GRAD=grad,
                       ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK=block)
     signature.update({name: "constexpr" for name in constexprs})
     source = ASTSource(fn=row_kernel.distill_rows_kernel, signature=signature, constexprs=constexprs)

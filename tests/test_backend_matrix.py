@@ -9,18 +9,9 @@ import pytest
 import torch
 
 from conftest import assert_matches_oracle, kernels, logits
+from kdfast.registry import divergence_cases
 
-DIVERGENCES = [
-    ("kl", {}),
-    ("reverse_kl", {}),
-    ("jsd", {"beta": 0.3}),
-    ("tvd", {}),
-    ("renyi", {"alpha": 0.5}),
-    ("renyi", {"alpha": 2.0}),
-    ("ab", {"alpha": 0.8, "beta": 0.3}),
-    ("skew_kl", {"skew": 0.1}),
-    ("skew_reverse_kl", {"skew": 0.25}),
-]
+DIVERGENCES = divergence_cases()
 WEIGHTINGS = [None, "wttm", "entropy", "tensor"]
 REDUCTIONS = ["batchmean", "sum", "none"]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]

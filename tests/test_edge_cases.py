@@ -4,12 +4,12 @@ import pytest
 import torch
 
 import kdfast
+from kdfast.registry import divergence_cases
 from kdfast._extension import _C
 from conftest import (KERNELS, TRITON_ON_GPU, assert_matches_oracle, kernel_backend, kernel_device, kernels,
                       logits, loss_and_grad, oracle)
 
-DIVS = [("kl", {}), ("reverse_kl", {}), ("jsd", {}), ("tvd", {}), ("renyi", {"alpha": 2.0}),
-        ("ab", {"alpha": 0.5, "beta": 0.5}), ("skew_kl", {}), ("skew_reverse_kl", {})]
+DIVS = divergence_cases(all_cases=False)
 div_params = pytest.mark.parametrize("divergence,params", DIVS, ids=str)
 
 

@@ -15,19 +15,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kdfast
 from conftest import cpu_capabilities, cpu_capability, logits
 from kdfast._options import make_config
+from kdfast.registry import divergence_cases
 
 pytestmark = pytest.mark.skipif("cpu" not in kdfast.available_backends(), reason="the C++ extension is not built")
 
-DIVERGENCES = [
-    dict(divergence="kl", temperature=2.0),
-    dict(divergence="reverse_kl"),
-    dict(divergence="jsd", beta=0.3),
-    dict(divergence="tvd"),
-    dict(divergence="renyi", alpha=0.7),
-    dict(divergence="ab", alpha=0.6, beta=0.8),
-    dict(divergence="skew_kl", skew=0.2),
-    dict(divergence="skew_reverse_kl", skew=0.2, student_temperature=3.0),
-]
+# every divergence of the registry, two at other temperatures
+_TEMPERATURES = {"kl": dict(temperature=2.0), "skew_reverse_kl": dict(student_temperature=3.0)}
+DIVERGENCES = [dict(divergence=d, **params, **_TEMPERATURES.get(d, {})) for d, params in divergence_cases(all_cases=False)]
 
 
 def in_place_loss(student, teacher, **options):

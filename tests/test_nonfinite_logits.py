@@ -15,12 +15,11 @@ import pytest
 import torch
 
 import kdfast
+from kdfast.registry import divergence_cases
 from conftest import KERNELS, kernel_backend, kernel_device, logits
 
 BACKENDS = ["torch"] + KERNELS
-DIVS = [("kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.5}), ("tvd", {}), ("renyi", {"alpha": 0.5}),
-        ("renyi", {"alpha": 2.0}), ("ab", {"alpha": 0.5, "beta": 0.5}), ("skew_kl", {"skew": 0.1}),
-        ("skew_reverse_kl", {"skew": 0.1})]
+DIVS = divergence_cases()
 DIV_IDS = [f"{d}-{'-'.join(map(str, p.values()))}" if p else d for d, p in DIVS]
 
 

@@ -6,13 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kdfast
+from kdfast.registry import divergence_cases
 from conftest import KERNELS, TRITON_ON_GPU, assert_matches_oracle, logits
 
-DIVERGENCE_PARAMS = st.sampled_from([
-    ("kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.5}), ("tvd", {}), ("renyi", {"alpha": 0.7}),
-    ("renyi", {"alpha": 1.8}), ("ab", {"alpha": 1.0, "beta": 0.5}), ("skew_kl", {"skew": 0.3}),
-    ("skew_reverse_kl", {"skew": 0.3}),
-])
+DIVERGENCE_PARAMS = st.sampled_from(divergence_cases())
 
 
 _CASES = dict(

@@ -322,7 +322,7 @@ IDX, LP, _ = top_k(dense_teacher(seed=29), K)
     (dict(tail="bucket", tail_logprobs=torch.zeros(N, dtype=torch.long)), TypeError, "tail_logprobs must be float16"),
     (dict(tail="bucket", tail_logprobs=torch.full((N,), 0.5)), ValueError, "tail_logprobs are log-probabilities"),
     (dict(tail="bucket", tail_logprobs=torch.full((N,), -0.1)), ValueError, "with tail_logprobs.*mass"),
-    (dict(divergence="hellinger"), ValueError, "divergence must be one of"),
+    (dict(divergence="wasserstein"), ValueError, "divergence must be one of"),
     (dict(temperature=0.0), ValueError, "temperature must be > 0"),
     (dict(divergence="jsd", beta=2.0), ValueError, "beta=2.0"),
     (dict(hard_weight=1.0), ValueError, "needs labels"),

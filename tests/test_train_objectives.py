@@ -77,7 +77,7 @@ def test_bad_specs_fail_at_construction_with_clear_messages():
     with pytest.raises(ValueError, match="set by the trainer"):
         resolve_loss({"name": "kd", "reduction": "sum"})
     with pytest.raises(ValueError, match="divergence"):
-        resolve_loss({"name": "distill", "divergence": "hellinger"})
+        resolve_loss({"name": "distill", "divergence": "wasserstein"})
     with pytest.raises(ValueError, match="temperature"):
         resolve_loss({"name": "dist", "temperature": -1.0})
     with pytest.raises(TypeError, match="loss must be"):

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import kdfast
+from kdfast.registry import divergence_cases
 from conftest import FUSED_BACKENDS, assert_matches_oracle, kernel_device, logits
 
 pytestmark = pytest.mark.skipif("triton" not in FUSED_BACKENDS, reason="triton cannot run here")
 
-DIVERGENCES = [("kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.3}), ("tvd", {}), ("renyi", {"alpha": 2.0}),
-               ("ab", {"alpha": 0.7, "beta": 0.4}), ("skew_kl", {"skew": 0.2}), ("skew_reverse_kl", {"skew": 0.2})]
+DIVERGENCES = divergence_cases(all_cases=False)
 
 
 @pytest.mark.parametrize("divergence,params", DIVERGENCES, ids=[d for d, _ in DIVERGENCES])

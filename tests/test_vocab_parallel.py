@@ -77,6 +77,12 @@ def _mask_shard_and_padding(student, teacher):
     teacher[1, [2, 25]] = teacher[3, 7] = float("-inf")
 
 
+def _poison_rows(student, teacher):
+    """A NaN in row 1 of the teacher's second shard and a +inf in row 4 of the student's first: NaN rows."""
+    teacher[1, UNEQUAL[0] + 2] = float("nan")
+    student[4, 1] = float("inf")
+
+
 def _mask_shard_and_padding_in_both(student, teacher):
     """As ``_mask_shard_and_padding`` without the teacher-only entries (reverse KL is infinite there)."""
     student[0, UNEQUAL[0]:] = teacher[0, UNEQUAL[0]:] = float("-inf")
@@ -124,6 +130,8 @@ def _value_cases() -> List[Case]:
         _case("reduction-sum", reduction="sum", divergence="skew_kl", scale=4.0),
         _case("reduction-none", reduction="none", labels=LABELS, hard_weight=0.5, weighting="wttm"),
         _case("normalizer", normalizer=10.0, labels=LABELS, divergence="ab"),
+        _case("nan-and-inf-rows", mask=_poison_rows, reduction="none", labels=LABELS, hard_weight=0.5),
+        _case("nan-row-reduced", mask=_poison_rows, divergence="hellinger"),
         _case("world-size-1-f64", mode="self", divergence="jsd", labels=LABELS, hard_weight=0.5,
               weighting="entropy"),
         _case("world-size-1-f32", mode="self", dtype=torch.float32, divergence="renyi", alpha=2.0),
@@ -237,11 +245,12 @@ def _assert_close(got, want, case: Case, what: str, grad: bool):
     f64 = case.student.dtype == torch.float64
     if grad:
         tol = GRAD_TOL[case.student.dtype]
-        scale = float(want.abs().max()) or 1.0
+        finite = want[torch.isfinite(want)]
+        scale = (float(finite.abs().max()) if finite.numel() else 0.0) or 1.0
         rtol, atol = tol["rtol"], tol["atol"] * scale + tol["atol_abs"]
     else:
         rtol, atol = (1e-10, 1e-12) if f64 else (VALUE_RTOL, VALUE_ATOL)
-    torch.testing.assert_close(got, want, rtol=rtol, atol=atol, equal_nan=False,
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol, equal_nan=True,
                                msg=lambda m: f"case {case.name!r}: {what} differs from distill_loss\n{m}")
 
 
@@ -258,7 +267,8 @@ def test_matches_distill_loss_on_the_full_logits(two_rank_results, case):
     losses = [result[1] for result in got]
     assert losses[0].dtype == want_loss.dtype and losses[0].shape == want_loss.shape
     # Every rank holds the very same loss, not merely a close one.
-    assert torch.equal(losses[0], losses[1]), f"case {case.name!r}: the ranks disagree: {losses}"
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0, equal_nan=True,
+                               msg=lambda m: f"case {case.name!r}: the ranks disagree: {losses}\n{m}")
     _assert_close(losses[0], want_loss, case, "the loss", grad=False)
 
     grads = [result[2] for result in got]

@@ -15,14 +15,10 @@ static void run_double(const DistillParams& prm, const DistillBatch& b, int64_t 
 void distill_rows(const DistillParams& prm, const DistillBatch& b, int64_t begin, int64_t end) {
   if (b.teacher_dtype != DType::Float64 && b.student_dtype != DType::Float64) return dispatch<VecF>(prm, b, begin, end);
   switch (prm.divergence) {
-    case Divergence::KL: return run_double<KL>(prm, b, begin, end);
-    case Divergence::ReverseKL: return run_double<ReverseKL>(prm, b, begin, end);
-    case Divergence::JSD: return run_double<JSD>(prm, b, begin, end);
-    case Divergence::TVD: return run_double<TVD>(prm, b, begin, end);
-    case Divergence::Renyi: return run_double<Renyi>(prm, b, begin, end);
-    case Divergence::AB: return run_double<AB>(prm, b, begin, end);
-    case Divergence::SkewKL: return run_double<SkewKL>(prm, b, begin, end);
-    case Divergence::SkewReverseKL: return run_double<SkewReverseKL>(prm, b, begin, end);
+#define KDFAST_RUN_DOUBLE(policy, name) \
+    case Divergence::policy: return run_double<policy>(prm, b, begin, end);
+    KDFAST_FOR_EACH_DIVERGENCE(KDFAST_RUN_DOUBLE)
+#undef KDFAST_RUN_DOUBLE
     default: break;
   }
   for (int64_t i = begin; i < end; ++i) b.row_status[i] = -1;

@@ -31,14 +31,10 @@ void dispatch_dtypes(const DistillParams& prm, const DistillBatch& b, int64_t be
 template <class V>
 void dispatch(const DistillParams& prm, const DistillBatch& b, int64_t begin, int64_t end) {
   switch (prm.divergence) {
-    case Divergence::KL: return dispatch_dtypes<KL, V>(prm, b, begin, end);
-    case Divergence::ReverseKL: return dispatch_dtypes<ReverseKL, V>(prm, b, begin, end);
-    case Divergence::JSD: return dispatch_dtypes<JSD, V>(prm, b, begin, end);
-    case Divergence::TVD: return dispatch_dtypes<TVD, V>(prm, b, begin, end);
-    case Divergence::Renyi: return dispatch_dtypes<Renyi, V>(prm, b, begin, end);
-    case Divergence::AB: return dispatch_dtypes<AB, V>(prm, b, begin, end);
-    case Divergence::SkewKL: return dispatch_dtypes<SkewKL, V>(prm, b, begin, end);
-    case Divergence::SkewReverseKL: return dispatch_dtypes<SkewReverseKL, V>(prm, b, begin, end);
+#define KDFAST_DISPATCH_DIVERGENCE(policy, name) \
+    case Divergence::policy: return dispatch_dtypes<policy, V>(prm, b, begin, end);
+    KDFAST_FOR_EACH_DIVERGENCE(KDFAST_DISPATCH_DIVERGENCE)
+#undef KDFAST_DISPATCH_DIVERGENCE
     default: break;
   }
   for (int64_t i = begin; i < end; ++i) b.row_status[i] = -1;

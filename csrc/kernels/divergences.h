@@ -276,5 +276,26 @@ struct SkewReverseKL {
   static V grad_term(const Elem<V>& e, const RowAcc&, const DivConsts& c) { return g(e, log_mixture(e, c), c); }
 };
 
+// ---------------------------------------------------------------- squared hellinger: sum (sqrt p - sqrt q)^2
+// From log p and log q (sqrt p = exp(log p / 2)): masked entries give 0, and
+// no square root of an underflowed p loses digits.
+template <class V>
+struct Hellinger {
+  static constexpr bool kValueFromExps = false;
+  // g_j = q_j (1 - sqrt(p_j / q_j)) = q_j - sqrt(p_j q_j)   (the q_j term cancels)
+  static V g(const Elem<V>& e) { return vzero<V>() - vexp(vset<V>(0.5) * (e.logp + e.logq)); }
+  struct Acc {
+    TwoSums<V> s;
+    void add(const Elem<V>& e, const DivConsts&) {
+      const V half = vset<V>(0.5);
+      const V d = vexp(half * e.logp) - vexp(half * e.logq);
+      s.add(d * d, g(e));
+    }
+    void flush(RowAcc& r) { s.flush(r); }
+  };
+  static void finish(RowAcc& r, const DivConsts&) { r.D = r.val; r.gsum = r.aux; }
+  static V grad_term(const Elem<V>& e, const RowAcc&, const DivConsts&) { return g(e); }
+};
+
 }  // namespace KDFAST_CPU_CAPABILITY
 }  // namespace kdfast

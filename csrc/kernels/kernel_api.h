@@ -5,9 +5,13 @@
 
 #include <cstdint>
 
+#include "divergence_list.h"
+
 namespace kdfast {
 
-enum class Divergence : int32_t { KL = 0, ReverseKL, JSD, TVD, Renyi, AB, SkewKL, SkewReverseKL, Count };
+#define KDFAST_DIVERGENCE_ENUMERATOR(policy, name) policy,
+enum class Divergence : int32_t { KDFAST_FOR_EACH_DIVERGENCE(KDFAST_DIVERGENCE_ENUMERATOR) Count };
+#undef KDFAST_DIVERGENCE_ENUMERATOR
 enum class Weighting : int32_t { None = 0, WTTM, Entropy, Given };
 enum class DType : int32_t { Float32 = 0, BFloat16, Float16, Float64 };
 

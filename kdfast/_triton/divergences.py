@@ -92,14 +92,14 @@ def value_term(DIV: tl.constexpr, p, q, logp, logq, alpha, beta, skew, log_w_p, 
         v = -(pq - alpha / s * tl.exp(s * logp) - beta / s * tl.exp(s * logq)) / (alpha * beta)
     elif DIV == "skew_kl":
         v = tl.where(p > 0, p * (logp - log_mixture(logp, logq, log_w_p, log_w_q)), 0.0)
-    else:
+    elif DIV == "skew_reverse_kl":
         v = _q_log_ratio(q, logq, log_mixture(logp, logq, log_w_p, log_w_q))
+    elif DIV == "hellinger":
+        d = tl.exp(0.5 * logp) - tl.exp(0.5 * logq)
+        v = d * d
+    else:
+        tl.static_assert(False, "a divergence of kdfast.registry without a Triton value_term")
     return v
-
-
-def sums_g(divergence: str) -> bool:
-    """Whether the row needs the sum ``Sigma_g`` (kl and renyi know it: -1)."""
-    return divergence not in ("kl", "renyi")
 
 
 @triton.jit
@@ -129,7 +129,11 @@ def grad_term(DIV: tl.constexpr, p, q, logp, logq, alpha, beta, skew, log_w_p, l
         g = _ab_g(logp, logq, alpha, beta)
     elif DIV == "skew_kl":
         g = _skew_kl_g(p, q, logp, logq, log_mixture(logp, logq, log_w_p, log_w_q), skew)
-    else:
+    elif DIV == "skew_reverse_kl":
         logm = log_mixture(logp, logq, log_w_p, log_w_q)
         g = tl.where(q > 0, _q_log_ratio(q, logq, logm) - skew * tl.exp(logq + logq - logm), 0.0)
+    elif DIV == "hellinger":
+        g = -tl.exp(0.5 * (logp + logq))  # -sqrt(p q)
+    else:
+        tl.static_assert(False, "a divergence of kdfast.registry without a Triton grad_term")
     return g

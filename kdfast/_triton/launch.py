@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from .._options import DIVERGENCES, REDUCTIONS, check_logits
+from ..registry import mixture_log_weights, needs_grad_sum
 from . import interpreter_compat, interpreter_requested, row_kernel
-from .divergences import sums_g
 
 interpreter_compat.apply()
 
@@ -77,18 +77,6 @@ def reduced_loss(row_loss: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     loss = torch.empty((), dtype=row_loss.dtype, device=row_loss.device)
     row_kernel.reduce_kernel[(1,)](row_loss, loss, scale, row_loss.shape[0], BLOCK=_REDUCE_BLOCK)
     return loss
-
-
-def _log_or_neg_inf(x: float) -> float:
-    return math.log(x) if x > 0 else -math.inf
-
-
-def _mixture_log_weights(divergence: str, beta: float, skew: float) -> Tuple[float, float]:
-    """``(log w_p, log w_q)`` of the mixture ``m = w_p p + w_q q`` of jsd and the skew divergences."""
-    w_p = {"jsd": beta, "skew_kl": skew, "skew_reverse_kl": 1.0 - skew}.get(divergence)
-    if w_p is None:
-        return 0.0, 0.0
-    return _log_or_neg_inf(w_p), _log_or_neg_inf(1.0 - w_p)
 
 
 def _inv_denominator(reduction: str, normalizer: Optional[float], labels: Optional[torch.Tensor], ignore_index: int,
@@ -178,7 +166,7 @@ def distill_forward(
     labels64 = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
     weights64 = weights.detach().reshape(-1).to(torch.float64).contiguous() if weighting == "given" else None
     inv_denom = _inv_denominator(reduction, normalizer, labels64, ignore_index, N, device)
-    log_w_p, log_w_q = _mixture_log_weights(divergence, beta, skew)
+    log_w_p, log_w_q = mixture_log_weights(divergence, {"beta": beta, "skew": skew})
     values = dict(inv_tau=1.0 / tau, inv_tau_s=1.0 / tau_s, alpha=alpha, beta=beta, skew=skew, log_w_p=log_w_p,
                   log_w_q=log_w_q, hard_weight=hard_weight, soft_coef=soft_coef,
                   log_V=math.log(V) if V > 1 else 0.0)
@@ -190,7 +178,7 @@ def distill_forward(
             s2, t2, s2.stride(0), t2.stride(0), grad, labels64 if labels64 is not None else status,
             weights64 if weights64 is not None else params, params, inv_denom, row_loss, status, V, ignore_index,
             DIV=divergence, WEIGHTING=weighting, HAS_LABELS=labels is not None, HARD=hard,
-            STUDENT_T1=hard and tau_s != 1.0, SUM_G=sums_g(divergence), COMPUTE_GRAD=compute_grad,
+            STUDENT_T1=hard and tau_s != 1.0, SUM_G=needs_grad_sum(divergence), COMPUTE_GRAD=compute_grad,
             ACC=tl.float64 if f64 else tl.float32,
         )
         _raise_on_bad_rows(status, labels64, V, ignore_index)
