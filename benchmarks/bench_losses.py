@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kdfast  # noqa: E402
 from kdfast._options import DIVERGENCES  # noqa: E402
+from kdfast.backends import available_backends  # noqa: E402
 from memory import peak_extra_bytes  # noqa: E402
 from plain_pytorch import plain_loss, plain_other_loss  # noqa: E402
 
@@ -238,7 +239,7 @@ def other_loss_methods(loss: str, temperature: float, device, fused: str, compil
     plain = plain_other_loss(loss)
     compiled = compile_plain(plain, compile_backend)
     methods = {"eager": lambda s, t: plain(s, t, *extra(s)), "compile": lambda s, t: compiled(s, t, *extra(s))}
-    if fused in cl._KERNELS[loss]:
+    if fused in available_backends(loss):
         methods["kdfast"] = lambda s, t: public(s, t, fused)
     methods["reference"] = lambda s, t: public(s, t, "torch")
     return methods

@@ -17,48 +17,62 @@ import torch
 
 from . import _triton
 from ._extension import cpu_extension_available
-from ._options import LossConfig
 from .reference import distill_loss_reference
+from .reference_correlation import correlation_loss_reference, dist_loss_reference
+from .reference_dkd import dkd_loss_reference
 
 BACKENDS = ("torch", "cpu", "triton")
+# The loss families and their references; each family's fused implementations share its reference's signature.
+FAMILIES = {"distill": distill_loss_reference, "dist": dist_loss_reference, "dkd": dkd_loss_reference,
+            "correlation": correlation_loss_reference}
 
 
-def available_backends() -> List[str]:
-    """The backends that work on this machine, e.g. ``["torch", "cpu"]`` or ``["torch", "cpu", "triton"]``."""
-    return list(_IMPLS)
+def available_backends(family: str = "distill") -> List[str]:
+    """The backends that work on this machine for a loss family, e.g. ``["torch", "cpu"]``."""
+    return list(_IMPLS[family])
 
 
-def _implementations() -> Dict[str, Callable[[torch.Tensor, torch.Tensor, LossConfig], torch.Tensor]]:
-    impls = {"torch": distill_loss_reference}
+def _implementations() -> Dict[str, Dict[str, Callable]]:
+    """family -> backend -> implementation, found once at import (no module probing on the call path)."""
+    impls = {family: {"torch": reference} for family, reference in FAMILIES.items()}
     if cpu_extension_available():
+        from . import _cpu_correlation_op as cpu_correlation
         from ._cpu_op import distill_loss_cpu
 
-        impls["cpu"] = distill_loss_cpu
+        for family, impl in (("distill", distill_loss_cpu), ("dist", cpu_correlation.dist_loss_cpu),
+                             ("dkd", cpu_correlation.dkd_loss_cpu),
+                             ("correlation", cpu_correlation.correlation_loss_cpu)):
+            impls[family]["cpu"] = impl
     if _triton.unavailable_reason() is None:
+        from ._triton import correlation, dist, dkd
         from ._triton.op import distill_loss_triton
 
-        impls["triton"] = distill_loss_triton
+        for family, impl in (("distill", distill_loss_triton), ("dist", dist.dist_loss_triton),
+                             ("dkd", dkd.dkd_loss_triton), ("correlation", correlation.correlation_loss_triton)):
+            impls[family]["triton"] = impl
     return impls
 
 
 _IMPLS = _implementations()
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that will run, or a ValueError/RuntimeError that says why none can."""
+def resolve_backend(backend: str, device: torch.device, family: str = "distill") -> str:
+    """The backend that will run a loss of ``family``, or a ValueError/RuntimeError that says why none can.
+
+    ``"auto"`` (or ``KDFAST_BACKEND``) is the fused kernel of the tensors' device when it exists, else the reference.
+    """
+    impls = _IMPLS[family]
     if backend == "auto":
         backend = os.environ.get("KDFAST_BACKEND", "auto") or "auto"
     if backend == "auto":
-        if device.type == "cpu" and "cpu" in _IMPLS:
-            return "cpu"
-        if device.type == "cuda" and "triton" in _IMPLS:
-            return "triton"
-        return "torch"
+        fused = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
+        return fused if fused in impls else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    if backend not in _IMPLS:
+    if backend not in impls:
         why = _triton.unavailable_reason() if backend == "triton" else "the C++ extension is not built"
-        raise RuntimeError(f"backend {backend!r} is not available here ({why}; available: {available_backends()})")
+        raise RuntimeError(f"backend {backend!r} is not available here ({why}; available: "
+                           f"{available_backends(family)})")
     check_device(backend, device)
     return backend
 
@@ -72,5 +86,11 @@ def check_device(backend: str, device: torch.device) -> None:
                          f"got tensors on {device}")
 
 
-def implementation(backend: str):
-    return _IMPLS[backend]
+def implementation(backend: str, family: str = "distill") -> Callable:
+    """The function of a resolved backend for a loss family."""
+    return _IMPLS[family][backend]
+
+
+def pick(family: str, backend: str, device: torch.device) -> Callable:
+    """The implementation that runs a loss of ``family`` for ``backend=`` ("auto", "torch", "cpu", "triton")."""
+    return implementation(resolve_backend(backend, device, family), family)

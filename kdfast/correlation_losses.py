@@ -7,15 +7,12 @@ for it, else the reference (``reference_correlation``, ``reference_dkd``).
 
 from __future__ import annotations
 
-import os
-from typing import Callable, Dict, Union
+from typing import Union
 
 import torch
 
-from . import _triton
-from ._extension import cpu_extension_available
 from ._options import _check_row_tensor, _finite_float, _integer, check_logits
-from .backends import check_device
+from .backends import pick
 from .reference import check_rows_defined, check_labels, entropy_weight
 from .reference_correlation import check_rank_vocab, correlation_loss_reference, dist_loss_reference
 from .reference_dkd import dkd_loss_reference
@@ -26,45 +23,6 @@ def _positive(name: str, value) -> float:
     if x <= 0:
         raise ValueError(f"{name} must be > 0, got {name}={value}")
     return x
-
-
-def _find_kernels(loss: str) -> Dict[str, Callable]:
-    """The fused kernels that exist for a loss, by backend name."""
-    kernels: Dict[str, Callable] = {}
-    if cpu_extension_available():
-        from . import _cpu_correlation_op as cpu
-
-        kernels["cpu"] = {"dist": cpu.dist_loss_cpu, "dkd": cpu.dkd_loss_cpu,
-                          "correlation": cpu.correlation_loss_cpu}[loss]
-    if _triton.unavailable_reason() is None:
-        from ._triton import correlation, dist, dkd
-
-        kernels["triton"] = {"dist": dist.dist_loss_triton, "dkd": dkd.dkd_loss_triton,
-                             "correlation": correlation.correlation_loss_triton}[loss]
-    return kernels
-
-
-# Found once at import, like ``backends._IMPLS``: no module probing on the call path.
-_KERNELS = {loss: _find_kernels(loss) for loss in ("dist", "dkd", "correlation")}
-
-
-def _pick(loss: str, backend: str, device: torch.device, reference: Callable) -> Callable:
-    """The implementation that runs: ``backend`` as in ``distill_loss`` ("auto", "torch", "cpu", "triton")."""
-    if backend == "auto":
-        backend = os.environ.get("KDFAST_BACKEND", "auto") or "auto"
-    kernels = _KERNELS[loss]
-    if backend == "auto":
-        fused = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
-        return kernels.get(fused, reference)
-    if backend == "torch":
-        return reference
-    if backend not in ("cpu", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch', 'cpu' or 'triton', got {backend!r}")
-    if backend not in kernels:
-        raise RuntimeError(f"{loss}_loss has no {backend!r} kernel here (available: "
-                           f"{['torch'] + sorted(kernels)})")
-    check_device(backend, device)
-    return kernels[backend]
 
 
 def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
@@ -87,10 +45,10 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
         raise ValueError(f"dist_loss needs at least one row, got logits shape {tuple(student_logits.shape)}")
     tau = _positive("temperature", temperature)
     beta, gamma = _finite_float("beta", beta), _finite_float("gamma", gamma)
-    V = student_logits.shape[-1]
-    zt, zs = teacher_logits.detach().reshape(-1, V), student_logits.detach().reshape(-1, V)
-    check_rows_defined(zt, zs, torch.ones(zt.shape[0], dtype=torch.bool, device=zt.device))
-    impl = _pick("dist", backend, student_logits.device, dist_loss_reference)
+    impl = pick("dist", backend, student_logits.device)
+    if impl is dist_loss_reference:  # the fused kernels check rows in their pass (a check here costs two sweeps)
+        zt, zs = (z.detach().reshape(-1, z.shape[-1]) for z in (teacher_logits, student_logits))
+        check_rows_defined(zt, zs, torch.ones(zt.shape[0], dtype=torch.bool, device=zt.device))
     return impl(student_logits, teacher_logits, tau, beta, gamma)
 
 
@@ -129,7 +87,7 @@ def correlation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         weights = entropy_weight(teacher_logits.detach().reshape(-1, V).float())
     elif weighting is not None:
         raise ValueError(f"weighting must be None, 'entropy' or a tensor of row weights in [0, 1], got {weighting!r}")
-    impl = _pick("correlation", backend, student_logits.device, correlation_loss_reference)
+    impl = pick("correlation", backend, student_logits.device)
     if impl is correlation_loss_reference:  # the fused kernels check rows in their pass
         zt, zs = (z.detach().reshape(-1, z.shape[-1]) for z in (teacher_logits, student_logits))
         check_rows_defined(zt, zs, torch.ones(zt.shape[0], dtype=torch.bool, device=zt.device))
@@ -158,7 +116,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     _check_row_tensor("labels", labels, student_logits)
-    impl = _pick("dkd", backend, student_logits.device, dkd_loss_reference)
+    impl = pick("dkd", backend, student_logits.device)
     if impl is dkd_loss_reference:  # the fused kernels check labels and rows themselves, in their pass
         flat = labels.reshape(-1).long()
         valid = flat != ignore_index

@@ -134,3 +134,21 @@ def test_a_triton_older_than_3_6_is_reported_unavailable(monkeypatch):
     assert "triton 3.5.1 is older than 3.6" in _triton.unavailable_reason()
     monkeypatch.setattr(metadata, "version", lambda name: "3.6.0+git1234")
     assert "older" not in (_triton.unavailable_reason() or "")
+
+
+@pytest.mark.parametrize("family", ["distill", "dist", "dkd", "correlation"])
+def test_one_resolver_for_every_loss_family(family, monkeypatch):
+    from kdfast import backends
+
+    monkeypatch.delenv("KDFAST_BACKEND", raising=False)
+    assert backends.available_backends(family)[0] == "torch"
+    assert backends.resolve_backend("auto", torch.device("meta"), family) == "torch"
+    assert backends.pick(family, "torch", torch.device("cpu")) is backends.FAMILIES[family]
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        backends.resolve_backend("gpu", torch.device("cpu"), family)
+    if "cpu" in backends.available_backends(family):
+        assert backends.resolve_backend("auto", torch.device("cpu"), family) == "cpu"
+        with pytest.raises(ValueError, match="takes CPU tensors"):
+            backends.resolve_backend("cpu", torch.device("meta"), family)
+        monkeypatch.setenv("KDFAST_BACKEND", "torch")
+        assert backends.resolve_backend("auto", torch.device("cpu"), family) == "torch"

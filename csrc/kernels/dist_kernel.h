@@ -24,13 +24,22 @@ struct DistKernel {
   using S = typename V::value_type;
   static constexpr float kNegInf = -INFINITY;
 
-  // y = exp((z - max) / tau - log_sum) of one tile; the same S-rounded
-  // constants in every stage, so the stages agree on every softmax value.
-  // The maximum is subtracted before the scaling: folded into one FMA with
-  // z / tau, a huge one would round by more than the exponentials' range.
-  template <class T, class Tail>
-  static V softmax_tile(const T* z, int64_t j, Tail tail, V inv_tau, V max, V log_sum) {
-    return vexp((ld<V>(z + j, tail, kNegInf) - max) * inv_tau - log_sum);
+  // y = exp((z - max) / tau - log_sum) of one tile, the shift taken as the row
+  // kernel's (row_kernel.h): one FMA for ordinary rows, the maximum subtracted
+  // first for huge ones.  The same S-rounded constants in every stage, so the
+  // stages agree on every softmax value.
+  template <class T, class Tail, class Shift>
+  static V softmax_tile(const T* z, int64_t j, Tail tail, const Shift& shift, V log_sum) {
+    return vexp(shift(ld<V>(z + j, tail, kNegInf)) - log_sum);
+  }
+
+  // Calls f(shift_t, shift_s) with the shifts of a row whose maxima are mt, ms at scale k = 1 / tau.
+  template <class F>
+  static void with_row_shifts(S k, S mt, S ms, F&& f) {
+    if (std::fabs(double(mt) * double(k)) < kFmaShiftLimit && std::fabs(double(ms) * double(k)) < kFmaShiftLimit)
+      f(ShiftByFma<V>(k, mt), ShiftByFma<V>(k, ms));
+    else
+      f(ShiftBySub<V>(k, mt), ShiftBySub<V>(k, ms));
   }
 
   // -- stage 1: per-row normalisers and row Pearson; scratch holds 2 padded rows
@@ -45,14 +54,12 @@ struct DistKernel {
       b.row_status[i] = maxima.status;
       return;
     }
-    const V inv_tau = vset<V>(1.0 / prm.tau);
-    const V vmax_t = V::broadcast(mt), vmax_s = V::broadcast(ms);
     double sum_t = 0, sum_s = 0;
-    {
+    with_row_shifts(S(1.0 / prm.tau), mt, ms, [&](const auto to_t, const auto to_s) {
       V at = V::zero(), as = V::zero();
       sweep<V>(n, [&](int64_t j, auto tail) {
-        V et = vexp_nonpositive((ld<V>(zt + j, tail, kNegInf) - vmax_t) * inv_tau);
-        V es = vexp_nonpositive((ld<V>(zs + j, tail, kNegInf) - vmax_s) * inv_tau);
+        V et = vexp_nonpositive(to_t(ld<V>(zt + j, tail, kNegInf)));
+        V es = vexp_nonpositive(to_s(ld<V>(zs + j, tail, kNegInf)));
         et.store(scratch_t + j);
         es.store(scratch_s + j);
         at = at + et;
@@ -62,7 +69,7 @@ struct DistKernel {
         sum_s += as.reduce_add();
         at = as = V::zero();
       });
-    }
+    });
     b.max_t[i] = mt;
     b.max_s[i] = ms;
     b.log_sum_t[i] = std::log(sum_t);
@@ -111,15 +118,16 @@ struct DistKernel {
     alignas(64) S part[kMoments][kDistColumnBlock];
     alignas(64) S first[2][kDistColumnBlock];
     double total[kMoments][kDistColumnBlock] = {};
-    const V inv_tau = vset<V>(1.0 / prm.tau);
+    const S inv_tau = S(1.0 / prm.tau);
     auto row_tiles = [&](int64_t i, auto&& body) {
       const TT* zt = static_cast<const TT*>(b.teacher) + i * b.teacher_row_stride + j0;
       const TS* zs = static_cast<const TS*>(b.student) + i * b.student_row_stride + j0;
-      const V sh_t = vset<V>(b.max_t[i]), sh_s = vset<V>(b.max_s[i]);
       const V lt = vset<V>(b.log_sum_t[i]), ls = vset<V>(b.log_sum_s[i]);
-      sweep<V>(width, [&](int64_t j, auto tail) {
-        body(j, softmax_tile(zs, j, tail, inv_tau, sh_s, ls), softmax_tile(zt, j, tail, inv_tau, sh_t, lt));
-      }, no_flush);
+      with_row_shifts(inv_tau, S(b.max_t[i]), S(b.max_s[i]), [&](const auto to_t, const auto to_s) {
+        sweep<V>(width, [&](int64_t j, auto tail) {
+          body(j, softmax_tile(zs, j, tail, to_s, ls), softmax_tile(zt, j, tail, to_t, lt));
+        }, no_flush);
+      });
     };
     row_tiles(0, [&](int64_t j, V ys, V yt) {
       ys.store(first[0] + j);
@@ -185,27 +193,28 @@ struct DistKernel {
     const S* offset_s = first_t + n;
     const S* offset_t = offset_s + n;
     const V inv_tau = vset<V>(1.0 / prm.tau);
-    const V sh_t = vset<V>(b.max_t[i]), sh_s = vset<V>(b.max_s[i]);
     const V lt = vset<V>(b.log_sum_t[i]), ls = vset<V>(b.log_sum_s[i]);
     const V row_mean = vset<V>(1.0 / double(n));
     const V ct = vset<V>(b.row_coef_t[i]), cs = vset<V>(b.row_coef_s[i]);
     double gy = 0;
     V acc = V::zero();
-    sweep<V>(n, [&](int64_t j, auto tail) {
-      V ys = softmax_tile(zs, j, tail, inv_tau, sh_s, ls);
-      V yt = softmax_tile(zt, j, tail, inv_tau, sh_t, lt);
-      // row part ct (y_t - 1/V) + cs (y_s - 1/V), column part u (y_t - mean_t) + v (y_s - mean_s):
-      // centred before scaling, since with few rows the two column terms nearly cancel
-      V g = fmadd(ct, yt - row_mean, cs * (ys - row_mean));
-      const V dt = (yt - ld<V>(first_t + j, tail, 0.0f)) - ld<V>(offset_t + j, tail, 0.0f);
-      const V ds = (ys - ld<V>(first_s + j, tail, 0.0f)) - ld<V>(offset_s + j, tail, 0.0f);
-      g = fmadd(ld<V>(u + j, tail, 0.0f), dt, fmadd(ld<V>(v + j, tail, 0.0f), ds, g));
-      ys.store(scratch_y + j);
-      g.store(scratch_g + j);
-      acc = fmadd(g, ys, acc);  // tail lanes: y_s = 0
-    }, [&] {
-      gy += acc.reduce_add();
-      acc = V::zero();
+    with_row_shifts(S(1.0 / prm.tau), S(b.max_t[i]), S(b.max_s[i]), [&](const auto to_t, const auto to_s) {
+      sweep<V>(n, [&](int64_t j, auto tail) {
+        V ys = softmax_tile(zs, j, tail, to_s, ls);
+        V yt = softmax_tile(zt, j, tail, to_t, lt);
+        // row part ct (y_t - 1/V) + cs (y_s - 1/V), column part u (y_t - mean_t) + v (y_s - mean_s):
+        // centred before scaling, since with few rows the two column terms nearly cancel
+        V g = fmadd(ct, yt - row_mean, cs * (ys - row_mean));
+        const V dt = (yt - ld<V>(first_t + j, tail, 0.0f)) - ld<V>(offset_t + j, tail, 0.0f);
+        const V ds = (ys - ld<V>(first_s + j, tail, 0.0f)) - ld<V>(offset_s + j, tail, 0.0f);
+        g = fmadd(ld<V>(u + j, tail, 0.0f), dt, fmadd(ld<V>(v + j, tail, 0.0f), ds, g));
+        ys.store(scratch_y + j);
+        g.store(scratch_g + j);
+        acc = fmadd(g, ys, acc);  // tail lanes: y_s = 0
+      }, [&] {
+        gy += acc.reduce_add();
+        acc = V::zero();
+      });
     });
     const V vgy = vset<V>(gy);
     sweep<V>(n, [&](int64_t j, auto tail) {

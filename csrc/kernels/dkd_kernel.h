@@ -64,16 +64,17 @@ struct DkdKernel {
 
     // exponentials of the non-target classes at x = (z - max_other) / tau (target lane 0), their sums
     // and sum e_t (x_t - x_s); all -inf non-target classes shift by 0 (their exponentials are 0).
-    // The maximum is subtracted before the scaling: a huge one folded into one FMA would round
-    // by more than the exponentials' range.
-    const V inv_tau = vset<V>(1.0 / prm.tau);
-    const V vmot = vset<V>(mot == -INFINITY ? 0.0 : mot), vmos = vset<V>(mos == -INFINITY ? 0.0 : mos);
-    double other_t = 0, other_s = 0, other_kl = 0;
-    {
+    // The shift is the row kernel's (row_kernel.h): one FMA for ordinary rows, whose rounding
+    // offsets every x of a row by the same t_max (taken out of the log-masses below), and the
+    // maximum subtracted first for huge ones.
+    const S k = S(1.0 / prm.tau);
+    const S shift_t = mot == -INFINITY ? S(0) : S(mot), shift_s = mos == -INFINITY ? S(0) : S(mos);
+    double other_t = 0, other_s = 0, other_kl = 0, t_max_t = 0, t_max_s = 0;
+    auto exp_sweep = [&](const auto to_t, const auto to_s) {
       V ot = V::zero(), os = V::zero(), ok = V::zero();
       sweep<V>(n, [&](int64_t j, auto tail) {
-        V xt = (without_target(ld<V>(zt + j, tail, kNegInf), j, tail) - vmot) * inv_tau;
-        V xs = (without_target(ld<V>(zs + j, tail, kNegInf), j, tail) - vmos) * inv_tau;
+        V xt = to_t(without_target(ld<V>(zt + j, tail, kNegInf), j, tail));
+        V xs = to_s(without_target(ld<V>(zs + j, tail, kNegInf), j, tail));
         V et = vexp_nonpositive(xt), es = vexp_nonpositive(xs);
         et.store(scratch_t + j);
         es.store(scratch_s + j);
@@ -86,7 +87,13 @@ struct DkdKernel {
         other_kl += ok.reduce_add();
         ot = os = ok = V::zero();
       });
-    }
+      t_max_t = to_t.at_max();
+      t_max_s = to_s.at_max();
+    };
+    if (std::fabs(double(shift_t) * double(k)) < kFmaShiftLimit && std::fabs(double(shift_s) * double(k)) < kFmaShiftLimit)
+      exp_sweep(ShiftByFma<V>(k, shift_t), ShiftByFma<V>(k, shift_s));
+    else
+      exp_sweep(ShiftBySub<V>(k, shift_t), ShiftBySub<V>(k, shift_s));
     // A NaN or +inf logit, off the target (NaN sums) or on it: NaN in, NaN out.
     if (!std::isfinite(other_t) || !std::isfinite(other_s) || std::isnan(zl_t) || std::isnan(zl_s) ||
         zl_t == INFINITY || zl_s == INFINITY) {
@@ -99,8 +106,8 @@ struct DkdKernel {
       const double hi = std::max(a, c), lo = std::min(a, c);
       return hi == -INFINITY ? hi : hi + std::log1p(std::exp(lo - hi));
     };
-    const double lo_t = other_t > 0 ? mot / prm.tau + std::log(other_t) : -INFINITY;
-    const double lo_s = other_s > 0 ? mos / prm.tau + std::log(other_s) : -INFINITY;
+    const double lo_t = other_t > 0 ? mot / prm.tau + std::log(other_t) - t_max_t : -INFINITY;
+    const double lo_s = other_s > 0 ? mos / prm.tau + std::log(other_s) - t_max_s : -INFINITY;
     const double lse_t = logaddexp(lo_t, zl_t / prm.tau), lse_s = logaddexp(lo_s, zl_s / prm.tau);
     const double log_pt = zl_t / prm.tau - lse_t, log_qt = zl_s / prm.tau - lse_s;
     const double tckd = plogratio(log_pt, log_qt) + plogratio(lo_t - lse_t, lo_s - lse_s);
