@@ -183,3 +183,21 @@ def test_dist_refuses_an_all_minus_inf_row_on_every_backend(backend):
     device = kernel_device(backend)
     with pytest.raises(ValueError, match="teacher_logits row 1 is all -inf"):
         kdfast.dist_loss(logits((3, 10), seed=1).to(device), t.to(device), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + [b for b in FUSED_BACKENDS])
+@pytest.mark.parametrize("loss,kw,pattern", [
+    ("dist", dict(temperature=1e-40), "temperature=1e-40 is outside float32's range"),
+    ("dist", dict(beta=1e39), "beta=1e\\+39 is outside float32's range"),
+    ("dkd", dict(alpha=-1e39), "alpha=-1e\\+39 is outside float32's range"),
+    ("correlation", dict(pearson_weight=1e39), "pearson_weight=1e\\+39 is outside float32's range"),
+    ("dist", dict(temperature=True), "temperature must be a real number"),
+])
+def test_the_other_families_check_their_numbers_as_distill_loss(backend, loss, kw, pattern):
+    device = kernel_device(backend)
+    s, t = logits((4, 10), seed=1).to(device), logits((4, 10), seed=2).to(device)
+    fn = {"dist": lambda: kdfast.dist_loss(s, t, backend=backend, **kw),
+          "dkd": lambda: kdfast.dkd_loss(s, t, torch.arange(4, device=device), backend=backend, **kw),
+          "correlation": lambda: kdfast.correlation_loss(s, t, backend=backend, **kw)}[loss]
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        fn()
