@@ -13,6 +13,8 @@ and the adapter from a validated ``LossConfig`` to the op's arguments.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._options import LossConfig
@@ -99,7 +101,7 @@ def register_saved_grad_autograd(op, n_inputs: int, per_row=lambda inputs: False
         if grad_loss is None:
             return (None,) * n_inputs
         refuse_double_backward()
-        if grad.numel() == 0 and _student_numel(ctx.student_shape) != 0:
+        if grad.numel() == 0 and math.prod(ctx.student_shape) != 0:
             raise RuntimeError("kdfast: the forward ran without computing the gradient (compute_grad=False)")
         if ctx.per_row:
             scaled = (grad.to(grad_loss.dtype) * grad_loss[:, None]).to(grad.dtype)
@@ -110,13 +112,6 @@ def register_saved_grad_autograd(op, n_inputs: int, per_row=lambda inputs: False
         return (scaled.view(ctx.student_shape),) + (None,) * (n_inputs - 1)
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
-
-
-def _student_numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def register_fake_and_autograd(op) -> None:

@@ -87,6 +87,19 @@ def _in_float32_range(name: str, x: float, positive: bool = False) -> float:
     return x
 
 
+def float32_coefficient(name: str, value) -> float:
+    """A finite real that the float32 kernels can hold (a weight or a scale of a loss term)."""
+    return _in_float32_range(name, _finite_float(name, value))
+
+
+def positive_float32(name: str, value) -> float:
+    """A finite real > 0 that the float32 kernels can hold (a temperature, a normaliser)."""
+    x = _finite_float(name, value)
+    if x <= 0:
+        raise ValueError(f"{name} must be > 0, got {name}={value}")
+    return _in_float32_range(name, x, positive=True)
+
+
 def resolve_divergence(divergence: str, alpha=None, beta=None, skew=None):
     """Check a divergence and its parameters against the registry; return ``(name, alpha, beta, skew)``.
 
@@ -167,14 +180,8 @@ def make_config(
     """Validate the arguments of ``distill_loss`` against the logits."""
     check_logits(student_logits, teacher_logits)
     name, alpha, beta, skew = resolve_divergence(divergence, alpha, beta, skew)
-    tau = _finite_float("temperature", temperature)
-    if tau <= 0:
-        raise ValueError(f"temperature must be > 0, got temperature={temperature}")
-    _in_float32_range("temperature", tau, positive=True)
-    tau_s = tau if student_temperature is None else _finite_float("student_temperature", student_temperature)
-    if tau_s <= 0:
-        raise ValueError(f"student_temperature must be > 0, got student_temperature={student_temperature}")
-    _in_float32_range("student_temperature", tau_s, positive=True)
+    tau = positive_float32("temperature", temperature)
+    tau_s = tau if student_temperature is None else positive_float32("student_temperature", student_temperature)
 
     if isinstance(weighting, torch.Tensor):
         if not weighting.is_floating_point():
@@ -191,7 +198,7 @@ def make_config(
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
         _check_row_tensor("labels", labels, student_logits)
-    hard_weight = _in_float32_range("hard_weight", _finite_float("hard_weight", hard_weight))
+    hard_weight = float32_coefficient("hard_weight", hard_weight)
     if hard_weight != 0.0 and labels is None:
         raise ValueError(f"hard_weight={hard_weight} needs labels for the cross-entropy term")
 
@@ -200,12 +207,9 @@ def make_config(
     if normalizer is not None:
         if reduction != "batchmean":
             raise ValueError(f"normalizer is only used with reduction='batchmean', got reduction={reduction!r}")
-        normalizer = _finite_float("normalizer", normalizer)
-        if normalizer <= 0:
-            raise ValueError(f"normalizer must be > 0, got normalizer={normalizer}")
-        _in_float32_range("normalizer", normalizer, positive=True)
-    soft_weight = _in_float32_range("soft_weight", _finite_float("soft_weight", soft_weight))
-    scale = _in_float32_range("scale", _finite_float("scale", scale))
+        normalizer = positive_float32("normalizer", normalizer)
+    soft_weight = float32_coefficient("soft_weight", soft_weight)
+    scale = float32_coefficient("scale", scale)
     _in_float32_range("soft_weight * scale", soft_weight * scale)
     if normalizer is not None:
         _in_float32_range("soft_weight * scale / normalizer", soft_weight * scale / normalizer)

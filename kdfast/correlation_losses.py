@@ -11,23 +11,11 @@ from typing import Union
 
 import torch
 
-from ._options import _check_row_tensor, _finite_float, _in_float32_range, _integer, check_logits
+from ._options import _check_row_tensor, _integer, check_logits, float32_coefficient, positive_float32
 from .backends import pick
 from .reference import check_rows_defined, check_labels, entropy_weight
 from .reference_correlation import check_rank_vocab, correlation_loss_reference, dist_loss_reference
 from .reference_dkd import dkd_loss_reference
-
-
-def _positive(name: str, value) -> float:
-    x = _finite_float(name, value)
-    if x <= 0:
-        raise ValueError(f"{name} must be > 0, got {name}={value}")
-    return _in_float32_range(name, x, positive=True)
-
-
-def _coefficient(name: str, value) -> float:
-    """A finite weight the float32 kernels can hold (as ``distill_loss``'s coefficients)."""
-    return _in_float32_range(name, _finite_float(name, value))
 
 
 def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
@@ -48,8 +36,8 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     if student_logits.numel() == 0:
         # Both Pearson means would be over nothing (NaN): refused on every backend alike.
         raise ValueError(f"dist_loss needs at least one row, got logits shape {tuple(student_logits.shape)}")
-    tau = _positive("temperature", temperature)
-    beta, gamma = _coefficient("beta", beta), _coefficient("gamma", gamma)
+    tau = positive_float32("temperature", temperature)
+    beta, gamma = float32_coefficient("beta", beta), float32_coefficient("gamma", gamma)
     impl = pick("dist", backend, student_logits.device)
     if impl is dist_loss_reference:  # the fused kernels check rows in their pass (a check here costs two sweeps)
         zt, zs = (z.detach().reshape(-1, z.shape[-1]) for z in (teacher_logits, student_logits))
@@ -78,9 +66,9 @@ def correlation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     """
     check_logits(student_logits, teacher_logits)
     check_rank_vocab(student_logits.shape[-1])
-    tau = _positive("temperature", temperature)
-    strength = _positive("rank_strength", rank_strength)
-    pw, sw = _coefficient("pearson_weight", pearson_weight), _coefficient("spearman_weight", spearman_weight)
+    tau = positive_float32("temperature", temperature)
+    strength = positive_float32("rank_strength", rank_strength)
+    pw, sw = float32_coefficient("pearson_weight", pearson_weight), float32_coefficient("spearman_weight", spearman_weight)
     weights = None
     if isinstance(weighting, torch.Tensor):
         _check_row_tensor("weighting", weighting, student_logits)
@@ -114,8 +102,8 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     V = student_logits.shape[-1]
     if V < 2:
         raise ValueError(f"dkd_loss needs at least 2 classes (target and non-target), got V = {V}")
-    tau = _positive("temperature", temperature)
-    alpha, beta = _coefficient("alpha", alpha), _coefficient("beta", beta)
+    tau = positive_float32("temperature", temperature)
+    alpha, beta = float32_coefficient("alpha", alpha), float32_coefficient("beta", beta)
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
