@@ -9,7 +9,7 @@ student's gradients (hidden states and LM-head weight) from the two heads:
   log-softmaxes) and autograd through it and the matmul;
 * ``materialised`` (only when asked for): the same logits, then
   ``kdfast.distill_loss`` (the fused kernel) instead of the plain KL;
-* ``kdfast``: ``kdfast.fused_linear.fused_linear_distill_loss`` (chunked, no
+* ``kdfast``: ``kdfast.llm.fused_linear.fused_linear_distill_loss`` (chunked, no
   ``(N, V)`` tensor; chunk size chosen automatically);
 * ``kdfast_mm`` (only when asked for): the same with ``torch.mm`` (MKL) instead
   of oneDNN for the chunks' logits, to measure what oneDNN brings;
@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kdfast  # noqa: E402
-from kdfast.fused_linear import fused_linear_distill_loss  # noqa: E402
+from kdfast.llm.fused_linear import fused_linear_distill_loss  # noqa: E402
 from bench_losses import describe_machine, machine_info, time_once  # noqa: E402
 from memory import peak_extra_bytes  # noqa: E402
 from plain_pytorch import plain_loss  # noqa: E402
@@ -138,7 +138,7 @@ def make_method(name: str, inputs: dict, liger_compiled: bool = True, backend: s
     if name == "kdfast":
         return lambda: grads_of(fused_linear_distill_loss(hs, ws, ht, wt, divergence="kl", backend=backend))
     if name == "kdfast_mm":
-        import kdfast._chunking as chunking
+        import kdfast.llm.chunking as chunking
 
         def without_onednn():
             use = chunking.uses_onednn

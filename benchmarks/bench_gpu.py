@@ -552,7 +552,7 @@ def main(argv=None) -> dict:
     """Measure every case within the budget, rewriting the report after each; returns the report."""
     started = time.monotonic()
     args = parse_args(argv)
-    if args.dry_run and not kdfast._triton.interpreter_requested():
+    if args.dry_run and not kdfast.ops.triton.interpreter_requested():
         raise SystemExit("--dry-run runs kdfast's Triton kernels through the interpreter: set TRITON_INTERPRET=1 "
                          "before Python starts (gpu_session.sh --dry-run does)")
     if not args.dry_run and not torch.cuda.is_available():

@@ -51,8 +51,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kdfast  # noqa: E402
-from kdfast._options import DIVERGENCES  # noqa: E402
-from kdfast.backends import available_backends  # noqa: E402
+from kdfast.config import DIVERGENCES  # noqa: E402
+from kdfast.ops.backends import available_backends  # noqa: E402
 from memory import peak_extra_bytes  # noqa: E402
 from plain_pytorch import plain_loss, plain_other_loss  # noqa: E402
 

@@ -26,7 +26,7 @@ options (the tests check values and gradients in float64):
 
 Rows are batch-meaned (``reduction="batchmean"``, no labels): the benchmarks'
 setting.  DIST and correlation matching have no simpler form than kdfast's
-references (``kdfast.reference_correlation`` already *is* torchdistill's DIST
+references (``kdfast.reference.correlation`` already *is* torchdistill's DIST
 and the CMKD formula), so :func:`plain_other_loss` returns those; DKD's plain
 form is mdistiller's ``dkd_loss`` (masking the target with ``-1000``).
 """
@@ -176,6 +176,6 @@ def plain_other_loss(loss: str):
     """The plain form of ``dist`` / ``correlation`` (kdfast's references: there is none simpler) or ``dkd``."""
     if loss == "dkd":
         return dkd_mdistiller
-    from kdfast.reference_correlation import correlation_loss_reference, dist_loss_reference
+    from kdfast.reference.correlation import correlation_loss_reference, dist_loss_reference
 
     return {"dist": dist_loss_reference, "correlation": correlation_loss_reference}[loss]

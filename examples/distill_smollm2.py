@@ -10,11 +10,11 @@ loss differs:
 
 * ``ce``:       next-token cross-entropy alone;
 * ``fused_kd``: CE + KD against the full teacher distribution, through
-  ``kdfast.fused_linear.fused_linear_distill_loss`` (teacher hidden states
+  ``kdfast.llm.fused_linear.fused_linear_distill_loss`` (teacher hidden states
   precomputed once; no ``(N, V)`` logits of either model materialised);
 * ``topk_kd``:  CE + KD against the teacher's top-k, cached once with
-  ``kdfast.cache.write_topk_cache`` and trained with
-  ``kdfast.fused_linear.fused_linear_topk_distill_loss``.
+  ``kdfast.llm.cache.write_topk_cache`` and trained with
+  ``kdfast.llm.fused_linear.fused_linear_topk_distill_loss``.
 
 It reports the held-out perplexity of each student after the same number of
 steps, the teacher's own held-out perplexity (a sanity check), wall times, and

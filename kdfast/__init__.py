@@ -7,30 +7,30 @@ The math contract is docs/contract.md; every backend matches the
 pure-PyTorch reference in :mod:`kdfast.reference`.
 """
 
-from ._extension import cpu_extension_available
-from ._options import DIVERGENCES, REDUCTIONS, WEIGHTINGS
-from .backends import available_backends
+from .ops.extension import cpu_extension_available
+from .config import DIVERGENCES, REDUCTIONS, WEIGHTINGS
+from .ops.backends import available_backends
 from .correlation_losses import correlation_loss, dist_loss, dkd_loss
 from .losses import distill_loss, kd_loss, ttm_loss, wttm_loss
 from .modules import CorrelationLoss, DISTLoss, DistillLoss, DKDLoss, KDLoss, TTMLoss, WTTMLoss
-from .fused_linear import (FusedLinearDistillLoss, FusedLinearTopKDistillLoss, fused_linear_distill_loss,
+from .llm.fused_linear import (FusedLinearDistillLoss, FusedLinearTopKDistillLoss, fused_linear_distill_loss,
                            fused_linear_topk_distill_loss)
-from .topk import TopKDistillLoss, topk_distill_loss
-from .vocab_parallel import vocab_parallel_distill_loss
+from .llm.topk import TopKDistillLoss, topk_distill_loss
+from .llm.vocab_parallel import vocab_parallel_distill_loss
 
 __version__ = "0.1.0"
 
 
 def cpu_capability() -> str:
     """The SIMD level of the CPU kernels ('avx512_bf16', 'avx512', 'avx2', 'default'), or 'unavailable'."""
-    from ._extension import _C
+    from .ops.extension import _C
 
     return _C.cpu_capability() if _C is not None else "unavailable"
 
 
 def empty_cache() -> None:
     """Release the large gradient buffers the CPU kernels keep for reuse (see README, "Memory")."""
-    from ._extension import _C
+    from .ops.extension import _C
 
     if _C is not None:
         _C.empty_cache()

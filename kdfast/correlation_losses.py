@@ -2,7 +2,7 @@
 
 Each function validates its arguments here (the ValueError / TypeError
 messages of docs/contract.md) and runs the fused kernel of the tensors' device when one exists
-for it, else the reference (``reference_correlation``, ``reference_dkd``).
+for it, else the reference (``reference.correlation``, ``reference.dkd``).
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from typing import Union
 
 import torch
 
-from ._options import _check_row_tensor, _integer, check_logits, float32_coefficient, positive_float32
-from .backends import pick
+from .config import _check_row_tensor, _integer, check_logits, float32_coefficient, positive_float32
+from .ops.backends import pick
 from .reference import check_rows_defined, check_labels, entropy_weight
-from .reference_correlation import check_rank_vocab, correlation_loss_reference, dist_loss_reference
-from .reference_dkd import dkd_loss_reference
+from .reference.correlation import check_rank_vocab, correlation_loss_reference, dist_loss_reference
+from .reference.dkd import dkd_loss_reference
 
 
 def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
@@ -95,7 +95,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     ``T^2 (alpha * TCKD + beta * NCKD)`` summed over rows and divided by the
     number of rows whose label is not ``ignore_index``.  TCKD is the KL of the
     binary (target, rest) distributions, NCKD the KL of the distributions over
-    the non-target classes (see ``kdfast.reference_dkd`` for the safe forms).
+    the non-target classes (see ``kdfast.reference.dkd`` for the safe forms).
     Needs V >= 2; V = 2 gives NCKD = 0.
     """
     check_logits(student_logits, teacher_logits)

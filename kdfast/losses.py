@@ -6,8 +6,8 @@ from typing import Optional, Union
 
 import torch
 
-from ._options import make_config
-from .backends import implementation, resolve_backend
+from .config import make_config
+from .ops.backends import implementation, resolve_backend
 
 
 def distill_loss(
@@ -42,7 +42,7 @@ def distill_loss(
             (``skew``, default 0.1). Each formula is the docstring of its
             function in :mod:`kdfast.reference` (``kl``, ``jsd``, ``renyi``, ...);
             ``renyi`` within 1e-4 of ``alpha = 1`` is computed as ``kl``
-            (``RENYI_KL_WINDOW`` in ``kdfast/_options.py`` says why).
+            (``RENYI_KL_WINDOW`` in ``kdfast/config.py`` says why).
         temperature: teacher temperature ``tau``; ``p = softmax(z_t / tau)``.
         student_temperature: ``tau_s`` (default ``tau``); ``q = softmax(z_s / tau_s)``.
         weighting: per-row weight of the divergence: None, ``"wttm"``

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import correlation_losses, losses
-from ._options import resolve_divergence
+from .config import resolve_divergence
 
 
 class DistillLoss(nn.Module):

@@ -2,7 +2,7 @@
 
 Everything else derives from this table:
 
-* option validation and defaults (``kdfast._options.resolve_divergence``);
+* option validation and defaults (``kdfast.config.resolve_divergence``);
 * the reference's dispatch (``kdfast.reference.divergence``: one formula per name);
 * the Triton kernels' policy selection (the ``DIV`` constexpr), whether the
   gradient sweep needs the row sum ``Sigma_g``, and the mixture log-weights;
@@ -10,9 +10,9 @@ Everything else derives from this table:
   that ``tests/test_registry.py`` compares with this table;
 * the test and benchmark case lists (:func:`divergence_cases`).
 
-Adding a divergence: an entry here, its formula in ``kdfast/reference.py``,
+Adding a divergence: an entry here, its formula in ``kdfast/reference/distill.py``,
 its policy in ``csrc/kernels/divergences.h`` (plus its line in
-``divergence_list.h``) and in ``kdfast/_triton/divergences.py``, and its
+``divergence_list.h``) and in ``kdfast/ops/triton/divergences.py``, and its
 formula in ``docs/contract.md``.  The formulas are in ``docs/contract.md``.
 """
 

@@ -13,7 +13,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kdfast._triton import row_kernel
+from kdfast.ops.triton import row_kernel
 from kdfast.registry import DIVERGENCE_NAMES, needs_grad_sum
 
 DIVERGENCES = list(DIVERGENCE_NAMES)
@@ -44,7 +44,7 @@ def compile_row_kernel(divergence, dtype, acc, weighting, labels, student_t1, gr
 
 
 def compile_dkd_kernel(dtype, acc, grad, block=4096):
-    from kdfast._triton.dkd import dkd_rows_kernel
+    from kdfast.ops.triton.dkd import dkd_rows_kernel
 
     signature = {"S_ptr": f"*{dtype}", "T_ptr": f"*{dtype}", "s_row_stride": "i32", "t_row_stride": "i32",
                  "G_ptr": f"*{dtype}", "LABELS_ptr": "*i64", "PARAMS_ptr": "*fp64", "ROW_LOSS_ptr": f"*{acc}",
@@ -61,7 +61,7 @@ DIST_VARIANTS = [("bf16", "fp32"), ("fp32", "fp32"), ("fp64", "fp64")]
 
 def compile_dist_kernels(dtype, acc):
     """The three DIST kernels for one dtype; the last compiled (the gradient kernel) is returned."""
-    from kdfast._triton import dist
+    from kdfast.ops.triton import dist
 
     acc_tl = tl.float64 if acc == "fp64" else tl.float32
     logits = {"S_ptr": f"*{dtype}", "T_ptr": f"*{dtype}", "s_row_stride": "i32", "t_row_stride": "i32"}
@@ -90,7 +90,7 @@ CORRELATION_VARIANTS = [("bf16", "fp32", True, True, 4096), ("fp32", "fp32", Fal
 
 
 def compile_correlation_kernel(dtype, acc, weights, grad, V):
-    from kdfast._triton import correlation
+    from kdfast.ops.triton import correlation
 
     block_v, block_j, warps = correlation._launch_shape(V)
     signature = {"S_ptr": f"*{dtype}", "T_ptr": f"*{dtype}", "s_row_stride": "i32", "t_row_stride": "i32",

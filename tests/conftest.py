@@ -25,7 +25,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import kdfast  # noqa: E402
-from kdfast._extension import _C  # noqa: E402
+from kdfast.ops.extension import _C  # noqa: E402
 
 from triton_interpreter import speed_up_interpreter  # noqa: E402
 

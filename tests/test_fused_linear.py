@@ -1,4 +1,4 @@
-"""The fused linear + distillation losses (kdfast.fused_linear).
+"""The fused linear + distillation losses (kdfast.llm.fused_linear).
 
 The oracle of every test is the materialised computation: the logits
 ``hidden @ weight.T + bias`` built in full by PyTorch, then ``kdfast.distill_loss``
@@ -16,8 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdfast
 from kdfast.registry import divergence_cases
-from kdfast._chunking import CPU_CHUNK_BUDGET_BYTES, default_chunk_size
-from kdfast.fused_linear import (
+from kdfast.llm.chunking import CPU_CHUNK_BUDGET_BYTES, default_chunk_size
+from kdfast.llm.fused_linear import (
     FusedLinearDistillLoss,
     FusedLinearTopKDistillLoss,
     fused_linear_distill_loss,
@@ -376,7 +376,7 @@ def test_default_chunk_size_fits_the_budget():
 
 # ----------------------------------------------------------------- the logits' matrix product
 def test_onednn_and_torch_mm_chunk_logits_agree(monkeypatch):
-    from kdfast import _chunking, _onednn
+    from kdfast.llm import chunking as _chunking, onednn as _onednn
 
     heads = make_heads((64,), dtype=torch.float32)
     if not _onednn.uses_onednn(heads["student_weight"]):
@@ -393,14 +393,14 @@ def test_onednn_and_torch_mm_chunk_logits_agree(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_only_float32_heads_use_onednn(dtype):
-    from kdfast._onednn import uses_onednn
+    from kdfast.llm.onednn import uses_onednn
 
     assert not uses_onednn(torch.zeros(4, 3, dtype=dtype))
     assert not uses_onednn(torch.zeros(3, 4).t())  # not contiguous: no per-chunk copy of the weight
 
 
 def test_kdfast_onednn_0_turns_it_off(monkeypatch):
-    from kdfast._onednn import onednn_linear_works, uses_onednn
+    from kdfast.llm.onednn import onednn_linear_works, uses_onednn
 
     monkeypatch.setenv("KDFAST_ONEDNN", "0")
     onednn_linear_works.cache_clear()
@@ -501,7 +501,7 @@ def make_topk(rows=(N,), k=6, seed=2, dtype=torch.float64):
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_topk_form_matches_materialised(tail, reduction):
-    from kdfast.topk import topk_distill_loss
+    from kdfast.llm.topk import topk_distill_loss
 
     heads = make_heads()
     indices, logprobs = make_topk()
@@ -518,7 +518,7 @@ def test_topk_form_matches_materialised(tail, reduction):
 
 
 def test_topk_form_with_shift_and_module():
-    from kdfast.topk import topk_distill_loss
+    from kdfast.llm.topk import topk_distill_loss
 
     rows = (3, 7)
     heads = make_heads(rows)

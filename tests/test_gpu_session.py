@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import kdfast
-from kdfast.fused_linear import fused_linear_distill_loss
-from kdfast.topk import topk_distill_loss
+from kdfast.llm.fused_linear import fused_linear_distill_loss
+from kdfast.llm.topk import topk_distill_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"

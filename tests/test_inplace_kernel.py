@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdfast
 from conftest import cpu_capabilities, cpu_capability, logits
-from kdfast._options import make_config
+from kdfast.config import make_config
 from kdfast.registry import divergence_cases
 
 pytestmark = pytest.mark.skipif("cpu" not in kdfast.available_backends(), reason="the C++ extension is not built")
@@ -26,7 +26,7 @@ DIVERGENCES = [dict(divergence=d, **params, **_TEMPERATURES.get(d, {})) for d, p
 
 def in_place_loss(student, teacher, **options):
     """(loss, gradient) of the in-place op on a copy of ``student``."""
-    from kdfast._cpu_op import distill_loss_and_grad_cpu_
+    from kdfast.ops.cpu import distill_loss_and_grad_cpu_
 
     overwritten = student.clone()
     loss = distill_loss_and_grad_cpu_(overwritten, teacher, make_config(overwritten, teacher, **options))
@@ -84,7 +84,7 @@ def test_every_row_ignored_zeroes_the_logits():
 
 
 def test_needs_contiguous_rows():
-    from kdfast._cpu_op import distill_loss_and_grad_cpu_
+    from kdfast.ops.cpu import distill_loss_and_grad_cpu_
 
     student, teacher = logits((20, 6), seed=9).t(), logits((6, 20), seed=10)
     with pytest.raises(ValueError, match="contiguous"):
@@ -110,7 +110,7 @@ class _OpsCalled(TorchDispatchMode):
 
 
 def _fused_linear_ops(**options):
-    from kdfast.fused_linear import fused_linear_distill_loss
+    from kdfast.llm.fused_linear import fused_linear_distill_loss
 
     g = torch.Generator().manual_seed(0)
     hs = torch.randn(24, 8, generator=g, requires_grad=True)

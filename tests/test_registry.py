@@ -8,8 +8,8 @@ import torch
 
 import kdfast
 from kdfast import reference, registry
-from kdfast._extension import _C
-from kdfast._options import resolve_divergence
+from kdfast.ops.extension import _C
+from kdfast.config import resolve_divergence
 
 
 def test_the_public_list_is_the_table():
@@ -29,7 +29,7 @@ def test_every_entry_has_one_reference_formula_taking_its_parameters():
 
 
 def test_every_entry_has_a_triton_policy():
-    source = inspect.getsource(pytest.importorskip("kdfast._triton.divergences"))
+    source = inspect.getsource(pytest.importorskip("kdfast.ops.triton.divergences"))
     for name in registry.DIVERGENCE_NAMES:
         assert source.count(f'DIV == "{name}"') >= 2, f"{name}: no Triton value_term/grad_term branch"
 

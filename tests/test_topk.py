@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kdfast
-from kdfast.topk import TopKDistillLoss, log1mexp, teacher_log_probs, topk_distill_loss
+from kdfast.llm.topk import TopKDistillLoss, log1mexp, teacher_log_probs, topk_distill_loss
 
 from conftest import logits
 
@@ -123,7 +123,7 @@ def test_bucket_rows_conserve_mass():
     torch.testing.assert_close(teacher.sum(-1), torch.ones(N, dtype=torch.float64))
     torch.testing.assert_close(teacher[:, -1], 1 - lp.exp().sum(-1))
     # The student's bucket is its exact mass off the support.
-    from kdfast.topk import bucketed_student_log_probs
+    from kdfast.llm.topk import bucketed_student_log_probs
     student = bucketed_student_log_probs(s, idx, 1.0).exp()
     torch.testing.assert_close(student.sum(-1), torch.ones(N, dtype=torch.float64))
     torch.testing.assert_close(student[:, -1], torch.softmax(s, -1)[~support].reshape(N, V - K).sum(-1))
@@ -135,7 +135,7 @@ def test_bucket_keeps_a_tiny_student_tail_exactly():
     s = torch.zeros(2, V)
     s[:, K:] = -90.0
     idx = torch.arange(K).expand(2, K)
-    from kdfast.topk import bucketed_student_log_probs
+    from kdfast.llm.topk import bucketed_student_log_probs
     tail = bucketed_student_log_probs(s, idx, 1.0)[:, -1]
     expected = -90.0 + math.log(V - K) - math.log(K)
     torch.testing.assert_close(tail, torch.full((2,), expected), rtol=1e-6, atol=0)

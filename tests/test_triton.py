@@ -60,7 +60,7 @@ def test_dkd_kernel_compiles_for_a_gpu_without_spills(report, variant):
 
 
 def test_autotuning_configs_are_small_and_fixed():
-    from kdfast._triton import launch
+    from kdfast.ops.triton import launch
 
     configs = launch._GPU_CONFIGS
     assert 1 <= len(configs) <= 8

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import kdfast
-from kdfast.vocab_parallel import vocab_parallel_distill_loss
+from kdfast.llm.vocab_parallel import vocab_parallel_distill_loss
 
 WORLD_SIZE = 2
 UNEQUAL = (20, 17)  # V = 37: shards of unequal size

@@ -4,7 +4,7 @@ Both compute the same value (CE + KD of the student and teacher heads, as in
 :class:`~.objectives.FusedLinearKDObjective`) and the same gradients (of the
 student's hidden states and LM-head weight):
 
-* ``fused_linear``: ``kdfast.fused_linear.fused_linear_distill_loss`` on the
+* ``fused_linear``: ``kdfast.llm.fused_linear.fused_linear_distill_loss`` on the
   hidden states and head weights; logits exist one chunk of rows at a time.
 * ``eager``: both ``(N, V)`` logits materialised (``hidden @ weight.T``), then
   ``kdfast.distill_loss`` on them, then autograd back through the matmul.
@@ -42,7 +42,7 @@ def loss_steps(student_hidden: torch.Tensor, student_weight: torch.Tensor, teach
                settings: DistillationSettings) -> Dict[str, Callable[[], tuple]]:
     """The two forward+backward calls, by name; each returns ``(loss, grad of hidden, grad of weight)``."""
     import kdfast
-    from kdfast.fused_linear import fused_linear_distill_loss
+    from kdfast.llm.fused_linear import fused_linear_distill_loss
 
     options = settings.loss_options()
 

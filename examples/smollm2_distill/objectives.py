@@ -53,7 +53,7 @@ class CrossEntropyObjective:
 
 
 class FusedLinearKDObjective:
-    """CE + KD against the full teacher distribution, through ``kdfast.fused_linear.fused_linear_distill_loss``."""
+    """CE + KD against the full teacher distribution, through ``kdfast.llm.fused_linear.fused_linear_distill_loss``."""
 
     name = "fused_kd"
 
@@ -61,7 +61,7 @@ class FusedLinearKDObjective:
         self.teacher_hidden, self.teacher_weight, self.settings = teacher_hidden, teacher_weight, settings
 
     def __call__(self, student: torch.nn.Module, input_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        from kdfast.fused_linear import fused_linear_distill_loss
+        from kdfast.llm.fused_linear import fused_linear_distill_loss
 
         return fused_linear_distill_loss(
             final_hidden_states(student, input_ids), lm_head_weight(student),
@@ -70,7 +70,7 @@ class FusedLinearKDObjective:
 
 
 class TopKKDObjective:
-    """CE + KD against the teacher's cached top-k, through ``kdfast.fused_linear.fused_linear_topk_distill_loss``."""
+    """CE + KD against the teacher's cached top-k, through ``kdfast.llm.fused_linear.fused_linear_topk_distill_loss``."""
 
     name = "topk_kd"
 
@@ -78,7 +78,7 @@ class TopKKDObjective:
         self.targets, self.settings = targets, settings
 
     def __call__(self, student: torch.nn.Module, input_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        from kdfast.fused_linear import fused_linear_topk_distill_loss
+        from kdfast.llm.fused_linear import fused_linear_topk_distill_loss
 
         return fused_linear_topk_distill_loss(
             final_hidden_states(student, input_ids), lm_head_weight(student),

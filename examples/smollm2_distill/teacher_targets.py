@@ -35,7 +35,7 @@ def precompute_hidden_states(model: torch.nn.Module, sequences: torch.Tensor, ba
 
 def build_topk_targets(sequences: torch.Tensor, teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
                        cache_dir: Path, *, k: int, batch_size: int, teacher_name: str) -> TopKTargets:
-    """Write the teacher's top-k cache for ``sequences`` with :func:`kdfast.cache.write_topk_cache`, and read it back.
+    """Write the teacher's top-k cache for ``sequences`` with :func:`kdfast.llm.cache.write_topk_cache`, and read it back.
 
     The cache's logits are ``teacher_hidden @ teacher_weight.T`` (the teacher's
     own LM head on its precomputed hidden states).  A cache already in
@@ -45,7 +45,7 @@ def build_topk_targets(sequences: torch.Tensor, teacher_hidden: torch.Tensor, te
     Raises:
         ValueError: the cache holds other token ids than ``sequences`` (or other settings).
     """
-    from kdfast.cache import TopKCache, write_topk_cache
+    from kdfast.llm.cache import TopKCache, write_topk_cache
 
     if teacher_hidden.shape[:2] != sequences.shape:
         raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} does not match sequences {tuple(sequences.shape)}")

@@ -30,7 +30,7 @@ def usable_cores() -> int:
 
 def triton_status() -> str:
     """``"available (version)"`` or why kdfast's Triton kernels cannot run."""
-    from .. import _triton
+    from ..ops import triton as _triton
 
     reason = _triton.unavailable_reason()
     if reason is None:

@@ -31,7 +31,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .._atomic import replace_atomically
+from ..atomic_files import replace_atomically
 
 CHECKPOINT_NAME = "last.pt"
 PREVIOUS_CHECKPOINT_NAME = "previous.pt"

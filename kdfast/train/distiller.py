@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .._options import _integer
+from ..config import _integer
 from ..losses import kd_loss
 from .checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, PREVIOUS_CHECKPOINT_NAME, capture_rng_state, \
     load_latest_checkpoint, restore_rng_state, save_checkpoint

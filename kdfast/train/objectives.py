@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import correlation_losses, losses
-from .._options import _finite_float, _integer
+from ..config import _finite_float, _integer
 
 # name -> (kdfast function, how it is called)
 _LOSSES: Dict[str, tuple] = {

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .reference import nan_or_posinf_rows, nan_rows_where
+from .distill import nan_or_posinf_rows, nan_rows_where
 
 PEARSON_EPS = 1e-8
 # Pairwise soft ranks cost V^2 per row; beyond this the reference refuses.

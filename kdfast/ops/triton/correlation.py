@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._fused_op import fake_scalar_loss_and_grad, paired_logits, register_saved_grad_autograd, wants_grad
+from ..fused_op import fake_scalar_loss_and_grad, paired_logits, register_saved_grad_autograd, wants_grad
 from . import row_kernel
 from .launch import _as_rows, _raise_on_bad_rows, interpreting, reduced_loss, row_outputs
 from .pearson import centred_pearson

@@ -3,14 +3,14 @@
 
 Like the divergence op each returns ``(loss, grad)`` with the student
 gradient computed in the forward; here they get their fake kernels and the
-shared saved-gradient autograd formula of ``_fused_op``.
+shared saved-gradient autograd formula of ``ops.fused_op``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._fused_op import fake_scalar_loss_and_grad, paired_logits, register_saved_grad_autograd, wants_grad
+from .fused_op import fake_scalar_loss_and_grad, paired_logits, register_saved_grad_autograd, wants_grad
 
 
 @torch.library.register_fake("kdfast::dist_forward")
@@ -41,7 +41,7 @@ def dist_loss_cpu(student_logits, teacher_logits, temperature, beta, gamma):
 
 
 def dkd_loss_cpu(student_logits, teacher_logits, labels, temperature, alpha, beta, ignore_index):
-    """The fused C++ DKD kernel; same contract as ``reference_dkd.dkd_loss_reference``."""
+    """The fused C++ DKD kernel; same contract as ``reference.dkd.dkd_loss_reference``."""
     s, t = paired_logits(student_logits, teacher_logits)
     loss, _ = torch.ops.kdfast.dkd_forward(s, t, labels, temperature, alpha, beta, ignore_index, wants_grad(s))
     return loss

@@ -1,6 +1,6 @@
 """The Triton backend: kernels for CUDA GPUs, runnable on CPU tensors through ``TRITON_INTERPRET=1``.
 
-Importing this package imports nothing heavy; ``kdfast.backends`` imports the
+Importing this package imports nothing heavy; ``kdfast.ops.backends`` imports the
 op (``op.py``) only where the backend can run.
 """
 

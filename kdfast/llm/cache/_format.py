@@ -52,7 +52,7 @@ from typing import BinaryIO, NamedTuple
 
 import torch
 
-from .._atomic import replace_atomically
+from ...atomic_files import replace_atomically
 
 FORMAT_NAME = "kdfast-topk-cache"
 FORMAT_VERSION = 1
@@ -198,7 +198,7 @@ def read_index(folder: Path) -> dict:
         raise CacheCorruptedError(f"{path} is a symbolic link: a cache reads only regular files in its own folder")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {folder} is not a top-k cache "
-                                f"(see kdfast.cache.write_topk_cache)")
+                                f"(see kdfast.llm.cache.write_topk_cache)")
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -1,7 +1,7 @@
 """Checking and shaping the inputs of the fused linear losses.
 
 The fused linear losses take hidden states and LM-head weights instead of
-logits.  Here they become the ``(N, H)`` rows of a :class:`~kdfast._chunking.LinearHead`
+logits.  Here they become the ``(N, H)`` rows of a :class:`~kdfast.llm.chunking.LinearHead`
 (after the optional causal shift), the per-row tensors are aligned with those
 rows, and the vocabulary policy reconciles the two heads.  Errors name the
 argument and its shape, as the rest of kdfast does (docs/contract.md).
@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from ._chunking import LinearHead
-from ._options import LOGIT_DTYPES, _finite_float
+from .chunking import LinearHead
+from ..config import LOGIT_DTYPES, _finite_float
 
 VOCAB_POLICIES = ("error", "truncate")
 

@@ -20,7 +20,7 @@ else:
     try:
         import torch  # noqa: F401  (the extension links against libtorch: import it first)
 
-        from . import _C as _loaded
+        from .. import _C as _loaded
 
         _C = _loaded
     except (ImportError, OSError) as exc:

@@ -1,10 +1,10 @@
 """Top-k teacher caches: run a teacher once, distill from its stored top-k log-probabilities many times.
 
->>> from kdfast.cache import write_topk_cache, TopKCache
+>>> from kdfast.llm.cache import write_topk_cache, TopKCache
 >>> write_topk_cache(teacher, loader, "cache/", k=64)              # resumable; safetensors + JSON
 >>> cache = TopKCache("cache/")                                    # verifies sizes and sha256
 >>> for batch, rows in zip(loader, cache.iter_batches()):
-...     loss = kdfast.topk.topk_distill_loss(student(batch), rows.topk_indices, rows.topk_logprobs,
+...     loss = kdfast.llm.topk.topk_distill_loss(student(batch), rows.topk_indices, rows.topk_logprobs,
 ...                                          tail="bucket", tail_logprobs=rows.tail_logprobs)
 
 The format (``_format``) is safetensors shards plus a JSON index: nothing is

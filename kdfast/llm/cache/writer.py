@@ -19,7 +19,7 @@ from typing import Callable, Iterable, List, Optional, Union
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from .._options import _finite_float
+from ...config import _finite_float
 from ._format import (
     FORMAT_NAME, FORMAT_VERSION, INDEX_DTYPE, INDEX_FILE, LOCK_FILE, LOGPROB_DTYPES, SHARD_METADATA, TAIL_DTYPE,
     TEMP_SUFFIX,
@@ -61,7 +61,7 @@ def write_topk_cache(
     ``logprob_dtype``, with the log of the remaining mass ``tail_logprobs``
     (float32) and the input token ids, in safetensors shards of whole
     batches holding at least ``tokens_per_shard`` rows each (the last may hold
-    fewer).  Feed them to :func:`kdfast.topk.topk_distill_loss` (which expects
+    fewer).  Feed them to :func:`kdfast.llm.topk.topk_distill_loss` (which expects
     temperature-1 log-probs: keep ``temperature=1`` unless you mean to cache a
     tempered teacher).
 
@@ -300,4 +300,4 @@ class _ShardWriter:
 
     def _say(self, message: str) -> None:
         if self.progress:
-            print(f"kdfast.cache [{self.out_dir}]: {message}", file=sys.stderr, flush=True)
+            print(f"kdfast.llm.cache [{self.out_dir}]: {message}", file=sys.stderr, flush=True)

@@ -1,15 +1,15 @@
 """The fused C++ CPU op ``torch.ops.kdfast.distill_forward`` seen from Python.
 
 The op itself is registered in C++ (csrc/distill_op.cpp, ``TORCH_LIBRARY``);
-its fake kernel and autograd formula are the shared ones of ``_fused_op``.
+its fake kernel and autograd formula are the shared ones of ``ops.fused_op``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._fused_op import call_distill_op, loss_arguments, register_fake_and_autograd
-from ._options import LossConfig
+from .fused_op import call_distill_op, loss_arguments, register_fake_and_autograd
+from ..config import LossConfig
 
 register_fake_and_autograd("kdfast::distill_forward")
 

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._options import DIVERGENCES, REDUCTIONS, check_logits
-from ..registry import mixture_log_weights, needs_grad_sum
+from ...config import DIVERGENCES, REDUCTIONS, check_logits
+from ...registry import mixture_log_weights, needs_grad_sum
 from . import interpreter_compat, interpreter_requested, row_kernel
 
 interpreter_compat.apply()

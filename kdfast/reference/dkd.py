@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .reference import kl, nan_or_posinf_rows, nan_rows_where
+from .distill import kl, nan_or_posinf_rows, nan_rows_where
 
 
 def _target_split(x: torch.Tensor, target: torch.Tensor):

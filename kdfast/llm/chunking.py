@@ -3,7 +3,7 @@
 A fused linear loss takes the hidden states and the weight of an LM head
 instead of its logits.  :func:`run_chunks` walks the ``N`` rows in chunks of
 ``chunk_size``; per chunk it computes the student logits ``h W^T (+ b)`` (into a
-reused buffer, or by oneDNN: :mod:`kdfast._onednn`), hands them (as a detached leaf) to a per-chunk loss, takes the
+reused buffer, or by oneDNN: :mod:`kdfast.llm.onednn`), hands them (as a detached leaf) to a per-chunk loss, takes the
 gradient of that loss with respect to the logits, and turns it at once into the
 gradients of the hidden states, the weight and the bias:
 
@@ -23,8 +23,8 @@ from typing import Callable, Optional
 
 import torch
 
-from ._fused_op import _is_concrete, may_hand_out_saved_gradient, refuse_double_backward
-from ._onednn import onednn_logits, uses_onednn
+from ..ops.fused_op import _is_concrete, may_hand_out_saved_gradient, refuse_double_backward
+from .onednn import onednn_logits, uses_onednn
 
 # ``loss = chunk_loss(student_logits_chunk, rows)``: the loss of the rows
 # ``rows`` (a slice of the N rows), differentiable in ``student_logits_chunk``.
@@ -116,7 +116,7 @@ class LinearHead:
     def new_logits_buffer(self, chunk_size: int) -> Optional[torch.Tensor]:
         """An uninitialised ``(chunk_size, V)`` buffer, reused by every chunk (no page faults per chunk).
 
-        None where the logits come from oneDNN (:mod:`kdfast._onednn`), which
+        None where the logits come from oneDNN (:mod:`kdfast.llm.onednn`), which
         allocates them itself.
         """
         if uses_onednn(self.weight):

@@ -46,9 +46,9 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from . import reference
-from ._options import LossConfig, make_config
-from .registry import divergence_spec
+from .. import reference
+from ..config import LossConfig, make_config
+from ..registry import divergence_spec
 
 __all__ = ["vocab_parallel_distill_loss"]
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._fused_op import fake_scalar_loss_and_grad, paired_logits, register_saved_grad_autograd, wants_grad
+from ..fused_op import fake_scalar_loss_and_grad, paired_logits, register_saved_grad_autograd, wants_grad
 from . import row_kernel
 from .launch import INTERPRETER_BLOCK, _as_rows, _raise_on_bad_rows, interpreting
 from .pearson import centred_pearson

@@ -8,7 +8,7 @@ One program per row, two sweeps over vocabulary tiles:
   B. NCKD's value and the gradient, with the final normalisers (so large
      logits never meet a running shift).
 
-TCKD comes from the scalars of A.  Same contract as ``reference_dkd`` and the
+TCKD comes from the scalars of A.  Same contract as ``reference.dkd`` and the
 C++ kernel (csrc/kernels/dkd_kernel.h); per-row losses are summed by the
 fixed-order ``reduce_kernel``.
 """
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._fused_op import fake_scalar_loss_and_grad, paired_logits, register_saved_grad_autograd, wants_grad
+from ..fused_op import fake_scalar_loss_and_grad, paired_logits, register_saved_grad_autograd, wants_grad
 from . import row_kernel
 from .launch import (INTERPRETER_BLOCK, _as_rows, _inv_denominator, _raise_on_bad_rows, interpreting, reduced_loss,
                      row_outputs)
@@ -174,7 +174,7 @@ register_saved_grad_autograd(dkd_forward_triton, 8)
 
 
 def dkd_loss_triton(student_logits, teacher_logits, labels, temperature, alpha, beta, ignore_index):
-    """The fused Triton DKD kernel; same contract as ``reference_dkd.dkd_loss_reference``."""
+    """The fused Triton DKD kernel; same contract as ``reference.dkd.dkd_loss_reference``."""
     s, t = paired_logits(student_logits, teacher_logits)
     loss, _ = dkd_forward_triton(s, t, labels, temperature, alpha, beta, ignore_index, wants_grad(s))
     return loss

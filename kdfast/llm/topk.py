@@ -1,6 +1,6 @@
 """Distillation from a sparse teacher: only its top-k log-probabilities per row are known.
 
-This is offline distillation from a cache (see :mod:`kdfast.cache`): the
+This is offline distillation from a cache (see :mod:`kdfast.llm.cache`): the
 teacher ran once, and for every row kept the indices ``S`` of its ``k`` most
 likely vocabulary entries and their log-probabilities ``log p1_j`` (teacher at
 temperature 1, normalised over the *full* vocabulary).  Two ways to turn that
@@ -61,9 +61,9 @@ from typing import Optional
 
 import torch
 
-from . import reference
-from ._options import LossConfig, make_config, resolve_divergence
-from .modules import _OptionsModule
+from .. import reference
+from ..config import LossConfig, make_config, resolve_divergence
+from ..modules import _OptionsModule
 
 TAILS = ("renormalize", "bucket")
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -110,7 +110,7 @@ def topk_distill_loss(
         tail_logprobs: ``(...)`` (one per row), ``tail="bucket"`` only: the
             teacher's log-mass outside its top-k, when it is known more
             precisely than ``log(1 - sum exp(topk_logprobs))`` (a cache stores
-            it in float32: see :mod:`kdfast.cache`).  Worth it with float16
+            it in float32: see :mod:`kdfast.llm.cache`).  Worth it with float16
             log-probs, whose rounding (~1e-3 of mass) would otherwise be the
             bucket of a confident teacher, raised to the power ``1/tau``.
         divergence, alpha, beta, skew: as :func:`kdfast.distill_loss`.

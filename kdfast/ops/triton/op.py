@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .._fused_op import call_distill_op, register_fake_and_autograd
-from .._options import LossConfig
+from ..fused_op import call_distill_op, register_fake_and_autograd
+from ...config import LossConfig
 from . import launch
 
 distill_forward_triton = torch.library.custom_op("kdfast::distill_forward_triton", mutates_args=())(

@@ -15,8 +15,8 @@ import math
 
 import torch
 
-from ._options import LossConfig
-from .registry import divergence_spec
+from ..config import LossConfig
+from ..registry import divergence_spec
 
 
 def _masked(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

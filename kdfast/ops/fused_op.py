@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from ._options import LossConfig
+from ..config import LossConfig
 
 _N_INPUTS = 17
 _REDUCTION_ARG = 14

@@ -15,11 +15,11 @@ from typing import Callable, Dict, List
 
 import torch
 
-from . import _triton
-from ._extension import cpu_extension_available
-from .reference import distill_loss_reference
-from .reference_correlation import correlation_loss_reference, dist_loss_reference
-from .reference_dkd import dkd_loss_reference
+from . import triton as _triton
+from .extension import cpu_extension_available
+from ..reference import distill_loss_reference
+from ..reference.correlation import correlation_loss_reference, dist_loss_reference
+from ..reference.dkd import dkd_loss_reference
 
 BACKENDS = ("torch", "cpu", "triton")
 # The loss families and their references; each family's fused implementations share its reference's signature.
@@ -36,16 +36,16 @@ def _implementations() -> Dict[str, Dict[str, Callable]]:
     """family -> backend -> implementation, found once at import (no module probing on the call path)."""
     impls = {family: {"torch": reference} for family, reference in FAMILIES.items()}
     if cpu_extension_available():
-        from . import _cpu_correlation_op as cpu_correlation
-        from ._cpu_op import distill_loss_cpu
+        from . import cpu_correlation
+        from .cpu import distill_loss_cpu
 
         for family, impl in (("distill", distill_loss_cpu), ("dist", cpu_correlation.dist_loss_cpu),
                              ("dkd", cpu_correlation.dkd_loss_cpu),
                              ("correlation", cpu_correlation.correlation_loss_cpu)):
             impls[family]["cpu"] = impl
     if _triton.unavailable_reason() is None:
-        from ._triton import correlation, dist, dkd
-        from ._triton.op import distill_loss_triton
+        from .triton import correlation, dist, dkd
+        from .triton.op import distill_loss_triton
 
         for family, impl in (("distill", distill_loss_triton), ("dist", dist.dist_loss_triton),
                              ("dkd", dkd.dkd_loss_triton), ("correlation", correlation.correlation_loss_triton)):

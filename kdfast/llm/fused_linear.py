@@ -11,7 +11,7 @@ only ``chunk_size`` rows of logits exist at any time:
   as a detached leaf, the chunk's loss from ``kdfast.distill_loss`` (whose
   fused CPU/Triton kernel writes the logits' gradient ``g`` in its forward),
   and at once ``grad_hidden[chunk] = g @ W_s``, ``grad_W_s += g^T h_chunk``,
-  ``grad_b_s += sum(g)`` (:mod:`kdfast._chunking`);
+  ``grad_b_s += sum(g)`` (:mod:`kdfast.llm.chunking`);
 * ``"batchmean"`` divides every chunk by the *global* normaliser (the valid
   rows of the whole batch, or ``normalizer``), so the chunks add up to the
   full loss; the gradients are computed in the forward and only they are
@@ -20,7 +20,7 @@ only ``chunk_size`` rows of logits exist at any time:
 The design is that of Liger-Kernel's fused linear cross-entropy, with kdfast's
 losses (every divergence, weighting, hard-label term and reduction of docs/contract.md).
 :func:`fused_linear_topk_distill_loss` is the same loop against a sparse
-teacher (cached top-k log-probabilities, :func:`kdfast.topk.topk_distill_loss`).
+teacher (cached top-k log-probabilities, :func:`kdfast.llm.topk.topk_distill_loss`).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from . import reference
-from ._chunking import ChunkLossFactory, ChunkPlan, LinearHead, chunked_linear_loss, default_chunk_size
-from ._fused_linear_inputs import (
+from .. import reference
+from .chunking import ChunkLossFactory, ChunkPlan, LinearHead, chunked_linear_loss, default_chunk_size
+from .inputs import (
     batchmean_normalizer,
     check_chunk_size,
     check_same_rows,
@@ -45,9 +45,9 @@ from ._fused_linear_inputs import (
     row_tensor,
     virtual_logits,
 )
-from ._options import make_config, resolve_divergence
-from .backends import resolve_backend
-from .losses import distill_loss
+from ..config import make_config, resolve_divergence
+from ..ops.backends import resolve_backend
+from ..losses import distill_loss
 
 __all__ = [
     "FusedLinearDistillLoss",
@@ -138,7 +138,7 @@ def fused_linear_distill_loss(
         process_group: for vocabulary-parallel heads (``student_weight`` and
             ``teacher_weight`` are this rank's vocabulary shards, the hidden
             states are replicated): each chunk's loss is
-            :func:`kdfast.vocab_parallel.vocab_parallel_distill_loss` (the loss
+            :func:`kdfast.llm.vocab_parallel.vocab_parallel_distill_loss` (the loss
             of the full vocabulary, the same on every rank), the hidden-state
             gradient is all-reduced over the group (so it is the full
             gradient), the weight and bias gradients are this rank's shard.
@@ -228,7 +228,7 @@ def fused_linear_topk_distill_loss(
     shift: bool = False,
     accumulate_fp32: bool = True,
 ) -> torch.Tensor:
-    """:func:`kdfast.topk.topk_distill_loss` of ``student_hidden @ student_weight.T (+ bias)``, no ``(N, V)`` logits.
+    """:func:`kdfast.llm.topk.topk_distill_loss` of ``student_hidden @ student_weight.T (+ bias)``, no ``(N, V)`` logits.
 
     The sparse-teacher (offline, cached top-k) form of
     :func:`fused_linear_distill_loss`, with the same chunk loop.
@@ -238,12 +238,12 @@ def fused_linear_topk_distill_loss(
             :func:`fused_linear_distill_loss`.
         topk_indices, topk_logprobs: ``(B, T, k)`` / ``(N, k)`` the teacher's
             top-k vocabulary entries per token and their log-probabilities (see
-            :func:`kdfast.topk.topk_distill_loss`), one row per position of the
+            :func:`kdfast.llm.topk.topk_distill_loss`), one row per position of the
             hidden states.
         labels: ``(B, T)`` / ``(N,)``, as in :func:`fused_linear_distill_loss`.
         tail, divergence, temperature, student_temperature, alpha, beta, skew,
             ignore_index, hard_weight, soft_weight, scale, reduction,
-            normalizer: as :func:`kdfast.topk.topk_distill_loss` (``"batchmean"``
+            normalizer: as :func:`kdfast.llm.topk.topk_distill_loss` (``"batchmean"``
             divides by the valid rows of the whole call, or by ``normalizer``).
         chunk_size, accumulate_fp32: as :func:`fused_linear_distill_loss`.
         softcap: soft-capping of the *student's* logits (the teacher's
@@ -251,7 +251,7 @@ def fused_linear_topk_distill_loss(
         shift: causal-LM shift, as in :func:`fused_linear_distill_loss`; the
             top-k rows follow the hidden states (their last position is dropped).
 
-    Returns / Raises: as :func:`kdfast.topk.topk_distill_loss`.
+    Returns / Raises: as :func:`kdfast.llm.topk.topk_distill_loss`.
     """
     from . import topk
 
@@ -335,7 +335,7 @@ def _in_place_kernel(backend: str, student: LinearHead, teacher: LinearHead):
         return None
     if (student.weight.dtype == torch.float64) != (teacher.weight.dtype == torch.float64):
         return None
-    from ._cpu_op import distill_loss_and_grad_cpu_
+    from ..ops.cpu import distill_loss_and_grad_cpu_
 
     return distill_loss_and_grad_cpu_
 

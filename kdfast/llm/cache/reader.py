@@ -18,7 +18,7 @@ from ._format import (
 )
 
 class TopKCache:
-    """A top-k teacher cache written by :func:`kdfast.cache.write_topk_cache`.
+    """A top-k teacher cache written by :func:`kdfast.llm.cache.write_topk_cache`.
 
     ``len(cache)`` is the number of token rows; ``cache[i:j]`` the rows ``i``
     to ``j`` (across shards) as :class:`TopKRows` ``(token_ids (n,),
