@@ -24,23 +24,30 @@ namespace {
 
 constexpr size_t kStreamGradMinBytes = size_t(64) << 20;
 
-#define KDFAST_DIVERGENCE_NAME(policy, name) name,
-const char* const kDivergenceNames[] = {KDFAST_FOR_EACH_DIVERGENCE(KDFAST_DIVERGENCE_NAME)};
-#undef KDFAST_DIVERGENCE_NAME
+#define KDFAST_POLICY_NAME(policy, name) name,
+const char* const kDivergenceNames[] = {KDFAST_FOR_EACH_DIVERGENCE(KDFAST_POLICY_NAME)};
+const char* const kWeightingNames[] = {KDFAST_FOR_EACH_WEIGHTING(KDFAST_POLICY_NAME)};
+#undef KDFAST_POLICY_NAME
+#define KDFAST_KERNEL_PARAM_NAME(name) #name,
+const char* const kKernelParamNames[] = {KDFAST_FOR_EACH_KERNEL_PARAM(KDFAST_KERNEL_PARAM_NAME)};
+#undef KDFAST_KERNEL_PARAM_NAME
 
-Divergence parse_divergence(const std::string& name) {
-  const auto& names = kDivergenceNames;
-  for (int i = 0; i < static_cast<int>(Divergence::Count); ++i)
-    if (name == names[i]) return static_cast<Divergence>(i);
-  TORCH_CHECK_VALUE(false, "unknown divergence '", name, "'");
-}
-
-Weighting parse_weighting(const std::string& name) {
-  if (name == "none") return Weighting::None;
-  if (name == "wttm") return Weighting::WTTM;
-  if (name == "entropy") return Weighting::Entropy;
-  if (name == "given") return Weighting::Given;
-  TORCH_CHECK_VALUE(false, "unknown weighting '", name, "'");
+// The op's divergence, params and weighting as the kernels take them.  The
+// options were validated in Python (kdfast.config); these checks only keep a
+// direct caller of the op from indexing past the dispatch tables.
+void set_policies(DistillParams& prm, int64_t divergence, c10::ArrayRef<double> params, int64_t weighting) {
+  TORCH_CHECK_VALUE(divergence >= 0 && divergence < static_cast<int64_t>(Divergence::Count),
+                    "divergence must be an index of kdfast.registry.DIVERGENCE_NAMES, got ", divergence);
+  TORCH_CHECK_VALUE(weighting >= 0 && weighting < static_cast<int64_t>(Weighting::Count),
+                    "weighting must be an index of kdfast.registry.WEIGHTING_NAMES, got ", weighting);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(params.size()) == kKernelParamCount, "params must have ", kKernelParamCount,
+                    " entries (kdfast.registry.KERNEL_PARAMS), got ", params.size());
+  prm.divergence = static_cast<Divergence>(divergence);
+  prm.weighting = static_cast<Weighting>(weighting);
+  int k = 0;
+#define KDFAST_SET_KERNEL_PARAM(name) prm.div.name = params[k++];
+  KDFAST_FOR_EACH_KERNEL_PARAM(KDFAST_SET_KERNEL_PARAM)
+#undef KDFAST_SET_KERNEL_PARAM
 }
 
 // The gradient goes to `grad_out` (an (N, V) buffer with rows of stride V in
@@ -48,20 +55,15 @@ Weighting parse_weighting(const std::string& name) {
 // a recycled buffer when `grad_out` is undefined and `compute_grad`, or nowhere.
 std::tuple<at::Tensor, at::Tensor> run_distill(
     const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& labels,
-    const c10::optional<at::Tensor>& weights, c10::string_view divergence, double tau, double tau_s, double alpha,
-    double beta, double skew, c10::string_view weighting, int64_t ignore_index, double hard_weight, double soft_coef,
-    c10::string_view reduction, c10::optional<double> normalizer, bool compute_grad, const at::Tensor& grad_out) {
+    const c10::optional<at::Tensor>& weights, int64_t divergence, c10::ArrayRef<double> params, int64_t weighting,
+    double tau, double tau_s, int64_t ignore_index, double hard_weight, double soft_coef, c10::string_view reduction,
+    c10::optional<double> normalizer, bool compute_grad, const at::Tensor& grad_out) {
   const auto [st, tt] = check_logits_pair(student, teacher);
-  TORCH_CHECK_VALUE(tau > 0 && tau_s > 0, "temperatures must be > 0, got ", tau, " and ", tau_s);
 
   DistillParams prm;
-  prm.divergence = parse_divergence(std::string(divergence));
+  set_policies(prm, divergence, params, weighting);
   prm.tau = tau;
   prm.tau_s = tau_s;
-  prm.alpha = alpha;
-  prm.beta = beta;
-  prm.skew = skew;
-  prm.weighting = parse_weighting(std::string(weighting));
   prm.soft_coef = soft_coef;
   prm.hard_weight = hard_weight;
 
@@ -72,8 +74,6 @@ std::tuple<at::Tensor, at::Tensor> run_distill(
   int64_t valid = N;
   if (labels.has_value()) {
     std::tie(labels64, valid) = checked_labels(*labels, student, N, V, ignore_index);
-  } else {
-    TORCH_CHECK_VALUE(hard_weight == 0.0, "hard_weight != 0 needs labels");
   }
 
   at::Tensor weights64;
@@ -87,16 +87,7 @@ std::tuple<at::Tensor, at::Tensor> run_distill(
   TORCH_CHECK_VALUE(red == "batchmean" || red == "sum" || red == "none", "reduction must be 'batchmean', 'sum' or "
                     "'none', got '", red, "'");
   double denom = 1.0;
-  if (red == "batchmean") {
-    if (normalizer.has_value()) {
-      TORCH_CHECK_VALUE(*normalizer > 0, "normalizer must be > 0, got ", *normalizer);
-      denom = *normalizer;
-    } else {
-      denom = static_cast<double>(valid);
-    }
-  } else {
-    TORCH_CHECK_VALUE(!normalizer.has_value(), "normalizer is only used with reduction='batchmean'");
-  }
+  if (red == "batchmean") denom = normalizer.has_value() ? *normalizer : static_cast<double>(valid);
   prm.inv_denom = denom > 0 ? 1.0 / denom : 0.0;
 
   at::Tensor grad = grad_out.defined() ? grad_out : grad_buffer(compute_grad, N, V, student);
@@ -132,11 +123,11 @@ std::tuple<at::Tensor, at::Tensor> run_distill(
 
 std::tuple<at::Tensor, at::Tensor> distill_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& labels,
-    const c10::optional<at::Tensor>& weights, c10::string_view divergence, double tau, double tau_s, double alpha,
-    double beta, double skew, c10::string_view weighting, int64_t ignore_index, double hard_weight, double soft_coef,
-    c10::string_view reduction, c10::optional<double> normalizer, bool compute_grad) {
-  return run_distill(student, teacher, labels, weights, divergence, tau, tau_s, alpha, beta, skew, weighting,
-                     ignore_index, hard_weight, soft_coef, reduction, normalizer, compute_grad, at::Tensor());
+    const c10::optional<at::Tensor>& weights, int64_t divergence, c10::ArrayRef<double> params, int64_t weighting,
+    double tau, double tau_s, int64_t ignore_index, double hard_weight, double soft_coef, c10::string_view reduction,
+    c10::optional<double> normalizer, bool compute_grad) {
+  return run_distill(student, teacher, labels, weights, divergence, params, weighting, tau, tau_s, ignore_index,
+                     hard_weight, soft_coef, reduction, normalizer, compute_grad, at::Tensor());
 }
 
 // The loss, with its student gradient written over the student logits.  The
@@ -146,29 +137,31 @@ std::tuple<at::Tensor, at::Tensor> distill_forward_cpu(
 // chunk loop) skip the (N, V) gradient buffer.
 at::Tensor distill_forward_inplace_cpu(
     at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& labels,
-    const c10::optional<at::Tensor>& weights, c10::string_view divergence, double tau, double tau_s, double alpha,
-    double beta, double skew, c10::string_view weighting, int64_t ignore_index, double hard_weight, double soft_coef,
-    c10::string_view reduction, c10::optional<double> normalizer) {
+    const c10::optional<at::Tensor>& weights, int64_t divergence, c10::ArrayRef<double> params, int64_t weighting,
+    double tau, double tau_s, int64_t ignore_index, double hard_weight, double soft_coef, c10::string_view reduction,
+    c10::optional<double> normalizer) {
   TORCH_CHECK_VALUE(student.dim() == 2 && student.is_contiguous(),
                     "distill_forward_inplace needs contiguous (N, V) student logits, got shape ", student.sizes(),
                     " and strides ", student.strides());
-  auto [loss, grad] = run_distill(student, teacher, labels, weights, divergence, tau, tau_s, alpha, beta, skew,
-                                  weighting, ignore_index, hard_weight, soft_coef, reduction, normalizer,
-                                  /*compute_grad=*/true, student);
+  auto [loss, grad] = run_distill(student, teacher, labels, weights, divergence, params, weighting, tau, tau_s,
+                                  ignore_index, hard_weight, soft_coef, reduction, normalizer, /*compute_grad=*/true,
+                                  student);
   return loss;
 }
 
 }  // namespace kdfast
 
+// The arguments after the logits: divergence and weighting are positions in
+// kdfast.registry's tables, params its kernel_params vector (see
+// kdfast/ops/fused_op.py, loss_arguments); the Triton op has the same schema.
+#define KDFAST_DISTILL_ARGS                                                                                    \
+  "Tensor? labels, Tensor? weights, int divergence, float[] params, int weighting, float tau, float tau_s, " \
+  "int ignore_index, float hard_weight, float soft_coef, str reduction, float? normalizer"
+
 TORCH_LIBRARY(kdfast, m) {
-  m.def(
-      "distill_forward(Tensor student, Tensor teacher, Tensor? labels, Tensor? weights, str divergence, "
-      "float tau, float tau_s, float alpha, float beta, float skew, str weighting, int ignore_index, "
-      "float hard_weight, float soft_coef, str reduction, float? normalizer, bool compute_grad) -> (Tensor, Tensor)");
-  m.def(
-      "distill_forward_inplace(Tensor(a!) student, Tensor teacher, Tensor? labels, Tensor? weights, str divergence, "
-      "float tau, float tau_s, float alpha, float beta, float skew, str weighting, int ignore_index, "
-      "float hard_weight, float soft_coef, str reduction, float? normalizer) -> Tensor");
+  m.def("distill_forward(Tensor student, Tensor teacher, " KDFAST_DISTILL_ARGS
+        ", bool compute_grad) -> (Tensor, Tensor)");
+  m.def("distill_forward_inplace(Tensor(a!) student, Tensor teacher, " KDFAST_DISTILL_ARGS ") -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
@@ -192,6 +185,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("divergence_names", [] {
     return std::vector<std::string>(std::begin(kdfast::kDivergenceNames), std::end(kdfast::kDivergenceNames));
   }, "The divergences of the C++ kernels, in their enum's order (kdfast.registry's table).");
+  m.def("weighting_names", [] {
+    return std::vector<std::string>(std::begin(kdfast::kWeightingNames), std::end(kdfast::kWeightingNames));
+  }, "The weightings of the C++ kernels, in their enum's order (kdfast.registry's table).");
+  m.def("kernel_param_names", [] {
+    return std::vector<std::string>(std::begin(kdfast::kKernelParamNames), std::end(kdfast::kKernelParamNames));
+  }, "The entries of the ops' params vector, in order (kdfast.registry.KERNEL_PARAMS).");
   m.def("supported_cpu_capability", &supported_capability, "The best SIMD capability this CPU supports.");
   m.def("set_cpu_capability", &set_capability, "Lower (or restore) the SIMD capability; returns the one in effect.");
   m.def("empty_cache", [] { kdfast::GradBufferCache::instance().clear(); },

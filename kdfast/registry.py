@@ -4,16 +4,22 @@ Everything else derives from this table:
 
 * option validation and defaults (``kdfast.config.resolve_divergence``);
 * the reference's dispatch (``kdfast.reference.divergence``: one formula per name);
-* the Triton kernels' policy selection (the ``DIV`` constexpr), whether the
-  gradient sweep needs the row sum ``Sigma_g``, and the mixture log-weights;
-* the C++ kernels keep one X-macro list (``csrc/kernels/divergence_list.h``)
-  that ``tests/test_registry.py`` compares with this table;
+* the fused ops' arguments: ``int divergence`` and ``int weighting`` are
+  positions in these tables, ``float[] params`` is :func:`kernel_params`
+  (the divergence's constants and mixture log-weights, :data:`KERNEL_PARAMS`);
+* the Triton kernels' policy selection (the ``DIV`` and ``WEIGHTING``
+  constexprs), whether the gradient sweep needs the row sum ``Sigma_g``, and
+  whether a weighting needs the teacher at temperature 1;
+* the C++ kernels keep one X-macro list per table (``csrc/kernels/divergence_list.h``,
+  ``csrc/kernels/weighting_list.h``) that ``tests/test_registry.py`` compares with it;
 * the test and benchmark case lists (:func:`divergence_cases`).
 
 Adding a divergence: an entry here, its formula in ``kdfast/reference/distill.py``,
 its policy in ``csrc/kernels/divergences.h`` (plus its line in
 ``divergence_list.h``) and in ``kdfast/ops/triton/divergences.py``, and its
-formula in ``docs/contract.md``.  The formulas are in ``docs/contract.md``.
+formula in ``docs/contract.md``.  A weighting: the same four places
+(``WEIGHT_FORMULAS``, ``csrc/kernels/weightings.h`` and ``weighting_list.h``,
+``kdfast/ops/triton/weightings.py``).
 """
 
 from __future__ import annotations
@@ -117,8 +123,38 @@ DIVERGENCE_TABLE: Tuple[DivergenceSpec, ...] = (
 DIVERGENCE_SPECS: Dict[str, DivergenceSpec] = {spec.name: spec for spec in DIVERGENCE_TABLE}
 DIVERGENCE_NAMES: Tuple[str, ...] = tuple(DIVERGENCE_SPECS)
 
-# The row weightings: the names the kernels take (a tensor of weights is "given").
-WEIGHTING_NAMES: Tuple[str, ...] = ("none", "wttm", "entropy", "given")
+# The op's ``params`` vector: the divergence's constants in this order, whatever the divergence (unused ones
+# are 0).  The C++ kernels read it through their X-macro list (``KDFAST_FOR_EACH_KERNEL_PARAM``), the Triton
+# ones by these positions; a new parameter name is one entry here and one there, not a new op argument.
+KERNEL_PARAMS: Tuple[str, ...] = ("alpha", "beta", "skew", "log_w_p", "log_w_q")
+
+
+@dataclass(frozen=True)
+class WeightingSpec:
+    """One per-row weight ``w`` of the divergence term (``w * D(p || q)``).
+
+    ``needs_teacher_t1``: the weight is a function of the teacher's softmax at
+    temperature 1 (its log-normaliser and entropy), which the kernels then
+    gather in one more sweep over the teacher row.  ``given``: the weights are
+    a tensor passed by the caller.  The formulas are in docs/contract.md and
+    ``kdfast.reference.WEIGHT_FORMULAS``.
+    """
+
+    name: str
+    summary: str
+    needs_teacher_t1: bool = False
+    given: bool = False
+
+
+WEIGHTING_TABLE: Tuple[WeightingSpec, ...] = (
+    WeightingSpec("none", "w = 1"),
+    WeightingSpec("wttm", "w = U_{1/tau}(softmax(z_t)) = sum_j softmax(z_t)_j^(1/tau)", needs_teacher_t1=True),
+    WeightingSpec("entropy", "w = 1 - H(softmax(z_t)) / log V", needs_teacher_t1=True),
+    WeightingSpec("given", "w = the caller's tensor of row weights (a constant)", given=True),
+)
+WEIGHTING_SPECS: Dict[str, WeightingSpec] = {spec.name: spec for spec in WEIGHTING_TABLE}
+# The names the kernels take (a tensor of weights is "given"), in the order of their indices.
+WEIGHTING_NAMES: Tuple[str, ...] = tuple(WEIGHTING_SPECS)
 
 
 def divergence_spec(name: str) -> DivergenceSpec:
@@ -141,6 +177,38 @@ def mixture_log_weights(name: str, params: Dict[str, Optional[float]]) -> Tuple[
         return 0.0, 0.0
     w_p = spec.mixture_weight_p({k: v for k, v in params.items() if v is not None})
     return (math.log(w_p) if w_p > 0 else -math.inf), (math.log1p(-w_p) if w_p < 1 else -math.inf)
+
+
+def weighting_spec(name: str) -> WeightingSpec:
+    """The table entry of a weighting name; ValueError listing the names for an unknown one."""
+    try:
+        return WEIGHTING_SPECS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"weighting must be one of {WEIGHTING_NAMES}, got {name!r}") from None
+
+
+def divergence_index(name: str) -> int:
+    """The op argument ``divergence``: the position of ``name`` in the table (the C++ enum's value)."""
+    divergence_spec(name)
+    return DIVERGENCE_NAMES.index(name)
+
+
+def weighting_index(name: str) -> int:
+    """The op argument ``weighting``: the position of ``name`` in the weighting table (the C++ enum's value)."""
+    weighting_spec(name)
+    return WEIGHTING_NAMES.index(name)
+
+
+def kernel_params(name: str, params: Dict[str, Optional[float]]) -> Tuple[float, ...]:
+    """The op's ``params`` vector (:data:`KERNEL_PARAMS` order) for divergence ``name`` and its parameter values.
+
+    Unused parameters are 0; the mixture's log-weights are computed here once
+    (never again in a kernel).
+    """
+    log_w_p, log_w_q = mixture_log_weights(name, params)
+    values = {k: float(v) for k, v in params.items() if v is not None}
+    values.update(log_w_p=log_w_p, log_w_q=log_w_q)
+    return tuple(values.get(k, 0.0) for k in KERNEL_PARAMS)
 
 
 def divergence_cases(all_cases: bool = True):

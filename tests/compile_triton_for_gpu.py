@@ -14,7 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kdfast.ops.triton import row_kernel
-from kdfast.registry import DIVERGENCE_NAMES, needs_grad_sum
+from kdfast.registry import DIVERGENCE_NAMES, needs_grad_sum, weighting_spec
 
 DIVERGENCES = list(DIVERGENCE_NAMES)
 # (logits dtype, accumulation, weighting, labels, hard-label CE at tau_s != 1, gradient)
@@ -22,6 +22,7 @@ VARIANTS = [
     ("bf16", "fp32", "wttm", True, True, True),
     ("fp32", "fp32", "entropy", False, False, False),
     ("fp64", "fp64", "given", True, False, True),
+    ("fp16", "fp32", "none", True, False, True),
 ]
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -35,7 +36,8 @@ def compile_row_kernel(divergence, dtype, acc, weighting, labels, student_t1, gr
                  "G_ptr": f"*{dtype}", "LABELS_ptr": "*i64", "WEIGHTS_ptr": "*fp64", "PARAMS_ptr": "*fp64",
                  "INV_DENOM_ptr": "*fp64", "ROW_LOSS_ptr": f"*{acc}", "STATUS_ptr": "*i32", "V": "i32",
                  "ignore_index": "i32"}
-    constexprs = dict(DIV=divergence, WEIGHTING=weighting, HAS_LABELS=labels, HARD=labels, STUDENT_T1=student_t1,
+    constexprs = dict(DIV=divergence, WEIGHTING=weighting, NEEDS_T1=weighting_spec(weighting).needs_teacher_t1,
+                      HAS_LABELS=labels, HARD=labels, STUDENT_T1=student_t1,
                       SUM_G=needs_grad_sum(divergence), COMPUTE_GRAD=grad,
                       ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK=block)
     signature.update({name: "constexpr" for name in constexprs})

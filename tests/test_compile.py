@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import kdfast
+from kdfast.config import make_config
+from kdfast.ops.fused_op import loss_arguments
 from conftest import FUSED_BACKENDS, kernel_device, logits
 
 backends = pytest.mark.parametrize("backend", FUSED_BACKENDS or [pytest.param(
@@ -19,8 +21,9 @@ def test_opcheck_fake_kernel_and_autograd(backend):
     device = kernel_device(backend)
     s = logits((3, 20), seed=1).to(device).requires_grad_()
     t = logits((3, 20), seed=2).to(device)
-    args = (s, t, torch.tensor([1, -100, 4], device=device), None, "jsd", 2.0, 2.0, 0.0, 0.5, 0.0, "entropy", -100,
-            0.5, 1.0, "batchmean", None, True)
+    labels = torch.tensor([1, -100, 4], device=device)
+    cfg = make_config(s, t, divergence="jsd", temperature=2.0, weighting="entropy", labels=labels, hard_weight=0.5)
+    args = (s, t, *loss_arguments(cfg), True)
     torch.library.opcheck(_op(backend), args)
 
 

@@ -46,6 +46,17 @@ def test_hard_label_term_of_huge_logits_whose_label_is_the_argmax(kernel):
 
 
 @kernels
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_wttm_weight_of_huge_logits(temperature, kernel):
+    """The WTTM weight reads the teacher's log-normaliser at tau in natural units: the CPU kernel's
+    base-2 shift of a row of 1e5-size logits is off by up to half an ulp of 1.4e5 (4e-3), which
+    the weight must not inherit (it did: 0.3 % of the weight)."""
+    s = logits((3, 37), seed=13) + 1e5
+    t = logits((3, 37), seed=14) * 2 + 1e5
+    assert_matches_oracle(s, t, kernel, weighting="wttm", temperature=temperature, student_temperature=1.0)
+
+
+@kernels
 @pytest.mark.parametrize("divergence", ["kl", "jsd", "tvd", "skew_kl"])
 def test_teacher_only_masked_entries(divergence, kernel):
     """A teacher entry of -inf (p = 0) where the student has mass is finite for these divergences."""

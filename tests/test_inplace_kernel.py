@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kdfast
 from conftest import cpu_capabilities, cpu_capability, logits
 from kdfast.config import make_config
+from kdfast.ops.fused_op import loss_arguments
 from kdfast.registry import divergence_cases
 
 pytestmark = pytest.mark.skipif("cpu" not in kdfast.available_backends(), reason="the C++ extension is not built")
@@ -93,8 +94,9 @@ def test_needs_contiguous_rows():
 
 def test_opcheck_declares_the_mutation():
     s, t = logits((3, 20), seed=1), logits((3, 20), seed=2)
-    args = (s, t, torch.tensor([1, -100, 4]), None, "jsd", 2.0, 2.0, 0.0, 0.5, 0.0, "entropy", -100, 0.5, 1.0,
-            "batchmean", None)
+    cfg = make_config(s, t, divergence="jsd", temperature=2.0, weighting="entropy", labels=torch.tensor([1, -100, 4]),
+                      hard_weight=0.5)
+    args = (s, t, *loss_arguments(cfg))
     torch.library.opcheck(torch.ops.kdfast.distill_forward_inplace.default, args)
 
 

@@ -86,3 +86,80 @@ def test_hellinger_is_the_squared_hellinger_distance():
     got = reference.hellinger(p.log(), q.log())
     torch.testing.assert_close(got.sum(), expected)
     assert float(reference.hellinger(q.log(), q.log()).sum()) == 0.0
+
+
+@pytest.mark.skipif(_C is None, reason="the C++ extension is not built")
+def test_the_cpp_weighting_and_kernel_param_lists_are_the_tables():
+    assert tuple(_C.weighting_names()) == registry.WEIGHTING_NAMES
+    assert tuple(_C.kernel_param_names()) == registry.KERNEL_PARAMS
+
+
+def test_every_weighting_has_one_reference_formula_and_a_triton_policy():
+    assert tuple(reference.WEIGHT_FORMULAS) == registry.WEIGHTING_NAMES
+    source = inspect.getsource(pytest.importorskip("kdfast.ops.triton.weightings"))
+    for name in registry.WEIGHTING_NAMES:
+        assert f'WEIGHTING == "{name}"' in source, f"{name}: no Triton row_weight branch"
+
+
+def test_the_triton_parameter_vector_holds_the_kernel_params():
+    row_kernel = pytest.importorskip("kdfast.ops.triton.row_kernel")
+    assert set(registry.KERNEL_PARAMS) <= set(row_kernel.PARAMS)
+
+
+@pytest.mark.parametrize("name,params,want", [
+    ("kl", {}, {}),
+    ("ab", {"alpha": 0.8, "beta": 0.3}, {"alpha": 0.8, "beta": 0.3}),
+    ("jsd", {"beta": 0.25}, {"beta": 0.25, "log_w_p": math.log(0.25), "log_w_q": math.log(0.75)}),
+    ("skew_reverse_kl", {"skew": 0.1}, {"skew": 0.1, "log_w_p": math.log(0.9), "log_w_q": math.log(0.1)}),
+])
+def test_the_ops_params_vector(name, params, want):
+    got = dict(zip(registry.KERNEL_PARAMS, registry.kernel_params(name, params)))
+    assert got == pytest.approx({k: want.get(k, 0.0) for k in registry.KERNEL_PARAMS})
+
+
+def test_indices_are_positions_in_the_tables():
+    assert [registry.divergence_index(n) for n in registry.DIVERGENCE_NAMES] == list(range(len(registry.DIVERGENCE_NAMES)))
+    assert [registry.weighting_index(n) for n in registry.WEIGHTING_NAMES] == list(range(len(registry.WEIGHTING_NAMES)))
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        registry.divergence_index("nope")
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        registry.weighting_index("nope")
+
+
+def _op_arguments(**changes):
+    from kdfast.config import make_config
+    from kdfast.ops.fused_op import loss_arguments
+
+    s, t = torch.randn(3, 7), torch.randn(3, 7)
+    args = dict(zip(("labels", "weights", "divergence", "params", "weighting"), loss_arguments(make_config(s, t))))
+    args.update(changes)
+    return s, t, args
+
+
+def _call_op(backend, s, t, args):
+    from kdfast.config import make_config
+    from kdfast.ops.fused_op import loss_arguments
+
+    rest = loss_arguments(make_config(s, t))[5:]
+    head = (args["labels"], args["weights"], args["divergence"], args["params"], args["weighting"])
+    if backend == "cpu":
+        return torch.ops.kdfast.distill_forward(s, t, *head, *rest, False)
+    from kdfast.ops.triton.op import distill_forward_triton
+    return distill_forward_triton(s, t, *head, *rest, False)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("change,message", [
+    (dict(divergence=len(registry.DIVERGENCE_NAMES)), "divergence must be an index"),
+    (dict(divergence=-1), "divergence must be an index"),
+    (dict(weighting=len(registry.WEIGHTING_NAMES)), "weighting must be an index"),
+    (dict(params=[0.0]), "params must have"),
+    (dict(weighting=registry.weighting_index("given")), "one entry per row"),
+])
+def test_the_ops_refuse_arguments_past_their_tables(backend, change, message):
+    """A direct caller of the op (not through distill_loss) cannot index past the dispatch tables."""
+    if backend not in kdfast.available_backends():
+        pytest.skip(f"backend {backend} is not available")
+    s, t, args = _op_arguments(**change)
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        _call_op(backend, s, t, args)

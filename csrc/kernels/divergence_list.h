@@ -15,3 +15,14 @@
   X(SkewKL, "skew_kl")                \
   X(SkewReverseKL, "skew_reverse_kl") \
   X(Hellinger, "hellinger")
+
+// The op's float[] params vector, in kdfast.registry.KERNEL_PARAMS's order (the
+// same test compares them): every divergence's constants, unused ones 0, and the
+// log-weights of the mixture m = w_p p + w_q q (possibly -inf), computed once in
+// Python.  A new parameter is one line here and one there, not a new op argument.
+#define KDFAST_FOR_EACH_KERNEL_PARAM(X) \
+  X(alpha)                              \
+  X(beta)                               \
+  X(skew)                               \
+  X(log_w_p)                            \
+  X(log_w_q)

@@ -15,17 +15,15 @@
 
 #include <type_traits>
 
+#include "kernel_api.h"
 #include "vec.h"
 
 namespace kdfast {
 namespace KDFAST_CPU_CAPABILITY {
 
-// Per-call constants of the divergence, precomputed once.
-struct DivConsts {
-  double alpha = 0, beta = 0, skew = 0;
-  // log of the mixture weights used by the logaddexp mixtures (may be -inf).
-  double log_w_p = 0, log_w_q = 0;
-};
+// Per-call constants of the divergence: the op's params vector (kernel_api.h),
+// mixture log-weights included (computed once, in kdfast.registry.kernel_params).
+using DivConsts = ::kdfast::DivergenceParams;
 
 template <class V>
 struct Elem {

@@ -6,23 +6,36 @@
 #include <cstdint>
 
 #include "divergence_list.h"
+#include "weighting_list.h"
 
 namespace kdfast {
 
 #define KDFAST_DIVERGENCE_ENUMERATOR(policy, name) policy,
 enum class Divergence : int32_t { KDFAST_FOR_EACH_DIVERGENCE(KDFAST_DIVERGENCE_ENUMERATOR) Count };
 #undef KDFAST_DIVERGENCE_ENUMERATOR
-enum class Weighting : int32_t { None = 0, WTTM, Entropy, Given };
+#define KDFAST_WEIGHTING_ENUMERATOR(policy, name) policy,
+enum class Weighting : int32_t { KDFAST_FOR_EACH_WEIGHTING(KDFAST_WEIGHTING_ENUMERATOR) Count };
+#undef KDFAST_WEIGHTING_ENUMERATOR
 enum class DType : int32_t { Float32 = 0, BFloat16, Float16, Float64 };
 
 // Row status codes written by the kernel; the op turns them into errors.
 enum RowStatus : int32_t { kRowOk = 0, kTeacherAllNegInf = 1, kStudentAllNegInf = 2 };
 
+// The divergence's constants: the op's params vector, one field per entry of the list.
+struct DivergenceParams {
+#define KDFAST_KERNEL_PARAM_FIELD(name) double name = 0.0;
+  KDFAST_FOR_EACH_KERNEL_PARAM(KDFAST_KERNEL_PARAM_FIELD)
+#undef KDFAST_KERNEL_PARAM_FIELD
+};
+#define KDFAST_COUNT_KERNEL_PARAM(name) +1
+constexpr int kKernelParamCount = 0 KDFAST_FOR_EACH_KERNEL_PARAM(KDFAST_COUNT_KERNEL_PARAM);
+#undef KDFAST_COUNT_KERNEL_PARAM
+
 struct DistillParams {
   Divergence divergence = Divergence::KL;
+  DivergenceParams div;
   double tau = 1.0;     // teacher temperature
   double tau_s = 1.0;   // student temperature
-  double alpha = 0.0, beta = 0.0, skew = 0.0;
   Weighting weighting = Weighting::None;
   double soft_coef = 1.0;   // soft_weight * scale
   double hard_weight = 0.0;

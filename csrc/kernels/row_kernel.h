@@ -10,8 +10,9 @@
 //   3. when asked for, temperature-1 statistics (weights, CE normaliser);
 //   4. the divergence value (other policies), then the gradient with respect
 //      to the student logits.
-// The divergence is the policy `Div` (divergences.h); the weighting and the
-// hard-label term are per-row scalars folded into the gradient coefficients.
+// The divergence is the compile-time policy `Div` (divergences.h); the
+// weighting is a run-time policy (weightings.h: a scalar per row); both it and
+// the hard-label term are folded into the gradient coefficients.
 #pragma once
 
 #include <cstdint>
@@ -21,6 +22,7 @@
 #include "convert.h"
 #include "divergences.h"
 #include "kernel_api.h"
+#include "weightings.h"
 
 namespace kdfast {
 namespace KDFAST_CPU_CAPABILITY {
@@ -202,28 +204,25 @@ inline void rows_with_scratch(int64_t vocab, int32_t* row_status, int64_t begin,
                             [&](int64_t i, S* scratch, int64_t padded) { f(i, scratch, scratch + padded); });
 }
 
-inline DivConsts make_div_consts(const DistillParams& p) {
-  DivConsts c;
-  c.alpha = p.alpha;
-  c.beta = p.beta;
-  c.skew = p.skew;
-  switch (p.divergence) {
-    case Divergence::JSD:  // m = beta p + (1 - beta) q
-      c.log_w_p = std::log(p.beta);
-      c.log_w_q = std::log1p(-p.beta);
-      break;
-    case Divergence::SkewKL:  // m = s p + (1 - s) q
-      c.log_w_p = std::log(p.skew);
-      c.log_w_q = std::log1p(-p.skew);
-      break;
-    case Divergence::SkewReverseKL:  // m = (1 - s) p + s q
-      c.log_w_p = std::log1p(-p.skew);
-      c.log_w_q = std::log(p.skew);
-      break;
-    default:
-      break;
-  }
-  return c;
+// The teacher row at temperature 1 (for the weightings that need it): one
+// sweep of natural exponentials, shifted by the row's maximum.
+template <class V, class TT>
+inline TeacherAtT1 teacher_at_t1(const TT* zt, typename V::value_type mzt, int64_t n) {
+  const V vmzt = V::broadcast(mzt);
+  double s1 = 0, h1 = 0;
+  V a1 = V::zero(), b1 = V::zero();
+  sweep<V>(n, [&](int64_t j, auto tail) {
+    V d = ld<V>(zt + j, tail, -INFINITY) - vmzt;
+    V e = vexp(d);
+    a1 = a1 + e;
+    b1 = b1 + select(gt(e, V::zero()), e * d, V::zero());
+  }, [&] {
+    s1 += a1.reduce_add();
+    h1 += b1.reduce_add();
+    a1 = b1 = V::zero();
+  });
+  const double log_s1 = std::log(s1);
+  return {log_s1, log_s1 - h1 / s1};
 }
 
 // Below this |k max| the one-FMA shift's rounding (half an ulp of c) is at
@@ -309,7 +308,7 @@ struct RowKernel {
                          S* scratch_t, S* scratch_s, const TT* zt, const TS* zs, TS* grad, int64_t label, S mzt,
                          S mzs, const Shift to_t, const Shift to_s) {
     const int64_t n = b.vocab;
-    const V vmzt = V::broadcast(mzt), vmzs = V::broadcast(mzs);
+    const V vmzs = V::broadcast(mzs);
     RowAcc r;
     {
       const bool has_next = row + 1 < b.rows;
@@ -345,32 +344,20 @@ struct RowKernel {
     r.log_sum_t = std::log(r.sum_t);
     r.log_sum_s = std::log(r.sum_s);
 
-    // -- sweep 3 (optional): teacher at temperature 1, for the weightings
-    double weight = 1.0;
-    if (prm.weighting == Weighting::WTTM || prm.weighting == Weighting::Entropy) {
-      double s1 = 0, t1 = 0;
-      V a1 = V::zero(), b1 = V::zero();
-      sweep<V>(n, [&](int64_t j, auto tail) {
-        V d = ld<V>(zt + j, tail, kNegInf) - vmzt;
-        V e = vexp(d);
-        a1 = a1 + e;
-        b1 = b1 + select(gt(e, V::zero()), e * d, V::zero());
-      }, [&] {
-        s1 += a1.reduce_add();
-        t1 += b1.reduce_add();
-        a1 = b1 = V::zero();
-      });
-      const double log_s1 = std::log(s1);
-      if (prm.weighting == Weighting::WTTM) {
-        // U_{1/tau}(p1) = exp(LSE(z/tau) - LSE(z)/tau); both LSEs share the shift mzt/tau.
-        weight = std::exp(r.log_sum_t - log_s1 / prm.tau);
-      } else {
-        const double entropy = log_s1 - t1 / s1;
-        weight = n > 1 ? 1.0 - entropy / std::log(double(n)) : 1.0;
-      }
-    } else if (prm.weighting == Weighting::Given) {
-      weight = b.weights[row];
-    }
+    // -- sweep 3 (only for a weighting that needs it): the teacher at temperature 1
+    // The exponential sweep's sum is of 2^t, i.e. exp((z - max) / tau) times
+    // 2^(t at the max) (the rounding of the one-FMA shift): in natural units
+    // the weightings get it without that factor.
+    const double weight = with_weighting(prm.weighting, [&](auto policy) {
+      using Policy = decltype(policy);
+      WeightInputs in;
+      in.log_sum_t = r.log_sum_t - kLn2D * to_t.at_max();
+      in.tau = prm.tau;
+      in.vocab = n;
+      if (b.weights) in.given = b.weights[row];
+      if constexpr (Policy::kNeedsTeacherT1) in.t1 = teacher_at_t1<V>(zt, mzt, n);
+      return Policy::weight(in);
+    });
 
     // -- hard-label cross-entropy of the student at temperature 1
     const bool hard = b.labels && prm.hard_weight != 0.0;

@@ -23,7 +23,8 @@ std::string check_large_row_offsets() {
 
   DistillParams prm;
   prm.divergence = Divergence::JSD;
-  prm.beta = 0.5;
+  prm.div.beta = 0.5;
+  prm.div.log_w_p = prm.div.log_w_q = std::log(0.5);
   prm.tau = 2.0;
   prm.tau_s = 2.0;
   prm.hard_weight = 0.5;

@@ -54,9 +54,11 @@ void capabilities_agree() {
   for (int d = 0; d < static_cast<int>(kdfast::Divergence::Count); ++d) {
     kdfast::DistillParams prm;
     prm.divergence = static_cast<kdfast::Divergence>(d);
-    prm.alpha = 0.7;
-    prm.beta = 0.4;
-    prm.skew = 0.2;
+    prm.div.alpha = 0.7;
+    prm.div.beta = 0.4;
+    prm.div.skew = 0.2;
+    prm.div.log_w_p = std::log(0.4);  // the mixture of jsd with beta = 0.4 (any mixture serves this comparison)
+    prm.div.log_w_q = std::log(0.6);
     prm.tau = 1.5;
     prm.tau_s = 1.5;
     std::vector<double> loss[2] = {std::vector<double>(N), std::vector<double>(N)};

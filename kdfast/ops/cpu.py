@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from .fused_op import call_distill_op, loss_arguments, register_fake_and_autograd
 from ..config import LossConfig
+from .fused_op import call_distill_op, fake_distill_loss, loss_arguments, register_fake_and_autograd
 
 register_fake_and_autograd("kdfast::distill_forward")
 
 
 @torch.library.register_fake("kdfast::distill_forward_inplace")
-def _fake_distill_forward_inplace(student, teacher, labels, weights, divergence, tau, tau_s, alpha, beta, skew,
-                                  weighting, ignore_index, hard_weight, soft_coef, reduction, normalizer):
-    f64 = student.dtype == torch.float64
-    return student.new_empty((student.shape[0],) if reduction == "none" else (),
-                             dtype=torch.float64 if f64 else torch.float32)
+def _fake_distill_forward_inplace(student, teacher, labels, weights, divergence, params, weighting, tau, tau_s,
+                                  ignore_index, hard_weight, soft_coef, reduction, normalizer):
+    return fake_distill_loss(student, teacher, reduction)
 
 
 def distill_loss_cpu(student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: LossConfig) -> torch.Tensor:

@@ -1,9 +1,12 @@
 """What every fused op (C++ ``kdfast::distill_forward``, Triton ``kdfast::distill_forward_triton``) shares.
 
-The ops have one schema: ``(student, teacher, labels?, weights?, divergence,
-tau, tau_s, alpha, beta, skew, weighting, ignore_index, hard_weight,
+The ops have one schema: ``(student, teacher, labels?, weights?, int divergence,
+float[] params, int weighting, tau, tau_s, ignore_index, hard_weight,
 soft_coef, reduction, normalizer?, compute_grad) -> (loss, grad)``, where
-``grad`` is d(loss)/d(student) computed in the forward.  Here they get the two
+``grad`` is d(loss)/d(student) computed in the forward.  ``divergence`` and
+``weighting`` are positions in the tables of :mod:`kdfast.registry` and
+``params`` its :func:`~kdfast.registry.kernel_params` vector, so a new
+divergence, weighting or parameter changes none of the ops' signatures.  Here they get the two
 pieces torch.compile and autograd need:
   * a fake (meta) kernel, so that tracing knows the output shapes;
   * an autograd formula: backward only scales the saved gradient by the
@@ -18,19 +21,25 @@ import math
 import torch
 
 from ..config import LossConfig
+from ..registry import divergence_index, kernel_params, weighting_index
 
-_N_INPUTS = 17
-_REDUCTION_ARG = 14
+_N_INPUTS = 15
+_REDUCTION_ARG = 12
 
 
-def fake_distill_forward(student, teacher, labels, weights, divergence, tau, tau_s, alpha, beta, skew, weighting,
-                         ignore_index, hard_weight, soft_coef, reduction, normalizer, compute_grad):
+def fake_distill_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The loss output of a fused distillation op: ``(N,)`` for ``reduction="none"``, else a scalar."""
     V = student.shape[-1]
     N = student.numel() // V
     f64 = student.dtype == torch.float64 or teacher.dtype == torch.float64
-    loss = student.new_empty((N,) if reduction == "none" else (), dtype=torch.float64 if f64 else torch.float32)
-    grad = student.new_empty((N, V) if compute_grad else (0,))
-    return loss, grad
+    return student.new_empty((N,) if reduction == "none" else (), dtype=torch.float64 if f64 else torch.float32)
+
+
+def fake_distill_forward(student, teacher, labels, weights, divergence, params, weighting, tau, tau_s, ignore_index,
+                         hard_weight, soft_coef, reduction, normalizer, compute_grad):
+    V = student.shape[-1]
+    grad = student.new_empty((student.numel() // V, V) if compute_grad else (0,))
+    return fake_distill_loss(student, teacher, reduction), grad
 
 
 def fake_scalar_loss_and_grad(student, compute_grad):
@@ -139,13 +148,11 @@ def loss_arguments(cfg: LossConfig) -> tuple:
     return (
         cfg.labels,
         weights,
-        cfg.divergence,
+        divergence_index(cfg.divergence),
+        list(kernel_params(cfg.divergence, {"alpha": cfg.alpha, "beta": cfg.beta, "skew": cfg.skew})),
+        weighting_index(cfg.weighting_name),
         cfg.temperature,
         cfg.student_temperature,
-        cfg.alpha or 0.0,
-        cfg.beta or 0.0,
-        cfg.skew or 0.0,
-        cfg.weighting_name,
         cfg.ignore_index,
         cfg.hard_weight,
         cfg.soft_weight * cfg.scale,

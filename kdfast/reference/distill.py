@@ -142,6 +142,21 @@ def entropy_weight(teacher_logits):
     return entropy_weight_from_entropy(entropy, teacher_logits.shape[-1])
 
 
+def given_weight(teacher_logits, temperature, weights):
+    """The caller's row weights (a constant: no gradient flows into them)."""
+    return weights.detach().reshape(-1).to(teacher_logits.dtype)
+
+
+# One formula per weighting of kdfast.registry's table, each of (teacher logits, temperature, given weights)
+# (tests/test_registry.py checks the two agree).
+WEIGHT_FORMULAS = {
+    "none": lambda teacher_logits, temperature, weights: torch.ones_like(teacher_logits[..., 0]),
+    "wttm": lambda teacher_logits, temperature, weights: wttm_weight(teacher_logits, temperature),
+    "entropy": lambda teacher_logits, temperature, weights: entropy_weight(teacher_logits),
+    "given": given_weight,
+}
+
+
 def cross_entropy(student_logits, labels):
     """``-log softmax(z_s)[label]`` per row (labels already valid)."""
     return -torch.log_softmax(student_logits, -1).gather(-1, labels[:, None]).squeeze(-1)
@@ -182,12 +197,8 @@ def distill_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.T
     logp = torch.log_softmax(zt / cfg.temperature, -1)
     logq = torch.log_softmax(zs / cfg.student_temperature, -1)
     soft = divergence(cfg.divergence, logp, logq, cfg.alpha, cfg.beta, cfg.skew)
-    if cfg.weighting == "wttm":
-        soft = wttm_weight(zt, cfg.temperature) * soft
-    elif cfg.weighting == "entropy":
-        soft = entropy_weight(zt) * soft
-    elif isinstance(cfg.weighting, torch.Tensor):
-        soft = cfg.weighting.reshape(-1).to(acc) * soft
+    if cfg.weighting is not None:
+        soft = WEIGHT_FORMULAS[cfg.weighting_name](zt, cfg.temperature, cfg.weighting) * soft
     per_row = cfg.soft_weight * cfg.scale * soft
     if labels is not None and cfg.hard_weight != 0.0:
         per_row = per_row + cfg.hard_weight * cross_entropy(zs, torch.where(valid, labels, 0))

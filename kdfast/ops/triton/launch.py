@@ -8,19 +8,17 @@ and the gradient with respect to the student logits, computed in the forward.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ...config import DIVERGENCES, REDUCTIONS, check_logits
-from ...registry import mixture_log_weights, needs_grad_sum
+from ...config import check_logits
+from ...registry import (DIVERGENCE_NAMES, KERNEL_PARAMS, WEIGHTING_NAMES, needs_grad_sum, weighting_spec)
 from . import interpreter_compat, interpreter_requested, row_kernel
 
 interpreter_compat.apply()
-
-_WEIGHTINGS = ("none", "wttm", "entropy", "given")
 
 
 def interpreting() -> bool:
@@ -93,32 +91,30 @@ def _inv_denominator(reduction: str, normalizer: Optional[float], labels: Option
     return torch.where(valid > 0, 1.0 / valid.clamp(min=1), torch.zeros_like(valid))
 
 
-def _check_args(student, teacher, labels, weights, divergence, tau, tau_s, weighting, hard_weight, reduction,
-                normalizer) -> None:
+def _check_args(student, teacher, labels, weights, divergence, params, weighting, reduction) -> None:
+    """The checks that keep a direct caller of the op from reading or writing out of bounds.
+
+    The options themselves were validated in Python (``kdfast.config``) before the op."""
     check_logits(student, teacher)
     if student.device.type != "cuda" and not interpreting():
         raise ValueError(f"the triton backend takes CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
                          f"got tensors on {student.device}")
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if weighting not in _WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not (tau > 0 and tau_s > 0):
-        raise ValueError(f"temperatures must be > 0, got {tau} and {tau_s}")
+    if not 0 <= divergence < len(DIVERGENCE_NAMES):
+        raise ValueError(f"divergence must be an index of kdfast.registry.DIVERGENCE_NAMES, got {divergence}")
+    if not 0 <= weighting < len(WEIGHTING_NAMES):
+        raise ValueError(f"weighting must be an index of kdfast.registry.WEIGHTING_NAMES, got {weighting}")
+    if len(params) != len(KERNEL_PARAMS):
+        raise ValueError(f"params must have {len(KERNEL_PARAMS)} entries (kdfast.registry.KERNEL_PARAMS), "
+                         f"got {len(params)}")
+    if reduction not in ("batchmean", "sum", "none"):
+        raise ValueError(f"reduction must be 'batchmean', 'sum' or 'none', got {reduction!r}")
     rows = student.numel() // student.shape[-1]
-    if labels is None and hard_weight != 0.0:
-        raise ValueError("hard_weight != 0 needs labels")
     if labels is not None and labels.numel() != rows:
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match the {rows} rows of logits shape "
                          f"{tuple(student.shape)}")
-    if weighting == "given" and (weights is None or weights.numel() != rows):
+    if weighting_spec(WEIGHTING_NAMES[weighting]).given and (weights is None or weights.numel() != rows):
         raise ValueError(f"a weighting tensor must have one entry per row ({rows}), got "
                          f"{None if weights is None else tuple(weights.shape)}")
-    if normalizer is not None and (reduction != "batchmean" or not normalizer > 0):
-        raise ValueError(f"normalizer must be > 0 and is only used with reduction='batchmean', got "
-                         f"normalizer={normalizer}, reduction={reduction!r}")
 
 
 def _raise_on_bad_rows(status: torch.Tensor, labels: Optional[torch.Tensor], V: int, ignore_index: int) -> None:
@@ -140,13 +136,11 @@ def distill_forward(
     teacher: torch.Tensor,
     labels: Optional[torch.Tensor],
     weights: Optional[torch.Tensor],
-    divergence: str,
+    divergence: int,
+    params: List[float],
+    weighting: int,
     tau: float,
     tau_s: float,
-    alpha: float,
-    beta: float,
-    skew: float,
-    weighting: str,
     ignore_index: int,
     hard_weight: float,
     soft_coef: float,
@@ -155,8 +149,8 @@ def distill_forward(
     compute_grad: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused loss and student gradient on the Triton kernel; see ``kdfast::distill_forward``."""
-    _check_args(student, teacher, labels, weights, divergence, tau, tau_s, weighting, hard_weight, reduction,
-                normalizer)
+    _check_args(student, teacher, labels, weights, divergence, params, weighting, reduction)
+    div_name, weighting_name = DIVERGENCE_NAMES[divergence], WEIGHTING_NAMES[weighting]
     V = student.shape[-1]
     s2, t2 = _as_rows(student), _as_rows(teacher)
     N = s2.shape[0]
@@ -164,12 +158,11 @@ def distill_forward(
     f64 = student.dtype == torch.float64 or teacher.dtype == torch.float64
     grad, row_loss, status = row_outputs(student, N, compute_grad, f64)
     labels64 = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
-    weights64 = weights.detach().reshape(-1).to(torch.float64).contiguous() if weighting == "given" else None
+    given = weighting_spec(weighting_name).given
+    weights64 = weights.detach().reshape(-1).to(torch.float64).contiguous() if given else None
     inv_denom = _inv_denominator(reduction, normalizer, labels64, ignore_index, N, device)
-    log_w_p, log_w_q = mixture_log_weights(divergence, {"beta": beta, "skew": skew})
-    values = dict(inv_tau=1.0 / tau, inv_tau_s=1.0 / tau_s, alpha=alpha, beta=beta, skew=skew, log_w_p=log_w_p,
-                  log_w_q=log_w_q, hard_weight=hard_weight, soft_coef=soft_coef,
-                  log_V=math.log(V) if V > 1 else 0.0)
+    values = dict(zip(KERNEL_PARAMS, params), inv_tau=1.0 / tau, inv_tau_s=1.0 / tau_s, hard_weight=hard_weight,
+                  soft_coef=soft_coef, log_V=math.log(V) if V > 1 else 0.0)
     params = torch.tensor([values[name] for name in row_kernel.PARAMS], dtype=torch.float64, device=device)
 
     hard = labels is not None and hard_weight != 0.0
@@ -177,8 +170,9 @@ def distill_forward(
         _distill_rows[(N,)](
             s2, t2, s2.stride(0), t2.stride(0), grad, labels64 if labels64 is not None else status,
             weights64 if weights64 is not None else params, params, inv_denom, row_loss, status, V, ignore_index,
-            DIV=divergence, WEIGHTING=weighting, HAS_LABELS=labels is not None, HARD=hard,
-            STUDENT_T1=hard and tau_s != 1.0, SUM_G=needs_grad_sum(divergence), COMPUTE_GRAD=compute_grad,
+            DIV=div_name, WEIGHTING=weighting_name, NEEDS_T1=weighting_spec(weighting_name).needs_teacher_t1,
+            HAS_LABELS=labels is not None, HARD=hard, STUDENT_T1=hard and tau_s != 1.0,
+            SUM_G=needs_grad_sum(div_name), COMPUTE_GRAD=compute_grad,
             ACC=tl.float64 if f64 else tl.float32,
         )
         _raise_on_bad_rows(status, labels64, V, ignore_index)

@@ -17,8 +17,9 @@ starts on the tiles the previous sweep read last: on a GPU those are the ones
 most likely still in L2 when a row (2 x 256 KB for V = 128k in bf16) does
 not fit there whole.  (A design choice, not yet measured on a GPU.)
 
-The divergence is the compile-time policy ``DIV`` (``divergences.py``); the
-weighting and the hard-label term are per-row scalars folded into the gradient
+The divergence is the compile-time policy ``DIV`` (``divergences.py``), the
+weighting the compile-time policy ``WEIGHTING`` (``weightings.py``); the weight
+and the hard-label term are per-row scalars folded into the gradient
 coefficients.  Tile sums are tree reductions in the accumulation dtype and
 are carried across tiles in float64: V = 256k rows keep float32-level
 accuracy and nothing depends on the launch configuration but the tile order.
@@ -31,7 +32,9 @@ order: no atomics, bit-identical run to run.
 import triton
 import triton.language as tl
 
+from ...registry import KERNEL_PARAMS
 from .divergences import grad_term, row_value, value_term
+from .weightings import row_weight
 
 # Row status codes; the launcher turns them into the errors of docs/contract.md.
 STATUS_OK = tl.constexpr(0)
@@ -39,9 +42,21 @@ STATUS_TEACHER_ALL_NEG_INF = tl.constexpr(1)
 STATUS_STUDENT_ALL_NEG_INF = tl.constexpr(2)
 STATUS_LABEL_OUT_OF_RANGE = tl.constexpr(3)
 
-# Layout of the float64 parameter vector.  Triton passes Python floats as
-# float32; a float64 vector keeps the float64 (gradcheck) path exact.
-PARAMS = ("inv_tau", "inv_tau_s", "alpha", "beta", "skew", "log_w_p", "log_w_q", "hard_weight", "soft_coef", "log_V")
+# Layout of the float64 parameter vector: the op's params (the divergence's
+# constants, kdfast.registry.KERNEL_PARAMS) between the per-call scalars.
+# Triton passes Python floats as float32; a float64 vector keeps the float64
+# (gradcheck) path exact.
+PARAMS = ("inv_tau", "inv_tau_s") + KERNEL_PARAMS + ("hard_weight", "soft_coef", "log_V")
+P_INV_TAU = tl.constexpr(PARAMS.index("inv_tau"))
+P_INV_TAU_S = tl.constexpr(PARAMS.index("inv_tau_s"))
+P_ALPHA = tl.constexpr(PARAMS.index("alpha"))
+P_BETA = tl.constexpr(PARAMS.index("beta"))
+P_SKEW = tl.constexpr(PARAMS.index("skew"))
+P_LOG_W_P = tl.constexpr(PARAMS.index("log_w_p"))
+P_LOG_W_Q = tl.constexpr(PARAMS.index("log_w_q"))
+P_HARD_WEIGHT = tl.constexpr(PARAMS.index("hard_weight"))
+P_SOFT_COEF = tl.constexpr(PARAMS.index("soft_coef"))
+P_LOG_V = tl.constexpr(PARAMS.index("log_V"))
 
 
 @triton.jit
@@ -152,7 +167,8 @@ def distill_rows_kernel(
     S_ptr, T_ptr, s_row_stride, t_row_stride, G_ptr, LABELS_ptr, WEIGHTS_ptr, PARAMS_ptr, INV_DENOM_ptr,
     ROW_LOSS_ptr, STATUS_ptr, V, ignore_index,
     DIV: tl.constexpr,          # divergence name
-    WEIGHTING: tl.constexpr,    # "none", "wttm", "entropy" or "given"
+    WEIGHTING: tl.constexpr,    # a name of kdfast.registry.WEIGHTING_NAMES
+    NEEDS_T1: tl.constexpr,     # the weighting needs the teacher at temperature 1
     HAS_LABELS: tl.constexpr,
     HARD: tl.constexpr,         # labels and hard_weight != 0
     STUDENT_T1: tl.constexpr,   # HARD and tau_s != 1: the CE needs the student at temperature 1
@@ -167,19 +183,19 @@ def distill_rows_kernel(
     G_row = G_ptr + row * V
     cols = tl.arange(0, BLOCK)
     neg_inf = float("-inf")
-    inv_tau64 = tl.load(PARAMS_ptr + 0)
-    inv_tau_s64 = tl.load(PARAMS_ptr + 1)
-    alpha64 = tl.load(PARAMS_ptr + 2)
-    hard_weight = tl.load(PARAMS_ptr + 7)
-    soft_coef = tl.load(PARAMS_ptr + 8)
-    log_V = tl.load(PARAMS_ptr + 9)
+    inv_tau64 = tl.load(PARAMS_ptr + P_INV_TAU)
+    inv_tau_s64 = tl.load(PARAMS_ptr + P_INV_TAU_S)
+    alpha64 = tl.load(PARAMS_ptr + P_ALPHA)
+    hard_weight = tl.load(PARAMS_ptr + P_HARD_WEIGHT)
+    soft_coef = tl.load(PARAMS_ptr + P_SOFT_COEF)
+    log_V = tl.load(PARAMS_ptr + P_LOG_V)
     inv_tau = inv_tau64.to(ACC)
     inv_tau_s = inv_tau_s64.to(ACC)
     alpha = alpha64.to(ACC)
-    beta = tl.load(PARAMS_ptr + 3).to(ACC)
-    skew = tl.load(PARAMS_ptr + 4).to(ACC)
-    log_w_p = tl.load(PARAMS_ptr + 5).to(ACC)
-    log_w_q = tl.load(PARAMS_ptr + 6).to(ACC)
+    beta = tl.load(PARAMS_ptr + P_BETA).to(ACC)
+    skew = tl.load(PARAMS_ptr + P_SKEW).to(ACC)
+    log_w_p = tl.load(PARAMS_ptr + P_LOG_W_P).to(ACC)
+    log_w_q = tl.load(PARAMS_ptr + P_LOG_W_Q).to(ACC)
 
     label = 0
     if HAS_LABELS:
@@ -207,7 +223,7 @@ def distill_rows_kernel(
         offs = start + cols
         mask = offs < V
         zt, zs = load_logits(T_row, S_row, offs, mask, ACC)
-        if WEIGHTING == "wttm" or WEIGHTING == "entropy":
+        if NEEDS_T1:
             sum_t1, ent_t1 = _entropy_update(mt, sum_t1, ent_t1, zt)
         if STUDENT_T1:
             _, sum_s1 = _lse_update(ms, sum_s1, zs, 1.0)
@@ -233,16 +249,7 @@ def distill_rows_kernel(
     log_sum_t = log_sum_t64.to(ACC)
     log_sum_s = log_sum_s64.to(ACC)
 
-    weight = tl.full([], 1.0, tl.float64)
-    if WEIGHTING == "wttm":
-        # U_{1/tau}(p1) = exp(LSE(z/tau) - LSE(z)/tau); both LSEs share the shift mt/tau
-        weight = tl.exp(log_sum_t64 - tl.log(sum_t1) * inv_tau64)
-    elif WEIGHTING == "entropy":
-        if log_V > 0:
-            entropy = tl.log(sum_t1) - ent_t1 / sum_t1
-            weight = 1.0 - entropy / log_V
-    elif WEIGHTING == "given":
-        weight = tl.load(WEIGHTS_ptr + row).to(tl.float64)
+    weight = row_weight(WEIGHTING, log_sum_t64, sum_t1, ent_t1, inv_tau64, log_V, WEIGHTS_ptr, row)
 
     ce = tl.zeros([], tl.float64)
     log_sum_s1 = log_sum_s64
