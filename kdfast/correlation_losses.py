@@ -11,7 +11,8 @@ from typing import Union
 
 import torch
 
-from .config import _check_row_tensor, _integer, check_logits, float32_coefficient, positive_float32
+from .config import (check_label_tensor, check_logits, check_row_tensor, float32_coefficient, integer,
+                     positive_float32)
 from .ops.backends import pick
 from .reference import check_rows_defined, check_labels, entropy_weight
 from .reference.correlation import check_rank_vocab, correlation_loss_reference, dist_loss_reference
@@ -71,7 +72,7 @@ def correlation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     pw, sw = float32_coefficient("pearson_weight", pearson_weight), float32_coefficient("spearman_weight", spearman_weight)
     weights = None
     if isinstance(weighting, torch.Tensor):
-        _check_row_tensor("weighting", weighting, student_logits)
+        check_row_tensor("weighting", weighting, student_logits)
         weights = weighting.detach()
         if not torch.compiler.is_compiling() and bool(((weights < 0) | (weights > 1)).any()):
             raise ValueError("weighting tensor values must lie in [0, 1]")
@@ -104,15 +105,12 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
         raise ValueError(f"dkd_loss needs at least 2 classes (target and non-target), got V = {V}")
     tau = positive_float32("temperature", temperature)
     alpha, beta = float32_coefficient("alpha", alpha), float32_coefficient("beta", beta)
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    _check_row_tensor("labels", labels, student_logits)
+    check_label_tensor(labels)
+    check_row_tensor("labels", labels, student_logits)
     impl = pick("dkd", backend, student_logits.device)
     if impl is dkd_loss_reference:  # the fused kernels check labels and rows themselves, in their pass
         flat = labels.reshape(-1).long()
         valid = flat != ignore_index
         check_labels(flat, valid, V, ignore_index)
         check_rows_defined(teacher_logits.detach().reshape(-1, V), student_logits.detach().reshape(-1, V), valid)
-    return impl(student_logits, teacher_logits, labels, tau, alpha, beta, _integer("ignore_index", ignore_index))
+    return impl(student_logits, teacher_logits, labels, tau, alpha, beta, integer("ignore_index", ignore_index))

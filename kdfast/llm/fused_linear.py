@@ -26,11 +26,10 @@ teacher (cached top-k log-probabilities, :func:`kdfast.llm.topk.topk_distill_los
 from __future__ import annotations
 
 import functools
-import inspect
-from typing import Optional, Union
+from dataclasses import replace
+from typing import Optional
 
 import torch
-from torch import nn
 
 from .. import reference
 from .chunking import ChunkLossFactory, ChunkPlan, LinearHead, chunked_linear_loss, default_chunk_size
@@ -39,15 +38,17 @@ from .inputs import (
     check_chunk_size,
     check_same_rows,
     check_softcap,
+    check_vocab_policy,
     element_size,
     make_head,
     reconcile_vocabularies,
     row_tensor,
     virtual_logits,
 )
-from ..config import make_config, resolve_divergence
-from ..ops.backends import resolve_backend
-from ..losses import distill_loss
+from .topk import check_tail, check_topk_inputs, topk_loss
+from ..config import LossConfig, make_config, takes_loss_options
+from ..modules import OptionsModule
+from ..ops.backends import implementation, resolve_backend
 
 __all__ = [
     "FusedLinearDistillLoss",
@@ -63,6 +64,7 @@ _REFERENCE_TEMPORARIES = 8
 _TOPK_TEMPORARIES = 3
 
 
+@takes_loss_options()
 def fused_linear_distill_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -72,26 +74,13 @@ def fused_linear_distill_loss(
     *,
     student_bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
-    divergence: str = "kl",
-    temperature: float = 1.0,
-    student_temperature: Optional[float] = None,
-    alpha: Optional[float] = None,
-    beta: Optional[float] = None,
-    skew: Optional[float] = None,
-    weighting: Union[None, str, torch.Tensor] = None,
-    ignore_index: int = -100,
-    hard_weight: float = 0.0,
-    soft_weight: float = 1.0,
-    scale: float = 1.0,
-    reduction: str = "batchmean",
-    normalizer: Optional[float] = None,
-    backend: str = "auto",
     chunk_size: Optional[int] = None,
     vocab_policy: str = "error",
     softcap: Optional[float] = None,
     shift: bool = False,
     accumulate_fp32: bool = True,
     process_group=None,
+    **options,
 ) -> torch.Tensor:
     """``kdfast.distill_loss(student_hidden @ student_weight.T + b_s, teacher_hidden @ teacher_weight.T + b_t, ...)``
     without materialising either ``(N, V)`` logits tensor.
@@ -106,13 +95,6 @@ def fused_linear_distill_loss(
         labels: ``(B, T)`` / ``(N,)`` token ids (or ``ignore_index``), for the
             row mask and the hard-label term, as in ``distill_loss``.
         student_bias, teacher_bias: optional ``(V,)`` biases; the student's gets a gradient.
-        divergence, temperature, student_temperature, alpha, beta, skew,
-            weighting, ignore_index, hard_weight, soft_weight, scale, reduction,
-            normalizer, backend: exactly as :func:`kdfast.distill_loss` (a
-            weighting tensor has one weight per loss row, i.e. after the shift).
-            ``"batchmean"`` divides by the valid rows of the whole call (or by
-            ``normalizer``: pass the global token count to make gradient
-            accumulation over micro-batches equal one big batch).
         chunk_size: rows of logits per chunk.  None: the most rows whose
             temporaries fit a budget (CPU: 256 MiB; CUDA: 1/8 of the free
             memory, clamped to [64 MiB, 2 GiB]), where a row costs ``V`` times
@@ -144,6 +126,11 @@ def fused_linear_distill_loss(
             gradient), the weight and bias gradients are this rank's shard.
             Every rank must call with the same rows and options; ``backend``
             must stay ``"auto"``.
+        options: the options below, exactly as :func:`kdfast.distill_loss`'s (a
+            weighting tensor has one weight per loss row, i.e. after the
+            shift).  ``"batchmean"`` divides by the valid rows of the whole call
+            (or by ``normalizer``: pass the global token count to make gradient
+            accumulation over micro-batches equal one big batch).
 
     Returns:
         float32 (float64 for float64 inputs): a scalar, or ``(N,)`` per loss
@@ -162,29 +149,20 @@ def fused_linear_distill_loss(
     check_same_rows(student_hidden, teacher_hidden, "teacher_hidden")
     teacher = reconcile_vocabularies(student, teacher, vocab_policy)
     labels = row_tensor("labels", labels, student_hidden, shift=shift, drop_first=True)
-    options = dict(divergence=divergence, temperature=temperature, student_temperature=student_temperature,
-                   alpha=alpha, beta=beta, skew=skew, ignore_index=ignore_index, hard_weight=hard_weight,
-                   soft_weight=soft_weight, scale=scale)
-    cfg = make_config(virtual_logits(student), virtual_logits(teacher), weighting=weighting, labels=labels,
-                      reduction=reduction, normalizer=normalizer, **options)
+    cfg = make_config(virtual_logits(student), virtual_logits(teacher), labels=labels, **options)
     in_place_kernel = None
     if process_group is None:
         _check_label_range(cfg.labels, student.vocab_size, cfg.ignore_index)
-        loss_fn = functools.partial(distill_loss, backend=backend)
-        resolved = resolve_backend(backend, student.weight.device)
+        resolved = resolve_backend(cfg.backend, student.weight.device)
+        loss_fn = implementation(resolved)
         fused_kernel = resolved != "torch"
         in_place_kernel = _in_place_kernel(resolved, student, teacher)
     else:
-        if backend != "auto":
-            raise ValueError(f"backend={backend!r} cannot be combined with process_group: the vocabulary-parallel "
+        if cfg.backend != "auto":
+            raise ValueError(f"backend={cfg.backend!r} cannot be combined with process_group: the vocabulary-parallel "
                              "loss is built from PyTorch operations")
         loss_fn = functools.partial(_vocab_parallel_loss(), process_group=process_group)
         fused_kernel = False
-
-    per_row_tensors = {"labels": _flat(cfg.labels), "weighting": _flat(_weights_tensor(cfg.weighting))}
-    if not isinstance(cfg.weighting, torch.Tensor):
-        options["weighting"] = cfg.weighting
-    options.update(_chunk_reduction(cfg, student.rows))
 
     separate_gradient = in_place_kernel is None
     bytes_per_row = student.vocab_size * (
@@ -192,7 +170,7 @@ def fused_linear_distill_loss(
         + (0 if fused_kernel else 4 * _REFERENCE_TEMPORARIES))
     rows_per_chunk = _resolve_chunk_size(chunk_size, student, bytes_per_row, process_group)
     plan = ChunkPlan(
-        make_chunk_loss=_dense_chunk_losses(teacher, loss_fn, options, per_row_tensors, in_place_kernel),
+        make_chunk_loss=_dense_chunk_losses(teacher, loss_fn, _chunks_config(cfg, student.rows), in_place_kernel),
         chunk_size=rows_per_chunk,
         softcap=student.softcap,
         per_row=cfg.reduction == "none",
@@ -202,6 +180,7 @@ def fused_linear_distill_loss(
     return chunked_linear_loss(student, plan)
 
 
+@takes_loss_options(exclude=("weighting", "backend"))
 def fused_linear_topk_distill_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -211,22 +190,11 @@ def fused_linear_topk_distill_loss(
     *,
     student_bias: Optional[torch.Tensor] = None,
     tail: str = "renormalize",
-    divergence: str = "kl",
-    temperature: float = 1.0,
-    student_temperature: Optional[float] = None,
-    alpha: Optional[float] = None,
-    beta: Optional[float] = None,
-    skew: Optional[float] = None,
-    ignore_index: int = -100,
-    hard_weight: float = 0.0,
-    soft_weight: float = 1.0,
-    scale: float = 1.0,
-    reduction: str = "batchmean",
-    normalizer: Optional[float] = None,
     chunk_size: Optional[int] = None,
     softcap: Optional[float] = None,
     shift: bool = False,
     accumulate_fp32: bool = True,
+    **options,
 ) -> torch.Tensor:
     """:func:`kdfast.llm.topk.topk_distill_loss` of ``student_hidden @ student_weight.T (+ bias)``, no ``(N, V)`` logits.
 
@@ -241,42 +209,34 @@ def fused_linear_topk_distill_loss(
             :func:`kdfast.llm.topk.topk_distill_loss`), one row per position of the
             hidden states.
         labels: ``(B, T)`` / ``(N,)``, as in :func:`fused_linear_distill_loss`.
-        tail, divergence, temperature, student_temperature, alpha, beta, skew,
-            ignore_index, hard_weight, soft_weight, scale, reduction,
-            normalizer: as :func:`kdfast.llm.topk.topk_distill_loss` (``"batchmean"``
-            divides by the valid rows of the whole call, or by ``normalizer``).
+        tail: as :func:`kdfast.llm.topk.topk_distill_loss`.
         chunk_size, accumulate_fp32: as :func:`fused_linear_distill_loss`.
         softcap: soft-capping of the *student's* logits (the teacher's
             log-probabilities are given as they are).
         shift: causal-LM shift, as in :func:`fused_linear_distill_loss`; the
             top-k rows follow the hidden states (their last position is dropped).
+        options: the options below, as :func:`kdfast.llm.topk.topk_distill_loss`'s
+            (``"batchmean"`` divides by the valid rows of the whole call, or by
+            ``normalizer``).
 
     Returns / Raises: as :func:`kdfast.llm.topk.topk_distill_loss`.
     """
-    from . import topk
-
     student = make_head("student", student_hidden, student_weight, student_bias, shift=shift,
                         softcap=check_softcap(softcap))
     topk_indices = row_tensor("topk_indices", topk_indices, student_hidden, shift=shift, drop_first=False)
     topk_logprobs = row_tensor("topk_logprobs", topk_logprobs, student_hidden, shift=shift, drop_first=False)
     labels = row_tensor("labels", labels, student_hidden, shift=shift, drop_first=True)
-    if tail not in topk.TAILS:
-        raise ValueError(f"tail must be one of {topk.TAILS}, got {tail!r}")
+    check_tail(tail)
     logits = virtual_logits(student)
-    options = dict(divergence=divergence, temperature=temperature, student_temperature=student_temperature,
-                   alpha=alpha, beta=beta, skew=skew, ignore_index=ignore_index, hard_weight=hard_weight,
-                   soft_weight=soft_weight, scale=scale)
-    cfg = make_config(logits, logits, labels=labels, reduction=reduction, normalizer=normalizer, **options)
+    cfg = make_config(logits, logits, labels=labels, **options)
     k = topk_indices.shape[-1] if isinstance(topk_indices, torch.Tensor) and topk_indices.dim() else 0
-    topk.check_topk_inputs(logits, _rows_of(topk_indices, k), _rows_of(topk_logprobs, k))
+    check_topk_inputs(logits, _rows_of(topk_indices, k), _rows_of(topk_logprobs, k))
     _check_label_range(cfg.labels, student.vocab_size, cfg.ignore_index)
 
-    options.update(tail=tail, **_chunk_reduction(cfg, student.rows))
-    per_row_tensors = {"topk_indices": topk_indices.reshape(-1, k), "topk_logprobs": topk_logprobs.reshape(-1, k),
-                       "labels": _flat(cfg.labels)}
     bytes_per_row = student.vocab_size * (2 * element_size(student.weight.dtype) + 4 * _TOPK_TEMPORARIES)
     plan = ChunkPlan(
-        make_chunk_loss=_topk_chunk_losses(topk.topk_distill_loss, options, per_row_tensors),
+        make_chunk_loss=_topk_chunk_losses(_chunks_config(cfg, student.rows), tail, topk_indices.reshape(-1, k),
+                                           topk_logprobs.reshape(-1, k)),
         chunk_size=_resolve_chunk_size(chunk_size, student, bytes_per_row, None),
         softcap=student.softcap,
         per_row=cfg.reduction == "none",
@@ -289,39 +249,35 @@ def fused_linear_topk_distill_loss(
 class _DenseChunkLoss:
     """The loss of a chunk of rows against the teacher's logits of the same rows (into one reused buffer).
 
-    Called, it is ``loss_fn`` (differentiable).  With an ``in_place_kernel``
-    it also has ``loss_and_grad_``, which the chunk loop prefers: the fused
-    kernel writes the gradient over the student logits, so a chunk costs one
-    student and one teacher logits buffer instead of three buffers, and the
-    default chunk holds more rows (larger matmuls) in the same memory.
+    Called, it is ``loss_fn(student_logits, teacher_logits, cfg)`` (differentiable).
+    With an ``in_place_kernel`` it also has ``loss_and_grad_``, which the chunk
+    loop prefers: the fused kernel writes the gradient over the student
+    logits, so a chunk costs one student and one teacher logits buffer instead
+    of three buffers, and the default chunk holds more rows (larger matmuls) in
+    the same memory.
     """
 
-    def __init__(self, teacher: LinearHead, capacity: int, loss_fn, options: dict, per_row_tensors: dict,
-                 in_place_kernel):
+    def __init__(self, teacher: LinearHead, capacity: int, loss_fn, cfg: LossConfig, in_place_kernel):
         self.teacher = teacher
         self.teacher_buffer = teacher.new_logits_buffer(capacity)
         self.loss_fn = loss_fn
-        self.options = options
-        self.per_row_tensors = per_row_tensors
+        self.cfg = cfg
         if in_place_kernel is not None:
             self.in_place_kernel = in_place_kernel
             self.loss_and_grad_ = self._loss_and_grad_
 
     def __call__(self, student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
         teacher_logits = self.teacher.logits_into(rows, self.teacher_buffer)
-        return self.loss_fn(student_logits, teacher_logits, **self.options, **_slice_rows(self.per_row_tensors, rows))
+        return self.loss_fn(student_logits, teacher_logits, self.cfg.select_rows(rows))
 
     def _loss_and_grad_(self, student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
         teacher_logits = self.teacher.logits_into(rows, self.teacher_buffer)
-        cfg = make_config(student_logits, teacher_logits, **self.options, **_slice_rows(self.per_row_tensors, rows))
-        return self.in_place_kernel(student_logits, teacher_logits, cfg)
+        return self.in_place_kernel(student_logits, teacher_logits, self.cfg.select_rows(rows))
 
 
-def _dense_chunk_losses(teacher: LinearHead, loss_fn, options: dict, per_row_tensors: dict,
-                        in_place_kernel=None) -> ChunkLossFactory:
+def _dense_chunk_losses(teacher: LinearHead, loss_fn, cfg: LossConfig, in_place_kernel=None) -> ChunkLossFactory:
     """Per chunk: the teacher's logits of the chunk's rows, then ``loss_fn`` (see :class:`_DenseChunkLoss`)."""
-    return functools.partial(_DenseChunkLoss, teacher, loss_fn=loss_fn, options=options,
-                             per_row_tensors=per_row_tensors, in_place_kernel=in_place_kernel)
+    return functools.partial(_DenseChunkLoss, teacher, loss_fn=loss_fn, cfg=cfg, in_place_kernel=in_place_kernel)
 
 
 def _in_place_kernel(backend: str, student: LinearHead, teacher: LinearHead):
@@ -340,34 +296,28 @@ def _in_place_kernel(backend: str, student: LinearHead, teacher: LinearHead):
     return distill_loss_and_grad_cpu_
 
 
-def _topk_chunk_losses(loss_fn, options: dict, per_row_tensors: dict) -> ChunkLossFactory:
-    """Per chunk: ``loss_fn(student_logits, topk_indices[rows], topk_logprobs[rows], ...)``."""
-
+def _topk_chunk_losses(cfg: LossConfig, tail: str, topk_indices: torch.Tensor,
+                       topk_logprobs: torch.Tensor) -> ChunkLossFactory:
+    """Per chunk: :func:`kdfast.llm.topk.topk_loss` of the chunk's rows of the ``(N, k)`` top-k tensors."""
     def make(capacity: int):
         def chunk_loss(student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
-            row_args = _slice_rows(per_row_tensors, rows)
-            return loss_fn(student_logits, row_args.pop("topk_indices"), row_args.pop("topk_logprobs"),
-                           **options, **row_args)
+            return topk_loss(student_logits, topk_indices[rows], topk_logprobs[rows], cfg.select_rows(rows), tail)
 
         return chunk_loss
 
     return make
 
 
-def _slice_rows(per_row_tensors: dict, rows: slice) -> dict:
-    return {name: t[rows] for name, t in per_row_tensors.items() if t is not None}
+def _chunks_config(cfg: LossConfig, rows: int) -> LossConfig:
+    """The configuration the chunks share: the one of the whole call, with ``"batchmean"``'s global normaliser.
 
-
-def _chunk_reduction(cfg, rows: int) -> dict:
-    """The reduction each chunk uses so that the chunks add up to the whole loss.
-
-    ``"batchmean"`` becomes a chunk sum divided by the global normaliser, which
-    the fused kernels apply while writing the gradient (no extra pass).
+    A chunk's ``"batchmean"`` is then its sum divided by the normaliser of all
+    the rows, so that the chunks add up to the whole loss; the fused kernels
+    apply it while writing the gradient (no extra pass).
     """
     if cfg.reduction != "batchmean":
-        return {"reduction": cfg.reduction}
-    return {"reduction": "batchmean",
-            "normalizer": batchmean_normalizer(cfg.normalizer, cfg.labels, rows, cfg.ignore_index)}
+        return cfg
+    return replace(cfg, normalizer=batchmean_normalizer(cfg.normalizer, cfg.labels, rows, cfg.ignore_index))
 
 
 # ----------------------------------------------------------------- helpers
@@ -395,14 +345,6 @@ def _check_label_range(labels: Optional[torch.Tensor], V: int, ignore_index: int
     reference.check_labels(flat, flat != ignore_index, V, ignore_index)
 
 
-def _weights_tensor(weighting):
-    return weighting if isinstance(weighting, torch.Tensor) else None
-
-
-def _flat(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else t.reshape(-1)
-
-
 def _rows_of(t, k: int):
     """``t`` as ``(N, k)`` rows for the checks (non-tensors pass through to be reported)."""
     return t.reshape(-1, k) if isinstance(t, torch.Tensor) and t.dim() else t
@@ -410,9 +352,9 @@ def _rows_of(t, k: int):
 
 def _vocab_parallel_loss():
     # Imported on first use: it pulls in torch.distributed, which single-device training does not need.
-    from .vocab_parallel import vocab_parallel_distill_loss
+    from .vocab_parallel import vocab_parallel_loss
 
-    return vocab_parallel_distill_loss
+    return vocab_parallel_loss
 
 
 def _all_reduce_over(process_group):
@@ -425,50 +367,33 @@ def _all_reduce_over(process_group):
 
 
 # ----------------------------------------------------------------- module forms
-class _FusedLinearModule(nn.Module):
-    """A fused linear loss with fixed keyword options; unknown option names fail at construction."""
-
-    _fn = None
-    _call_time = ("labels", "student_bias", "teacher_bias")
-
-    def __init__(self, **options):
-        super().__init__()
-        for name in self._call_time:
-            if name in options:
-                raise TypeError(f"{name} is passed at call time, not to {type(self).__name__}()")
-        inspect.signature(type(self)._fn).bind_partial(None, None, None, None, **options)
-        resolve_divergence(options.get("divergence", "kl"), options.get("alpha"), options.get("beta"),
-                           options.get("skew"))
-        self.options = options
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if not isinstance(v, torch.Tensor))
-
-
-class FusedLinearDistillLoss(_FusedLinearModule):
+class FusedLinearDistillLoss(OptionsModule):
     """``FusedLinearDistillLoss(**options)(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
     student_bias=None, teacher_bias=None)``: :func:`fused_linear_distill_loss` as a module.
 
     The heads' weights are arguments of the call (they belong to the models),
-    the loss options (divergence, temperature, chunk_size, softcap, ...) to the module.
+    the loss options (divergence, temperature, chunk_size, softcap, ...) to the
+    module, which checks them (:class:`kdfast.modules.OptionsModule`).
     """
 
-    _fn = staticmethod(fused_linear_distill_loss)
+    loss_fn = staticmethod(fused_linear_distill_loss)
+    option_checks = {"chunk_size": check_chunk_size, "softcap": check_softcap, "vocab_policy": check_vocab_policy}
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
                 student_bias=None, teacher_bias=None) -> torch.Tensor:
-        return fused_linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                                         student_bias=student_bias, teacher_bias=teacher_bias, **self.options)
+        return self.loss_fn(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                            student_bias=student_bias, teacher_bias=teacher_bias, **self.options)
 
 
-class FusedLinearTopKDistillLoss(_FusedLinearModule):
+class FusedLinearTopKDistillLoss(OptionsModule):
     """``FusedLinearTopKDistillLoss(**options)(student_hidden, student_weight, topk_indices, topk_logprobs,
     labels=None, student_bias=None)``: :func:`fused_linear_topk_distill_loss` as a module."""
 
-    _fn = staticmethod(fused_linear_topk_distill_loss)
-    _call_time = ("labels", "student_bias")
+    loss_fn = staticmethod(fused_linear_topk_distill_loss)
+
+    option_checks = {"tail": check_tail, "chunk_size": check_chunk_size, "softcap": check_softcap}
 
     def forward(self, student_hidden, student_weight, topk_indices, topk_logprobs, labels=None,
                 student_bias=None) -> torch.Tensor:
-        return fused_linear_topk_distill_loss(student_hidden, student_weight, topk_indices, topk_logprobs, labels,
-                                              student_bias=student_bias, **self.options)
+        return self.loss_fn(student_hidden, student_weight, topk_indices, topk_logprobs, labels,
+                            student_bias=student_bias, **self.options)

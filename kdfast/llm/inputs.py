@@ -14,14 +14,13 @@ from typing import Optional
 import torch
 
 from .chunking import LinearHead
-from ..config import LOGIT_DTYPES, _finite_float
+from ..config import check_logit_dtype, check_same_device, check_tensor, finite_float
 
 VOCAB_POLICIES = ("error", "truncate")
 
 
 def _check_tensor(name: str, t, dims: tuple) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensor(name, t)
     if t.dim() not in dims:
         want = " or ".join(f"{d}-D" for d in dims)
         raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
@@ -42,12 +41,10 @@ def make_head(model: str, hidden, weight, bias, *, shift: bool, softcap: Optiona
     """The ``(N, H)`` head of one model (``model`` is 'student' or 'teacher'), checked and flattened."""
     _check_tensor(f"{model}_hidden", hidden, (2, 3))
     _check_tensor(f"{model}_weight", weight, (2,))
-    if hidden.dtype not in LOGIT_DTYPES:
-        raise TypeError(f"{model}_hidden must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
+    check_logit_dtype(f"{model}_hidden", hidden)
     if weight.dtype != hidden.dtype:
         raise TypeError(f"{model}_weight dtype {weight.dtype} does not match {model}_hidden dtype {hidden.dtype}")
-    if weight.device != hidden.device:
-        raise ValueError(f"{model}_weight is on {weight.device} but {model}_hidden is on {hidden.device}")
+    check_same_device(f"{model}_weight", weight, f"{model}_hidden", hidden)
     if weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"{model}_weight shape {tuple(weight.shape)} must be (V, H) with V > 0 and H = the last dim "
                          f"of {model}_hidden shape {tuple(hidden.shape)}")
@@ -58,8 +55,7 @@ def make_head(model: str, hidden, weight, bias, *, shift: bool, softcap: Optiona
                              f"of {model}_weight shape {tuple(weight.shape)}")
         if bias.dtype != weight.dtype:
             raise TypeError(f"{model}_bias dtype {bias.dtype} does not match {model}_weight dtype {weight.dtype}")
-        if bias.device != weight.device:
-            raise ValueError(f"{model}_bias is on {bias.device} but {model}_weight is on {weight.device}")
+        check_same_device(f"{model}_bias", bias, f"{model}_weight", weight)
     if shift:
         hidden = shifted_positions(f"{model}_hidden", hidden, first=True)
     return LinearHead(hidden.reshape(-1, hidden.shape[-1]), weight, bias, softcap)
@@ -72,8 +68,7 @@ def check_same_rows(student_hidden: torch.Tensor, other: torch.Tensor, other_nam
     if tuple(other_lead) != tuple(lead):
         raise ValueError(f"{other_name} shape {tuple(other.shape)} does not match the tokens of "
                          f"student_hidden shape {tuple(student_hidden.shape)}")
-    if other.device != student_hidden.device:
-        raise ValueError(f"{other_name} is on {other.device} but student_hidden is on {student_hidden.device}")
+    check_same_device(other_name, other, "student_hidden", student_hidden)
 
 
 def reconcile_vocabularies(student: LinearHead, teacher: LinearHead, policy: str) -> LinearHead:
@@ -84,8 +79,7 @@ def reconcile_vocabularies(student: LinearHead, teacher: LinearHead, policy: str
     over those is the renormalised restriction, which is exactly what slicing
     the weight rows (a view, no copy) computes.
     """
-    if policy not in VOCAB_POLICIES:
-        raise ValueError(f"vocab_policy must be one of {VOCAB_POLICIES}, got {policy!r}")
+    check_vocab_policy(policy)
     V_s, V_t = student.vocab_size, teacher.vocab_size
     if V_s == V_t:
         return teacher
@@ -109,8 +103,7 @@ def row_tensor(name: str, t, student_hidden: torch.Tensor, *, shift: bool, drop_
     """
     if t is None or not shift:
         return t
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensor(name, t)
     trailing = t.dim() - (student_hidden.dim() - 1)
     if trailing not in (0, 1):
         raise ValueError(f"{name} shape {tuple(t.shape)} does not match the tokens of "
@@ -128,11 +121,17 @@ def virtual_logits(head: LinearHead) -> torch.Tensor:
     return head.weight.new_zeros(()).expand(head.rows, head.vocab_size)
 
 
+def check_vocab_policy(policy) -> None:
+    """ValueError unless ``policy`` is one of :data:`VOCAB_POLICIES`."""
+    if policy not in VOCAB_POLICIES:
+        raise ValueError(f"vocab_policy must be one of {VOCAB_POLICIES}, got {policy!r}")
+
+
 def check_softcap(softcap) -> Optional[float]:
     """None, or a finite ``softcap > 0``."""
     if softcap is None:
         return None
-    cap = _finite_float("softcap", softcap)
+    cap = finite_float("softcap", softcap)
     if cap <= 0:
         raise ValueError(f"softcap must be > 0 (or None), got softcap={softcap!r}")
     return cap

@@ -55,21 +55,27 @@ logits, temperature 1) and the reductions are those of
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Optional
 
 import torch
 
 from .. import reference
-from ..config import LossConfig, make_config, resolve_divergence
-from ..modules import _OptionsModule
+from ..config import LossConfig, check_same_device, check_tensor, make_config, takes_loss_options
+from ..modules import OptionsModule
 
 TAILS = ("renormalize", "bucket")
 INDEX_DTYPES = (torch.int32, torch.int64)
 LOGPROB_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_tail(tail) -> None:
+    """ValueError unless ``tail`` is one of :data:`TAILS`."""
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+
+
+@takes_loss_options(exclude=("weighting", "backend"))
 def topk_distill_loss(
     student_logits: torch.Tensor,
     topk_indices: torch.Tensor,
@@ -77,19 +83,7 @@ def topk_distill_loss(
     *,
     tail: str = "renormalize",
     tail_logprobs: Optional[torch.Tensor] = None,
-    divergence: str = "kl",
-    temperature: float = 1.0,
-    student_temperature: Optional[float] = None,
-    alpha: Optional[float] = None,
-    beta: Optional[float] = None,
-    skew: Optional[float] = None,
-    labels: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
-    hard_weight: float = 0.0,
-    soft_weight: float = 1.0,
-    scale: float = 1.0,
-    reduction: str = "batchmean",
-    normalizer: Optional[float] = None,
+    **options,
 ) -> torch.Tensor:
     """Distillation loss against a teacher known only on its top-k entries per row.
 
@@ -113,12 +107,10 @@ def topk_distill_loss(
             it in float32: see :mod:`kdfast.llm.cache`).  Worth it with float16
             log-probs, whose rounding (~1e-3 of mass) would otherwise be the
             bucket of a confident teacher, raised to the power ``1/tau``.
-        divergence, alpha, beta, skew: as :func:`kdfast.distill_loss`.
-        temperature: teacher temperature ``tau`` (applied to the log-prob rows).
-        student_temperature: ``tau_s`` (default ``tau``), applied to the logits.
-        labels, ignore_index, hard_weight, soft_weight, scale, reduction,
-            normalizer: as :func:`kdfast.distill_loss`; ignored rows may hold
-            anything (their indices and log-probs are not checked).
+        options: the options below, as in :func:`kdfast.distill_loss` (no
+            weighting, no backend); ``temperature`` applies to the log-prob
+            rows; ignored rows may hold anything (their indices and log-probs
+            are not checked).
 
     Returns:
         float32 (float64 for float64 inputs): a scalar, or ``(N,)`` for
@@ -131,20 +123,24 @@ def topk_distill_loss(
             (all ``-inf``).
         TypeError: non-integer indices, unsupported float dtypes.
     """
-    if tail not in TAILS:
-        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    check_tail(tail)
     # The options obey exactly the rules of distill_loss; make_config checks
     # them against a dense teacher of the student's shape, which here is the
     # student itself (only its shape and device are looked at).
-    cfg = make_config(
-        student_logits, student_logits, divergence=divergence, temperature=temperature,
-        student_temperature=student_temperature, alpha=alpha, beta=beta, skew=skew, labels=labels,
-        ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight, scale=scale,
-        reduction=reduction, normalizer=normalizer,
-    )
+    cfg = make_config(student_logits, student_logits, **options)
     check_topk_inputs(student_logits, topk_indices, topk_logprobs, tail_logprobs)
     if tail_logprobs is not None and tail != "bucket":
         raise ValueError(f"tail_logprobs is the teacher's bucket: it needs tail='bucket', got tail={tail!r}")
+    return topk_loss(student_logits, topk_indices, topk_logprobs, cfg, tail, tail_logprobs)
+
+
+def topk_loss(student_logits: torch.Tensor, topk_indices: torch.Tensor, topk_logprobs: torch.Tensor,
+              cfg: LossConfig, tail: str, tail_logprobs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`topk_distill_loss` of checked options and inputs (the chunks of the fused linear top-k loss).
+
+    ``cfg`` and ``tail`` are valid, and the tensors passed
+    :func:`check_topk_inputs`; their values are checked here, row by row.
+    """
     V, k = student_logits.shape[-1], topk_indices.shape[-1]
     acc = reference.accumulation_dtype(student_logits, topk_logprobs)
     rows = student_logits.reshape(-1, V)
@@ -255,12 +251,10 @@ def check_topk_inputs(student_logits: torch.Tensor, topk_indices, topk_logprobs,
     if tail_logprobs is not None:
         tensors.append(("tail_logprobs", tail_logprobs, LOGPROB_DTYPES, "float16, bfloat16, float32 or float64"))
     for name, t, dtypes, kind in tensors:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor(name, t)
         if t.dtype not in dtypes:
             raise TypeError(f"{name} must be {kind}, got {t.dtype}")
-        if t.device != student_logits.device:
-            raise ValueError(f"{name} is on {t.device} but student_logits is on {student_logits.device}")
+        check_same_device(name, t, "student_logits", student_logits)
     if topk_indices.shape != topk_logprobs.shape:
         raise ValueError(
             f"topk_indices shape {tuple(topk_indices.shape)} does not match "
@@ -357,28 +351,19 @@ def _valid_rows(cfg: LossConfig, N: int, V: int, device: torch.device):
 
 
 # ----------------------------------------------------------------- module form
-class TopKDistillLoss(_OptionsModule):
+class TopKDistillLoss(OptionsModule):
     """``TopKDistillLoss(**options)(student_logits, topk_indices, topk_logprobs, labels=None, tail_logprobs=None)``.
 
     ``options`` are the keyword arguments of :func:`topk_distill_loss` but the
-    per-batch tensors; unknown names, the tail and the divergence are checked
-    here, the rest at the first call.
+    per-batch tensors, checked here (:class:`kdfast.modules.OptionsModule`).
     """
 
-    def __init__(self, **options):
-        for name in ("labels", "tail_logprobs"):
-            if name in options:
-                raise TypeError(f"{name} are passed at call time: "
-                                f"module(student_logits, topk_indices, topk_logprobs, labels=..., tail_logprobs=...)")
-        inspect.signature(topk_distill_loss).bind_partial(None, None, None, **options)
-        tail = options.get("tail", "renormalize")
-        if tail not in TAILS:
-            raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
-        resolve_divergence(options.get("divergence", "kl"), options.get("alpha"), options.get("beta"),
-                           options.get("skew"))
-        super().__init__(**options)
+    loss_fn = staticmethod(topk_distill_loss)
+    call_time_error = ("{name} are passed at call time: "
+                       "module(student_logits, topk_indices, topk_logprobs, labels=..., tail_logprobs=...)")
+    option_checks = {"tail": check_tail}
 
     def forward(self, student_logits: torch.Tensor, topk_indices: torch.Tensor, topk_logprobs: torch.Tensor,
                 labels: Optional[torch.Tensor] = None, tail_logprobs: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return topk_distill_loss(student_logits, topk_indices, topk_logprobs, labels=labels,
-                                 tail_logprobs=tail_logprobs, **self.options)
+        return self.loss_fn(student_logits, topk_indices, topk_logprobs, labels=labels, tail_logprobs=tail_logprobs,
+                            **self.options)

@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from .. import reference
-from ..config import LossConfig, make_config
+from ..config import LossConfig, make_config, takes_loss_options
 from ..registry import divergence_spec
 
 __all__ = ["vocab_parallel_distill_loss"]
@@ -161,35 +161,10 @@ def _label_logits(student: torch.Tensor, labels: torch.Tensor, valid: torch.Tens
     return torch.where(here, picked, torch.zeros_like(picked))
 
 
-def _reject_undefined_rows(maxima: torch.Tensor, valid: torch.Tensor, name: str) -> None:
-    """ValueError (the reference's) for a valid row that is ``-inf`` over the whole vocabulary."""
-    dead = valid & torch.isneginf(maxima)
-    if bool(dead.any()):
-        i = int(dead.nonzero()[0, 0])
-        raise ValueError(f"{name} row {i} is all -inf: the {name.split('_')[0]} distribution is undefined")
-
-
 # ----------------------------------------------------------------- the loss
-def vocab_parallel_distill_loss(
-    student_logits_shard: torch.Tensor,
-    teacher_logits_shard: torch.Tensor,
-    *,
-    process_group=None,
-    labels: Optional[torch.Tensor] = None,
-    divergence: str = "kl",
-    temperature: float = 1.0,
-    student_temperature: Optional[float] = None,
-    alpha: Optional[float] = None,
-    beta: Optional[float] = None,
-    skew: Optional[float] = None,
-    weighting: Union[None, str, torch.Tensor] = None,
-    ignore_index: int = -100,
-    hard_weight: float = 0.0,
-    soft_weight: float = 1.0,
-    scale: float = 1.0,
-    reduction: str = "batchmean",
-    normalizer: Optional[float] = None,
-) -> torch.Tensor:
+@takes_loss_options(exclude=("backend",))
+def vocab_parallel_distill_loss(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor, *,
+                                process_group=None, **options) -> torch.Tensor:
     """``kdfast.distill_loss`` of vocabulary-sharded logits, computed without gathering them.
 
     Args:
@@ -200,10 +175,10 @@ def vocab_parallel_distill_loss(
             same rows.
         process_group: the ranks sharing the vocabulary (``None``: the default
             group; world size 1 is plain ``distill_loss``).
-        labels: ``N`` *global* vocabulary indices (or ``ignore_index``),
-            identical on every rank, as are a weighting tensor and the options.
-        divergence, temperature, ..., normalizer: exactly as in
-            :func:`kdfast.distill_loss`.
+        options: the options below, exactly as in :func:`kdfast.distill_loss`
+            (no backend); ``labels`` are ``N`` *global* vocabulary indices (or
+            ``ignore_index``), identical on every rank, as are a weighting
+            tensor and the options.
 
     Returns:
         ``distill_loss`` of the full logits (float32, float64 for float64
@@ -225,19 +200,27 @@ def vocab_parallel_distill_loss(
                            "torch.distributed.init_process_group first (a world of size 1 is fine)")
     local_error, cfg = None, None
     try:
-        cfg = make_config(student_logits_shard, teacher_logits_shard, divergence=divergence,
-                          temperature=temperature, student_temperature=student_temperature, alpha=alpha,
-                          beta=beta, skew=skew, weighting=weighting, labels=labels, ignore_index=ignore_index,
-                          hard_weight=hard_weight, soft_weight=soft_weight, scale=scale, reduction=reduction,
-                          normalizer=normalizer)
+        cfg = make_config(student_logits_shard, teacher_logits_shard, **options)
     except (TypeError, ValueError) as exc:
         local_error = exc
+    return _loss_over_ranks(student_logits_shard, teacher_logits_shard, cfg, process_group, local_error)
+
+
+def vocab_parallel_loss(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor, cfg: LossConfig,
+                        process_group=None) -> torch.Tensor:
+    """:func:`vocab_parallel_distill_loss` of options already checked on this rank (the fused linear loss's chunks)."""
+    return _loss_over_ranks(student_logits_shard, teacher_logits_shard, cfg, process_group, None)
+
+
+def _loss_over_ranks(student_logits_shard, teacher_logits_shard, cfg: Optional[LossConfig], group,
+                     local_error: Optional[Exception]) -> torch.Tensor:
+    """The replicated loss, once every rank knows every rank's layout and whether its arguments are valid."""
     shard = student_logits_shard if isinstance(student_logits_shard, torch.Tensor) else None
     local_vocab = shard.shape[-1] if shard is not None and shard.dim() > 0 else 0
     local_rows = shard.numel() // local_vocab if local_vocab else 0
     layout = _shard_layout(local_rows, local_vocab, local_error,
-                           shard.device if shard is not None else torch.device("cpu"), process_group)
-    loss = _sharded_loss(student_logits_shard, teacher_logits_shard, cfg, layout, process_group)
+                           shard.device if shard is not None else torch.device("cpu"), group)
+    loss = _sharded_loss(student_logits_shard, teacher_logits_shard, cfg, layout, group)
     return _ReplicatedLoss.apply(loss, layout.world_size)
 
 
@@ -314,8 +297,9 @@ def _normalisers(scaled: Dict[Tuple[str, float], torch.Tensor], valid: torch.Ten
     """
     keys = list(scaled)
     lse, maxima = _global_logsumexps([scaled[k] for k in keys], group)
-    _reject_undefined_rows(maxima[:, keys.index(("teacher", cfg.temperature))], valid, "teacher_logits")
-    _reject_undefined_rows(maxima[:, keys.index(("student", cfg.student_temperature))], valid, "student_logits")
+    # A row is -inf over the whole vocabulary where its global maximum is: the reference's check of those.
+    teacher, student = (keys.index(key) for key in (("teacher", cfg.temperature), ("student", cfg.student_temperature)))
+    reference.check_rows_defined(maxima[:, teacher, None], maxima[:, student, None], valid)
     return {k: lse[:, i] for i, k in enumerate(keys)}
 
 

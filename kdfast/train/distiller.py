@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import _integer
+from ..config import integer
 from ..losses import kd_loss
 from .checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, PREVIOUS_CHECKPOINT_NAME, capture_rng_state, \
     load_latest_checkpoint, restore_rng_state, save_checkpoint
@@ -136,7 +136,7 @@ class Distiller:
         self.soft_weight = check_weight("soft_weight", soft_weight)
         self.peer_weight = check_weight("peer_weight", peer_weight)
         self.peer_temperature = float(peer_temperature)
-        self.ignore_index = _integer("ignore_index", ignore_index)
+        self.ignore_index = integer("ignore_index", ignore_index)
         self.distill_unlabeled = bool(distill_unlabeled)
         self.grad_accum_steps = grad_accum_steps
         self.amp = amp

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import correlation_losses, losses
-from ..config import _finite_float, _integer
+from ..config import finite_float, integer
 
 # name -> (kdfast function, how it is called)
 _LOSSES: Dict[str, tuple] = {
@@ -54,7 +54,7 @@ class DistillObjective:
         self.fn = fn
         self.kind = kind  # "rowwise", "batch", "labelled" or "callable"
         self.options = dict(options)
-        self.ignore_index = _integer("ignore_index", ignore_index)
+        self.ignore_index = integer("ignore_index", ignore_index)
 
     @property
     def needs_labels(self) -> bool:
@@ -174,7 +174,7 @@ def hard_loss_sum(name: str, logits: torch.Tensor, labels: torch.Tensor, ignore_
 
 def check_weight(name: str, value) -> float:
     """A finite, non-negative term weight."""
-    x = _finite_float(name, value)
+    x = finite_float(name, value)
     if x < 0:
         raise ValueError(f"{name} must be >= 0, got {name}={value}")
     return x

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, List, Optional, Union
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from ...config import _finite_float
+from ...config import finite_float
 from ._format import (
     FORMAT_NAME, FORMAT_VERSION, INDEX_DTYPE, INDEX_FILE, LOCK_FILE, LOGPROB_DTYPES, SHARD_METADATA, TAIL_DTYPE,
     TEMP_SUFFIX,
@@ -139,7 +139,7 @@ def _check_settings(teacher, k, logprob_dtype, tokens_per_shard, temperature, te
             raise ValueError(f"{name} must be >= 1, got {name}={value}")
     if logprob_dtype not in LOGPROB_DTYPES.values():
         raise ValueError(f"logprob_dtype must be torch.float16, torch.bfloat16 or torch.float32, got {logprob_dtype}")
-    tau = _finite_float("temperature", temperature)
+    tau = finite_float("temperature", temperature)
     if tau <= 0:
         raise ValueError(f"temperature must be > 0, got temperature={temperature}")
     if teacher_name is not None and not isinstance(teacher_name, str):
