@@ -195,6 +195,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_capability", &set_capability, "Lower (or restore) the SIMD capability; returns the one in effect.");
   m.def("empty_cache", [] { kdfast::GradBufferCache::instance().clear(); },
         "Release the gradient buffers kept for reuse.");
+  m.def("_vector_math", [](const std::string& fn, const std::string& capability, const at::Tensor& x) {
+    static const char* const names[] = {
+#define KDFAST_VECTOR_FN_NAME(name, text, function) text,
+        KDFAST_FOR_EACH_VECTOR_FN(KDFAST_VECTOR_FN_NAME)
+#undef KDFAST_VECTOR_FN_NAME
+    };
+    int index = -1;
+    for (int i = 0; i < static_cast<int>(kdfast::VectorFn::Count); ++i)
+      if (fn == names[i]) index = i;
+    TORCH_CHECK_VALUE(index >= 0, "unknown vector function '", fn, "'");
+    kdfast::CpuCapability want = kdfast::CpuCapability::Default;
+    TORCH_CHECK_VALUE(kdfast::parse_cpu_capability(capability.c_str(), &want), "unknown CPU capability '",
+                      capability, "'");
+    TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "_vector_math takes float32, got ", x.scalar_type());
+    const at::Tensor in = x.contiguous();
+    at::Tensor out = at::empty_like(in);
+    const auto got = kdfast::vector_math(want, static_cast<kdfast::VectorFn>(index), in.data_ptr<float>(),
+                                         out.data_ptr<float>(), in.numel());
+    return std::make_tuple(out, std::string(kdfast::cpu_capability_name(got)));
+  }, "Test hook: a SIMD math function of the kernels (vec.h) on float32 entries, at a capability; "
+     "returns (result, the capability used).");
   m.def("_check_large_row_offsets", &kdfast::check_large_row_offsets,
         "Kernel self-test: a row at an element offset beyond 2^31; returns '' when it passes.");
 }

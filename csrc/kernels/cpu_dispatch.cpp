@@ -91,4 +91,16 @@ KDFAST_CAPABILITY_DISPATCH(dkd_rows, DkdParams, DkdBatch)
 KDFAST_CAPABILITY_DISPATCH(correlation_rows, CorrelationParams, CorrelationBatch)
 #undef KDFAST_CAPABILITY_DISPATCH
 
+CpuCapability vector_math(CpuCapability want, VectorFn fn, const float* x, float* y, int64_t n) {
+  const CpuCapability best = supported_cpu_capability();
+  const CpuCapability got = static_cast<int>(want) < static_cast<int>(best) ? want : best;
+  switch (got) {
+    case CpuCapability::AVX512_BF16: avx512_bf16::vector_math(fn, x, y, n); break;
+    case CpuCapability::AVX512: avx512::vector_math(fn, x, y, n); break;
+    case CpuCapability::AVX2: avx2::vector_math(fn, x, y, n); break;
+    default: cpu_default::vector_math(fn, x, y, n); break;
+  }
+  return got;
+}
+
 }  // namespace kdfast

@@ -76,4 +76,23 @@ const char* cpu_capability_name(CpuCapability);
 bool parse_cpu_capability(const char* name, CpuCapability* out);
 void distill_rows(const DistillParams&, const DistillBatch&, int64_t begin, int64_t end);
 
+// The SIMD math functions of the kernels (vec.h), exposed for the tests:
+// X(enumerator, "name", function of vec.h).
+#define KDFAST_FOR_EACH_VECTOR_FN(X)                          \
+  X(Exp, "exp", vexp)                                         \
+  X(Exp2Nonpositive, "exp2_nonpositive", vexp2_nonpositive)   \
+  X(LogNormal, "log_normal", vlog_normal)                     \
+  X(Log1pUnit, "log1p_unit", vlog1p_unit)                     \
+  X(Recip, "recip", vrecip)                                   \
+  X(Sqrt, "sqrt", vsqrt)
+#define KDFAST_VECTOR_FN_ENUMERATOR(name, text, function) name,
+enum class VectorFn : int32_t { KDFAST_FOR_EACH_VECTOR_FN(KDFAST_VECTOR_FN_ENUMERATOR) Count };
+#undef KDFAST_VECTOR_FN_ENUMERATOR
+namespace cpu_default { void vector_math(VectorFn, const float* x, float* y, int64_t n); }
+namespace avx2 { void vector_math(VectorFn, const float* x, float* y, int64_t n); }
+namespace avx512 { void vector_math(VectorFn, const float* x, float* y, int64_t n); }
+namespace avx512_bf16 { void vector_math(VectorFn, const float* x, float* y, int64_t n); }
+// y = fn(x) on the code of `capability` (clamped to what the CPU supports); returns the level used.
+CpuCapability vector_math(CpuCapability capability, VectorFn fn, const float* x, float* y, int64_t n);
+
 }  // namespace kdfast

@@ -302,6 +302,54 @@ struct RowKernel {
                  ShiftBySub<V>(k_t, mzt), ShiftBySub<V>(k_s, mzs));
   }
 
+  // The teacher at temperature 1 as sums over u = tau t (base 2: 2^u = exp(z - max)
+  // up to the shift's rounding, which every use below is invariant to).
+  struct TeacherT1Sums {
+    double sum = 0.0, u_sum = 0.0;  // sum 2^u, sum 2^u u
+  };
+
+  // Sweep 2: the exponentials 2^t of both rows at their temperatures, kept in
+  // scratch, their sums and KL's value.  With kT1, also the teacher at
+  // temperature 1 from the same t (2^(tau t), one more exp per entry while t is
+  // in registers): a weighting that needs it then costs no sweep of its own.
+  template <bool kT1, class Shift>
+  static void exp_sweep(const DistillBatch& b, int64_t row, S* scratch_t, S* scratch_s, const TT* zt, const TS* zs,
+                        const Shift& to_t, const Shift& to_s, S tau, RowAcc& r, TeacherT1Sums& t1) {
+    const int64_t n = b.vocab;
+    const bool has_next = row + 1 < b.rows;
+    const TT* zt_next = has_next ? zt + b.teacher_row_stride : zt;
+    const TS* zs_next = has_next ? zs + b.student_row_stride : zs;
+    const V vtau = V::broadcast(tau);
+    V at = V::zero(), as = V::zero(), av = V::zero(), a1 = V::zero(), h1 = V::zero();
+    sweep<V>(n, [&](int64_t j, auto tail) {
+      prefetch_next_line<V>(zt_next, j);
+      prefetch_next_line<V>(zs_next, j);
+      V tt = to_t(ld<V>(zt + j, tail, kNegInf));
+      V ts = to_s(ld<V>(zs + j, tail, kNegInf));
+      V et = vexp2_nonpositive(tt), es = vexp2_nonpositive(ts);
+      et.store(scratch_t + j);
+      es.store(scratch_s + j);
+      at = at + et;
+      as = as + es;
+      if constexpr (Div<V>::kValueFromExps) av = Div<V>::add_exp_term(av, tt, ts, et, es);
+      if constexpr (kT1) {
+        const V u = tt * vtau;
+        const V e1 = vexp2_nonpositive(u);
+        a1 = a1 + e1;
+        h1 = fmadd_where(gt(e1, V::zero()), e1, u, h1);  // u may be -inf where e1 == 0
+      }
+    }, [&] {
+      r.sum_t += at.reduce_add();
+      r.sum_s += as.reduce_add();
+      if constexpr (Div<V>::kValueFromExps) r.val += av.reduce_add();
+      if constexpr (kT1) {
+        t1.sum += a1.reduce_add();
+        t1.u_sum += h1.reduce_add();
+      }
+      at = as = av = a1 = h1 = V::zero();
+    });
+  }
+
   // Sweeps 2 to the end of one row, with the base-2 shift of the row's size.
   template <class Shift>
   static void finish_row(const DistillParams& prm, const DivConsts& dc, const DistillBatch& b, int64_t row,
@@ -310,29 +358,16 @@ struct RowKernel {
     const int64_t n = b.vocab;
     const V vmzs = V::broadcast(mzs);
     RowAcc r;
-    {
-      const bool has_next = row + 1 < b.rows;
-      const TT* zt_next = has_next ? zt + b.teacher_row_stride : zt;
-      const TS* zs_next = has_next ? zs + b.student_row_stride : zs;
-      V at = V::zero(), as = V::zero(), av = V::zero();
-      sweep<V>(n, [&](int64_t j, auto tail) {
-        prefetch_next_line<V>(zt_next, j);
-        prefetch_next_line<V>(zs_next, j);
-        V tt = to_t(ld<V>(zt + j, tail, kNegInf));
-        V ts = to_s(ld<V>(zs + j, tail, kNegInf));
-        V et = vexp2_nonpositive(tt), es = vexp2_nonpositive(ts);
-        et.store(scratch_t + j);
-        es.store(scratch_s + j);
-        at = at + et;
-        as = as + es;
-        if constexpr (Div<V>::kValueFromExps) av = Div<V>::add_exp_term(av, tt, ts, et, es);
-      }, [&] {
-        r.sum_t += at.reduce_add();
-        r.sum_s += as.reduce_add();
-        if constexpr (Div<V>::kValueFromExps) r.val += av.reduce_add();
-        at = as = av = V::zero();
-      });
-    }
+    // The teacher at temperature 1 comes with the exponential sweep when the
+    // weighting needs it, unless tau times the shift's rounding at the max
+    // could push 2^(tau t) out of float's range (logits past ~1e8).
+    const bool needs_t1 = with_weighting(prm.weighting, [](auto policy) { return decltype(policy)::kNeedsTeacherT1; });
+    const bool fold_t1 = needs_t1 && std::fabs(prm.tau * to_t.at_max()) < 16.0;
+    TeacherT1Sums t1;
+    if (fold_t1)
+      exp_sweep<true>(b, row, scratch_t, scratch_s, zt, zs, to_t, to_s, S(prm.tau), r, t1);
+    else
+      exp_sweep<false>(b, row, scratch_t, scratch_s, zt, zs, to_t, to_s, S(prm.tau), r, t1);
     // A NaN or +inf logit makes its sum NaN (2^t of a finite row is at most
     // 2^(1/4) per entry, so a finite row's sums are finite): the contract's
     // NaN in, NaN out, for the row's loss and every entry of its gradient.
@@ -344,18 +379,26 @@ struct RowKernel {
     r.log_sum_t = std::log(r.sum_t);
     r.log_sum_s = std::log(r.sum_s);
 
-    // -- sweep 3 (only for a weighting that needs it): the teacher at temperature 1
-    // The exponential sweep's sum is of 2^t, i.e. exp((z - max) / tau) times
-    // 2^(t at the max) (the rounding of the one-FMA shift): in natural units
-    // the weightings get it without that factor.
+    // -- the row's weight.  The exponential sweep's sum is of 2^t, i.e.
+    // exp((z - max) / tau) times 2^(t at the max) (the rounding of the one-FMA
+    // shift).  Folded, the temperature-1 sums carry the same rounding (times
+    // tau), which the weights are invariant to; a separate sweep shifts by the
+    // max exactly, and then the weightings get log S_t without that factor.
     const double weight = with_weighting(prm.weighting, [&](auto policy) {
       using Policy = decltype(policy);
       WeightInputs in;
-      in.log_sum_t = r.log_sum_t - kLn2D * to_t.at_max();
+      in.log_sum_t = fold_t1 ? r.log_sum_t : r.log_sum_t - kLn2D * to_t.at_max();
       in.tau = prm.tau;
       in.vocab = n;
       if (b.weights) in.given = b.weights[row];
-      if constexpr (Policy::kNeedsTeacherT1) in.t1 = teacher_at_t1<V>(zt, mzt, n);
+      if constexpr (Policy::kNeedsTeacherT1) {
+        if (fold_t1) {
+          const double log_s1 = std::log(t1.sum);
+          in.t1 = {log_s1, log_s1 - kLn2D * t1.u_sum / t1.sum};
+        } else {
+          in.t1 = teacher_at_t1<V>(zt, mzt, n);
+        }
+      }
       return Policy::weight(in);
     });
 
@@ -403,19 +446,18 @@ struct RowKernel {
                         reinterpret_cast<uintptr_t>(grad) % kStreamAlign<V, TS> == 0;
     auto write_grad = [&] {
       const double a = c_soft / prm.tau_s, b = -a * r.gsum + (student_t1_differs ? 0.0 : c_hard);
-      const V A = vset<V>(a), B = vset<V>(b);
-      // KL: A (-p) + B q = (-A / S_t) e_t + (B / S_s) e_s
+      const V A = vset<V>(a);
+      // B q = (B / S_s) e_s; for KL, A g = A (-p) = (-A / S_t) e_t
       const V A_minus_p = vset<V>(-a / r.sum_t), B_q = vset<V>(b / r.sum_s);
       const V C = vset<V>(c_hard);
       const V log_sum_s1_v = vset<V>(log_sum_s1);
       const bool add_q1 = hard && student_t1_differs;
       sweep<V>(n, [&](int64_t j, auto tail) {
         V out;
-        if constexpr (GradTermIsMinusP<Div<V>>::value) {
+        if constexpr (Div<V>::kValueFromExps) {
           out = fmadd(V::load(scratch_t + j), A_minus_p, V::load(scratch_s + j) * B_q);
-        } else {
-          Elem<V> e = elem(j, tail);
-          out = fmadd(A, Div<V>::grad_term(e, r, dc), B * e.q);
+        } else {  // scratch_t holds what the value sweep kept of entry j
+          out = fmadd(A, Div<V>::grad_from_kept(V::load(scratch_t + j), r, dc), V::load(scratch_s + j) * B_q);
         }
         if (add_q1) out = fmadd(C, vexp((ld<V>(zs + j, tail, kNegInf) - vmzs) - log_sum_s1_v), out);
         if (hard && label >= j && label < j + lanes(tail, V::size)) {
@@ -436,8 +478,22 @@ struct RowKernel {
     };
 
     if constexpr (!Div<V>::kValueFromExps) {
-      typename Div<V>::Acc acc;
-      sweep<V>(n, [&](int64_t j, auto tail) { acc.add(elem(j, tail), dc); }, [&] { acc.flush(r); });
+      // The teacher's exponentials are read here for the last time: each
+      // entry's slot takes what the gradient sweep needs of it instead.
+      typename Div<V>::Acc acc(dc);
+      sweep<V>(n, [&](int64_t j, auto tail) { acc.add(elem(j, tail)).store(scratch_t + j); },
+               [&] { acc.flush(r); });
+      if constexpr (KeptIsLogTerm<Div<V>>::value) {
+        // The kept log-terms, exponentiated against the row's maximum (in
+        // place: the gradient sweep reads exp(x_j - max)) and summed.
+        const V max_x = vset<V>(r.lse_max);
+        V acc_e = V::zero();
+        sweep<V>(n, [&](int64_t j, auto) {
+          const V e = vexp(V::load(scratch_t + j) - max_x);
+          e.store(scratch_t + j);
+          acc_e = acc_e + e;
+        }, [&] { r.lse_sum += acc_e.reduce_add(); acc_e = V::zero(); });
+      }
     }
     Div<V>::finish(r, dc);
     if (grad) write_grad();

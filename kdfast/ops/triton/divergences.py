@@ -24,17 +24,24 @@ import triton.language as tl
 
 
 @triton.jit
-def logaddexp(a, b):
-    """``log(exp(a) + exp(b))``, exact for -inf operands."""
-    mx = tl.maximum(a, b)
-    mn = tl.minimum(a, b)
-    return tl.where(mx == float("-inf"), mx, mx + tl.log(1.0 + tl.exp(mn - mx)))
+def log_mixture(p, q, logp, logq, log_w_p, log_w_q):
+    """``log m``, ``m = w_p p + w_q q`` (the weights come as their logs, possibly -inf).
 
-
-@triton.jit
-def log_mixture(logp, logq, log_w_p, log_w_q):
-    """``log(w_p p + w_q q)``; the weights come as their logs (possibly -inf)."""
-    return logaddexp(logp + log_w_p, logq + log_w_q)
+    As the C++ policies (csrc/kernels/divergences.h, ``Mixture``): with
+    ``x = w_p p``, ``y = w_q q``, ``log m = log max(x, y) + log(1 + min / max)``,
+    where ``log max`` is the log-space term ``log w + log p`` (or ``log q``) the
+    other terms use; one division and one log instead of logaddexp's exp and
+    log.  Where ``max(x, y)`` underflows the larger log-space term stands in
+    (-inf for masked entries; within log 2 where both are below float's range)."""
+    a = logp + log_w_p
+    b = logq + log_w_q
+    x = tl.exp(log_w_p) * p
+    y = tl.exp(log_w_q) * q
+    hi = tl.maximum(x, y)
+    lo = tl.minimum(x, y)
+    normal = hi >= 1.1754943508222875e-38
+    lm = tl.where(y > x, b, a) + tl.log(1.0 + lo / tl.where(normal, hi, 1.0))
+    return tl.where(normal, lm, tl.maximum(a, b))
 
 
 @triton.jit
@@ -47,10 +54,22 @@ def _renyi_log_term(p, logp, logq, alpha):
 
 
 @triton.jit
-def _ab_g(logp, logq, alpha, beta):
+def _ab_powers(p, q, logp, logq, s):
+    """``(p^s, q^s)``, ``s = alpha + beta``: ``p`` and ``q`` themselves at ``s = 1`` (the default), no exp."""
+    if s == 1.0:
+        pp = p
+        qq = q
+    else:
+        pp = tl.exp(s * logp)
+        qq = tl.exp(s * logq)
+    return pp, qq
+
+
+@triton.jit
+def _ab_g(p, q, logp, logq, alpha, beta):
     """``-(p^a q^b - q^(a+b)) / a``."""
     pq = tl.exp(alpha * logp + beta * logq)
-    qq = tl.exp((alpha + beta) * logq)
+    _, qq = _ab_powers(p, q, logp, logq, alpha + beta)
     return -(pq - qq) / alpha
 
 
@@ -62,9 +81,15 @@ def _tvd_g(p, q):
 
 
 @triton.jit
-def _skew_kl_g(p, q, logp, logq, logm, skew):
-    """``-(1 - s) p q / m``."""
-    return tl.where((p > 0) & (q > 0), -(1.0 - skew) * tl.exp(logp + logq - logm), 0.0)
+def _mixture(p, q, log_w_p, log_w_q):
+    """``m = w_p p + w_q q``."""
+    return tl.exp(log_w_p) * p + tl.exp(log_w_q) * q
+
+
+@triton.jit
+def _skew_kl_g(p, q, m, skew):
+    """``-(1 - s) p q / m`` (0 where ``m`` underflows: both ``p`` and ``q`` below float's range)."""
+    return tl.where(m >= 1.1754943508222875e-38, -(1.0 - skew) * (p * q) / tl.where(m > 0, m, 1.0), 0.0)
 
 
 @triton.jit
@@ -80,7 +105,7 @@ def value_term(DIV: tl.constexpr, p, q, logp, logq, alpha, beta, skew, log_w_p, 
     elif DIV == "reverse_kl":
         v = tl.where(q > 0, q * (logq - logp), 0.0)
     elif DIV == "jsd":
-        logm = log_mixture(logp, logq, log_w_p, log_w_q)
+        logm = log_mixture(p, q, logp, logq, log_w_p, log_w_q)
         v = beta * tl.where(p > 0, p * (logp - logm), 0.0) + (1.0 - beta) * _q_log_ratio(q, logq, logm)
     elif DIV == "tvd":
         v = 0.5 * tl.abs(p - q)
@@ -89,13 +114,14 @@ def value_term(DIV: tl.constexpr, p, q, logp, logq, alpha, beta, skew, log_w_p, 
     elif DIV == "ab":
         s = alpha + beta
         pq = tl.exp(alpha * logp + beta * logq)
-        v = -(pq - alpha / s * tl.exp(s * logp) - beta / s * tl.exp(s * logq)) / (alpha * beta)
+        pp, qq = _ab_powers(p, q, logp, logq, s)
+        v = -(pq - alpha / s * pp - beta / s * qq) / (alpha * beta)
     elif DIV == "skew_kl":
-        v = tl.where(p > 0, p * (logp - log_mixture(logp, logq, log_w_p, log_w_q)), 0.0)
+        v = tl.where(p > 0, p * (logp - log_mixture(p, q, logp, logq, log_w_p, log_w_q)), 0.0)
     elif DIV == "skew_reverse_kl":
-        v = _q_log_ratio(q, logq, log_mixture(logp, logq, log_w_p, log_w_q))
+        v = _q_log_ratio(q, logq, log_mixture(p, q, logp, logq, log_w_p, log_w_q))
     elif DIV == "hellinger":
-        d = tl.exp(0.5 * logp) - tl.exp(0.5 * logq)
+        d = tl.sqrt(p) - tl.sqrt(q)
         v = d * d
     else:
         tl.static_assert(False, "a divergence of kdfast.registry without a Triton value_term")
@@ -119,21 +145,23 @@ def grad_term(DIV: tl.constexpr, p, q, logp, logq, alpha, beta, skew, log_w_p, l
     elif DIV == "reverse_kl":
         g = tl.where(q > 0, q * (logq - logp), 0.0)
     elif DIV == "jsd":
-        g = (1.0 - beta) * _q_log_ratio(q, logq, log_mixture(logp, logq, log_w_p, log_w_q))
+        g = (1.0 - beta) * _q_log_ratio(q, logq, log_mixture(p, q, logp, logq, log_w_p, log_w_q))
     elif DIV == "tvd":
         g = _tvd_g(p, q)
     elif DIV == "renyi":
         # -p^alpha q^(1-alpha) / sum_k p^alpha q^(1-alpha)
         g = -tl.exp(_renyi_log_term(p, logp, logq, alpha) - renyi_lse)
     elif DIV == "ab":
-        g = _ab_g(logp, logq, alpha, beta)
+        g = _ab_g(p, q, logp, logq, alpha, beta)
     elif DIV == "skew_kl":
-        g = _skew_kl_g(p, q, logp, logq, log_mixture(logp, logq, log_w_p, log_w_q), skew)
+        g = _skew_kl_g(p, q, _mixture(p, q, log_w_p, log_w_q), skew)
     elif DIV == "skew_reverse_kl":
-        logm = log_mixture(logp, logq, log_w_p, log_w_q)
-        g = tl.where(q > 0, _q_log_ratio(q, logq, logm) - skew * tl.exp(logq + logq - logm), 0.0)
+        logm = log_mixture(p, q, logp, logq, log_w_p, log_w_q)
+        m = _mixture(p, q, log_w_p, log_w_q)
+        sq = tl.where(m >= 1.1754943508222875e-38, skew * (q * q) / tl.where(m > 0, m, 1.0), 0.0)
+        g = tl.where(q > 0, _q_log_ratio(q, logq, logm) - sq, 0.0)
     elif DIV == "hellinger":
-        g = -tl.exp(0.5 * (logp + logq))  # -sqrt(p q)
+        g = -(tl.sqrt(p) * tl.sqrt(q))  # -sqrt(p q)
     else:
         tl.static_assert(False, "a divergence of kdfast.registry without a Triton grad_term")
     return g
