@@ -228,5 +228,52 @@ inline void store_tail(double* p, Vec v, int n) {
   for (int i = 0; i < n; ++i) p[i] = t[i];
 }
 
+// Masked loads and stores for the tails where the ISA has them: a row of
+// V = 100 has a tail in every sweep, and a scalar loop per tail cost as much
+// as the rest of the row.  Masked-off lanes are never touched (no fault past
+// the row's end).
+#if defined(KDFAST_ISA_AVX512)
+inline __mmask16 tail_mask(int n) { return __mmask16((1u << n) - 1u); }
+template <>
+inline VecF load_tail<VecF, float>(const float* p, int n, float fill) {
+  return {_mm512_mask_loadu_ps(_mm512_set1_ps(fill), tail_mask(n), p)};
+}
+// 16-bit storage: a masked load of the 16-bit lanes (AVX512BW), widened as the full loads are.
+inline __m256i load_tail_u16(const void* p, int n) {
+  return _mm512_castsi512_si256(_mm512_maskz_loadu_epi16(__mmask32(tail_mask(n)), p));
+}
+template <>
+inline VecF load_tail<VecF, BF16>(const BF16* p, int n, float fill) {
+  const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load_tail_u16(p, n)), 16));
+  return {_mm512_mask_blend_ps(tail_mask(n), _mm512_set1_ps(fill), v)};
+}
+template <>
+inline VecF load_tail<VecF, F16>(const F16* p, int n, float fill) {
+  return {_mm512_mask_blend_ps(tail_mask(n), _mm512_set1_ps(fill), _mm512_cvtph_ps(load_tail_u16(p, n)))};
+}
+template <>
+inline void store_tail<VecF, float>(float* p, VecF v, int n) { _mm512_mask_storeu_ps(p, tail_mask(n), v.v); }
+template <>
+inline void store_tail<VecF, BF16>(BF16* p, VecF v, int n) {
+  _mm512_mask_storeu_epi16(p, __mmask32(tail_mask(n)), _mm512_castsi256_si512(Convert<VecF, BF16>::bits(v)));
+}
+template <>
+inline void store_tail<VecF, F16>(F16* p, VecF v, int n) {
+  _mm512_mask_storeu_epi16(p, __mmask32(tail_mask(n)), _mm512_castsi256_si512(Convert<VecF, F16>::bits(v)));
+}
+#elif defined(KDFAST_ISA_AVX2)
+// float only: AVX2 has no 16-bit masked moves (bf16 and fp16 tails keep the loop).
+inline __m256i tail_mask(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+template <>
+inline VecF load_tail<VecF, float>(const float* p, int n, float fill) {
+  const __m256i m = tail_mask(n);
+  return {_mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m))};
+}
+template <>
+inline void store_tail<VecF, float>(float* p, VecF v, int n) { _mm256_maskstore_ps(p, tail_mask(n), v.v); }
+#endif
+
 }  // namespace KDFAST_CPU_CAPABILITY
 }  // namespace kdfast
