@@ -112,9 +112,16 @@ struct LaneMax<VecF, BF16> {
     return {vmax(m.hi, x), vmin(m.lo, x)};
   }
   static Acc add(Acc m, const BF16* p, int n) {
+#if defined(KDFAST_ISA_AVX512)
+    // a masked load of the tail's 16-bit lanes (AVX512BW), the rest -inf
+    const __m512i x = _mm512_mask_loadu_epi16(_mm512_set1_epi16(int16_t(kNegInfBits)), __mmask32((1u << n) - 1u), p);
+    const VecI16 v{_mm512_castsi512_si256(x)};
+    return {vmax(m.hi, v), vmin(m.lo, v)};
+#else
     BF16 t[VecF::size];
     for (int i = 0; i < VecF::size; ++i) t[i] = i < n ? p[i] : BF16{kNegInfBits};
     return add(m, t, Full{});
+#endif
   }
   static float result(Acc m) {
     const int16_t top = m.hi.reduce_max();
