@@ -57,6 +57,17 @@ def test_wttm_weight_of_huge_logits(temperature, kernel):
 
 
 @kernels
+@pytest.mark.parametrize("weighting", ["wttm", "entropy"])
+def test_weights_where_the_shift_rounding_times_tau_is_large(weighting, kernel):
+    """Logits of 1e9 at tau = 1e4: the one-FMA shift's rounding (up to 4e-3 of t) times tau would
+    reach 2^(tau t) = 2^40; such rows take the exact shift, and the weights stay those of the oracle."""
+    g = torch.Generator().manual_seed(3)
+    s = 1e9 + 64.0 * torch.randint(-8, 8, (3, 37), generator=g).float()
+    t = 1e9 + 64.0 * torch.randint(-8, 8, (3, 37), generator=g).float()
+    assert_matches_oracle(s, t, kernel, weighting=weighting, temperature=1e4, student_temperature=1.0)
+
+
+@kernels
 @pytest.mark.parametrize("divergence", ["kl", "jsd", "tvd", "skew_kl"])
 def test_teacher_only_masked_entries(divergence, kernel):
     """A teacher entry of -inf (p = 0) where the student has mass is finite for these divergences."""

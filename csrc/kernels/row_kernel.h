@@ -5,9 +5,10 @@
 // entry once):
 //   1. max of teacher and student logits;
 //   2. the exponentials exp((z - max) / tau) of both (kept in a per-thread
-//      scratch row so later sweeps need no exp), their sums, and for KL-type
-//      policies the row value itself;
-//   3. when asked for, temperature-1 statistics (weights, CE normaliser);
+//      scratch row so later sweeps need no exp), their sums, for KL-type
+//      policies the row value itself, and for a weighting that needs it the
+//      teacher at temperature 1;
+//   3. when asked for, the student at temperature 1 (the CE normaliser);
 //   4. the divergence value (other policies), then the gradient with respect
 //      to the student logits.
 // The divergence is the compile-time policy `Div` (divergences.h); the
@@ -211,27 +212,6 @@ inline void rows_with_scratch(int64_t vocab, int32_t* row_status, int64_t begin,
                             [&](int64_t i, S* scratch, int64_t padded) { f(i, scratch, scratch + padded); });
 }
 
-// The teacher row at temperature 1 (for the weightings that need it): one
-// sweep of natural exponentials, shifted by the row's maximum.
-template <class V, class TT>
-inline TeacherAtT1 teacher_at_t1(const TT* zt, typename V::value_type mzt, int64_t n) {
-  const V vmzt = V::broadcast(mzt);
-  double s1 = 0, h1 = 0;
-  V a1 = V::zero(), b1 = V::zero();
-  sweep<V>(n, [&](int64_t j, auto tail) {
-    V d = ld<V>(zt + j, tail, -INFINITY) - vmzt;
-    V e = vexp(d);
-    a1 = a1 + e;
-    b1 = b1 + select(gt(e, V::zero()), e * d, V::zero());
-  }, [&] {
-    s1 += a1.reduce_add();
-    h1 += b1.reduce_add();
-    a1 = b1 = V::zero();
-  });
-  const double log_s1 = std::log(s1);
-  return {log_s1, log_s1 - h1 / s1};
-}
-
 // Below this |k max| the one-FMA shift's rounding (half an ulp of c) is at
 // most 1/4: 2^t stays within [2^-1/4, 2^1/4] of its exact value at the max.
 constexpr double kFmaShiftLimit = 4194304.0;  // 2^22
@@ -298,15 +278,24 @@ struct RowKernel {
     // That offset is at most half an ulp of k max: rows where k max could be
     // 2^22 or more (huge logits, tiny temperatures) subtract the maximum first,
     // so that 2^t never overflows and t = 0 at the maximum exactly.
+    // A weighting's teacher at temperature 1 is 2^(tau t) from the same t
+    // (exp_sweep): there the rounding counts tau times, so a row where that
+    // could leave float's range (logits past ~1e8 at large tau) takes the
+    // exact shift too.
     const S k_t = S(kLog2eD / prm.tau), k_s = S(kLog2eD / prm.tau_s);
     const bool fma_shift = std::fabs(double(mzt) * double(k_t)) < kFmaShiftLimit &&
                            std::fabs(double(mzs) * double(k_s)) < kFmaShiftLimit;
-    if (fma_shift)
-      finish_row(prm, dc, b, row, scratch_t, scratch_s, zt, zs, grad, label, mzt, mzs,
-                 ShiftByFma<V>(k_t, mzt), ShiftByFma<V>(k_s, mzs));
+    const ShiftByFma<V> fma_t(k_t, mzt);
+    if (fma_shift && !(weighting_needs_t1(prm) && std::fabs(prm.tau * fma_t.at_max()) >= 16.0))
+      finish_row(prm, dc, b, row, scratch_t, scratch_s, zt, zs, grad, label, mzt, mzs, fma_t,
+                 ShiftByFma<V>(k_s, mzs));
     else
       finish_row(prm, dc, b, row, scratch_t, scratch_s, zt, zs, grad, label, mzt, mzs,
                  ShiftBySub<V>(k_t, mzt), ShiftBySub<V>(k_s, mzs));
+  }
+
+  static bool weighting_needs_t1(const DistillParams& prm) {
+    return with_weighting(prm.weighting, [](auto policy) { return decltype(policy)::kNeedsTeacherT1; });
   }
 
   // The teacher at temperature 1 as sums over u = tau t (base 2: 2^u = exp(z - max)
@@ -365,13 +354,8 @@ struct RowKernel {
     const int64_t n = b.vocab;
     const V vmzs = V::broadcast(mzs);
     RowAcc r;
-    // The teacher at temperature 1 comes with the exponential sweep when the
-    // weighting needs it, unless tau times the shift's rounding at the max
-    // could push 2^(tau t) out of float's range (logits past ~1e8).
-    const bool needs_t1 = with_weighting(prm.weighting, [](auto policy) { return decltype(policy)::kNeedsTeacherT1; });
-    const bool fold_t1 = needs_t1 && std::fabs(prm.tau * to_t.at_max()) < 16.0;
     TeacherT1Sums t1;
-    if (fold_t1)
+    if (weighting_needs_t1(prm))
       exp_sweep<true>(b, row, scratch_t, scratch_s, zt, zs, to_t, to_s, S(prm.tau), r, t1);
     else
       exp_sweep<false>(b, row, scratch_t, scratch_s, zt, zs, to_t, to_s, S(prm.tau), r, t1);
@@ -386,25 +370,20 @@ struct RowKernel {
     r.log_sum_t = std::log(r.sum_t);
     r.log_sum_s = std::log(r.sum_s);
 
-    // -- the row's weight.  The exponential sweep's sum is of 2^t, i.e.
+    // -- the row's weight.  The exponential sweep's sums are of 2^t, i.e.
     // exp((z - max) / tau) times 2^(t at the max) (the rounding of the one-FMA
-    // shift).  Folded, the temperature-1 sums carry the same rounding (times
-    // tau), which the weights are invariant to; a separate sweep shifts by the
-    // max exactly, and then the weightings get log S_t without that factor.
+    // shift), and the temperature-1 sums carry the same rounding times tau:
+    // the weights are invariant to both.
     const double weight = with_weighting(prm.weighting, [&](auto policy) {
       using Policy = decltype(policy);
       WeightInputs in;
-      in.log_sum_t = fold_t1 ? r.log_sum_t : r.log_sum_t - kLn2D * to_t.at_max();
+      in.log_sum_t = r.log_sum_t;
       in.tau = prm.tau;
       in.vocab = n;
       if (b.weights) in.given = b.weights[row];
       if constexpr (Policy::kNeedsTeacherT1) {
-        if (fold_t1) {
-          const double log_s1 = std::log(t1.sum);
-          in.t1 = {log_s1, log_s1 - kLn2D * t1.u_sum / t1.sum};
-        } else {
-          in.t1 = teacher_at_t1<V>(zt, mzt, n);
-        }
+        const double log_s1 = std::log(t1.sum);
+        in.t1 = {log_s1, log_s1 - kLn2D * t1.u_sum / t1.sum};
       }
       return Policy::weight(in);
     });

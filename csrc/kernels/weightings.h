@@ -3,8 +3,8 @@
 // A weighting is a scalar per row, so it is chosen at run time (one switch per
 // row, expanded from weighting_list.h), not compiled into the row skeleton:
 // each policy says whether it needs the teacher's softmax at temperature 1 (the
-// skeleton then gathers its log-normaliser and entropy in one more sweep over
-// the teacher row) and computes w from what the row offers.  The formulas are
+// skeleton then gathers its log-normaliser and entropy in its exponential
+// sweep) and computes w from what the row offers.  The formulas are
 // those of docs/contract.md and kdfast.reference.WEIGHT_FORMULAS.
 #pragma once
 
@@ -15,15 +15,16 @@
 
 namespace kdfast {
 
-// The teacher row at temperature 1: log sum_j exp(z_j - max), and the entropy
-// of its softmax.
+// The teacher row at temperature 1: log sum_j exp(z_j - c) for a shift c (the
+// row's max, up to the rounding of the kernel's shift times tau), and the
+// entropy of its softmax.
 struct TeacherAtT1 {
   double log_sum = 0.0, entropy = 0.0;
 };
 
 // What a weighting may read of a row.
 struct WeightInputs {
-  double log_sum_t = 0.0;  // log sum_j exp((z_j - max) / tau) of the teacher, natural units
+  double log_sum_t = 0.0;  // log sum_j exp((z_j - c) / tau) of the teacher, the same c, natural units
   double tau = 1.0;        // teacher temperature
   int64_t vocab = 0;
   double given = 1.0;      // the caller's weight of the row (Given)
@@ -38,7 +39,7 @@ struct None {
 };
 
 // U_{1/tau}(p1) = sum_j p1_j^(1/tau) = exp(LSE(z / tau) - LSE(z) / tau); both LSEs
-// are shifted by the row max (max / tau and max), which cancels in the difference.
+// are shifted alike (c / tau and c), which cancels in the difference.
 struct WTTM {
   static constexpr bool kNeedsTeacherT1 = true;
   static double weight(const WeightInputs& in) { return std::exp(in.log_sum_t - in.t1.log_sum / in.tau); }
