@@ -118,34 +118,29 @@ def test_the_ops_params_vector(name, params, want):
 
 
 def test_indices_are_positions_in_the_tables():
-    assert [registry.divergence_index(n) for n in registry.DIVERGENCE_NAMES] == list(range(len(registry.DIVERGENCE_NAMES)))
-    assert [registry.weighting_index(n) for n in registry.WEIGHTING_NAMES] == list(range(len(registry.WEIGHTING_NAMES)))
+    for index, names in ((registry.divergence_index, registry.DIVERGENCE_NAMES),
+                         (registry.weighting_index, registry.WEIGHTING_NAMES)):
+        assert [index(n) for n in names] == list(range(len(names)))
     with pytest.raises(ValueError, match="divergence must be one of"):
         registry.divergence_index("nope")
     with pytest.raises(ValueError, match="weighting must be one of"):
         registry.weighting_index("nope")
 
 
-def _op_arguments(**changes):
+def _call_op_with(backend, **changes):
+    """The fused op on small logits, its arguments from loss_arguments with ``changes`` by name."""
     from kdfast.config import make_config
     from kdfast.ops.fused_op import loss_arguments
 
     s, t = torch.randn(3, 7), torch.randn(3, 7)
-    args = dict(zip(("labels", "weights", "divergence", "params", "weighting"), loss_arguments(make_config(s, t))))
-    args.update(changes)
-    return s, t, args
-
-
-def _call_op(backend, s, t, args):
-    from kdfast.config import make_config
-    from kdfast.ops.fused_op import loss_arguments
-
-    rest = loss_arguments(make_config(s, t))[5:]
-    head = (args["labels"], args["weights"], args["divergence"], args["params"], args["weighting"])
+    names = ("labels", "weights", "divergence", "params", "weighting")
+    args = list(loss_arguments(make_config(s, t)))
+    for name, value in changes.items():
+        args[names.index(name)] = value
     if backend == "cpu":
-        return torch.ops.kdfast.distill_forward(s, t, *head, *rest, False)
+        return torch.ops.kdfast.distill_forward(s, t, *args, False)
     from kdfast.ops.triton.op import distill_forward_triton
-    return distill_forward_triton(s, t, *head, *rest, False)
+    return distill_forward_triton(s, t, *args, False)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -160,6 +155,5 @@ def test_the_ops_refuse_arguments_past_their_tables(backend, change, message):
     """A direct caller of the op (not through distill_loss) cannot index past the dispatch tables."""
     if backend not in kdfast.available_backends():
         pytest.skip(f"backend {backend} is not available")
-    s, t, args = _op_arguments(**change)
     with pytest.raises((ValueError, RuntimeError), match=message):
-        _call_op(backend, s, t, args)
+        _call_op_with(backend, **change)

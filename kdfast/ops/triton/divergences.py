@@ -22,6 +22,9 @@ are those of docs/contract.md and of ``kdfast.reference``.
 import triton
 import triton.language as tl
 
+# float32's smallest normal: below it a mixture's terms are negligible and its ratio is not taken.
+FLOAT32_TINY = tl.constexpr(1.1754943508222875e-38)
+
 
 @triton.jit
 def log_mixture(p, q, logp, logq, log_w_p, log_w_q):
@@ -39,7 +42,7 @@ def log_mixture(p, q, logp, logq, log_w_p, log_w_q):
     y = tl.exp(log_w_q) * q
     hi = tl.maximum(x, y)
     lo = tl.minimum(x, y)
-    normal = hi >= 1.1754943508222875e-38
+    normal = hi >= FLOAT32_TINY
     lm = tl.where(y > x, b, a) + tl.log(1.0 + lo / tl.where(normal, hi, 1.0))
     return tl.where(normal, lm, tl.maximum(a, b))
 
@@ -89,7 +92,7 @@ def _mixture(p, q, log_w_p, log_w_q):
 @triton.jit
 def _skew_kl_g(p, q, m, skew):
     """``-(1 - s) p q / m`` (0 where ``m`` underflows: both ``p`` and ``q`` below float's range)."""
-    return tl.where(m >= 1.1754943508222875e-38, -(1.0 - skew) * (p * q) / tl.where(m > 0, m, 1.0), 0.0)
+    return tl.where(m >= FLOAT32_TINY, -(1.0 - skew) * (p * q) / tl.where(m > 0, m, 1.0), 0.0)
 
 
 @triton.jit
@@ -158,7 +161,7 @@ def grad_term(DIV: tl.constexpr, p, q, logp, logq, alpha, beta, skew, log_w_p, l
     elif DIV == "skew_reverse_kl":
         logm = log_mixture(p, q, logp, logq, log_w_p, log_w_q)
         m = _mixture(p, q, log_w_p, log_w_q)
-        sq = tl.where(m >= 1.1754943508222875e-38, skew * (q * q) / tl.where(m > 0, m, 1.0), 0.0)
+        sq = tl.where(m >= FLOAT32_TINY, skew * (q * q) / tl.where(m > 0, m, 1.0), 0.0)
         g = tl.where(q > 0, _q_log_ratio(q, logq, logm) - sq, 0.0)
     elif DIV == "hellinger":
         g = -(tl.sqrt(p) * tl.sqrt(q))  # -sqrt(p q)

@@ -158,8 +158,8 @@ def distill_forward(
     f64 = student.dtype == torch.float64 or teacher.dtype == torch.float64
     grad, row_loss, status = row_outputs(student, N, compute_grad, f64)
     labels64 = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
-    given = weighting_spec(weighting_name).given
-    weights64 = weights.detach().reshape(-1).to(torch.float64).contiguous() if given else None
+    weighting_entry = weighting_spec(weighting_name)
+    weights64 = weights.detach().reshape(-1).to(torch.float64).contiguous() if weighting_entry.given else None
     inv_denom = _inv_denominator(reduction, normalizer, labels64, ignore_index, N, device)
     values = dict(zip(KERNEL_PARAMS, params), inv_tau=1.0 / tau, inv_tau_s=1.0 / tau_s, hard_weight=hard_weight,
                   soft_coef=soft_coef, log_V=math.log(V) if V > 1 else 0.0)
@@ -170,7 +170,7 @@ def distill_forward(
         _distill_rows[(N,)](
             s2, t2, s2.stride(0), t2.stride(0), grad, labels64 if labels64 is not None else status,
             weights64 if weights64 is not None else params, params, inv_denom, row_loss, status, V, ignore_index,
-            DIV=div_name, WEIGHTING=weighting_name, NEEDS_T1=weighting_spec(weighting_name).needs_teacher_t1,
+            DIV=div_name, WEIGHTING=weighting_name, NEEDS_T1=weighting_entry.needs_teacher_t1,
             HAS_LABELS=labels is not None, HARD=hard, STUDENT_T1=hard and tau_s != 1.0,
             SUM_G=needs_grad_sum(div_name), COMPUTE_GRAD=compute_grad,
             ACC=tl.float64 if f64 else tl.float32,
