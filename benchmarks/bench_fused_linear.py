@@ -30,7 +30,10 @@ gradient buffers (``kdfast.empty_cache()``), and then measures one
 forward+backward as ``VmHWM - VmRSS before`` (``benchmarks/memory.py``: the
 kernel's resident high-water mark, reset just before; every allocation counts,
 PyTorch's, the extension's and inductor's).  CUDA: ``max_memory_allocated``
-minus the allocation before the step.
+minus the allocation before the step.  Timing, memory, machine record and the
+plain KL are :mod:`kdfast.bench`'s (``kdfast bench --losses fused_linear`` runs
+the same comparison at one hidden size; this script adds the A/B methods and
+the issue's memory targets).
 
     python benchmarks/bench_fused_linear.py --quick     # small shape
     python benchmarks/bench_fused_linear.py             # N=4096, H=576, V=49152 fp32 (CPU)
@@ -43,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import gc
 import json
 import statistics
 import subprocess
@@ -58,9 +60,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kdfast  # noqa: E402
 from kdfast.llm.fused_linear import fused_linear_distill_loss  # noqa: E402
-from bench_losses import describe_machine, machine_info, time_once  # noqa: E402
-from memory import peak_extra_bytes  # noqa: E402
-from plain_pytorch import plain_loss  # noqa: E402
+from kdfast.bench.baselines import plain_loss  # noqa: E402
+from kdfast.bench.families import fused_linear_inputs  # noqa: E402
+from kdfast.bench.machine import describe_machine, machine_info  # noqa: E402
+from kdfast.bench.memory import peak_memory_of  # noqa: E402
+from kdfast.bench.timing import sync, time_once, time_round_robin  # noqa: E402
 
 METHODS = ("eager", "kdfast", "liger", "materialised", "kdfast_mm")
 DEFAULT_METHODS = ("eager", "kdfast", "liger")
@@ -95,20 +99,8 @@ SHAPES = {
 # ----------------------------------------------------------------- inputs and methods
 def make_inputs(shape: Shape, device: torch.device, seed: int = 0) -> dict:
     """Hidden states and LM-head weights of a student and a teacher (no biases, as in most LLMs)."""
-    # drawn on the device: a CPU takes seconds for the 10^9 normals of the GPU shape
-    g = torch.Generator(device=device).manual_seed(seed)
-    dtype = getattr(torch, shape.dtype)
-
-    def randn(*size, scale=1.0):
-        return (torch.randn(*size, generator=g, device=device) * scale).to(dtype)
-
-    return dict(
-        student_hidden=randn(shape.rows, shape.hidden_student).requires_grad_(),
-        student_weight=randn(shape.vocab, shape.hidden_student, scale=shape.hidden_student ** -0.5).requires_grad_(),
-        teacher_hidden=randn(shape.rows, shape.hidden_teacher),
-        teacher_weight=randn(shape.vocab, shape.hidden_teacher, scale=shape.hidden_teacher ** -0.5),
-        labels=torch.randint(0, shape.vocab, (shape.rows,), generator=g, device=device),
-    )
+    return fused_linear_inputs(shape.rows, shape.hidden_student, shape.vocab, getattr(torch, shape.dtype), device,
+                               seed, teacher_hidden=shape.hidden_teacher)
 
 
 def make_method(name: str, inputs: dict, liger_compiled: bool = True, backend: str = "auto"):
@@ -161,22 +153,14 @@ def make_method(name: str, inputs: dict, liger_compiled: bool = True, backend: s
     raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ----------------------------------------------------------------- time
 def time_side_by_side(methods: dict, runs: int, device: torch.device) -> dict:
     """Per method, the seconds of ``runs`` steps taken round-robin after one warm-up each."""
     for step in methods.values():
         step()
     sync(device)
-    times = {name: [] for name in methods}
-    for _ in range(runs):
-        for name, step in methods.items():
-            times[name].append(time_once(step, device))
-    return times
+    return time_round_robin({name: (lambda step=step: time_once(step, device)) for name, step in methods.items()},
+                            runs)
 
 
 def results_agree(methods: dict) -> dict:
@@ -192,23 +176,6 @@ def results_agree(methods: dict) -> dict:
 
 
 # ----------------------------------------------------------------- memory
-def peak_memory_here(step, device: torch.device) -> int | None:
-    """Peak extra memory of one ``step()`` in this process (see the module doc for the method)."""
-    step()  # warm-up at the full shape: library initialisation, inductor compilation
-    kdfast.empty_cache()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        out = step()
-        torch.cuda.synchronize(device)
-        del out
-        return torch.cuda.max_memory_allocated(device) - before
-    return peak_extra_bytes(step)
-
-
 def peak_memory_in_subprocess(name: str, shape: Shape, device: torch.device, liger_compiled: bool) -> int | None:
     """Runs this script as ``--child-memory`` in a fresh interpreter: nothing of the other methods is resident."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-memory", name, "--shape",
@@ -225,7 +192,7 @@ def peak_memory_in_subprocess(name: str, shape: Shape, device: torch.device, lig
 
 def child_memory(name: str, shape: Shape, device: torch.device, liger_compiled: bool) -> None:
     step = make_method(name, make_inputs(shape, device), liger_compiled)
-    print(json.dumps({"method": name, "peak_extra_bytes": peak_memory_here(step, device)}))
+    print(json.dumps({"method": name, "peak_extra_bytes": peak_memory_of(step, device)}))
 
 
 # ----------------------------------------------------------------- driver

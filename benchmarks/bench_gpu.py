@@ -12,8 +12,8 @@ Cases, most important first (the time budget may not reach the last ones):
   (``kdfast.wttm_loss``) at 8192x128256 in bfloat16 and float32, and at
   4096x32000 float32: kdfast's Triton kernel, Liger-Kernel's ``LigerKLDIVLoss``
   / ``LigerJSD`` / ``LigerTVDLoss`` where one exists, ``torch.compile`` of the
-  plain PyTorch loss and the plain loss eager (``bench_losses.make_methods``,
-  ``plain_pytorch.py``);
+  plain PyTorch loss and the plain loss eager (``kdfast.bench``'s methods and
+  plain forms, ``kdfast/bench/baselines.py``);
 * DIST and DKD at 8192x32000 and 65536x1000 (kernel, compiled plain, eager plain);
 * ``fused_linear_distill_loss`` at BT=8192, H_s=2048, H_t=4096, V=128256 bf16
   against Liger's ``LigerFusedLinearJSDLoss`` (beta 0: KL) and eager
@@ -30,8 +30,8 @@ Writes ``gpu-session.json`` and ``gpu-session.md`` to ``--out-dir`` after every
 case (a run stopped from outside keeps what it measured; the cases it did not
 reach stay ``skipped``), and prints the markdown table at the end.  A method
 that fails (out of memory, or anything else) is recorded, never fatal.  The
-budget (``--budget-s``) is checked before each case and each method: what is
-not started in time is reported ``skipped`` with the reason.
+budget (``--budget-s``) is checked before each case (and each fused-linear
+method): what is not started in time is reported ``skipped`` with the reason.
 
 ``--dry-run``: the same cases on CPU tensors with tiny shapes (8x300; fused
 linear 16x32x48x300), kdfast's Triton kernels through the interpreter
@@ -62,9 +62,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kdfast  # noqa: E402
-from bench_fused_linear import Shape, make_inputs, make_method, peak_memory_here, results_agree  # noqa: E402
-from bench_losses import (bench_case, copy_bandwidth, describe_machine, machine_info, nominal_bandwidth,  # noqa: E402
-                          time_runs)
+from bench_fused_linear import Shape, make_inputs, make_method, results_agree  # noqa: E402
+from kdfast.bench import families  # noqa: E402
+from kdfast.bench.machine import (copy_bandwidth, describe_machine, machine_info, nominal_bandwidth,  # noqa: E402
+                                  roofline_copy_numel)
+from kdfast.bench.memory import peak_memory_of  # noqa: E402
+from kdfast.bench.runner import run_case as run_bench_case  # noqa: E402
+from kdfast.bench.timing import time_runs  # noqa: E402
 
 JSON_NAME = "gpu-session.json"
 MARKDOWN_NAME = "gpu-session.md"
@@ -322,21 +326,26 @@ def _unavailable_reason(method: str, case: Case, device: torch.device) -> str:
 
 
 def _method_entry(record: dict) -> dict:
-    """The JSON of one method of a loss case, from its ``bench_case`` record."""
+    """The JSON of one method of a loss case, from its ``kdfast.bench`` record (forward+backward)."""
     if "skipped" in record:
-        return {"status": "skipped", "reason": record["skipped"]}
+        return {"status": "unavailable", "reason": record["skipped"]}
     if "error" in record:
         return {"status": "oom" if record["error"] == "out of memory" else "error", "error": record["error"]}
-    return {"status": "measured", "median_s": record["median_s"], "runs": record["runs"],
-            "times_s": record["times_s"], "peak_bytes": record["peak_extra_bytes"], "value": record["value"]}
+    both = record["phases"]["forward_backward"]
+    return {"status": "measured", "median_s": both["median_s"], "runs": len(both["times_s"]),
+            "times_s": both["times_s"], "peak_bytes": record["peak_extra_bytes"], "value": record["value"]}
 
 
 def run_loss_case(case: Case, ctx: Context) -> dict:
-    """A ``distill_loss`` / DIST / DKD case through ``bench_losses.bench_case`` (Triton backend)."""
-    records = bench_case(case.loss, case.N, case.V, getattr(torch, case.dtype), ctx.device, ctx.runs, TEMPERATURE,
-                         expected_methods(case), ctx.copy_bw, ctx.nominal_bw, backend="triton",
-                         compile_backend=ctx.compile_backend, stop=ctx.budget.stop_reason)
-    methods = {r["method"]: _method_entry(r) for r in records}
+    """A ``distill_loss`` / DIST / DKD case through ``kdfast.bench``'s runner (kdfast's Triton backend)."""
+    settings = families.Settings(device=str(ctx.device), temperature=TEMPERATURE,
+                                 baselines=tuple(m for m in expected_methods(case) if m != "kdfast"),
+                                 backends=("triton",), compile_backend=ctx.compile_backend)
+    records = run_bench_case(families.Case(case.loss, case.N, case.V, case.dtype), settings, runs=ctx.runs,
+                             warmup=1, phases=("forward_backward",), bandwidth=ctx.copy_bw, nominal=ctx.nominal_bw,
+                             memory="cuda" if ctx.device.type == "cuda" else "in-process")
+    # on CPU tensors (the dry run) Triton is not the device's backend: its method is "kdfast[triton]"
+    methods = {("kdfast" if r["kind"] == "kdfast" else r["method"]): _method_entry(r) for r in records}
     moved = next((r["bytes_moved"] for r in records if "bytes_moved" in r), None)
     return finish_case(case, methods, ctx, moved)
 
@@ -356,7 +365,7 @@ def run_fused_linear_case(case: Case, ctx: Context) -> dict:
         try:
             out = step()
             times = time_runs(step, ctx.runs, 1, ctx.device)
-            peak = peak_memory_here(step, ctx.device)
+            peak = peak_memory_of(step, ctx.device)
         except Exception as error:  # noqa: BLE001 - recorded, the other methods still run
             methods[name] = _fused_failure(error, ctx.device)
             continue
@@ -564,7 +573,7 @@ def main(argv=None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = plan(args)
     budget = Budget(args.budget_s)
-    copy_bw = copy_bandwidth(max(c.N * c.V for c in cases), device)
+    copy_bw = copy_bandwidth(roofline_copy_numel(max(c.N * c.V * 4 for c in cases)), device)
     ctx = Context(device=device, runs=args.runs or (2 if args.dry_run else 20), budget=budget, copy_bw=copy_bw,
                   nominal_bw=nominal_bandwidth(device), compile_backend="aot_eager" if args.dry_run else "inductor",
                   dry_run=args.dry_run)

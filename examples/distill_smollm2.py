@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import importlib.util
 import json
 import math
 import sys
@@ -148,13 +147,12 @@ def log(message: str) -> None:
 
 
 def machine_info() -> dict:
-    """``benchmarks/bench_losses.py``'s machine record, plus the transformers version."""
+    """``kdfast bench``'s machine record, plus the transformers version."""
     import transformers
 
-    spec = importlib.util.spec_from_file_location("kdfast_bench_losses", REPO_ROOT / "benchmarks" / "bench_losses.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return dict(bench.machine_info(), transformers=transformers.__version__)
+    from kdfast.bench.machine import machine_info as bench_machine_info
+
+    return dict(bench_machine_info(), transformers=transformers.__version__)
 
 
 @contextlib.contextmanager

@@ -660,7 +660,7 @@ def test_benchmark_memory_probe_sees_the_logits():
     bench = _load_benchmark()
     shape = bench.Shape(256, 16, 16, 8192, "float32")  # 8 MiB of logits per model
     step = bench.make_method("eager", bench.make_inputs(shape, torch.device("cpu")))
-    peak = bench.peak_memory_here(step, torch.device("cpu"))
+    peak = bench.peak_memory_of(step, torch.device("cpu"))
     if peak is None:
         pytest.skip("this kernel does not let a process reset its peak resident memory")
     assert peak >= 2 * 256 * 8192 * 4  # at least the student's logits and their gradient

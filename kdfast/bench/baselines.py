@@ -38,7 +38,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["plain_loss", "plain_other_loss", "dkd_mdistiller", "DIVERGENCE_ROWS"]
+__all__ = ["plain_loss", "plain_other_loss", "plain_topk_loss", "dkd_mdistiller", "DIVERGENCE_ROWS"]
 
 
 def _kl_rows(log_target, log_input):
@@ -170,6 +170,21 @@ def dkd_mdistiller(student_logits, teacher_logits, target, temperature=4.0, alph
     log_pred_student_part2 = F.log_softmax(s - 1000.0 * gt_mask, 1)
     nckd = F.kl_div(log_pred_student_part2, pred_teacher_part2, reduction="sum") * temperature**2 / target.shape[0]
     return alpha * tckd + beta * nckd
+
+
+def plain_topk_loss(student_logits, topk_indices, topk_logprobs, *, temperature=1.0, scale=1.0):
+    """KL against a teacher's cached top-k log-probabilities, both renormalised over that support, batchmean.
+
+    What offline-distillation code writes: gather the student's logits at the
+    teacher's top-k indices, ``log_softmax`` both rows over those ``k``
+    entries, ``F.kl_div``.  Gathering before the soft-max touches ``k``
+    entries, not ``V``: the cheap way to the same value as
+    ``topk_distill_loss(..., tail="renormalize")``.
+    """
+    acc = torch.promote_types(student_logits.dtype, torch.float32)
+    log_q = F.log_softmax(student_logits.gather(-1, topk_indices).to(acc) / temperature, -1)
+    log_p = F.log_softmax(topk_logprobs.to(acc) / temperature, -1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean") * scale
 
 
 def plain_other_loss(loss: str):

@@ -1,0 +1,244 @@
+"""Comparing a new ``kdfast bench`` result payload (schema 1) against an old one.
+
+A timing is called a regression or an improvement only when it moved by
+more than the noise the two runs themselves measured: the tolerance of a
+row is the sum of the relative interquartile spreads of its old and new
+timings, and never less than ``min_tolerance``.  Ratios between payloads of
+different machines measure the machines as much as the code, so such a
+comparison carries a warning.
+
+This module does not import torch: a comparison can be made wherever the
+two JSON files are.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Optional, TextIO
+
+BENCHMARK_NAME = "kdfast bench"
+SCHEMA_VERSION = 1
+
+# The settings a runner needs to measure the very same cases again.
+RERUN_SETTINGS = ("losses", "shapes", "dtypes", "device", "baselines", "backends", "runs", "warmup",
+                  "temperature", "topk", "hidden", "phases", "compile_backend")
+
+# Machine fields that change timings by themselves: a difference in one makes ratios incomparable.
+MACHINE_FIELDS_COMPARED = ("device", "cpu", "torch_threads", "kdfast_cpu_capability", "gpu")
+
+# What the comparison says about the old payload it was made against.
+MACHINE_SUMMARY_FIELDS = ("device", "cpu", "gpu", "torch_threads", "kdfast_cpu_capability", "torch", "kdfast")
+
+REGRESSION = "regression"
+IMPROVEMENT = "improvement"
+SAME = "same"
+
+
+def check_payload(payload, source: str = "payload") -> None:
+    """Raise ValueError unless ``payload`` is a schema-1 ``kdfast bench`` result; ``source`` names it in the message."""
+    if not isinstance(payload, dict):
+        raise ValueError(f"{source} is not a kdfast bench result: expected a JSON object, got {type(payload).__name__}")
+    if payload.get("benchmark") != BENCHMARK_NAME:
+        raise ValueError(f"{source} is not a kdfast bench result: its 'benchmark' is {payload.get('benchmark')!r}, "
+                         f"expected {BENCHMARK_NAME!r}")
+    if payload.get("schema") != SCHEMA_VERSION:
+        raise ValueError(f"{source} is a kdfast bench result of schema {payload.get('schema')!r}; "
+                         f"this version reads schema {SCHEMA_VERSION}")
+
+
+def cases_of(payload: dict) -> dict:
+    """The settings that re-run the cases of ``payload`` (a copy: changing it leaves the payload alone).
+
+    Settings missing from the payload are left out, so that the runner's
+    defaults apply to them.
+    """
+    check_payload(payload)
+    settings = payload.get("settings")
+    if not isinstance(settings, dict):
+        raise ValueError("payload is not a complete kdfast bench result: it has no 'settings' object")
+    return {key: copy.deepcopy(settings[key]) for key in RERUN_SETTINGS if key in settings}
+
+
+def load_payload(path) -> dict:
+    """Read a ``kdfast bench`` result JSON from ``path``.
+
+    Raises FileNotFoundError naming the path when it does not exist, and
+    ValueError when the file is not JSON or not a kdfast bench result.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no kdfast bench result at {path}")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError both are ValueErrors
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    check_payload(payload, source=str(path))
+    return payload
+
+
+def _failed(record: dict) -> bool:
+    return "error" in record or "skipped" in record
+
+
+def _failure_reason(record: dict) -> str:
+    return record.get("error") or record.get("skipped") or "failed"
+
+
+def _record_key(record: dict) -> tuple:
+    return (record["loss"], record["shape"], record["dtype"], record["method"])
+
+
+def _median(phase) -> Optional[float]:
+    """The phase's median in seconds, or None when it has none usable (a ratio needs a positive one)."""
+    if not isinstance(phase, dict):
+        return None
+    median = phase.get("median_s")
+    return float(median) if isinstance(median, (int, float)) and median > 0 else None
+
+
+def _spread(phase: dict) -> float:
+    """The relative interquartile spread (q3 - q1) / median: the payload's, else computed, else 0."""
+    spread = phase.get("spread")
+    if isinstance(spread, (int, float)) and spread >= 0:
+        return float(spread)
+    q1, q3, median = phase.get("q1_s"), phase.get("q3_s"), _median(phase)
+    if median is not None and isinstance(q1, (int, float)) and isinstance(q3, (int, float)):
+        return max(0.0, (q3 - q1) / median)
+    return 0.0
+
+
+def verdict_of(ratio: float, tolerance: float) -> str:
+    """``regression`` past ``1 + t`` slower, ``improvement`` past ``1 + t`` faster, else ``same``.
+
+    Symmetric in log space, so that swapping the two payloads swaps the verdicts.
+    """
+    if ratio > 1 + tolerance:
+        return REGRESSION
+    if ratio < 1 / (1 + tolerance):
+        return IMPROVEMENT
+    return SAME
+
+
+def compare_phase(old_phase: dict, new_phase: dict, min_tolerance: float) -> dict:
+    """old_s, new_s, ratio, tolerance and verdict of one phase measured in both payloads."""
+    old_s, new_s = _median(old_phase), _median(new_phase)
+    ratio = new_s / old_s
+    tolerance = max(min_tolerance, _spread(old_phase) + _spread(new_phase))
+    return {"old_s": old_s, "new_s": new_s, "ratio": ratio, "tolerance": tolerance,
+            "verdict": verdict_of(ratio, tolerance)}
+
+
+def machine_differences(old_machine: dict, new_machine: dict) -> dict:
+    """``{field: [old, new]}`` for the machine fields that differ and would change timings by themselves."""
+    return {field: [old_machine.get(field), new_machine.get(field)] for field in MACHINE_FIELDS_COMPARED
+            if old_machine.get(field) != new_machine.get(field)}
+
+
+def _describe(key: tuple) -> str:
+    return " ".join(str(part) for part in key)
+
+
+def compare(old: dict, new: dict, min_tolerance: float = 0.05) -> dict:
+    """Compare every (case, method, phase) timed in both ``old`` and ``new``.
+
+    Returns ``{"against", "rows", "regressions", "improvements", "missing",
+    "machine_differences", "warning"}`` (JSON-serialisable: the runner stores
+    it as the new payload's ``compare``).  ``rows`` follow the old payload's
+    order; ``missing`` lists, as short strings, what old timed and new did
+    not (absent, failed or skipped in new, or a phase without a median).
+    ``warning`` is None unless the machines differ.
+    """
+    check_payload(old, source="old payload")
+    check_payload(new, source="new payload")
+    new_records = {_record_key(r): r for r in new.get("records", [])}
+    rows, missing = [], []
+    for old_record in old.get("records", []):
+        if _failed(old_record):
+            continue
+        key = _record_key(old_record)
+        new_record = new_records.get(key)
+        if new_record is None:
+            missing.append(f"{_describe(key)}: absent in new")
+        elif _failed(new_record):
+            missing.append(f"{_describe(key)}: failed in new ({_failure_reason(new_record)})")
+        else:
+            _compare_phases(old_record, new_record, min_tolerance, rows, missing)
+    old_machine, new_machine = old.get("machine") or {}, new.get("machine") or {}
+    differences = machine_differences(old_machine, new_machine)
+    return {
+        "against": {"created": old.get("created"), **{f: old_machine.get(f) for f in MACHINE_SUMMARY_FIELDS}},
+        "rows": rows,
+        "regressions": sum(row["verdict"] == REGRESSION for row in rows),
+        "improvements": sum(row["verdict"] == IMPROVEMENT for row in rows),
+        "missing": missing,
+        "machine_differences": differences,
+        "warning": _machine_warning(differences),
+    }
+
+
+def _compare_phases(old_record: dict, new_record: dict, min_tolerance: float, rows: list, missing: list) -> None:
+    key = _record_key(old_record)
+    new_phases = new_record.get("phases") or {}
+    for phase_name, old_phase in (old_record.get("phases") or {}).items():
+        if _median(old_phase) is None:
+            continue
+        new_phase = new_phases.get(phase_name)
+        if _median(new_phase) is None:
+            missing.append(f"{_describe(key)} {phase_name}: no median in new")
+            continue
+        row = dict(zip(("loss", "shape", "dtype", "method"), key), phase=phase_name)
+        row.update(compare_phase(old_phase, new_phase, min_tolerance))
+        rows.append(row)
+
+
+def _machine_warning(differences: dict) -> Optional[str]:
+    if not differences:
+        return None
+    changed = ", ".join(f"{field} {old!r} -> {new!r}" for field, (old, new) in differences.items())
+    return (f"the two results come from different machines ({changed}): their ratios measure the machines "
+            "as much as the code and are not regressions of kdfast")
+
+
+def _format_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f}"
+
+
+VERDICT_MARKS = {REGRESSION: "REGRESSION", IMPROVEMENT: "improvement", SAME: "same"}
+
+
+def print_comparison(result: dict, file: Optional[TextIO] = None) -> None:
+    """Print ``result`` of :func:`compare`: one line per row, a summary line, the missing cases and the warning.
+
+    ``file`` defaults to the ``sys.stdout`` of the moment of the call (not of
+    the import), so that redirections made later are honoured.
+    """
+    if file is None:
+        file = sys.stdout
+    header = ("loss", "shape", "dtype", "method", "phase", "old ms", "new ms", "ratio", "noise", "verdict")
+    lines = [header] + [
+        (row["loss"], row["shape"], row["dtype"], row["method"], row["phase"], _format_ms(row["old_s"]),
+         _format_ms(row["new_s"]), f"{row['ratio']:.3f}x", f"{100 * row['tolerance']:.0f}%",
+         VERDICT_MARKS.get(row["verdict"], row["verdict"]))
+        for row in result["rows"]
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    numeric = {5, 6, 7, 8}  # right-aligned columns
+    for line in lines:
+        cells = [cell.rjust(w) if i in numeric else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))]
+        print("  ".join(cells).rstrip(), file=file)
+    print(_summary_line(result), file=file)
+    for item in result.get("missing", []):
+        print(f"missing: {item}", file=file)
+    if result.get("warning"):
+        print(f"warning: {result['warning']}", file=file)
+
+
+def _summary_line(result: dict) -> str:
+    rows = result["rows"]
+    same = sum(row["verdict"] == SAME for row in rows)
+    against = (result.get("against") or {}).get("created") or "an unknown date"
+    return (f"{len(rows)} timings compared against the result of {against}: {result['regressions']} regressions, "
+            f"{result['improvements']} improvements, {same} same, {len(result.get('missing', []))} missing")

@@ -1,0 +1,367 @@
+"""The benchmarked losses: for each, its inputs, the baselines a user would otherwise run, and kdfast's methods.
+
+A *case* is one loss at one shape and dtype.  Preparing it gives the inputs,
+the tensors that get a gradient, and the *methods*: zero-argument callables
+that each compute the same loss value from those inputs.
+
+Baselines (see :mod:`kdfast.bench.baselines` for the plain forms):
+
+* ``eager``: the loss as people write it in plain PyTorch (``F.kl_div`` of
+  ``log_softmax``'s and friends; for fused linear: materialise both logits,
+  then that loss);
+* ``compile``: the same plain code under ``torch.compile``;
+* ``liger``: Liger-Kernel's loss where it has one and it is importable
+  (``LigerKLDIVLoss`` / ``LigerJSD`` / ``LigerTVDLoss`` on CUDA; the chunked
+  ``LigerFusedLinearJSDLoss`` with ``beta = 0``, which is KL, on any device).
+
+kdfast's methods: ``kdfast`` is the loss on the fused backend of the device
+(the C++ kernels on CPU, Triton on CUDA); ``kdfast[<backend>]`` the same loss
+on another backend asked for (``kdfast[torch]`` is the validating reference).
+
+The loss families and the losses they hold:
+
+* ``distill``: every divergence of ``distill_loss`` with Hinton's ``T**2``
+  scale (``kd_loss``'s convention) and the parameters of :data:`PARAMS`, and
+  the weightings ``wttm`` (``wttm_loss``) and ``entropy`` (KL weighted by the
+  teacher's confidence);
+* ``dist``, ``dkd``, ``correlation``: the losses of ``kdfast.correlation_losses``
+  (DKD with labels ``arange(N) % V``);
+* ``topk``: ``topk_distill_loss`` (renormalised tail) against the teacher's
+  top-k log-probabilities (``settings.topk`` of them per row, float32, int64
+  indices), as an offline-distillation cache stores them;
+* ``fused_linear``: ``fused_linear_distill_loss`` (KL, T = 1) of two LM heads of
+  hidden size ``settings.hidden``, gradients of the student's hidden states and
+  weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+import kdfast
+from kdfast.config import DIVERGENCES
+from kdfast.ops.backends import available_backends
+
+from .baselines import plain_loss, plain_other_loss, plain_topk_loss
+
+WEIGHTINGS = ("wttm", "entropy")
+CORRELATION_LOSSES = ("dist", "dkd", "correlation")
+LOSSES = (*DIVERGENCES, *WEIGHTINGS, *CORRELATION_LOSSES, "topk", "fused_linear")
+BASELINES = ("eager", "compile", "liger")
+PARAMS = {"jsd": {"beta": 0.5}, "renyi": {"alpha": 0.5}, "ab": {"alpha": 0.5, "beta": 0.5}, "skew_kl": {"skew": 0.1},
+          "skew_reverse_kl": {"skew": 0.1}}
+# torch.compile keeps this many graphs per function; a matrix of losses x shapes x dtypes
+# recompiles one plain function more often than dynamo's default (8) allows, after which it
+# would silently run eager.
+RECOMPILE_LIMIT = 256
+
+
+def family_of(loss: str) -> str:
+    """The family of a benchmarked loss (``distill``, ``dist``, ``dkd``, ``correlation``, ``topk``, ``fused_linear``)."""
+    if loss in DIVERGENCES or loss in WEIGHTINGS:
+        return "distill"
+    if loss in CORRELATION_LOSSES or loss in ("topk", "fused_linear"):
+        return loss
+    raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One loss at one shape (``N`` rows, vocabulary ``V``) and dtype of the logits (or hidden states)."""
+
+    loss: str
+    N: int
+    V: int
+    dtype: str
+
+    @property
+    def shape(self) -> str:
+        return f"{self.N}x{self.V}"
+
+    @property
+    def family(self) -> str:
+        return family_of(self.loss)
+
+    def key(self) -> dict:
+        return {"loss": self.loss, "family": self.family, "shape": self.shape, "N": self.N, "V": self.V,
+                "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every case of a run shares (the JSON's ``settings`` hold these and the lists of cases)."""
+
+    device: str = "cpu"
+    temperature: float = 2.0
+    topk: int = 64
+    hidden: int = 576
+    baselines: Tuple[str, ...] = ("eager", "compile", "liger")
+    backends: Tuple[str, ...] = ()  # kdfast's backends; empty: the device's fused one
+    compile_backend: str = "inductor"
+
+
+@dataclass
+class Prepared:
+    """A case ready to run: its methods (name -> ``fn() -> loss``), what gets a gradient, the least traffic."""
+
+    methods: Dict[str, Callable[[], torch.Tensor]]
+    wrt: Tuple[torch.Tensor, ...]
+    bytes_moved: Optional[int]
+    unavailable: Dict[str, str] = field(default_factory=dict)  # method -> why it is not offered here
+
+
+def fused_backend(device: torch.device) -> str:
+    """kdfast's fused backend for tensors on ``device``."""
+    return "cpu" if device.type == "cpu" else "triton"
+
+
+def default_backend(family: str, device: torch.device) -> str:
+    """The backend of the plain ``kdfast`` method: the fused one, or the only one (top-k has no kernel yet)."""
+    if family == "topk":
+        return "torch"
+    fused = fused_backend(device)
+    impl_family = "distill" if family == "fused_linear" else family
+    if device.type == "cpu" and fused not in available_backends(impl_family):
+        return "torch"
+    return fused
+
+
+def kdfast_method_name(backend: str, family: str, device: torch.device) -> str:
+    return "kdfast" if backend == default_backend(family, device) else f"kdfast[{backend}]"
+
+
+def compile_plain(fn, backend: str = "inductor"):
+    """``torch.compile`` of a plain loss, static shapes, with room for every case's recompilation."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
+    return torch.compile(fn, dynamic=False, backend=backend)
+
+
+def loss_options(loss: str, temperature: float) -> dict:
+    """The ``distill_loss`` keyword arguments of a benchmarked loss of the ``distill`` family.
+
+    A divergence gets Hinton's ``T**2`` scale (what people multiply by after
+    dividing the logits by T) and its parameters of :data:`PARAMS`; ``wttm`` is
+    ``kdfast.wttm_loss`` (KL, teacher at T, student at 1, weighted); ``entropy``
+    is KL at T weighted by the teacher's confidence.
+    """
+    if loss == "wttm":
+        return dict(divergence="kl", temperature=temperature, student_temperature=1.0, weighting="wttm")
+    if loss == "entropy":
+        return dict(divergence="kl", temperature=temperature, scale=temperature**2, weighting="entropy")
+    return dict(divergence=loss, temperature=temperature, scale=temperature**2, **PARAMS.get(loss, {}))
+
+
+def make_logits(N: int, V: int, dtype, device, seed: int = 0):
+    """Student (requires grad) and teacher logits of one case, N(0, 4) entries, drawn on ``device``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    s = (torch.randn(N, V, generator=g, device=device) * 2).to(dtype).requires_grad_()
+    t = (torch.randn(N, V, generator=g, device=device) * 2).to(dtype)
+    return s, t
+
+
+def labels_for(s: torch.Tensor) -> torch.Tensor:
+    """Deterministic labels of DKD's rows (every class is a target somewhere)."""
+    return torch.arange(s.shape[0], device=s.device) % s.shape[-1]
+
+
+def logits_bytes(N: int, V: int, s: torch.Tensor, t: torch.Tensor) -> int:
+    """The least traffic of one forward+backward: read both logits once, write the gradient once."""
+    return N * V * (2 * s.element_size() + t.element_size())
+
+
+def prepare(case: Case, settings: Settings) -> Prepared:
+    """The inputs and methods of ``case`` (see the module doc); baselines not available here are listed."""
+    device = torch.device(settings.device)
+    dtype = getattr(torch, case.dtype)
+    prepared = _PREPARE[case.family](case, settings, device, dtype)
+    baselines, kdfast_methods = prepared.pop("baselines"), prepared.pop("kdfast")
+    methods, unavailable = {}, {}
+    for name in settings.baselines:
+        if name not in BASELINES:
+            raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
+        if baselines.get(name) is None:
+            unavailable[name] = baselines.get(f"{name}_why", f"no {name} form of {case.loss} here")
+        else:
+            methods[name] = baselines[name]
+    backends = settings.backends or (default_backend(case.family, device),)
+    for backend in backends:
+        name = kdfast_method_name(backend, case.family, device)
+        fn = kdfast_methods(backend)
+        if isinstance(fn, str):
+            unavailable[name] = fn
+        else:
+            methods[name] = fn
+    return Prepared(methods=methods, unavailable=unavailable, **prepared)
+
+
+def _check_backend(backend: str, family: str, device: torch.device) -> Optional[str]:
+    """Why ``backend`` cannot run ``family`` here, or None."""
+    impl_family = "distill" if family == "fused_linear" else family
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if device.type != "cuda" and not _triton_interpreted():
+            return "the Triton backend needs a CUDA device (or TRITON_INTERPRET=1)"
+        return None
+    if backend not in available_backends(impl_family):
+        return f"backend {backend!r} is not available for {impl_family} here (available: {available_backends(impl_family)})"
+    return None
+
+
+def _triton_interpreted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _prepare_distill(case, settings, device, dtype) -> dict:
+    s, t = make_logits(case.N, case.V, dtype, device)
+    kw = loss_options(case.loss, settings.temperature)
+    compiled = compile_plain(plain_loss, settings.compile_backend)
+
+    def kdfast_method(backend):
+        why = _check_backend(backend, "distill", device)
+        return why or (lambda: kdfast.distill_loss(s, t, backend=backend, **kw))
+
+    liger, why = _liger_distill(case.loss, settings.temperature, device)
+    return {"baselines": {"eager": lambda: plain_loss(s, t, **kw), "compile": lambda: compiled(s, t, **kw),
+                          "liger": (lambda: liger(s, t)) if liger else None, "liger_why": why},
+            "kdfast": kdfast_method, "wrt": (s,), "bytes_moved": logits_bytes(case.N, case.V, s, t)}
+
+
+def _liger_distill(loss: str, temperature: float, device):
+    """Liger-Kernel's loss of this divergence on the same inputs and value, or (None, why not)."""
+    if loss not in ("kl", "jsd", "tvd"):
+        return None, f"Liger-Kernel has no {loss} loss"
+    if device.type != "cuda":
+        return None, "Liger-Kernel's divergence kernels run on CUDA only"
+    try:
+        from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss, LigerTVDLoss
+    except ImportError:
+        return None, "Liger-Kernel is not installed (pip install --no-deps liger-kernel)"
+    scale = temperature**2
+    if loss == "kl":
+        kl_loss = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+        return (lambda s, t: kl_loss(torch.log_softmax(s / temperature, -1),
+                                     torch.log_softmax(t / temperature, -1)) * scale), None
+    if loss == "jsd":
+        jsd_loss = LigerJSD(beta=PARAMS["jsd"]["beta"])  # (student log q, teacher log p), mean over rows
+        return (lambda s, t: jsd_loss(torch.log_softmax(s / temperature, -1),
+                                      torch.log_softmax(t / temperature, -1)) * scale), None
+    tvd_loss = LigerTVDLoss(reduction="batchmean")  # (student p, teacher q): the gradient is the first's
+    return (lambda s, t: tvd_loss(torch.softmax(s / temperature, -1),
+                                  torch.softmax(t / temperature, -1)) * scale), None
+
+
+def _prepare_correlation_family(case, settings, device, dtype) -> dict:
+    from kdfast import correlation_losses as cl
+
+    s, t = make_logits(case.N, case.V, dtype, device)
+    T = settings.temperature
+    labels = labels_for(s)
+    # the extra positional arguments of each plain form after (student, teacher): kdfast's defaults
+    extra = {"dist": (T, 1.0, 1.0), "dkd": (labels, T, 1.0, 8.0), "correlation": (T, 1.0, 1.0, 1.0, None)}[case.loss]
+    public = {"dist": lambda b: cl.dist_loss(s, t, T, backend=b),
+              "dkd": lambda b: cl.dkd_loss(s, t, labels, T, backend=b),
+              "correlation": lambda b: cl.correlation_loss(s, t, T, backend=b)}[case.loss]
+    plain = plain_other_loss(case.loss)
+    compiled = compile_plain(plain, settings.compile_backend)
+
+    def kdfast_method(backend):
+        why = _check_backend(backend, case.loss, device)
+        return why or (lambda: public(backend))
+
+    return {"baselines": {"eager": lambda: plain(s, t, *extra), "compile": lambda: compiled(s, t, *extra),
+                          "liger_why": f"Liger-Kernel has no {case.loss} loss"},
+            "kdfast": kdfast_method, "wrt": (s,), "bytes_moved": logits_bytes(case.N, case.V, s, t)}
+
+
+def topk_inputs(N: int, V: int, k: int, dtype, device, seed: int = 0):
+    """Student logits and a teacher's top-k (int64 indices, float32 log-probabilities at T = 1) of one case."""
+    s, t = make_logits(N, V, dtype, device, seed)
+    logprobs, indices = torch.log_softmax(t.float(), -1).topk(min(k, V), -1)
+    return s, indices, logprobs
+
+
+def _prepare_topk(case, settings, device, dtype) -> dict:
+    s, idx, lp = topk_inputs(case.N, case.V, settings.topk, dtype, device)
+    T = settings.temperature
+    kw = dict(temperature=T, scale=T**2)
+    compiled = compile_plain(plain_topk_loss, settings.compile_backend)
+
+    def kdfast_method(backend):
+        if backend != "torch":
+            return f"topk_distill_loss has no {backend!r} kernel yet: it runs in PyTorch"
+        return lambda: kdfast.topk_distill_loss(s, idx, lp, tail="renormalize", **kw)
+
+    # renormalised over the support: gather k logits per row, write the dense gradient (zero off the support)
+    moved = case.N * case.V * s.element_size() + idx.numel() * (s.element_size() + idx.element_size()
+                                                               + lp.element_size())
+    return {"baselines": {"eager": lambda: plain_topk_loss(s, idx, lp, **kw),
+                          "compile": lambda: compiled(s, idx, lp, **kw),
+                          "liger_why": "Liger-Kernel has no top-k teacher loss"},
+            "kdfast": kdfast_method, "wrt": (s,), "bytes_moved": moved}
+
+
+def fused_linear_inputs(N: int, H: int, V: int, dtype, device, seed: int = 0, teacher_hidden: Optional[int] = None) -> dict:
+    """Hidden states and LM-head weights of a student and a teacher (no biases, as in most LLMs), and labels.
+
+    Drawn on the device (a CPU takes seconds for the 10^9 normals of a GPU
+    shape); the teacher's hidden size is ``teacher_hidden`` (default ``H``).
+    """
+    H_t = teacher_hidden or H
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*size, scale=1.0):
+        return (torch.randn(*size, generator=g, device=device) * scale).to(dtype)
+
+    return dict(student_hidden=randn(N, H).requires_grad_(),
+                student_weight=randn(V, H, scale=H ** -0.5).requires_grad_(),
+                teacher_hidden=randn(N, H_t), teacher_weight=randn(V, H_t, scale=H_t ** -0.5),
+                labels=torch.randint(0, V, (N,), generator=g, device=device))
+
+
+def materialised_kl(student_hidden, student_weight, teacher_hidden, teacher_weight):
+    """What a user writes without a fused linear loss: both ``(N, V)`` logits, then the plain KL (T = 1)."""
+    student_logits = student_hidden @ student_weight.T
+    with torch.no_grad():
+        teacher_logits = teacher_hidden @ teacher_weight.T
+    return plain_loss(student_logits, teacher_logits)
+
+
+def _prepare_fused_linear(case, settings, device, dtype) -> dict:
+    x = fused_linear_inputs(case.N, settings.hidden, case.V, dtype, device)
+    heads = (x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"])
+    compiled = compile_plain(materialised_kl, settings.compile_backend)
+    liger, why = _liger_fused_linear(x)
+
+    def kdfast_method(backend):
+        why = _check_backend(backend, "fused_linear", device)
+        return why or (lambda: kdfast.fused_linear_distill_loss(*heads, divergence="kl", backend=backend))
+
+    return {"baselines": {"eager": lambda: materialised_kl(*heads), "compile": lambda: compiled(*heads),
+                          "liger": liger, "liger_why": why},
+            "kdfast": kdfast_method, "wrt": heads[:2], "bytes_moved": None}
+
+
+def _liger_fused_linear(x: dict):
+    """Liger-Kernel's chunked fused linear JSD at ``beta = 0`` (KL(teacher || student), T = 1), or (None, why)."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+    except ImportError:
+        return None, "Liger-Kernel is not installed (pip install --no-deps liger-kernel)"
+    liger = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, temperature=1.0)
+    return (lambda: liger(x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"],
+                          x["labels"])), None
+
+
+_PREPARE = {"distill": _prepare_distill, "dist": _prepare_correlation_family, "dkd": _prepare_correlation_family,
+            "correlation": _prepare_correlation_family, "topk": _prepare_topk, "fused_linear": _prepare_fused_linear}
+__all__ = ["BASELINES", "LOSSES", "Case", "Settings", "Prepared", "prepare", "family_of", "loss_options"]
