@@ -24,7 +24,7 @@ SCHEMA_VERSION = 1
 
 # The settings a runner needs to measure the very same cases again.
 RERUN_SETTINGS = ("losses", "shapes", "dtypes", "device", "baselines", "backends", "runs", "warmup",
-                  "temperature", "topk", "hidden", "phases", "compile_backend")
+                  "temperature", "topk", "hidden", "phases", "compile_backend", "memory", "threads")
 
 # Machine fields that change timings by themselves: a difference in one makes ratios incomparable.
 MACHINE_FIELDS_COMPARED = ("device", "cpu", "torch_threads", "kdfast_cpu_capability", "gpu")

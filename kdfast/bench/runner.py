@@ -16,13 +16,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from .compare import BENCHMARK_NAME, SCHEMA_VERSION
 from .families import Case, Settings, prepare
 from .machine import copy_bandwidth, machine_info, nominal_bandwidth, roofline_copy_numel, roofline_fraction
 from .memory import case_id, peak_memory_of, peaks_in_subprocess
 from .timing import summarise, sync, time_once
 
 PHASES = ("forward", "backward", "forward_backward")
-SCHEMA = 1
 
 
 def forward_backward(fn: Callable[[], torch.Tensor], wrt) -> Callable[[], tuple]:
@@ -200,7 +200,7 @@ def run(cases: Sequence[Case], settings: Settings, *, runs: int = 7, warmup: int
     if memory == "subprocess":
         measure_in_subprocesses(records, settings, torch.get_num_threads(), progress)
     return {
-        "benchmark": "kdfast bench", "schema": SCHEMA,
+        "benchmark": BENCHMARK_NAME, "schema": SCHEMA_VERSION,
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "machine": info,
         "settings": dict(asdict(settings), baselines=list(settings.baselines), backends=list(settings.backends),
