@@ -11,30 +11,17 @@ student's hidden states and LM-head weight):
 
 Time is the median of ``runs`` forward+backward calls after one warm-up;
 memory is the peak extra resident memory of one call
-(``benchmarks/memory.py``: VmHWM of the process, which sees every allocation).
+(``kdfast.bench.memory``: VmHWM of the process, which sees every allocation).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
-import time
-from pathlib import Path
 from typing import Callable, Dict
 
 import torch
 
 from .objectives import DistillationSettings
-
-_MEMORY_MODULE = Path(__file__).resolve().parents[2] / "benchmarks" / "memory.py"
-
-
-def _peak_extra_bytes():
-    """``benchmarks/memory.py``'s ``peak_extra_bytes`` (one implementation of the measurement for the project)."""
-    spec = importlib.util.spec_from_file_location("kdfast_benchmarks_memory", _MEMORY_MODULE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.peak_extra_bytes
 
 
 def loss_steps(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
@@ -78,17 +65,15 @@ def benchmark_loss_step(student_hidden: torch.Tensor, student_weight: torch.Tens
 
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
         raise ValueError(f"runs must be an int >= 1, got {runs!r}")
-    peak_extra_bytes = _peak_extra_bytes()
+    from kdfast.bench.memory import peak_extra_bytes
+    from kdfast.bench.timing import time_runs
+
     steps = loss_steps(student_hidden, student_weight, teacher_hidden, teacher_weight, input_ids, settings)
     records = {}
     outputs = {}
     for name, step in steps.items():
         outputs[name] = step()  # warm-up (and the values compared below)
-        times = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - started)
+        times = time_runs(step, runs, 0, student_hidden.device)
         # The CPU kernels keep their gradient buffers for reuse; start each measurement without them.
         kdfast.empty_cache()
         records[name] = {"median_s": statistics.median(times), "times_s": times,
