@@ -195,6 +195,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_capability", &set_capability, "Lower (or restore) the SIMD capability; returns the one in effect.");
   m.def("empty_cache", [] { kdfast::GradBufferCache::instance().clear(); },
         "Release the gradient buffers kept for reuse.");
+  m.def("grad_buffer", [](int64_t N, int64_t V, const at::Tensor& like, bool zero) {
+    TORCH_CHECK_VALUE(N >= 0 && V >= 0, "grad_buffer needs a non-negative shape, got (", N, ", ", V, ")");
+    TORCH_CHECK_VALUE(like.device().is_cpu(), "grad_buffer gives CPU buffers, got a tensor on ", like.device());
+    at::Tensor buffer = kdfast::GradBufferCache::instance().empty(N, V, like.options());
+    if (zero) kdfast::zero_fill(buffer, int64_t(kdfast::kStreamGradMinBytes));
+    return buffer;
+  }, py::arg("N"), py::arg("V"), py::arg("like"), py::arg("zero") = false,
+     "An (N, V) CPU tensor of like's dtype from the recycled gradient buffers (no page faults on a warm one), "
+     "zeroed with streaming stores when zero=True: for gradients written outside the C++ ops, e.g. the top-k "
+     "loss's scatter.");
   m.def("_vector_math", [](const std::string& fn, const std::string& capability, const at::Tensor& x) {
     static const char* const names[] = {
 #define KDFAST_VECTOR_FN_NAME(name, text, function) text,

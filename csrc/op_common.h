@@ -5,7 +5,9 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <utility>
@@ -16,6 +18,10 @@
 #endif
 
 #include "kernels/kernel_api.h"
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace kdfast {
 
@@ -185,6 +191,35 @@ inline at::Tensor grad_buffer(bool compute_grad, int64_t N, int64_t V, const at:
 
 // The dtype of an op's loss: float64 for float64 logits, else float32.
 inline at::ScalarType loss_dtype(DType student) { return student == DType::Float64 ? at::kDouble : at::kFloat; }
+
+// Zeroes a contiguous tensor in parallel, with streaming (non-temporal) stores
+// when it is at least `stream_min_bytes`: a plain memset first reads every
+// cache line it overwrites (read-for-ownership), twice the traffic of writing
+// it, which is most of the time of a sparse gradient (the top-k loss's).
+inline void zero_fill(const at::Tensor& t, int64_t stream_min_bytes) {
+  char* p = static_cast<char*>(t.data_ptr());
+  const int64_t bytes = static_cast<int64_t>(t.nbytes());
+  constexpr int64_t kChunk = int64_t(1) << 20;
+  const int64_t chunks = (bytes + kChunk - 1) / kChunk;
+  const bool stream = bytes >= stream_min_bytes;
+  at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+    char* begin = p + lo * kChunk;
+    char* end = p + std::min(bytes, hi * kChunk);
+#if defined(__SSE2__)
+    if (stream) {
+      char* a = std::min(end, reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(begin) + 15) & ~uintptr_t(15)));
+      char* b = a + (end - a) / 16 * 16;
+      std::memset(begin, 0, size_t(a - begin));
+      const __m128i zero = _mm_setzero_si128();
+      for (char* q = a; q < b; q += 16) _mm_stream_si128(reinterpret_cast<__m128i*>(q), zero);
+      std::memset(b, 0, size_t(end - b));
+      _mm_sfence();
+      return;
+    }
+#endif
+    std::memset(begin, 0, size_t(end - begin));
+  });
+}
 
 // What a row kernel reports per row (its loss and its status), filled in
 // parallel and then checked and summed serially: in a fixed order, so the

@@ -377,3 +377,120 @@ def test_module_is_the_function_with_fixed_options():
 def test_module_checks_its_options_when_built(options, error, pattern):
     with pytest.raises(error, match=pattern):
         TopKDistillLoss(**options)
+
+
+# ----------------------------------------------------------------- the fused path (kdfast/ops/topk.py)
+from conftest import kernel_backend, kernel_device, kernels  # noqa: E402
+
+FUSED_CASES = [dict(divergence=d, temperature=2.0, scale=4.0) for d in ALL_DIVERGENCES] + [
+    dict(divergence="jsd", beta=0.3, student_temperature=1.5),
+    dict(divergence="kl", reduction="sum", normalizer=None),
+    dict(divergence="reverse_kl", reduction="none"),
+    dict(divergence="kl", reduction="batchmean", normalizer=5.0),
+]
+
+
+def _fused_and_torch(s, idx, lp, kernel, **kw):
+    """(value, gradient) of topk_distill_loss on a fused kernel and on the PyTorch form, on the CPU."""
+    device = kernel_device(kernel)
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    with kernel_backend(kernel) as backend:
+        got = value_and_grad(lambda x: topk_distill_loss(x, idx.to(device), lp.to(device), backend=backend,
+                                                         **moved), s.to(device))
+    want = value_and_grad(lambda x: topk_distill_loss(x, idx, lp, backend="torch", **kw), s)
+    return tuple(x.cpu() for x in got), want
+
+
+@kernels
+@pytest.mark.parametrize("options", FUSED_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_renormalize_on_every_fused_kernel_is_the_pytorch_form(kernel, options):
+    s = logits((9, 37), torch.float32, seed=5)  # V and k not multiples of a vector width
+    idx, lp, _ = top_k(dense_teacher(seed=6, shape=(9, 37), dtype=torch.float32), 11)
+    got, want = _fused_and_torch(s, idx, lp, kernel, **options)
+    assert_same(got, want, rtol=2e-5, atol=2e-6)
+
+
+@kernels
+@pytest.mark.parametrize("student_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("logprob_dtype,index_dtype", [(torch.float16, torch.int32), (torch.bfloat16, torch.int64)])
+def test_renormalize_16_bit_students_and_cache_dtypes(kernel, student_dtype, logprob_dtype, index_dtype):
+    s = logits((7, 300), student_dtype, seed=7)
+    idx, lp, _ = top_k(dense_teacher(seed=8, shape=(7, 300), dtype=torch.float32), 64)
+    got, want = _fused_and_torch(s, idx.to(index_dtype), lp.to(logprob_dtype), kernel, divergence="jsd",
+                                 temperature=2.0)
+    assert got[1].dtype == student_dtype and got[1].shape == s.shape
+    assert_same(got, want, rtol=1e-2, atol=1e-3)  # the gradient is rounded to the student's 16-bit dtype
+
+
+@kernels
+@pytest.mark.parametrize("hard_weight", [0.0, 0.7])
+@pytest.mark.parametrize("ignore_index", [-100, 0, 3])
+def test_renormalize_labels_ignored_rows_and_hard_term(kernel, hard_weight, ignore_index):
+    s = logits((8, 40), torch.float32, seed=9)
+    idx, lp, _ = top_k(dense_teacher(seed=10, shape=(8, 40), dtype=torch.float32), 5)
+    labels = torch.tensor([1, ignore_index, 7, 3, ignore_index, 39, 0, 12])
+    lp[1] = float("nan")  # an ignored row may hold anything
+    for reduction in ("batchmean", "sum", "none"):
+        got, want = _fused_and_torch(s, idx, lp, kernel, labels=labels, ignore_index=ignore_index,
+                                     hard_weight=hard_weight, reduction=reduction, temperature=1.5)
+        assert_same(got, want, rtol=2e-5, atol=2e-6)
+        assert not got[1][1].any() and not got[1][4].any()  # ignored rows get no gradient
+
+
+def test_renormalize_gradient_is_zero_off_the_support_and_never_reuses_a_live_buffer():
+    shape = (1024, 8192)  # 32 MiB of float32: the size from which the C++ side recycles gradient buffers
+    s = logits(shape, torch.float32, seed=11)
+    idx, lp, support = top_k(dense_teacher(seed=12, shape=shape, dtype=torch.float32), 16)
+    first = value_and_grad(lambda x: topk_distill_loss(x, idx, lp), s)[1]
+    kept = first.clone()
+    for seed in (13, 14):  # later calls may recycle freed buffers, never the one still held
+        other = value_and_grad(lambda x: topk_distill_loss(x, idx, lp), logits(shape, seed=seed))[1]
+        assert other.data_ptr() != first.data_ptr()
+    assert torch.equal(first, kept)
+    assert not first[~support].any() and first[support].abs().sum() > 0
+
+
+def test_the_bucket_tail_has_no_fused_kernel_yet_and_says_so():
+    s = logits((3, 20), torch.float32)
+    idx, lp, _ = top_k(dense_teacher(shape=(3, 20), dtype=torch.float32), 4)
+    with pytest.raises(ValueError, match="tail='bucket' has no fused 'cpu' kernel yet"):
+        topk_distill_loss(s, idx, lp, tail="bucket", backend="cpu")
+    auto = topk_distill_loss(s, idx, lp, tail="bucket")  # "auto": the PyTorch form
+    torch.testing.assert_close(auto, topk_distill_loss(s, idx, lp, tail="bucket", backend="torch"))
+
+
+def test_k_of_one_with_ignore_index_zero_falls_back_to_the_pytorch_form():
+    s = logits((4, 9), torch.float64)
+    idx, lp, _ = top_k(dense_teacher(shape=(4, 9)), 1)
+    labels = torch.tensor([0, 2, 0, 5])
+    got = value_and_grad(lambda x: topk_distill_loss(x, idx, lp, labels=labels, ignore_index=0, hard_weight=0.5), s)
+    want = value_and_grad(lambda x: topk_distill_loss(x, idx, lp, labels=labels, ignore_index=0, hard_weight=0.5,
+                                                      backend="torch"), s)
+    assert_same(got, want)
+
+
+def test_renormalize_fused_path_refuses_what_the_pytorch_form_refuses():
+    s = logits((3, 20), torch.float32)
+    idx, lp, _ = top_k(dense_teacher(shape=(3, 20), dtype=torch.float32), 4)
+    bad = idx.clone()
+    bad[1, 2] = bad[1, 0]
+    with pytest.raises(ValueError, match="row 1 repeats index"):
+        topk_distill_loss(s, bad, lp)
+    with pytest.raises(ValueError, match="must be <= 0"):
+        topk_distill_loss(s, idx, lp.abs())
+    dead = lp.clone()
+    dead[2] = -math.inf
+    with pytest.raises(ValueError, match="topk_logprobs row 2 is all -inf"):
+        topk_distill_loss(s, idx, dead)
+    with pytest.raises(ValueError, match="unknown backend|backend"):
+        topk_distill_loss(s, idx, lp, backend="fortran")
+
+
+def test_renormalize_under_torch_compile_fullgraph():
+    s = logits((6, 30), torch.float32, seed=15)
+    idx, lp, _ = top_k(dense_teacher(seed=16, shape=(6, 30), dtype=torch.float32), 5)
+    compiled = torch.compile(lambda x: topk_distill_loss(x, idx, lp, temperature=2.0), fullgraph=True,
+                             backend="aot_eager")
+    got = value_and_grad(compiled, s)
+    want = value_and_grad(lambda x: topk_distill_loss(x, idx, lp, temperature=2.0, backend="torch"), s)
+    assert_same(got, want, rtol=2e-5, atol=2e-6)

@@ -26,9 +26,11 @@ The loss families and the losses they hold:
   teacher's confidence);
 * ``dist``, ``dkd``, ``correlation``: the losses of ``kdfast.correlation_losses``
   (DKD with labels ``arange(N) % V``);
-* ``topk``: ``topk_distill_loss`` (renormalised tail) against the teacher's
-  top-k log-probabilities (``settings.topk`` of them per row, float32, int64
-  indices), as an offline-distillation cache stores them;
+* ``topk``: ``topk_distill_loss`` (renormalised tail: the dense fused kernel
+  over the support, :mod:`kdfast.ops.topk`; ``kdfast[torch]`` is its PyTorch
+  form) against the teacher's top-k log-probabilities (``settings.topk`` of
+  them per row, float32, int64 indices), as an offline-distillation cache
+  stores them;
 * ``fused_linear``: ``fused_linear_distill_loss`` (KL, T = 1) of two LM heads of
   hidden size ``settings.hidden``, gradients of the student's hidden states and
   weight.
@@ -119,11 +121,9 @@ def fused_backend(device: torch.device) -> str:
 
 
 def default_backend(family: str, device: torch.device) -> str:
-    """The backend of the plain ``kdfast`` method: the fused one, or the only one (top-k has no kernel yet)."""
-    if family == "topk":
-        return "torch"
+    """The backend of the plain ``kdfast`` method: the device's fused one where it runs, else ``torch``."""
     fused = fused_backend(device)
-    impl_family = "distill" if family == "fused_linear" else family
+    impl_family = family if family in ("dist", "dkd", "correlation") else "distill"
     if device.type == "cpu" and fused not in available_backends(impl_family):
         return "torch"
     return fused
@@ -203,7 +203,7 @@ def prepare(case: Case, settings: Settings) -> Prepared:
 
 def _check_backend(backend: str, family: str, device: torch.device) -> Optional[str]:
     """Why ``backend`` cannot run ``family`` here, or None."""
-    impl_family = "distill" if family == "fused_linear" else family
+    impl_family = family if family in ("dist", "dkd", "correlation") else "distill"
     if backend == "torch":
         return None
     if backend == "triton":
@@ -297,9 +297,8 @@ def _prepare_topk(case, settings, device, dtype) -> dict:
     compiled = compile_plain(plain_topk_loss, settings.compile_backend)
 
     def kdfast_method(backend):
-        if backend != "torch":
-            return f"topk_distill_loss has no {backend!r} kernel yet: it runs in PyTorch"
-        return lambda: kdfast.topk_distill_loss(s, idx, lp, tail="renormalize", **kw)
+        why = _check_backend(backend, "topk", device)
+        return why or (lambda: kdfast.topk_distill_loss(s, idx, lp, tail="renormalize", backend=backend, **kw))
 
     # renormalised over the support: gather k logits per row, write the dense gradient (zero off the support)
     moved = case.N * case.V * s.element_size() + idx.numel() * (s.element_size() + idx.element_size()

@@ -75,7 +75,7 @@ def check_tail(tail) -> None:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
 
 
-@takes_loss_options(exclude=("weighting", "backend"))
+@takes_loss_options(exclude=("weighting",))
 def topk_distill_loss(
     student_logits: torch.Tensor,
     topk_indices: torch.Tensor,
@@ -108,9 +108,14 @@ def topk_distill_loss(
             log-probs, whose rounding (~1e-3 of mass) would otherwise be the
             bucket of a confident teacher, raised to the power ``1/tau``.
         options: the options below, as in :func:`kdfast.distill_loss` (no
-            weighting, no backend); ``temperature`` applies to the log-prob
-            rows; ignored rows may hold anything (their indices and log-probs
-            are not checked).
+            weighting); ``temperature`` applies to the log-prob rows; ignored
+            rows may hold anything (their indices and log-probs are not
+            checked).  ``backend``: ``"torch"`` is the PyTorch form below (the
+            oracle); otherwise ``tail="renormalize"`` runs on the fused dense
+            kernel of that backend (``"auto"``: the device's) over the ``k``
+            support entries (:mod:`kdfast.ops.topk`), and ``tail="bucket"``,
+            which has no fused kernel yet, runs in PyTorch under ``"auto"``
+            and is refused under ``"cpu"`` / ``"triton"``.
 
     Returns:
         float32 (float64 for float64 inputs): a scalar, or ``(N,)`` for
@@ -131,6 +136,15 @@ def topk_distill_loss(
     check_topk_inputs(student_logits, topk_indices, topk_logprobs, tail_logprobs)
     if tail_logprobs is not None and tail != "bucket":
         raise ValueError(f"tail_logprobs is the teacher's bucket: it needs tail='bucket', got tail={tail!r}")
+    if tail == "renormalize" and cfg.backend != "torch":
+        from ..ops.topk import renormalized_topk_loss
+
+        loss = renormalized_topk_loss(student_logits, topk_indices, topk_logprobs, cfg, cfg.backend)
+        if loss is not None:
+            return loss
+    elif tail == "bucket" and cfg.backend not in ("auto", "torch"):
+        raise ValueError(f"tail='bucket' has no fused {cfg.backend!r} kernel yet: use backend='auto' or 'torch' "
+                         f"(its PyTorch form), or tail='renormalize'")
     return topk_loss(student_logits, topk_indices, topk_logprobs, cfg, tail, tail_logprobs)
 
 
