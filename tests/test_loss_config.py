@@ -33,7 +33,7 @@ PUBLIC_LOSSES = [
     (kdfast.kd_loss, 2, TTM_FIXED),
     (kdfast.ttm_loss, 2, TTM_FIXED),
     (kdfast.wttm_loss, 2, TTM_FIXED + ("weighting",)),
-    (kdfast.topk_distill_loss, 3, ("weighting", "backend")),
+    (kdfast.topk_distill_loss, 3, ("weighting",)),
     (kdfast.fused_linear_distill_loss, 4, ()),
     (kdfast.fused_linear_topk_distill_loss, 4, ("weighting", "backend")),
     (kdfast.vocab_parallel_distill_loss, 2, ("backend",)),
