@@ -63,43 +63,43 @@ def test_ratios_are_baseline_over_kdfast_for_every_phase():
     assert all(r["forward"] == r["backward"] == r["forward_backward"] for r in rows)
 
 
-def test_a_failing_method_is_recorded_and_the_others_still_run(monkeypatch):
+def _run_kl_with_eager(monkeypatch, replace_eager, runs):
+    """The records of a kl case whose eager baseline is ``replace_eager(real eager)``, beside kdfast[torch]."""
     real = families._prepare_distill
 
-    def broken_eager(*args):
+    def patched(*args):
         prepared = real(*args)
-        prepared["baselines"]["eager"] = lambda: (_ for _ in ()).throw(RuntimeError("boom"))
+        prepared["baselines"]["eager"] = replace_eager(prepared["baselines"]["eager"])
         return prepared
 
-    monkeypatch.setitem(families._PREPARE, "distill", broken_eager)
+    monkeypatch.setitem(families._PREPARE, "distill", patched)
     records = runner.run_case(Case("kl", 4, 30, "float32"), Settings(baselines=("eager",), backends=("torch",)),
-                              runs=1, warmup=0)
-    by = {r["method"]: r for r in records}
+                              runs=runs, warmup=0)
+    return {r["method"]: r for r in records}
+
+
+def test_a_failing_method_is_recorded_and_the_others_still_run(monkeypatch):
+    def boom():
+        raise RuntimeError("boom")
+
+    by = _run_kl_with_eager(monkeypatch, lambda eager: boom, runs=1)
     assert by["eager"]["error"] == "RuntimeError: boom" and "phases" not in by["eager"]
     assert by["kdfast[torch]"]["phases"]["forward_backward"]["median_s"] > 0
 
 
 def test_a_method_failing_only_while_timed_loses_its_numbers_not_the_run(monkeypatch):
     calls = {"n": 0}
-    real = families._prepare_distill
 
-    def flaky(*args):
-        prepared = real(*args)
-        eager = prepared["baselines"]["eager"]
-
+    def failing_later(eager):
         def sometimes():
             calls["n"] += 1
             if calls["n"] > 2:  # the value and the warm-up pass, then it fails
                 raise torch.OutOfMemoryError("no memory")
             return eager()
 
-        prepared["baselines"]["eager"] = sometimes
-        return prepared
+        return sometimes
 
-    monkeypatch.setitem(families._PREPARE, "distill", flaky)
-    records = runner.run_case(Case("kl", 4, 30, "float32"), Settings(baselines=("eager",), backends=("torch",)),
-                              runs=2, warmup=0)
-    by = {r["method"]: r for r in records}
+    by = _run_kl_with_eager(monkeypatch, failing_later, runs=2)
     assert by["eager"]["error"] == "out of memory" and "phases" not in by["eager"]
     assert len(by["kdfast[torch]"]["phases"]["backward"]["times_s"]) == 2
 

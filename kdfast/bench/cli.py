@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-
 from .families import BASELINES, LOSSES, Case, Settings, family_of
 from .runner import PHASES
 
@@ -124,9 +122,7 @@ def resolve_compare(args) -> tuple:
     payload = load_payload(args.compare)
     old = cases_of(payload)
     triples = list(dict.fromkeys((r["loss"], r["shape"], r["dtype"]) for r in payload["records"]))
-    settings = Settings(**{k: tuple(old[k]) if isinstance(old[k], list) else old[k]
-                           for k in ("device", "temperature", "topk", "hidden", "baselines", "backends",
-                                     "compile_backend") if k in old})
+    settings = Settings.from_json(old)
     threads = args.threads or old.get("threads")
     return _checked(triples, settings, dict(runs=old.get("runs", 7), warmup=old.get("warmup", 1),
                                             phases=old.get("phases", list(PHASES)),
@@ -143,8 +139,6 @@ def _checked(triples, settings: Settings, options: dict) -> tuple:
                          f"{options['warmup']}")
     if options["threads"] is not None and options["threads"] < 1:
         raise ValueError(f"--threads must be at least 1; got {options['threads']}")
-    if settings.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda needs a CUDA GPU; this machine has none")
     cases = [Case(loss, *parse_shape(shape), dtype) for loss, shape, dtype in triples]
     return cases, settings, options
 

@@ -46,6 +46,7 @@ import torch
 import kdfast
 from kdfast.config import DIVERGENCES
 from kdfast.ops.backends import available_backends
+from kdfast.ops.triton import interpreter_requested
 
 from .baselines import plain_loss, plain_other_loss, plain_topk_loss
 
@@ -104,6 +105,12 @@ class Settings:
     backends: Tuple[str, ...] = ()  # kdfast's backends; empty: the device's fused one
     compile_backend: str = "inductor"
 
+    @classmethod
+    def from_json(cls, values: dict) -> "Settings":
+        """The settings of a JSON ``settings`` object (lists back to tuples; keys that are not fields ignored)."""
+        fields = cls.__dataclass_fields__
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields})
+
 
 @dataclass
 class Prepared:
@@ -120,13 +127,15 @@ def fused_backend(device: torch.device) -> str:
     return "cpu" if device.type == "cpu" else "triton"
 
 
+def implementation_family(family: str) -> str:
+    """The ``available_backends`` family of a benchmark family (top-k and fused linear run distill's kernels)."""
+    return family if family in CORRELATION_LOSSES else "distill"
+
+
 def default_backend(family: str, device: torch.device) -> str:
     """The backend of the plain ``kdfast`` method: the device's fused one where it runs, else ``torch``."""
     fused = fused_backend(device)
-    impl_family = family if family in ("dist", "dkd", "correlation") else "distill"
-    if device.type == "cpu" and fused not in available_backends(impl_family):
-        return "torch"
-    return fused
+    return fused if _check_backend(fused, family, device) is None else "torch"
 
 
 def kdfast_method_name(backend: str, family: str, device: torch.device) -> str:
@@ -203,22 +212,16 @@ def prepare(case: Case, settings: Settings) -> Prepared:
 
 def _check_backend(backend: str, family: str, device: torch.device) -> Optional[str]:
     """Why ``backend`` cannot run ``family`` here, or None."""
-    impl_family = family if family in ("dist", "dkd", "correlation") else "distill"
     if backend == "torch":
         return None
     if backend == "triton":
-        if device.type != "cuda" and not _triton_interpreted():
+        if device.type != "cuda" and not interpreter_requested():
             return "the Triton backend needs a CUDA device (or TRITON_INTERPRET=1)"
         return None
-    if backend not in available_backends(impl_family):
-        return f"backend {backend!r} is not available for {impl_family} here (available: {available_backends(impl_family)})"
+    available = available_backends(implementation_family(family))
+    if backend not in available:
+        return f"backend {backend!r} is not available for {implementation_family(family)} here (available: {available})"
     return None
-
-
-def _triton_interpreted() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _prepare_distill(case, settings, device, dtype) -> dict:

@@ -109,7 +109,7 @@ def _child(spec_json: str) -> None:
 
     spec = json.loads(spec_json)
     torch.set_num_threads(spec["threads"])
-    settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["settings"].items()})
+    settings = Settings.from_json(spec["settings"])
     peaks = {}
     for case in spec["cases"]:
         prepared = prepare(Case(case["loss"], case["N"], case["V"], case["dtype"]), settings)

@@ -76,22 +76,24 @@ def run_case(case: Case, settings: Settings, *, runs: int, warmup: int, phases: 
     device = torch.device(settings.device)
     prepared = prepare(case, settings)
     key = case.key()
-    records: Dict[str, dict] = {name: dict(key, method=name, kind=kind_of(name), skipped=why)
-                                for name, why in prepared.unavailable.items()}
+
+    def record(name: str, **fields) -> dict:
+        return dict(key, method=name, kind=kind_of(name), **fields)
+
+    records: Dict[str, dict] = {name: record(name, skipped=why) for name, why in prepared.unavailable.items()}
     methods, first_value = {}, None
     for name, fn in prepared.methods.items():
         try:  # the value, and the first warm-up (compilation, caches)
             value = float(fn().detach())
             forward_backward(fn, prepared.wrt)()
         except Exception as error:  # noqa: BLE001 - one method's failure is a result, not the end of the run
-            records[name] = dict(key, method=name, kind=kind_of(name), error=describe_failure(error, device))
+            records[name] = record(name, error=describe_failure(error, device))
             continue
         first_value = value if first_value is None else first_value
         methods[name] = fn
-        records[name] = dict(key, method=name, kind=kind_of(name), phases={}, peak_extra_bytes=None,
-                             bytes_moved=prepared.bytes_moved, roofline_fraction=None,
-                             nominal_roofline_fraction=None, value=value,
-                             value_rel_diff=abs(value - first_value) / max(abs(first_value), 1e-30))
+        records[name] = record(name, phases={}, peak_extra_bytes=None, bytes_moved=prepared.bytes_moved,
+                               roofline_fraction=None, nominal_roofline_fraction=None, value=value,
+                               value_rel_diff=abs(value - first_value) / max(abs(first_value), 1e-30))
     for phase in phases:
         steps = {name: phase_step(phase, fn, prepared.wrt, device) for name, fn in methods.items()}
         for name, times in _time_side_by_side(steps, runs, warmup, device, records).items():
@@ -176,11 +178,11 @@ def run(cases: Sequence[Case], settings: Settings, *, runs: int = 7, warmup: int
         phases: Sequence[str] = PHASES, memory: str = "auto", threads: Optional[int] = None,
         progress: bool = True) -> dict:
     """Benchmark ``cases``; the payload of the JSON (machine, settings, records, ratios)."""
-    if threads:
-        torch.set_num_threads(threads)
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda needs a CUDA GPU; this machine has none")
+        raise ValueError("--device cuda needs a CUDA GPU; this machine has none")
+    if threads:
+        torch.set_num_threads(threads)
     memory = memory_mode(memory, device)
     info = machine_info(device)
     largest = max((c.N * c.V * 4 for c in cases), default=0)
@@ -238,7 +240,7 @@ class ProgressBar:
     """tqdm when it is installed, else one line per step on stderr; nothing when disabled."""
 
     def __init__(self, total: int, enabled: bool = True):
-        self.total, self.done, self.enabled, self.label = total, 0, enabled, ""
+        self.total, self.done, self.enabled = total, 0, enabled
         self._bar = None
         if enabled:
             try:
@@ -248,7 +250,6 @@ class ProgressBar:
             self._bar = tqdm(total=total, dynamic_ncols=True, leave=False, file=sys.stderr)
 
     def describe(self, label: str) -> None:
-        self.label = label
         if self._bar is not None:
             self._bar.set_description(label)
         elif self.enabled:

@@ -171,8 +171,7 @@ def topk_loss(student_logits: torch.Tensor, topk_indices: torch.Tensor, topk_log
         # first k entries, a uniform teacher) so that nothing in them can reach
         # the value or the gradient, as in the dense reference.
         keep = valid[:, None]
-        idx = torch.where(keep, idx, torch.arange(k, device=idx.device))
-        lp = torch.where(keep, lp, torch.full_like(lp, -math.log(k)))
+        idx, lp = neutral_ignored_rows(valid, idx, lp)
         rest = None if rest is None else torch.where(keep, rest, torch.full_like(rest, -math.inf))
         zs = None if zs is None else torch.where(keep, zs, torch.zeros_like(zs))
     if not torch.compiler.is_compiling():
@@ -195,6 +194,17 @@ def topk_loss(student_logits: torch.Tensor, topk_indices: torch.Tensor, topk_log
 
 
 # ----------------------------------------------------------------- the two distributions
+TEACHER_UNDEFINED = "topk_logprobs row {} is all -inf: the renormalised teacher is undefined"
+STUDENT_UNDEFINED_ON_SUPPORT = "student_logits row {} is all -inf on its top-k support: the student is undefined"
+
+
+def neutral_ignored_rows(valid: torch.Tensor, idx: torch.Tensor, lp: torch.Tensor):
+    """``(idx, lp)`` with the rows not ``valid`` replaced by the first k entries and a uniform teacher."""
+    k, keep = idx.shape[-1], valid[:, None]
+    return (torch.where(keep, idx, torch.arange(k, device=idx.device)),
+            torch.where(keep, lp, torch.full_like(lp, -math.log(k))))
+
+
 def teacher_log_probs(topk_logprobs: torch.Tensor, tail: str, temperature: float, vocab_size: int,
                       rest: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The teacher's log-probability rows over the common support: ``(N, k)`` or ``(N, k + 1)``.
@@ -216,13 +226,13 @@ def teacher_log_probs(topk_logprobs: torch.Tensor, tail: str, temperature: float
             rest = log1mexp(top_mass).masked_fill(-top_mass <= sum_rounding(rows.dtype, rows.shape[-1]), -math.inf)
         rows = torch.cat([rows, rest], -1)
     else:
-        _check_defined(rows, "topk_logprobs row {} is all -inf: the renormalised teacher is undefined")
+        _check_defined(rows, TEACHER_UNDEFINED)
     return torch.log_softmax(rows / temperature, -1)
 
 
 def renormalized_student_log_probs(on_support: torch.Tensor, temperature: float) -> torch.Tensor:
     """``log_softmax(z_s[S] / tau_s)``: the student restricted to the support, ``(N, k)``."""
-    _check_defined(on_support, "student_logits row {} is all -inf on its top-k support: the student is undefined")
+    _check_defined(on_support, STUDENT_UNDEFINED_ON_SUPPORT)
     return torch.log_softmax(on_support / temperature, -1)
 
 

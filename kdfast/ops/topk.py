@@ -19,7 +19,6 @@ runs in PyTorch (:func:`kdfast.llm.topk.topk_loss`).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -79,7 +78,8 @@ def renormalized_topk_loss(student_logits: torch.Tensor, topk_indices: torch.Ten
     Returns None where this path cannot mark the counted rows (``k = 1`` with
     ``ignore_index = 0``): the caller then runs the PyTorch form.
     """
-    from ..llm.topk import _check_defined, _valid_rows, check_topk_values
+    from ..llm.topk import (STUDENT_UNDEFINED_ON_SUPPORT, TEACHER_UNDEFINED, _check_defined, _valid_rows,
+                            check_topk_values, neutral_ignored_rows)
     from ..losses import distill_loss
 
     V, k = student_logits.shape[-1], topk_indices.shape[-1]
@@ -93,18 +93,15 @@ def renormalized_topk_loss(student_logits: torch.Tensor, topk_indices: torch.Ten
         marker = mask_label(cfg.ignore_index, k)
         if marker is None:
             return None
-        # ignored rows: neutral and well defined (the first k entries, a uniform teacher), as in the reference
-        keep = valid[:, None]
-        idx = torch.where(keep, idx, torch.arange(k, device=idx.device))
-        lp = torch.where(keep, lp, torch.full_like(lp, -math.log(k)))
+        idx, lp = neutral_ignored_rows(valid, idx, lp)  # as in the PyTorch form
         row_labels = torch.where(valid, marker, cfg.ignore_index)
     if not torch.compiler.is_compiling():
         check_topk_values(idx, lp, V, topk_logprobs.dtype)
-        _check_defined(lp, "topk_logprobs row {} is all -inf: the renormalised teacher is undefined")
+        _check_defined(lp, TEACHER_UNDEFINED)
     on_support = gather_support(rows, idx)
     if labels is not None:
         on_support = torch.where(valid[:, None], on_support, torch.zeros_like(on_support))
-    _check_defined(on_support, "student_logits row {} is all -inf on its top-k support: the student is undefined")
+    _check_defined(on_support, STUDENT_UNDEFINED_ON_SUPPORT)
     loss = distill_loss(on_support, lp, divergence=cfg.divergence, alpha=cfg.alpha, beta=cfg.beta, skew=cfg.skew,
                         temperature=cfg.temperature, student_temperature=cfg.student_temperature, scale=cfg.scale,
                         soft_weight=cfg.soft_weight, labels=row_labels, ignore_index=cfg.ignore_index,
