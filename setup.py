@@ -70,6 +70,7 @@ def _extensions():
     sources = [
         "csrc/distill_op.cpp",
         "csrc/correlation_ops.cpp",
+        "csrc/topk_op.cpp",
         "csrc/kernels/cpu_dispatch.cpp",
         "csrc/kernels/distill_cpu_default.cpp",
         "csrc/kernels/distill_cpu_avx2.cpp",

@@ -32,24 +32,6 @@ const char* const kWeightingNames[] = {KDFAST_FOR_EACH_WEIGHTING(KDFAST_POLICY_N
 const char* const kKernelParamNames[] = {KDFAST_FOR_EACH_KERNEL_PARAM(KDFAST_KERNEL_PARAM_NAME)};
 #undef KDFAST_KERNEL_PARAM_NAME
 
-// The op's divergence, params and weighting as the kernels take them.  The
-// options were validated in Python (kdfast.config); these checks only keep a
-// direct caller of the op from indexing past the dispatch tables.
-void set_policies(DistillParams& prm, int64_t divergence, c10::ArrayRef<double> params, int64_t weighting) {
-  TORCH_CHECK_VALUE(divergence >= 0 && divergence < static_cast<int64_t>(Divergence::Count),
-                    "divergence must be an index of kdfast.registry.DIVERGENCE_NAMES, got ", divergence);
-  TORCH_CHECK_VALUE(weighting >= 0 && weighting < static_cast<int64_t>(Weighting::Count),
-                    "weighting must be an index of kdfast.registry.WEIGHTING_NAMES, got ", weighting);
-  TORCH_CHECK_VALUE(static_cast<int64_t>(params.size()) == kKernelParamCount, "params must have ", kKernelParamCount,
-                    " entries (kdfast.registry.KERNEL_PARAMS), got ", params.size());
-  prm.divergence = static_cast<Divergence>(divergence);
-  prm.weighting = static_cast<Weighting>(weighting);
-  int k = 0;
-#define KDFAST_SET_KERNEL_PARAM(name) prm.div.name = params[k++];
-  KDFAST_FOR_EACH_KERNEL_PARAM(KDFAST_SET_KERNEL_PARAM)
-#undef KDFAST_SET_KERNEL_PARAM
-}
-
 // The gradient goes to `grad_out` (an (N, V) buffer with rows of stride V in
 // the student's dtype; it may be the student itself, see distill_forward_inplace),
 // a recycled buffer when `grad_out` is undefined and `compute_grad`, or nowhere.
@@ -84,11 +66,7 @@ std::tuple<at::Tensor, at::Tensor> run_distill(
   }
 
   const std::string red(reduction);
-  TORCH_CHECK_VALUE(red == "batchmean" || red == "sum" || red == "none", "reduction must be 'batchmean', 'sum' or "
-                    "'none', got '", red, "'");
-  double denom = 1.0;
-  if (red == "batchmean") denom = normalizer.has_value() ? *normalizer : static_cast<double>(valid);
-  prm.inv_denom = denom > 0 ? 1.0 / denom : 0.0;
+  prm.inv_denom = reduction_scale(red, normalizer, valid);
 
   at::Tensor grad = grad_out.defined() ? grad_out : grad_buffer(compute_grad, N, V, student);
   RowResults rows(N);
@@ -112,11 +90,7 @@ std::tuple<at::Tensor, at::Tensor> run_distill(
   rows.run(std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)),
            [&](int64_t begin, int64_t end) { distill_rows(prm, b, begin, end); });
 
-  if (red == "none") {
-    at::Tensor per_row = at::from_blob(rows.loss.data(), {N}, at::TensorOptions().dtype(at::kDouble));
-    return {per_row.to(loss_dtype(st), false, /*copy=*/true), grad};
-  }
-  return {rows.scalar(prm.inv_denom, st), grad};
+  return {rows.reduced(red, prm.inv_denom, st), grad};
 }
 
 }  // namespace

@@ -172,6 +172,35 @@ inline std::pair<at::Tensor, int64_t> checked_labels(const at::Tensor& labels, c
   return {labels64, valid};
 }
 
+// The op's divergence, params and weighting as the kernels take them.  The
+// options were validated in Python (kdfast.config); these checks only keep a
+// direct caller of the op from indexing past the dispatch tables.
+inline void set_policies(DistillParams& prm, int64_t divergence, c10::ArrayRef<double> params, int64_t weighting) {
+  TORCH_CHECK_VALUE(divergence >= 0 && divergence < static_cast<int64_t>(Divergence::Count),
+                    "divergence must be an index of kdfast.registry.DIVERGENCE_NAMES, got ", divergence);
+  TORCH_CHECK_VALUE(weighting >= 0 && weighting < static_cast<int64_t>(Weighting::Count),
+                    "weighting must be an index of kdfast.registry.WEIGHTING_NAMES, got ", weighting);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(params.size()) == kKernelParamCount, "params must have ", kKernelParamCount,
+                    " entries (kdfast.registry.KERNEL_PARAMS), got ", params.size());
+  prm.divergence = static_cast<Divergence>(divergence);
+  prm.weighting = static_cast<Weighting>(weighting);
+  int k = 0;
+#define KDFAST_SET_KERNEL_PARAM(name) prm.div.name = params[k++];
+  KDFAST_FOR_EACH_KERNEL_PARAM(KDFAST_SET_KERNEL_PARAM)
+#undef KDFAST_SET_KERNEL_PARAM
+}
+
+
+// 1 / the batchmean denominator (the normalizer, else the valid rows; 0 for
+// none), or 1 for "sum" and "none".
+inline double reduction_scale(const std::string& reduction, const c10::optional<double>& normalizer, int64_t valid) {
+  TORCH_CHECK_VALUE(reduction == "batchmean" || reduction == "sum" || reduction == "none",
+                    "reduction must be 'batchmean', 'sum' or 'none', got '", reduction, "'");
+  if (reduction != "batchmean") return 1.0;
+  const double denom = normalizer.has_value() ? *normalizer : static_cast<double>(valid);
+  return denom > 0 ? 1.0 / denom : 0.0;
+}
+
 // The errors of docs/contract.md for the rows a kernel refused (RowStatus codes).
 inline void check_row_status(const std::vector<int32_t>& status) {
   for (size_t i = 0; i < status.size(); ++i) {
@@ -246,6 +275,13 @@ struct RowResults {
 
   at::Tensor scalar(double scale, DType student) const {
     return at::scalar_tensor(sum() * scale, at::TensorOptions().dtype(loss_dtype(student)));
+  }
+
+  // The op's loss: the rows' losses for reduction "none", else their sum times `scale`.
+  at::Tensor reduced(const std::string& reduction, double scale, DType student) {
+    if (reduction != "none") return scalar(scale, student);
+    const at::Tensor per_row = at::from_blob(loss.data(), {int64_t(loss.size())}, at::TensorOptions().dtype(at::kDouble));
+    return per_row.to(loss_dtype(student), false, /*copy=*/true);
   }
 };
 

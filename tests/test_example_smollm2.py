@@ -281,11 +281,13 @@ def test_topk_objective_is_topk_distill_loss_on_shifted_logits():
     model, ids = tiny_student(), token_ids((2, 6))
     teacher_logits = torch.randn(4, 6, TINY_VOCAB, generator=torch.Generator().manual_seed(3))
     logprobs, indices = torch.log_softmax(teacher_logits, -1).topk(SETTINGS.topk, dim=-1)
-    targets = teacher_targets.TopKTargets(indices.to(torch.int32), logprobs)
+    tail = torch.log(-torch.expm1(torch.logsumexp(logprobs, -1))) - 0.01  # the cache's float32 remainder
+    targets = teacher_targets.TopKTargets(indices.to(torch.int32), logprobs, tail)
     rows = torch.tensor([3, 1])
     loss = objectives.TopKKDObjective(targets, SETTINGS)(model, ids, rows)
     expected = topk_distill_loss(_student_logits(model, ids)[:, :-1], indices[rows][:, :-1], logprobs[rows][:, :-1],
-                                 labels=ids[:, 1:], tail="bucket", **SETTINGS.loss_options())
+                                 labels=ids[:, 1:], tail="bucket", tail_logprobs=tail[rows][:, :-1],
+                                 **SETTINGS.loss_options())
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -301,6 +303,9 @@ def test_topk_targets_are_the_top_entries_of_the_teachers_head(tmp_path):
     expected_logprobs, expected_indices = torch.log_softmax(hidden @ weight.T, -1).topk(4, dim=-1)
     assert targets.indices.shape == (3, 5, 4) and torch.equal(targets.indices.long(), expected_indices)
     torch.testing.assert_close(targets.logprobs.float(), expected_logprobs, rtol=2e-3, atol=2e-3)  # stored as fp16
+    expected_tail = torch.log(-torch.expm1(torch.logsumexp(torch.log_softmax(hidden @ weight.T, -1).topk(4).values, -1)))
+    assert targets.tail_logprobs.shape == (3, 5)
+    torch.testing.assert_close(targets.tail_logprobs, expected_tail, rtol=1e-4, atol=1e-5)
     # The same folder with other sequences is another cache: refused, not silently mixed.
     with pytest.raises(ValueError):
         teacher_targets.build_topk_targets(sequences.flip(0), hidden, weight, tmp_path / "cache", k=4, batch_size=2,

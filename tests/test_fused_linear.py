@@ -535,6 +535,51 @@ def test_topk_form_with_shift_and_module():
         assert_close(got, want)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_topk_backends_tail_logprobs_and_chunks(backend, tail):
+    from kdfast.llm.topk import log1mexp, topk_distill_loss
+
+    if backend not in kdfast.available_backends():
+        pytest.skip("the C++ extension is not built")
+    heads = make_heads()
+    indices, logprobs = make_topk()
+    labels = make_labels()
+    rest = log1mexp(torch.logsumexp(logprobs, -1)) - 0.05 if tail == "bucket" else None
+    options = dict(tail=tail, divergence="jsd", beta=0.3, temperature=1.5, student_temperature=1.2, hard_weight=0.4,
+                   tail_logprobs=rest)
+    loss = fused_linear_topk_distill_loss(heads["student_hidden"], heads["student_weight"], indices, logprobs, labels,
+                                          student_bias=heads["student_bias"], chunk_size=5, backend=backend, **options)
+    expected = topk_distill_loss(logits(heads["student_hidden"], heads["student_weight"], heads["student_bias"]),
+                                 indices, logprobs, labels=labels, backend="torch", **options)
+    assert_close(loss, expected, scale_atol=False)
+    for got, want in zip(student_grads(loss, heads), student_grads(expected, heads)):
+        assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_cpu_chunks_write_their_gradient_over_the_logits(monkeypatch, dtype):
+    """On CPU every chunk runs the in-place op (no per-chunk autograd), in the head's dtype."""
+    import kdfast.llm.chunking as chunking
+    from kdfast.llm.topk import topk_distill_loss
+
+    if "cpu" not in kdfast.available_backends():
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.setattr(chunking, "_loss_and_autograd_grad", None)  # any autograd chunk would fail
+    heads = make_heads(dtype=dtype, bias=False)
+    indices, logprobs = make_topk()
+    loss = fused_linear_topk_distill_loss(heads["student_hidden"], heads["student_weight"], indices, logprobs,
+                                          make_labels(), tail="bucket", chunk_size=6, hard_weight=0.5)
+    grads = student_grads(loss, heads)
+    zs = logits(heads["student_hidden"].double(), heads["student_weight"].double(), None).detach().requires_grad_()
+    want = topk_distill_loss(zs, indices, logprobs, labels=make_labels(), tail="bucket", hard_weight=0.5,
+                             backend="torch")
+    (grad_logits,) = torch.autograd.grad(want, zs)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(loss.double(), want, **tol)
+    torch.testing.assert_close(grads[0].double(), grad_logits @ heads["student_weight"].double(), **tol)
+
+
 def test_topk_errors():
     heads = make_heads()
     indices, logprobs = make_topk()
@@ -543,6 +588,16 @@ def test_topk_errors():
                                        tail="drop")
     with pytest.raises(ValueError, match="topk_indices shape"):
         fused_linear_topk_distill_loss(heads["student_hidden"], heads["student_weight"], indices[:-1], logprobs[:-1])
+    with pytest.raises(ValueError, match="tail_logprobs is the teacher's bucket"):
+        fused_linear_topk_distill_loss(heads["student_hidden"], heads["student_weight"], indices, logprobs,
+                                       tail_logprobs=logprobs[:, 0])
+    with pytest.raises(ValueError, match="tail_logprobs shape"):
+        fused_linear_topk_distill_loss(heads["student_hidden"], heads["student_weight"], indices, logprobs,
+                                       tail="bucket", tail_logprobs=logprobs[:-1, 0])
+    bad = indices.clone()
+    bad[3, 1] = bad[3, 0]
+    with pytest.raises(ValueError, match="topk_indices row 3 repeats index"):
+        fused_linear_topk_distill_loss(heads["student_hidden"], heads["student_weight"], bad, logprobs)
 
 
 # ----------------------------------------------------------------- other backends and vocabulary-parallel heads

@@ -35,7 +35,7 @@ PUBLIC_LOSSES = [
     (kdfast.wttm_loss, 2, TTM_FIXED + ("weighting",)),
     (kdfast.topk_distill_loss, 3, ("weighting",)),
     (kdfast.fused_linear_distill_loss, 4, ()),
-    (kdfast.fused_linear_topk_distill_loss, 4, ("weighting", "backend")),
+    (kdfast.fused_linear_topk_distill_loss, 4, ("weighting",)),
     (kdfast.vocab_parallel_distill_loss, 2, ("backend",)),
 ]
 loss_ids = [fn.__name__ for fn, _, _ in PUBLIC_LOSSES]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kdfast
-from kdfast.llm.topk import TopKDistillLoss, log1mexp, teacher_log_probs, topk_distill_loss
+from kdfast.llm.topk import TAILS, TopKDistillLoss, log1mexp, teacher_log_probs, topk_distill_loss
 
 from conftest import logits
 
@@ -450,13 +450,166 @@ def test_renormalize_gradient_is_zero_off_the_support_and_never_reuses_a_live_bu
     assert not first[~support].any() and first[support].abs().sum() > 0
 
 
-def test_the_bucket_tail_has_no_fused_kernel_yet_and_says_so():
+# ----------------------------------------------------------------- the bucket tail on the C++ kernel
+from conftest import KERNELS  # noqa: E402
+
+CPU_KERNELS = [k for k in KERNELS if k.startswith("cpu-")] or [
+    pytest.param("none", marks=pytest.mark.skip(reason="the C++ extension is not built"))]
+cpu_kernels = pytest.mark.parametrize("kernel", CPU_KERNELS)
+
+BUCKET_CASES = FUSED_CASES + [
+    dict(divergence="kl", student_temperature=0.7, temperature=1.0),
+    dict(divergence="skew_reverse_kl", skew=0.2, temperature=3.0),
+]
+
+
+@cpu_kernels
+@pytest.mark.parametrize("options", BUCKET_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_bucket_on_the_cpu_kernel_is_the_pytorch_form(kernel, options):
+    s = logits((9, 37), torch.float32, seed=5)
+    idx, lp, _ = top_k(dense_teacher(seed=6, shape=(9, 37), dtype=torch.float32), 11)
+    got, want = _fused_and_torch(s, idx, lp, kernel, tail="bucket", **options)
+    assert_same(got, want, rtol=2e-5, atol=2e-6)
+
+
+@cpu_kernels
+@pytest.mark.parametrize("tail", TAILS)
+def test_float64_cpu_kernel_matches_the_pytorch_form_to_float64_rounding(kernel, tail):
+    s = logits((6, 53), torch.float64, seed=17)
+    idx, lp, _ = top_k(dense_teacher(seed=18, shape=(6, 53)), 7)
+    labels = torch.tensor([3, -100, 52, 0, 9, 17])
+    got, want = _fused_and_torch(s, idx, lp, kernel, tail=tail, divergence="jsd", beta=0.4, temperature=1.7,
+                                 student_temperature=1.3, labels=labels, hard_weight=0.3)
+    assert_same(got, want, rtol=1e-11, atol=1e-13)
+
+
+@cpu_kernels
+@pytest.mark.parametrize("student_dtype", [torch.bfloat16, torch.float16])
+def test_bucket_16_bit_students_and_cache_dtypes(kernel, student_dtype):
+    s = logits((7, 300), student_dtype, seed=7)
+    idx, lp, _ = top_k(dense_teacher(seed=8, shape=(7, 300), dtype=torch.float32), 64)
+    got, want = _fused_and_torch(s, idx.int(), lp.half(), kernel, tail="bucket", divergence="jsd", temperature=2.0)
+    assert got[1].dtype == student_dtype and got[1].shape == s.shape
+    assert_same(got, want, rtol=1e-2, atol=1e-3)
+
+
+@cpu_kernels
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("hard_weight", [0.0, 0.7])
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+def test_cpu_kernel_labels_ignored_rows_and_hard_term(kernel, tail, hard_weight, ignore_index):
+    s = logits((8, 40), torch.float32, seed=9)
+    idx, lp, _ = top_k(dense_teacher(seed=10, shape=(8, 40), dtype=torch.float32), 5)
+    labels = torch.tensor([1, ignore_index, 7, 3, ignore_index, 39, 0, 12])
+    labels[2] = idx[2, 1]  # a label on the support
+    lp[1] = float("nan")  # an ignored row may hold anything, indices included
+    idx[4] = -7
+    for reduction in ("batchmean", "sum", "none"):
+        got, want = _fused_and_torch(s, torch.where(labels[:, None] == ignore_index, 0, idx), lp, kernel, tail=tail,
+                                     labels=labels, ignore_index=ignore_index, hard_weight=hard_weight,
+                                     reduction=reduction, temperature=1.5, student_temperature=1.2)
+        assert_same(got, want, rtol=2e-5, atol=2e-6)
+        fused = value_and_grad(lambda x: topk_distill_loss(x, idx, lp, tail=tail, labels=labels, backend="cpu",
+                                                           ignore_index=ignore_index, hard_weight=hard_weight,
+                                                           reduction=reduction), s)
+        assert not fused[1][1].any() and not fused[1][4].any()  # ignored rows: no gradient, indices never read
+
+
+@cpu_kernels
+def test_bucket_tail_logprobs_k_equal_v_and_minus_inf_off_the_support(kernel):
+    s = logits((5, 16), torch.float32, seed=19)
+    idx, lp, _ = top_k(dense_teacher(seed=20, shape=(5, 16), dtype=torch.float32), 4)
+    rest = log1mexp(torch.logsumexp(lp.double(), -1)).float() - 0.01  # a cache's float32 remainder
+    got, want = _fused_and_torch(s, idx, lp, kernel, tail="bucket", tail_logprobs=rest, temperature=2.0)
+    assert_same(got, want, rtol=2e-5, atol=2e-6)
+    full_idx, full_lp, _ = top_k(dense_teacher(seed=21, shape=(5, 16), dtype=torch.float32), 16)  # k == V
+    got, want = _fused_and_torch(s, full_idx, full_lp, kernel, tail="bucket", divergence="jsd")
+    assert_same(got, want, rtol=2e-5, atol=2e-6)
+    masked = s.clone()
+    masked[1] = torch.where(torch.zeros(16, dtype=torch.bool).scatter(0, idx[1], True), masked[1], -math.inf)
+    got, want = _fused_and_torch(masked, idx, lp, kernel, tail="bucket", labels=torch.tensor([0, int(idx[1, 2]), 3, 4, 5]),
+                                 hard_weight=0.5)
+    assert_same(got, want, rtol=2e-5, atol=2e-6)
+    assert torch.isfinite(got[1]).all() and not got[1][1][masked[1] == -math.inf].any()
+
+
+@cpu_kernels
+def test_bucket_reverse_kl_is_inf_when_the_teacher_tail_is_empty(kernel):
+    s = logits((3, 12), torch.float32, seed=22)
+    idx, lp, _ = top_k(dense_teacher(seed=23, shape=(3, 12), dtype=torch.float32), 4)
+    empty = torch.full((3,), -math.inf)
+    with kernel_backend(kernel) as backend:
+        got = topk_distill_loss(s, idx, lp, tail="bucket", tail_logprobs=empty, divergence="reverse_kl",
+                                backend=backend)
+    want = topk_distill_loss(s, idx, lp, tail="bucket", tail_logprobs=empty, divergence="reverse_kl", backend="torch")
+    assert got == want == math.inf
+
+
+@cpu_kernels
+@pytest.mark.parametrize("tail", TAILS)
+def test_cpu_kernel_on_a_long_row_and_a_strided_student(kernel, tail):
+    big = logits((4, 5000), torch.float32, seed=24) * 4
+    s = big[:, :4099]  # rows of stride 5000, V = 4099 (not a multiple of any vector width)
+    idx, lp, _ = top_k(dense_teacher(seed=25, shape=(4, 4099), dtype=torch.float32), 64)
+    labels = torch.tensor([5, 4098, int(idx[2, 0]), 77])
+    got, want = _fused_and_torch(s, idx, lp, kernel, tail=tail, labels=labels, hard_weight=0.5, temperature=2.0)
+    assert_same(got, want, rtol=5e-5, atol=1e-6)
+
+
+@cpu_kernels
+@pytest.mark.parametrize("tail", TAILS)
+def test_cpu_kernel_checks_indices_in_its_pass(kernel, tail):
     s = logits((3, 20), torch.float32)
     idx, lp, _ = top_k(dense_teacher(shape=(3, 20), dtype=torch.float32), 4)
-    with pytest.raises(ValueError, match="tail='bucket' has no fused 'cpu' kernel yet"):
-        topk_distill_loss(s, idx, lp, tail="bucket", backend="cpu")
-    auto = topk_distill_loss(s, idx, lp, tail="bucket")  # "auto": the PyTorch form
-    torch.testing.assert_close(auto, topk_distill_loss(s, idx, lp, tail="bucket", backend="torch"))
+    with kernel_backend(kernel) as backend:
+        with pytest.raises(ValueError, match=r"topk_indices value 20 at row 2 is outside \[0, 20\)"):
+            topk_distill_loss(s, with_row(idx, 2, [0, 1, 2, 20]), lp, tail=tail, backend=backend)
+        with pytest.raises(ValueError, match="topk_indices row 1 repeats index 3"):
+            topk_distill_loss(s, with_row(idx, 1, [3, 1, 3, 2]), lp, tail=tail, backend=backend)
+        dead = s.clone()
+        dead[0] = -math.inf
+        with pytest.raises(ValueError, match="student_logits row 0 is all -inf"):
+            topk_distill_loss(dead, idx, lp, tail=tail, backend=backend)
+
+
+@cpu_kernels
+def test_cpu_kernel_nan_logits_give_nan(kernel):
+    s = logits((3, 20), torch.float32, seed=26)
+    idx, lp, support = top_k(dense_teacher(seed=27, shape=(3, 20), dtype=torch.float32), 4)
+    off = int((~support[1]).nonzero()[0])
+    s[1, off] = float("nan")
+    with kernel_backend(kernel) as backend:
+        loss, grad = value_and_grad(lambda x: topk_distill_loss(x, idx, lp, tail="bucket", backend=backend,
+                                                                reduction="none"), s)
+    want = topk_distill_loss(s, idx, lp, tail="bucket", backend="torch", reduction="none")
+    assert torch.isnan(loss[1]) and torch.isnan(want[1]) and torch.isnan(grad[1]).all()
+    torch.testing.assert_close(loss[[0, 2]], want[[0, 2]])
+
+
+def test_bucket_backends_auto_torch_and_triton():
+    s = logits((3, 20), torch.float32)
+    idx, lp, _ = top_k(dense_teacher(shape=(3, 20), dtype=torch.float32), 4)
+    want = topk_distill_loss(s, idx, lp, tail="bucket", backend="torch")
+    torch.testing.assert_close(topk_distill_loss(s, idx, lp, tail="bucket"), want)  # auto: the device's kernel
+    if "triton" in KERNELS:
+        device = kernel_device("triton")
+        with pytest.raises(ValueError, match="tail='bucket' has no Triton kernel yet"):
+            topk_distill_loss(s.to(device), idx.to(device), lp.to(device), tail="bucket", backend="triton")
+
+
+@pytest.mark.parametrize("tail", TAILS)
+def test_cpu_kernel_under_torch_compile_fullgraph(tail):
+    if not CPU_KERNELS or not isinstance(CPU_KERNELS[0], str):
+        pytest.skip("the C++ extension is not built")
+    s = logits((6, 30), torch.float32, seed=15)
+    idx, lp, _ = top_k(dense_teacher(seed=16, shape=(6, 30), dtype=torch.float32), 5)
+    labels = torch.tensor([1, 2, -100, 4, 5, 6])
+    kw = dict(tail=tail, temperature=2.0, labels=labels, hard_weight=0.5)
+    compiled = torch.compile(lambda x: topk_distill_loss(x, idx, lp, backend="cpu", **kw), fullgraph=True,
+                             backend="aot_eager")
+    got = value_and_grad(compiled, s)
+    want = value_and_grad(lambda x: topk_distill_loss(x, idx, lp, backend="torch", **kw), s)
+    assert_same(got, want, rtol=2e-5, atol=2e-6)
 
 
 def test_k_of_one_with_ignore_index_zero_falls_back_to_the_pytorch_form():

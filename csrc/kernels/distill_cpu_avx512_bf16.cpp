@@ -13,6 +13,7 @@
 #endif
 #include "distill_rows_entry.h"
 #include "correlation_entry.h"
+#include "topk_entry.h"
 #include "vector_math_entry.h"
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC pop_options

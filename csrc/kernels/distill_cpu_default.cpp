@@ -3,6 +3,7 @@
 #define KDFAST_DIST_BASELINE 1
 #include "distill_rows_impl.h"
 #include "correlation_entry.h"
+#include "topk_entry.h"
 #include "vector_math_entry.h"
 
 namespace kdfast {

@@ -178,6 +178,19 @@ inline RowMaxima<V> row_maxima(const TT* zt, const TS* zs, int64_t n) {
   return {mt, ms, status};
 }
 
+// Stores a vector of gradient, streamed (around the caches) when `stream`
+// and the vector is full; a tail stores normally.
+template <class V, class T, class Tail>
+inline void store_grad(T* p, V v, Tail tail, bool stream) {
+  if constexpr (Streamable<V, T> && std::is_same_v<Tail, Full>) {
+    if (stream) {
+      stream_store(p, v);
+      return;
+    }
+  }
+  st(p, v, tail);
+}
+
 // 1 on the lanes that are entries of the row, 0 on the padding of a tail
 template <class V> inline V live_lanes(Full) { return V::broadcast(typename V::value_type(1)); }
 template <class V> inline V live_lanes(int n) {
@@ -452,13 +465,7 @@ struct RowKernel {
           t[label - j] -= S(c_hard);
           out = V::load(t);
         }
-        if constexpr (Streamable<V, TS> && std::is_same_v<decltype(tail), Full>) {
-          if (stream) {
-            stream_store(grad + j, out);
-            return;
-          }
-        }
-        st(grad + j, out, tail);
+        store_grad(grad + j, out, tail, stream);
       }, no_flush);
       if (stream) stream_fence();
     };

@@ -80,7 +80,9 @@ class TopKKDObjective:
     def __call__(self, student: torch.nn.Module, input_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         from kdfast.llm.fused_linear import fused_linear_topk_distill_loss
 
+        bucket = self.settings.tail == "bucket"
         return fused_linear_topk_distill_loss(
             final_hidden_states(student, input_ids), lm_head_weight(student),
             self.targets.indices[rows], self.targets.logprobs[rows], input_ids,
+            tail_logprobs=self.targets.tail_logprobs[rows] if bucket else None,
             shift=True, tail=self.settings.tail, **self.settings.loss_options())

@@ -19,10 +19,12 @@ from .lm_heads import final_hidden_states
 
 
 class TopKTargets(NamedTuple):
-    """The teacher's top-k per token of every training sequence: ``(N, T, k)`` indices and log-probabilities."""
+    """The teacher's top-k per token of every training sequence: ``(N, T, k)`` indices and log-probabilities,
+    and ``(N, T)`` the log-mass off the top-k (the bucket tail's teacher, stored in float32 by the cache)."""
 
     indices: torch.Tensor
     logprobs: torch.Tensor
+    tail_logprobs: torch.Tensor
 
 
 @torch.no_grad()
@@ -58,4 +60,5 @@ def build_topk_targets(sequences: torch.Tensor, teacher_hidden: torch.Tensor, te
         raise ValueError(f"the top-k cache in {cache_dir} was written for other token ids than these sequences")
     num_sequences, seq_len = sequences.shape
     return TopKTargets(rows.topk_indices.view(num_sequences, seq_len, k),
-                       rows.topk_logprobs.view(num_sequences, seq_len, k))
+                       rows.topk_logprobs.view(num_sequences, seq_len, k),
+                       rows.tail_logprobs.view(num_sequences, seq_len))

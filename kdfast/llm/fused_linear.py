@@ -46,6 +46,8 @@ from .inputs import (
     virtual_logits,
 )
 from .topk import check_tail, check_topk_inputs, topk_loss
+from ..ops.fused_op import wants_grad
+from ..ops.topk import cpu_topk_loss_and_grad_, fused_topk_loss, teacher_rows, topk_op_arguments
 from ..config import LossConfig, make_config, takes_loss_options
 from ..modules import OptionsModule
 from ..ops.backends import implementation, resolve_backend
@@ -180,7 +182,7 @@ def fused_linear_distill_loss(
     return chunked_linear_loss(student, plan)
 
 
-@takes_loss_options(exclude=("weighting", "backend"))
+@takes_loss_options(exclude=("weighting",))
 def fused_linear_topk_distill_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -190,6 +192,7 @@ def fused_linear_topk_distill_loss(
     *,
     student_bias: Optional[torch.Tensor] = None,
     tail: str = "renormalize",
+    tail_logprobs: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
     softcap: Optional[float] = None,
     shift: bool = False,
@@ -199,7 +202,10 @@ def fused_linear_topk_distill_loss(
     """:func:`kdfast.llm.topk.topk_distill_loss` of ``student_hidden @ student_weight.T (+ bias)``, no ``(N, V)`` logits.
 
     The sparse-teacher (offline, cached top-k) form of
-    :func:`fused_linear_distill_loss`, with the same chunk loop.
+    :func:`fused_linear_distill_loss`, with the same chunk loop.  On CPU the
+    C++ top-k kernel writes each chunk's gradient over its logits (no
+    per-chunk autograd, no gradient buffer: a chunk costs one ``(chunk, V)``
+    logits buffer).
 
     Args:
         student_hidden, student_weight, student_bias: the student's head, as in
@@ -210,14 +216,19 @@ def fused_linear_topk_distill_loss(
             hidden states.
         labels: ``(B, T)`` / ``(N,)``, as in :func:`fused_linear_distill_loss`.
         tail: as :func:`kdfast.llm.topk.topk_distill_loss`.
-        chunk_size, accumulate_fp32: as :func:`fused_linear_distill_loss`.
+        tail_logprobs: ``(B, T)`` / ``(N,)``, ``tail="bucket"`` only: the
+            teacher's log-mass off its top-k per position (a cache stores it:
+            :mod:`kdfast.llm.cache`), as in :func:`kdfast.llm.topk.topk_distill_loss`.
+        chunk_size: rows of logits per chunk; None: the most rows whose
+            buffers fit the budget of :func:`fused_linear_distill_loss`.
+        accumulate_fp32: as :func:`fused_linear_distill_loss`.
         softcap: soft-capping of the *student's* logits (the teacher's
             log-probabilities are given as they are).
         shift: causal-LM shift, as in :func:`fused_linear_distill_loss`; the
             top-k rows follow the hidden states (their last position is dropped).
         options: the options below, as :func:`kdfast.llm.topk.topk_distill_loss`'s
             (``"batchmean"`` divides by the valid rows of the whole call, or by
-            ``normalizer``).
+            ``normalizer``); ``backend="torch"`` runs each chunk in PyTorch.
 
     Returns / Raises: as :func:`kdfast.llm.topk.topk_distill_loss`.
     """
@@ -225,18 +236,32 @@ def fused_linear_topk_distill_loss(
                         softcap=check_softcap(softcap))
     topk_indices = row_tensor("topk_indices", topk_indices, student_hidden, shift=shift, drop_first=False)
     topk_logprobs = row_tensor("topk_logprobs", topk_logprobs, student_hidden, shift=shift, drop_first=False)
+    tail_logprobs = row_tensor("tail_logprobs", tail_logprobs, student_hidden, shift=shift, drop_first=False)
     labels = row_tensor("labels", labels, student_hidden, shift=shift, drop_first=True)
     check_tail(tail)
+    if tail_logprobs is not None and tail != "bucket":
+        raise ValueError(f"tail_logprobs is the teacher's bucket: it needs tail='bucket', got tail={tail!r}")
     logits = virtual_logits(student)
     cfg = make_config(logits, logits, labels=labels, **options)
     k = topk_indices.shape[-1] if isinstance(topk_indices, torch.Tensor) and topk_indices.dim() else 0
-    check_topk_inputs(logits, _rows_of(topk_indices, k), _rows_of(topk_logprobs, k))
+    rest = None if tail_logprobs is None else tail_logprobs.reshape(-1)
+    check_topk_inputs(logits, _rows_of(topk_indices, k), _rows_of(topk_logprobs, k), rest)
     _check_label_range(cfg.labels, student.vocab_size, cfg.ignore_index)
 
-    bytes_per_row = student.vocab_size * (2 * element_size(student.weight.dtype) + 4 * _TOPK_TEMPORARIES)
+    chunks_cfg = _chunks_config(cfg, student.rows)
+    resolved = resolve_backend(cfg.backend, student.weight.device)
+    if resolved == "cpu":
+        chunk_losses = _CpuTopkChunkLoss.factory(student, chunks_cfg, tail, topk_indices.reshape(-1, k),
+                                                 topk_logprobs.reshape(-1, k), rest)
+        in_place = student.softcap is None  # a softcap's chain rule needs the logits after the loss
+    else:
+        chunk_losses = _topk_chunk_losses(chunks_cfg, tail, topk_indices.reshape(-1, k),
+                                          topk_logprobs.reshape(-1, k), rest)
+        in_place = False
+    temporaries = 0 if resolved == "cpu" else 4 * _TOPK_TEMPORARIES
+    bytes_per_row = student.vocab_size * ((1 if in_place else 2) * element_size(student.weight.dtype) + temporaries)
     plan = ChunkPlan(
-        make_chunk_loss=_topk_chunk_losses(_chunks_config(cfg, student.rows), tail, topk_indices.reshape(-1, k),
-                                           topk_logprobs.reshape(-1, k)),
+        make_chunk_loss=chunk_losses,
         chunk_size=_resolve_chunk_size(chunk_size, student, bytes_per_row, None),
         softcap=student.softcap,
         per_row=cfg.reduction == "none",
@@ -296,16 +321,58 @@ def _in_place_kernel(backend: str, student: LinearHead, teacher: LinearHead):
     return distill_loss_and_grad_cpu_
 
 
-def _topk_chunk_losses(cfg: LossConfig, tail: str, topk_indices: torch.Tensor,
-                       topk_logprobs: torch.Tensor) -> ChunkLossFactory:
-    """Per chunk: :func:`kdfast.llm.topk.topk_loss` of the chunk's rows of the ``(N, k)`` top-k tensors."""
+def _topk_chunk_losses(cfg: LossConfig, tail: str, topk_indices: torch.Tensor, topk_logprobs: torch.Tensor,
+                       tail_logprobs: Optional[torch.Tensor]) -> ChunkLossFactory:
+    """Per chunk: the top-k loss of the chunk's rows on ``cfg.backend`` (PyTorch, or Triton's renormalised tail)."""
     def make(capacity: int):
         def chunk_loss(student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
-            return topk_loss(student_logits, topk_indices[rows], topk_logprobs[rows], cfg.select_rows(rows), tail)
+            chunk_cfg = cfg.select_rows(rows)
+            rest = None if tail_logprobs is None else tail_logprobs[rows]
+            if cfg.backend != "torch":
+                loss = fused_topk_loss(student_logits, topk_indices[rows], topk_logprobs[rows], chunk_cfg, tail, rest)
+                if loss is not None:
+                    return loss
+            return topk_loss(student_logits, topk_indices[rows], topk_logprobs[rows], chunk_cfg, tail, rest)
 
         return chunk_loss
 
     return make
+
+
+class _CpuTopkChunkLoss:
+    """A chunk's top-k loss on the C++ kernel, its teacher rows built and checked once for the whole call.
+
+    Called, it is differentiable (the op's saved gradient); without a softcap
+    (whose chain rule needs the logits after the loss) it also has
+    ``loss_and_grad_``, which writes the gradient over the chunk's logits and
+    which the chunk loop prefers.
+    """
+
+    def __init__(self, cfg: LossConfig, tail: str, indices: torch.Tensor, teacher: torch.Tensor, in_place: bool):
+        self.cfg, self.tail, self.indices, self.teacher = cfg, tail, indices, teacher
+        if in_place:
+            self.loss_and_grad_ = self._loss_and_grad_
+
+    @classmethod
+    def factory(cls, student: LinearHead, cfg: LossConfig, tail: str, topk_indices: torch.Tensor,
+                topk_logprobs: torch.Tensor, tail_logprobs: Optional[torch.Tensor]) -> ChunkLossFactory:
+        from ..llm.topk import _valid_rows
+
+        valid, _ = _valid_rows(cfg, student.rows, student.vocab_size, student.weight.device)
+        teacher = teacher_rows(topk_logprobs, tail, student.vocab_size, valid, tail_logprobs,
+                               student.weight.dtype == torch.float64)
+        indices = topk_indices.long().contiguous()
+        return lambda capacity: cls(cfg, tail, indices, teacher, in_place=student.softcap is None)
+
+    def __call__(self, student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        loss, _ = torch.ops.kdfast.topk_distill_forward(student_logits, self.indices[rows], self.teacher[rows],
+                                                        self.tail == "bucket", *topk_op_arguments(self.cfg.select_rows(rows)),
+                                                        wants_grad(student_logits))
+        return loss
+
+    def _loss_and_grad_(self, student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        return cpu_topk_loss_and_grad_(student_logits, self.indices[rows], self.teacher[rows], self.tail,
+                                       self.cfg.select_rows(rows))
 
 
 def _chunks_config(cfg: LossConfig, rows: int) -> LossConfig:

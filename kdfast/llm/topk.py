@@ -111,11 +111,12 @@ def topk_distill_loss(
             weighting); ``temperature`` applies to the log-prob rows; ignored
             rows may hold anything (their indices and log-probs are not
             checked).  ``backend``: ``"torch"`` is the PyTorch form below (the
-            oracle); otherwise ``tail="renormalize"`` runs on the fused dense
-            kernel of that backend (``"auto"``: the device's) over the ``k``
-            support entries (:mod:`kdfast.ops.topk`), and ``tail="bucket"``,
-            which has no fused kernel yet, runs in PyTorch under ``"auto"``
-            and is refused under ``"cpu"`` / ``"triton"``.
+            oracle); ``"cpu"`` (``"auto"`` on CPU) the fused C++ top-k kernel,
+            both tails, the gradient written in the forward
+            (:mod:`kdfast.ops.topk`); ``"triton"`` (``"auto"`` on CUDA) runs
+            ``tail="renormalize"`` on the dense Triton kernel over the ``k``
+            support entries, and ``tail="bucket"``, which has no Triton kernel
+            yet, in PyTorch under ``"auto"`` (refused under ``"triton"``).
 
     Returns:
         float32 (float64 for float64 inputs): a scalar, or ``(N,)`` for
@@ -136,15 +137,12 @@ def topk_distill_loss(
     check_topk_inputs(student_logits, topk_indices, topk_logprobs, tail_logprobs)
     if tail_logprobs is not None and tail != "bucket":
         raise ValueError(f"tail_logprobs is the teacher's bucket: it needs tail='bucket', got tail={tail!r}")
-    if tail == "renormalize" and cfg.backend != "torch":
-        from ..ops.topk import renormalized_topk_loss
+    if cfg.backend != "torch":
+        from ..ops.topk import fused_topk_loss
 
-        loss = renormalized_topk_loss(student_logits, topk_indices, topk_logprobs, cfg, cfg.backend)
+        loss = fused_topk_loss(student_logits, topk_indices, topk_logprobs, cfg, tail, tail_logprobs)
         if loss is not None:
             return loss
-    elif tail == "bucket" and cfg.backend not in ("auto", "torch"):
-        raise ValueError(f"tail='bucket' has no fused {cfg.backend!r} kernel yet: use backend='auto' or 'torch' "
-                         f"(its PyTorch form), or tail='renormalize'")
     return topk_loss(student_logits, topk_indices, topk_logprobs, cfg, tail, tail_logprobs)
 
 
@@ -217,17 +215,26 @@ def teacher_log_probs(topk_logprobs: torch.Tensor, tail: str, temperature: float
     """
     rows = topk_logprobs
     if tail == "bucket":
-        if rows.shape[-1] == vocab_size:
-            rest = torch.full_like(rows[:, :1], -math.inf)
-        elif rest is None:
-            # 1 - sum within the rounding of the stored log-probs is no mass either
-            # (whether it rounds to 0 or to 1e-16 depends on the SIMD width).
-            top_mass = torch.logsumexp(rows, -1, keepdim=True)
-            rest = log1mexp(top_mass).masked_fill(-top_mass <= sum_rounding(rows.dtype, rows.shape[-1]), -math.inf)
-        rows = torch.cat([rows, rest], -1)
+        rows = torch.cat([rows, teacher_bucket(rows, vocab_size, rest)], -1)
     else:
         _check_defined(rows, TEACHER_UNDEFINED)
     return torch.log_softmax(rows / temperature, -1)
+
+
+def teacher_bucket(topk_logprobs: torch.Tensor, vocab_size: int, rest: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The teacher's log-mass off its top-k, ``(N, 1)``: ``rest`` when given, else ``log(1 - sum exp(topk_logprobs))``.
+
+    Empty (``-inf``) when ``k == vocab_size`` (see :func:`teacher_log_probs`).
+    """
+    if topk_logprobs.shape[-1] == vocab_size:
+        return torch.full_like(topk_logprobs[:, :1], -math.inf)
+    if rest is not None:
+        return rest
+    # 1 - sum within the rounding of the stored log-probs is no mass either
+    # (whether it rounds to 0 or to 1e-16 depends on the SIMD width).
+    top_mass = torch.logsumexp(topk_logprobs, -1, keepdim=True)
+    return log1mexp(top_mass).masked_fill(-top_mass <= sum_rounding(topk_logprobs.dtype, topk_logprobs.shape[-1]),
+                                          -math.inf)
 
 
 def renormalized_student_log_probs(on_support: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -332,7 +339,14 @@ def check_topk_values(idx: torch.Tensor, lp: torch.Tensor, V: int, logprob_dtype
     if bool(repeated.any()):
         i, j = (int(x) for x in repeated.nonzero()[0])
         raise ValueError(f"topk_indices row {i} repeats index {int(ordered[i, j])}: the k entries must be distinct")
-    tol = mass_tolerance(logprob_dtype, idx.shape[-1])
+    check_topk_logprobs(lp, logprob_dtype, rest)
+
+
+def check_topk_logprobs(lp: torch.Tensor, logprob_dtype: torch.dtype, rest: Optional[torch.Tensor] = None) -> None:
+    """ValueError naming the first row whose log-probs (``(N, k)``, and ``rest``, ``(N, 1)``) are not a sub-distribution."""
+    if lp.numel() == 0:
+        return
+    tol = mass_tolerance(logprob_dtype, lp.shape[-1])
     for name, values in (("topk_logprobs", lp), ("tail_logprobs", rest)):
         if values is None:
             continue

@@ -1,20 +1,20 @@
-"""The top-k loss's renormalised tail on the fused dense kernels.
+"""The top-k loss (:mod:`kdfast.llm.topk`) on the fused kernels.
 
-With ``tail="renormalize"`` both distributions live on the teacher's support
-``S``: the teacher ``softmax(log p1_S / tau)`` and the student
-``softmax(z_s[S] / tau_s)`` (:mod:`kdfast.llm.topk`).  That is exactly
-``distill_loss`` of the ``(N, k)`` rows ``z_s[S]`` against the teacher
-"logits" ``log p1_S``, so the fused kernel of the device (C++ on CPU, Triton on
-CUDA) computes it with every divergence, parameter, temperature, reduction and
-normalizer, in ``O(N k)``.  What remains is the dense ``(N, V)`` gradient: the
-kernel's ``(N, k)`` one scattered into zeros, written once, into a recycled
-buffer on CPU (a fresh 500 MB tensor costs more in page faults than the whole
-loss).  The traffic is the least the loss needs: ``k`` entries read per row,
-the gradient written once.
+On CPU both tails run in one C++ op, ``kdfast::topk_distill_forward``
+(csrc/topk_op.cpp): per row it sorts the teacher's support (the index checks
+come free), sweeps the gaps between the support's entries for the student's
+exact off-support log-mass (``bucket``) and the cross-entropy's normaliser,
+runs the ``k`` (or ``k + 1``) outcome divergence on the dense row kernel
+(every divergence and parameter of ``distill_loss``), and writes the ``(N,
+V)`` gradient in one more sweep while the row is still in L2: the logits are
+read once from memory, the gradient written once, nothing else of size ``(N,
+V)`` exists.  ``topk_distill_forward_inplace`` writes the gradient over the
+logits (the fused linear loss's chunks).
 
-The ``bucket`` tail needs the student's mass off ``S`` (a pass over every
-logit) and spreads its gradient over them: it has no fused kernel yet and
-runs in PyTorch (:func:`kdfast.llm.topk.topk_loss`).
+On CUDA (Triton) the renormalised tail is ``distill_loss`` of the ``(N, k)``
+gathered rows against the teacher "logits" ``log p1_S`` (exact: see
+:mod:`kdfast.llm.topk`), its ``(N, k)`` gradient scattered into zeros; the
+bucket tail has no Triton kernel yet and runs in PyTorch under ``"auto"``.
 """
 
 from __future__ import annotations
@@ -25,20 +25,90 @@ import torch
 
 from .. import reference
 from ..config import LossConfig
+from .backends import resolve_backend
 from .extension import cpu_extension_available
+from .fused_op import fake_distill_loss, loss_arguments, register_saved_grad_autograd, wants_grad
+
+_N_INPUTS = 15
+_REDUCTION_ARG = 12
+
+if cpu_extension_available():
+    @torch.library.register_fake("kdfast::topk_distill_forward")
+    def _fake_topk_forward(student, indices, teacher, bucket, labels, divergence, params, tau, tau_s, ignore_index,
+                           hard_weight, soft_coef, reduction, normalizer, compute_grad):
+        V = student.shape[-1]
+        grad = student.new_empty((student.numel() // V, V) if compute_grad else (0,))
+        return fake_distill_loss(student, student, reduction), grad
+
+    @torch.library.register_fake("kdfast::topk_distill_forward_inplace")
+    def _fake_topk_forward_inplace(student, indices, teacher, bucket, labels, divergence, params, tau, tau_s,
+                                   ignore_index, hard_weight, soft_coef, reduction, normalizer):
+        return fake_distill_loss(student, student, reduction)
+
+    register_saved_grad_autograd("kdfast::topk_distill_forward", _N_INPUTS,
+                                 per_row=lambda inputs: inputs[_REDUCTION_ARG] == "none")
 
 
+def topk_op_arguments(cfg: LossConfig) -> tuple:
+    """The top-k op's arguments after ``bucket``, up to ``normalizer`` (the dense op's, without the weighting)."""
+    labels, _weights, divergence, params, _weighting, *rest = loss_arguments(cfg)
+    return (labels, divergence, params, *rest)
+
+
+def teacher_rows(topk_logprobs: torch.Tensor, tail: str, V: int, valid: torch.Tensor,
+                 tail_logprobs: Optional[torch.Tensor], float64: bool) -> torch.Tensor:
+    """The op's teacher rows: ``(N, k)`` log-probs, and the bucket's log-mass as column ``k`` for ``"bucket"``.
+
+    float32 (float64 for a float64 student), checked on the rows that count
+    (ignored rows may hold anything: the kernel never reads them).
+    """
+    from ..llm.topk import check_topk_logprobs, neutral_ignored_rows, teacher_bucket
+
+    k = topk_logprobs.shape[-1]
+    lp = topk_logprobs.detach().reshape(-1, k).to(torch.float64 if float64 else torch.float32)
+    rest = None if tail_logprobs is None else tail_logprobs.detach().reshape(-1, 1).to(lp.dtype)
+    if not torch.compiler.is_compiling():
+        _, checked = neutral_ignored_rows(valid, torch.zeros_like(lp, dtype=torch.long), lp)
+        checked_rest = None if rest is None else torch.where(valid[:, None], rest, -torch.inf)
+        check_topk_logprobs(checked, topk_logprobs.dtype, checked_rest)
+    if tail == "renormalize":
+        return lp
+    return torch.cat([lp, teacher_bucket(lp, V, rest)], -1)
+
+
+def cpu_topk_loss(student_logits: torch.Tensor, topk_indices: torch.Tensor, topk_logprobs: torch.Tensor,
+                  cfg: LossConfig, tail: str, tail_logprobs: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`kdfast.topk_distill_loss` on the C++ top-k op (checked options and tensor shapes)."""
+    from ..llm.topk import _valid_rows
+
+    V, k = student_logits.shape[-1], topk_indices.shape[-1]
+    rows = student_logits.reshape(-1, V)
+    valid, _ = _valid_rows(cfg, rows.shape[0], V, rows.device)
+    teacher = teacher_rows(topk_logprobs, tail, V, valid, tail_logprobs, rows.dtype == torch.float64)
+    loss, _ = torch.ops.kdfast.topk_distill_forward(rows, topk_indices.reshape(-1, k), teacher, tail == "bucket",
+                                                    *topk_op_arguments(cfg), wants_grad(student_logits))
+    return loss
+
+
+def cpu_topk_loss_and_grad_(chunk_logits: torch.Tensor, topk_indices: torch.Tensor, teacher: torch.Tensor,
+                            tail: str, cfg: LossConfig) -> torch.Tensor:
+    """The loss of :func:`cpu_topk_loss`, not differentiable: its gradient overwrites ``chunk_logits``.
+
+    ``chunk_logits`` is a contiguous ``(n, V)`` tensor, ``teacher`` the rows of
+    :func:`teacher_rows` (already checked), ``cfg`` the chunk's configuration.
+    """
+    return torch.ops.kdfast.topk_distill_forward_inplace(chunk_logits, topk_indices, teacher, tail == "bucket",
+                                                         *topk_op_arguments(cfg))
+
+
+# ----------------------------------------------------------------- CUDA: the renormalised tail on the dense kernel
 def dense_zeros(N: int, V: int, like: torch.Tensor) -> torch.Tensor:
-    """An ``(N, V)`` zero tensor of ``like``'s dtype and device; on CPU from the recycled gradient buffers."""
-    if like.device.type == "cpu" and cpu_extension_available() and not torch.compiler.is_compiling():
-        from .. import _C
-
-        return _C.grad_buffer(N, V, like, True)  # zeroed with streaming stores: half a memset's traffic
+    """An ``(N, V)`` zero tensor of ``like``'s dtype and device."""
     return torch.zeros(N, V, dtype=like.dtype, device=like.device)
 
 
 class GatherSupport(torch.autograd.Function):
-    """``rows.gather(-1, idx)`` whose backward writes the dense gradient into :func:`dense_zeros`."""
+    """``rows.gather(-1, idx)`` whose backward scatters the gradient into zeros (no ``(N, V)`` autograd temporaries)."""
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -50,17 +120,12 @@ class GatherSupport(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (idx,) = ctx.saved_tensors
         dense = dense_zeros(ctx.shape[0], ctx.shape[1], ctx.like)
-        values = grad.to(dense.dtype)
-        if dense.element_size() == 2:
-            # ATen's CPU scatter converts 16-bit floats through float32, whole tensor; as int16 it copies bits
-            dense.view(torch.int16).scatter_(-1, idx, values.view(torch.int16))
-        else:
-            dense.scatter_(-1, idx, values)
+        dense.scatter_(-1, idx, grad.to(dense.dtype))
         return dense, None
 
 
 def gather_support(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The student's logits on the support, with the recycled-buffer gradient where autograd needs one."""
+    """The student's logits on the support, with the scatter-into-zeros gradient where autograd needs one."""
     if rows.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         return GatherSupport.apply(rows, idx)
     return rows.gather(-1, idx)
@@ -114,3 +179,27 @@ def renormalized_topk_loss(student_logits: torch.Tensor, topk_indices: torch.Ten
         ce = torch.where(valid, ce, torch.zeros_like(ce))
         loss = loss + cfg.hard_weight * reference.reduce_rows(ce, valid, cfg)
     return loss
+
+
+def fused_topk_loss(student_logits: torch.Tensor, topk_indices: torch.Tensor, topk_logprobs: torch.Tensor,
+                    cfg: LossConfig, tail: str, tail_logprobs: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The top-k loss on the fused kernel that ``cfg.backend`` names (not ``"torch"``), or None for the PyTorch form.
+
+    None too for ``"renormalize"`` rows that are not unit-stride along the
+    vocabulary (a transposed or expanded view): the op would copy them, and
+    the PyTorch form reads only the ``k`` gathered entries.
+
+    ValueError for ``tail="bucket"`` under ``backend="triton"`` (no Triton
+    kernel for it yet); under ``"auto"`` on CUDA it is the PyTorch form.
+    """
+    backend = resolve_backend(cfg.backend, student_logits.device)
+    if backend == "cpu" and tail == "renormalize" and student_logits.stride(-1) != 1 and student_logits.shape[-1] > 1:
+        return None  # the op would copy the rows to unit stride; the PyTorch form only gathers the k
+    if backend == "cpu":
+        return cpu_topk_loss(student_logits, topk_indices, topk_logprobs, cfg, tail, tail_logprobs)
+    if backend == "triton" and tail == "renormalize":
+        return renormalized_topk_loss(student_logits, topk_indices, topk_logprobs, cfg, backend)
+    if backend == "triton" and cfg.backend == "triton":
+        raise ValueError("tail='bucket' has no Triton kernel yet: use backend='auto' (its PyTorch form on CUDA) "
+                         "or 'torch', or tail='renormalize'")
+    return None

@@ -1,0 +1,235 @@
+// The top-k row kernel (topk_api.h): per row, the sorted support, one sweep
+// of the gaps between its entries for the off-support log-sum-exp (and the
+// cross-entropy's), the k (or k + 1) outcome divergence on the dense row
+// kernel, and one sweep writing the gradient.  The row stays in L2 between
+// its sweeps, so DRAM sees each logit once and each gradient entry once.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "row_kernel.h"
+#include "topk_api.h"
+
+namespace kdfast {
+namespace KDFAST_CPU_CAPABILITY {
+
+// Calls seg(a, b) for each maximal run [a, b) of entries off the sorted support.
+template <class Seg>
+inline void for_each_gap(const int64_t* sorted, int64_t k, int64_t n, Seg&& seg) {
+  int64_t a = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    if (sorted[i] > a) seg(a, sorted[i]);
+    a = sorted[i] + 1;
+  }
+  if (a < n) seg(a, n);
+}
+
+// One entry in the student's dtype (double stays double: from_float would round it).
+template <class T, class S>
+inline void store_one(T* p, S x) {
+  if constexpr (std::is_same_v<T, double>) {
+    *p = x;
+  } else {
+    *p = from_float<T>(float(x));
+  }
+}
+
+// A softmax term of the gradient, c * exp(x * scale - lse) per entry, as
+// 2^min((z - max) k - log2 sum, 0): base 2 against the max its sum was taken
+// at, never above 1 off the support (where the exact value is at most 1; the
+// support's entries, which can exceed it, are overwritten after the sweep).
+template <class V>
+struct SoftmaxTerm {
+  using S = typename V::value_type;
+  bool on = false;
+  V c, max, k, log2_sum;
+  SoftmaxTerm() = default;
+  SoftmaxTerm(double c_, S max_, double k_, double log2_sum_)
+      : on(true), c(V::broadcast(S(c_))), max(V::broadcast(max_)), k(V::broadcast(S(k_))),
+        log2_sum(V::broadcast(S(log2_sum_))) {}
+  V operator()(V z) const { return c * vexp2_nonpositive(vmin((z - max) * k - log2_sum, V::zero())); }
+};
+
+template <class V, class TS>
+struct TopkRows {
+  using S = typename V::value_type;
+  static constexpr float kNegInf = -INFINITY;
+
+  struct Scratch {
+    std::vector<int64_t> sorted;
+    std::vector<S> y, g;  // the short row's student "logits" and gradient (k + 1)
+  };
+
+  static void run(const DistillParams& prm, const TopkBatch& b, int64_t begin, int64_t end) {
+    Scratch sc;
+    sc.sorted.resize(size_t(b.k));
+    sc.y.resize(size_t(b.k + 1));
+    sc.g.resize(size_t(b.k + 1));
+    DistillParams inner = prm;  // the short row's divergence: no weighting, no hard term (this kernel adds its own)
+    inner.hard_weight = 0.0;
+    inner.weighting = Weighting::None;
+    for (int64_t i = begin; i < end; ++i) row(prm, inner, b, i, sc);
+  }
+
+  static bool stream_row(const TopkBatch& b, const TS* grad) {
+    return Streamable<V, TS> && b.stream_grad && reinterpret_cast<uintptr_t>(grad) % kStreamAlign<V, TS> == 0;
+  }
+
+  // grad = a(z) + c(z) over the row (either term may be off: zeros)
+  static void write_row(TS* grad, const TS* z, int64_t n, bool stream, const SoftmaxTerm<V>& a,
+                        const SoftmaxTerm<V>& c) {
+    sweep<V>(n, [&](int64_t j, auto tail) {
+      V out = V::zero();
+      if (a.on || c.on) {
+        const V zj = ld<V>(z + j, tail, kNegInf);
+        if (a.on) out = out + a(zj);
+        if (c.on) out = out + c(zj);
+      }
+      store_grad(grad + j, out, tail, stream);
+    }, no_flush);
+    if (stream) stream_fence();
+  }
+
+  static void refuse_row(const TopkBatch& b, int64_t i, int32_t status, TS* grad) {
+    b.row_status[i] = status;
+    b.row_loss[i] = 0.0;
+    if (grad) write_row(grad, nullptr, b.vocab, stream_row(b, grad), SoftmaxTerm<V>(), SoftmaxTerm<V>());
+  }
+
+  static void row(const DistillParams& prm, const DistillParams& inner, const TopkBatch& b, int64_t i, Scratch& sc) {
+    const int64_t n = b.vocab, k = b.k, kk = k + (b.bucket ? 1 : 0);
+    const TS* z = static_cast<const TS*>(b.student) + i * b.student_row_stride;
+    TS* grad = b.grad ? static_cast<TS*>(b.grad) + i * n : nullptr;
+    const int64_t* idx = b.indices + i * k;
+    const int64_t label = b.labels ? b.labels[i] : -1;
+    b.row_status[i] = kRowOk;
+    if (b.labels && label == b.ignore_index) return refuse_row(b, i, kRowOk, grad);
+
+    // -- the support: in range and distinct (sorting finds repeats for free)
+    int64_t* sorted = sc.sorted.data();
+    for (int64_t a = 0; a < k; ++a) {
+      if (idx[a] < 0 || idx[a] >= n) return refuse_row(b, i, kIndexOutOfRange, grad);
+      sorted[a] = idx[a];
+    }
+    std::sort(sorted, sorted + k);
+    for (int64_t a = 1; a < k; ++a)
+      if (sorted[a] == sorted[a - 1]) return refuse_row(b, i, kIndexRepeated, grad);
+
+    S* y = sc.y.data();
+    S max_support = S(kNegInf);
+    for (int64_t a = 0; a < k; ++a) {
+      y[a] = S(to_float(z[idx[a]]));
+      if (y[a] > max_support) max_support = y[a];  // NaN-skipping
+    }
+    const bool hard = b.labels && prm.hard_weight != 0.0;
+    const double z_label = hard ? double(to_float(z[label])) : 0.0;  // read before an in-place write
+
+    // -- the gaps: their max, then the sums at 1 / tau_s (the bucket) and at 1 (the cross-entropy)
+    S max_off = S(kNegInf);
+    if (b.bucket || hard) {
+      using M = FloatLaneMax<V, TS>;
+      typename M::Acc m = M::init();
+      for_each_gap(sorted, k, n, [&](int64_t lo, int64_t hi) {
+        sweep<V>(hi - lo, [&](int64_t j, auto tail) { m = M::add(m, z + lo + j, tail); }, no_flush);
+      });
+      max_off = M::result(m);
+      if (max_off == S(kNegInf) && gaps_have_nan(z, sorted, k, n)) max_off = std::numeric_limits<S>::quiet_NaN();
+    }
+    const S max_all = std::max(max_off, max_support);  // NaN max_off: NaN sums below
+    const double k_s = kLog2eD / prm.tau_s;
+    double sum_s = 0.0, sum_1 = 0.0;  // sum over the gaps of 2^((z - max_off) k_s), of 2^((z - max_all) log2 e)
+    const bool off_mass = b.bucket && max_off != S(kNegInf);
+    const bool ce_gaps = hard && max_off != S(kNegInf);
+    if (off_mass || ce_gaps || std::isnan(max_off)) {
+      const V m_s = V::broadcast(max_off), m_1 = V::broadcast(max_all);
+      const V vk_s = V::broadcast(S(k_s)), vk_1 = V::broadcast(S(kLog2eD));
+      V acc_s = V::zero(), acc_1 = V::zero();
+      for_each_gap(sorted, k, n, [&](int64_t lo, int64_t hi) {
+        sweep<V>(hi - lo, [&](int64_t j, auto tail) {
+          const V zj = ld<V>(z + lo + j, tail, kNegInf);
+          // z <= the max it is shifted by, exactly: no clamp, so that a NaN entry makes a NaN sum
+          if (b.bucket) acc_s = acc_s + vexp2_nonpositive((zj - m_s) * vk_s);
+          if (hard) acc_1 = acc_1 + vexp2_nonpositive((zj - m_1) * vk_1);
+        }, [&] {
+          sum_s += acc_s.reduce_add();
+          sum_1 += acc_1.reduce_add();
+          acc_s = acc_1 = V::zero();
+        });
+      });
+      if (std::isnan(max_off)) sum_s = sum_1 = std::numeric_limits<double>::quiet_NaN();  // gaps of NaN and -inf
+    }
+    // the bucket as a student "logit": tau_s logsumexp(z_off / tau_s) = max_off + tau_s ln(sum_s)
+    const double log2_sum_s = off_mass || std::isnan(max_off) ? std::log2(sum_s) : 0.0;
+    if (b.bucket) y[k] = off_mass || std::isnan(max_off) ? S(double(max_off) + prm.tau_s * kLn2D * log2_sum_s) : S(kNegInf);
+
+    // -- the k (+ 1) outcome divergence on the dense row kernel
+    double soft = 0.0;
+    int32_t status = kRowOk;
+    DistillBatch one;
+    one.rows = 1;
+    one.vocab = kk;
+    one.teacher = static_cast<const char*>(b.teacher) + i * kk * (b.teacher_dtype == DType::Float64 ? 8 : 4);
+    one.teacher_dtype = b.teacher_dtype;
+    one.student = y;
+    one.student_dtype = std::is_same_v<S, double> ? DType::Float64 : DType::Float32;
+    one.teacher_row_stride = one.student_row_stride = kk;
+    one.grad = grad ? sc.g.data() : nullptr;
+    one.row_loss = &soft;
+    one.row_status = &status;
+    KDFAST_CPU_CAPABILITY::distill_rows(inner, one, 0, 1);  // this capability's, not the dispatcher
+    if (status != kRowOk) return refuse_row(b, i, status, grad);
+
+    // -- the cross-entropy at temperature 1: lse over the gaps and the support
+    double lse_1 = 0.0;
+    if (hard) {
+      double support = 0.0;
+      for (int64_t a = 0; a < k; ++a) support += std::exp(double(y[a]) - double(max_all));
+      lse_1 = double(max_all) + std::log(sum_1 + support);
+    }
+    b.row_loss[i] = soft + (hard ? prm.hard_weight * (lse_1 - z_label) : 0.0);
+    if (!grad) return;
+
+    // -- the gradient: the bucket's spread over the entries off S, the
+    // cross-entropy's softmax everywhere, then the support and the label
+    const double c_hard = hard ? prm.hard_weight * prm.inv_denom : 0.0;
+    const double a_off = b.bucket ? double(sc.g[k]) : 0.0;
+    const SoftmaxTerm<V> bucket_term = off_mass || std::isnan(max_off)
+        ? SoftmaxTerm<V>(a_off, max_off, k_s, log2_sum_s) : SoftmaxTerm<V>();
+    const double log2_sum_1 = hard ? kLog2eD * (lse_1 - double(max_all)) : 0.0;
+    const SoftmaxTerm<V> ce_term = hard ? SoftmaxTerm<V>(c_hard, max_all, kLog2eD, log2_sum_1) : SoftmaxTerm<V>();
+    write_row(grad, z, n, stream_row(b, grad), bucket_term, ce_term);
+
+    bool label_on_support = false;
+    for (int64_t a = 0; a < k; ++a) {
+      double g = double(sc.g[a]);
+      if (hard) g += c_hard * std::exp(double(y[a]) - lse_1);
+      if (hard && idx[a] == label) {
+        g -= c_hard;
+        label_on_support = true;
+      }
+      store_one(grad + idx[a], g);
+    }
+    if (hard && !label_on_support) {
+      double g = c_hard * (std::exp(z_label - lse_1) - 1.0);
+      if (bucket_term.on) g += a_off * std::exp2((z_label - double(max_off)) * k_s - log2_sum_s);
+      store_one(grad + label, g);
+    }
+  }
+
+  // Whether an entry off the support is NaN (only asked of rows whose gaps' max is -inf: rare, scalar).
+  static bool gaps_have_nan(const TS* z, const int64_t* sorted, int64_t k, int64_t n) {
+    bool nan = false;
+    for_each_gap(sorted, k, n, [&](int64_t lo, int64_t hi) {
+      for (int64_t j = lo; j < hi && !nan; ++j) nan = std::isnan(to_float(z[j]));
+    });
+    return nan;
+  }
+};
+
+}  // namespace KDFAST_CPU_CAPABILITY
+}  // namespace kdfast
