@@ -10,7 +10,7 @@ import torch
 
 import kdfast
 from kdfast.bench import baselines as plain
-from kdfast.bench.families import materialised_kl, topk_inputs
+from kdfast.bench.families import fused_linear_topk_inputs, materialised_kl, materialised_topk, topk_inputs
 
 
 # ----------------------------------------------------------------- plain forms == kdfast's reference
@@ -95,3 +95,52 @@ def test_materialised_kl_is_the_fused_linear_loss():
     want = _value_and_grad(lambda x: kdfast.fused_linear_distill_loss(x, ws, ht, wt, backend="torch"), hs)
     torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_plain_bucket_form_is_topk_distill_loss_with_the_bucket_tail(temperature):
+    s, idx, lp = topk_inputs(9, 40, 7, torch.float64, torch.device("cpu"), seed=5)
+    s = s.detach()
+    kw = dict(tail="bucket", temperature=temperature, scale=temperature**2)
+    got = _value_and_grad(lambda x: plain.plain_topk_loss(x, idx, lp, **kw), s)
+    want = _value_and_grad(lambda x: kdfast.topk_distill_loss(x, idx, lp, backend="torch", **kw), s)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-12)
+    assert (got[1] != 0).all()  # unlike the renormalised tail, every logit gets a gradient (the bucket's mass)
+
+
+def test_topk_plain_bucket_form_accumulates_16_bit_logits_in_float32():
+    s, idx, lp = topk_inputs(6, 50, 5, torch.bfloat16, torch.device("cpu"), seed=6)
+    got = plain.plain_topk_loss(s.detach(), idx, lp, tail="bucket", temperature=2.0)
+    want = kdfast.topk_distill_loss(s.detach(), idx, lp, tail="bucket", temperature=2.0, backend="torch")
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_topk_plain_form_refuses_an_unknown_tail():
+    s, idx, lp = topk_inputs(2, 10, 3, torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="tail"):
+        plain.plain_topk_loss(s, idx, lp, tail="drop")
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_materialised_topk_is_the_fused_linear_topk_loss(tail):
+    x = fused_linear_topk_inputs(6, 5, 30, 4, torch.float64, torch.device("cpu"), seed=7)
+    hs, ws, idx, lp = x["student_hidden"].detach(), x["student_weight"].detach(), x["topk_indices"], x["topk_logprobs"]
+    assert idx.shape == lp.shape == (6, 4) and lp.dtype == torch.float32 and idx.dtype == torch.int64
+    got = _value_and_grad(lambda h: materialised_topk(h, ws, idx, lp, tail=tail), hs)
+    want = _value_and_grad(lambda h: kdfast.fused_linear_topk_distill_loss(h, ws, idx, lp, tail=tail), hs)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-12)
+
+
+def test_the_fused_linear_teacher_top_k_is_the_top_k_of_its_log_softmax_in_chunks(monkeypatch):
+    from kdfast.bench import families
+
+    monkeypatch.setattr(families, "TEACHER_ROWS_PER_CHUNK", 4)  # 10 rows: three chunks
+    x = families.fused_linear_inputs(10, 6, 50, torch.float32, torch.device("cpu"), seed=8)
+    got = fused_linear_topk_inputs(10, 6, 50, 5, torch.float32, torch.device("cpu"), seed=8)
+    want = torch.log_softmax(x["teacher_hidden"] @ x["teacher_weight"].T, -1).topk(5, -1)
+    torch.testing.assert_close(got["topk_logprobs"], want.values)
+    assert torch.equal(got["topk_indices"], want.indices)
+    assert torch.equal(got["student_hidden"], x["student_hidden"])

@@ -38,7 +38,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["plain_loss", "plain_other_loss", "plain_topk_loss", "dkd_mdistiller", "DIVERGENCE_ROWS"]
+__all__ = ["plain_loss", "plain_other_loss", "plain_topk_loss", "plain_topk_bucket_rows", "dkd_mdistiller",
+           "DIVERGENCE_ROWS"]
 
 
 def _kl_rows(log_target, log_input):
@@ -172,19 +173,48 @@ def dkd_mdistiller(student_logits, teacher_logits, target, temperature=4.0, alph
     return alpha * tckd + beta * nckd
 
 
-def plain_topk_loss(student_logits, topk_indices, topk_logprobs, *, temperature=1.0, scale=1.0):
-    """KL against a teacher's cached top-k log-probabilities, both renormalised over that support, batchmean.
+def plain_topk_loss(student_logits, topk_indices, topk_logprobs, *, tail="renormalize", temperature=1.0, scale=1.0):
+    """KL against a teacher's cached top-k log-probabilities, batchmean: ``topk_distill_loss``'s two tails.
 
-    What offline-distillation code writes: gather the student's logits at the
-    teacher's top-k indices, ``log_softmax`` both rows over those ``k``
-    entries, ``F.kl_div``.  Gathering before the soft-max touches ``k``
-    entries, not ``V``: the cheap way to the same value as
-    ``topk_distill_loss(..., tail="renormalize")``.
+    What offline-distillation code writes, with the same value as
+    ``topk_distill_loss(..., tail=tail)``:
+
+    * ``"renormalize"``: gather the student's logits at the teacher's top-k
+      indices, ``log_softmax`` both rows over those ``k`` entries,
+      ``F.kl_div``.  Gathering before the soft-max touches ``k`` entries, not
+      ``V``: the cheap way to this value.
+    * ``"bucket"``: :func:`plain_topk_bucket_rows`, then ``F.kl_div``.
     """
     acc = torch.promote_types(student_logits.dtype, torch.float32)
-    log_q = F.log_softmax(student_logits.gather(-1, topk_indices).to(acc) / temperature, -1)
-    log_p = F.log_softmax(topk_logprobs.to(acc) / temperature, -1)
+    if tail == "bucket":
+        log_q, log_p = plain_topk_bucket_rows(student_logits, topk_indices, topk_logprobs, temperature)
+    elif tail == "renormalize":
+        log_q = F.log_softmax(student_logits.gather(-1, topk_indices).to(acc) / temperature, -1)
+        log_p = F.log_softmax(topk_logprobs.to(acc) / temperature, -1)
+    else:
+        raise ValueError(f"plain_topk_loss takes tail 'renormalize' or 'bucket', got {tail!r}")
     return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean") * scale
+
+
+def plain_topk_bucket_rows(student_logits, topk_indices, topk_logprobs, temperature=1.0):
+    """The student's and the teacher's ``k + 1`` log-probabilities of the bucket tail, as a user forms them.
+
+    The student: ``log_softmax`` over the full vocabulary, its ``k`` entries
+    gathered, and the rest of its mass as the ``k + 1``-th outcome, the
+    ``logsumexp`` of the complement (the support masked with ``-inf``).  The
+    teacher: its top-k log-probabilities and ``log1p(-sum p)`` (the sum clamped
+    at 1 against rounding), tempered as ``k + 1`` outcomes, as kdfast does.  An
+    empty teacher bucket (``k = V``) gives ``0 * -inf = NaN`` in ``F.kl_div``:
+    like most such code, this one does not guard it.
+    """
+    acc = torch.promote_types(student_logits.dtype, torch.float32)
+    log_q_all = F.log_softmax(student_logits.to(acc) / temperature, -1)
+    log_q_rest = torch.logsumexp(log_q_all.scatter(-1, topk_indices, -math.inf), -1, keepdim=True)
+    log_q = torch.cat([log_q_all.gather(-1, topk_indices), log_q_rest], -1)
+    top = topk_logprobs.to(acc)
+    rest = torch.log1p(-top.exp().sum(-1, keepdim=True).clamp(max=1.0))
+    log_p = F.log_softmax(torch.cat([top, rest], -1) / temperature, -1)
+    return log_q, log_p
 
 
 def plain_other_loss(loss: str):

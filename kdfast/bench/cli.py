@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .families import BASELINES, LOSSES, Case, Settings, family_of
+from .families import BASELINES, LOSSES, Settings, cases_of, family_of
 from .runner import PHASES
 
 LLM_SHAPES = {"cpu": ["4096x32000", "1024x128256"], "cuda": ["8192x32000", "8192x128256", "4096x256000"]}
@@ -25,13 +25,16 @@ examples:
   kdfast bench --losses kl jsd --shapes 4096x32000 --dtypes float32 bfloat16
   kdfast bench --classification --losses kl dkd dist
   kdfast bench --device cuda --losses kl jsd tvd  # with Liger-Kernel side by side when it is installed
+  kdfast bench --losses topk --topk 64,256 --tail renormalize,bucket --backends cpu torch  # a case per k and tail
   kdfast bench --compare results/kdfast-bench-cpu-2026-11-30-101500.json   # the same cases, as ratios
 
 The columns: eager = the plain PyTorch code users write (F.kl_div(F.log_softmax(...)) and friends),
 compile = the same under torch.compile, liger = Liger-Kernel, kdfast = the fused kernel of the device,
 kdfast[torch] = kdfast's validating reference (--backends cpu torch).  A speed-up is the baseline's
 median time over kdfast's.  roofline: the least bytes the loss must move (read both logits, write the
-gradient) per second, as a fraction of a plain copy's bandwidth measured in the same run.
+gradient; top-k: the teacher's top-k, the student logits its tail reads, the gradient) per second, as a
+fraction of a plain copy's bandwidth measured in the same run.  A top-k case is named with its tail and k:
+topk[bucket,k=64].
 """
 
 
@@ -41,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: str = ".") -> No
                         help=f"the losses to run (default: all): {', '.join(LOSSES)}")
     parser.add_argument("--shapes", nargs="+", metavar="NxV",
                         help="rows x vocabulary, e.g. 4096x32000 (default: LLM shapes of the device; "
-                             "fused_linear: hidden size --hidden; commas also separate)")
+                             "fused_linear, fused_linear_topk: hidden size --hidden; commas also separate)")
     parser.add_argument("--classification", action="store_true",
                         help=f"the classification shapes {', '.join(CLASSIFICATION_SHAPES)}")
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, metavar="DTYPE",
@@ -57,7 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: str = ".") -> No
     parser.add_argument("--phases", nargs="+", choices=("forward", "backward", "forward_backward"),
                         default=["forward", "backward", "forward_backward"])
     parser.add_argument("--temperature", type=float, default=2.0)
-    parser.add_argument("--topk", type=int, default=64, help="the teacher's entries per row of the top-k loss")
+    parser.add_argument("--topk", nargs="+", default=["64"], metavar="K",
+                        help="the teacher's entries per row of the top-k losses (topk, fused_linear_topk); several "
+                             "(64 256 or 64,256): a case per k (default 64)")
+    parser.add_argument("--tail", nargs="+", default=["renormalize"], metavar="TAIL",
+                        help="the top-k losses' tail: renormalize, bucket; both (renormalize,bucket): a case per "
+                             "tail (default renormalize)")
     parser.add_argument("--hidden", type=int, default=576, help="hidden size of the fused-linear loss's heads")
     parser.add_argument("--memory", choices=("auto", "subprocess", "in-process", "cuda", "off"),
                         help="peak extra memory per method (default auto: a fresh subprocess per method on CPU, "
@@ -88,6 +96,15 @@ def parse_shape(text: str) -> tuple:
     return N, V
 
 
+def parse_list(values, convert=str, option: str = "") -> tuple:
+    """The items of an option's values, spaces or commas between them: ``["64,256"]`` -> ``(64, 256)``."""
+    items = [item for value in values for item in str(value).split(",") if item]
+    try:
+        return tuple(dict.fromkeys(convert(item) for item in items))
+    except ValueError:
+        raise ValueError(f"{option} takes a list of {convert.__name__}s; got {' '.join(map(str, values))!r}") from None
+
+
 def resolve(args) -> tuple:
     """(cases, settings, run options) of parsed arguments (``--compare``: :func:`resolve_compare`)."""
     if args.compare:
@@ -106,7 +123,8 @@ def resolve(args) -> tuple:
         shapes = shapes or (CLASSIFICATION_SHAPES if args.classification else LLM_SHAPES[args.device])
         pairs = [(loss, shape) for text in shapes for shape in text.split(",") if shape for loss in losses]
     triples = [(loss, shape, dtype) for loss, shape in pairs for dtype in dtypes or ["float32", "bfloat16"]]
-    settings = Settings(device=args.device, temperature=args.temperature, topk=args.topk, hidden=args.hidden,
+    settings = Settings(device=args.device, temperature=args.temperature, topk=parse_list(args.topk, int, "--topk"),
+                        tails=parse_list(args.tail, str, "--tail"), hidden=args.hidden,
                         baselines=tuple(BASELINES if args.baselines is None else args.baselines),
                         backends=tuple(args.backends or ()), compile_backend=args.compile_backend)
     return _checked(triples, settings, dict(runs=runs or 7, warmup=args.warmup, phases=list(args.phases),
@@ -115,8 +133,9 @@ def resolve(args) -> tuple:
 
 
 def resolve_compare(args) -> tuple:
-    """The cases and settings of the earlier result ``args.compare``, in its order; threads and
-    progress as given now (a different thread count is the user's experiment)."""
+    """The cases and settings of the earlier result ``args.compare``, in its order (a top-k loss's cases
+    again one per tail and k of its settings); threads and progress as given now (a different thread
+    count is the user's experiment)."""
     from .compare import cases_of, load_payload
 
     payload = load_payload(args.compare)
@@ -131,7 +150,8 @@ def resolve_compare(args) -> tuple:
 
 
 def _checked(triples, settings: Settings, options: dict) -> tuple:
-    """The cases of (loss, shape, dtype) triples, with clear errors for bad names and numbers."""
+    """The cases of (loss, shape, dtype) triples (a top-k loss's: one per tail and k of ``settings``),
+    with clear errors for bad names and numbers."""
     for loss, _, _ in triples:
         family_of(loss)
     if options["runs"] < 1 or options["warmup"] < 0:
@@ -139,12 +159,12 @@ def _checked(triples, settings: Settings, options: dict) -> tuple:
                          f"{options['warmup']}")
     if options["threads"] is not None and options["threads"] < 1:
         raise ValueError(f"--threads must be at least 1; got {options['threads']}")
-    cases = [Case(loss, *parse_shape(shape), dtype) for loss, shape, dtype in triples]
+    cases = [case for loss, shape, dtype in triples for case in cases_of(loss, *parse_shape(shape), dtype, settings)]
     return cases, settings, options
 
 
-def run_from_args(args) -> dict:
-    """Run, print, write the files, compare; the payload."""
+def run_from_args(args, name: Optional[str] = None) -> dict:
+    """Run, print, write the files (``name``: in their names, for several runs of one script), compare; the payload."""
     from .report import print_table, write_outputs
     from .runner import run
 
@@ -158,7 +178,7 @@ def run_from_args(args) -> dict:
     if payload["compare"]:
         print()
         print_comparison(payload["compare"])
-    for path in write_outputs(payload, Path(args.out), plots=not args.no_plots):
+    for path in write_outputs(payload, Path(args.out), plots=not args.no_plots, name=name):
         print(f"# wrote {path}")
     return payload
 

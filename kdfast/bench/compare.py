@@ -19,12 +19,14 @@ import sys
 from pathlib import Path
 from typing import Optional, TextIO
 
+from .keys import VARIANT_FIELDS, case_key, loss_label, variant_of
+
 BENCHMARK_NAME = "kdfast bench"
 SCHEMA_VERSION = 1
 
 # The settings a runner needs to measure the very same cases again.
 RERUN_SETTINGS = ("losses", "shapes", "dtypes", "device", "baselines", "backends", "runs", "warmup",
-                  "temperature", "topk", "hidden", "phases", "compile_backend", "memory", "threads")
+                  "temperature", "topk", "tails", "hidden", "phases", "compile_backend", "memory", "threads")
 
 # Machine fields that change timings by themselves: a difference in one makes ratios incomparable.
 MACHINE_FIELDS_COMPARED = ("device", "cpu", "torch_threads", "kdfast_cpu_capability", "gpu")
@@ -88,7 +90,8 @@ def _failure_reason(record: dict) -> str:
 
 
 def _record_key(record: dict) -> tuple:
-    return (record["loss"], record["shape"], record["dtype"], record["method"])
+    """``(loss, shape, dtype, tail, topk, method)``: one method of one case (None where a field does not apply)."""
+    return (*case_key(record), record["method"])
 
 
 def _median(phase) -> Optional[float]:
@@ -138,7 +141,10 @@ def machine_differences(old_machine: dict, new_machine: dict) -> dict:
 
 
 def _describe(key: tuple) -> str:
-    return " ".join(str(part) for part in key)
+    """``"loss shape dtype method"``, the loss with its top-k variant (``topk[bucket,k=64]``) where it has one."""
+    loss, shape, dtype, *variant, method = key
+    record = dict(zip(VARIANT_FIELDS, variant), loss=loss, shape=shape, dtype=dtype)
+    return f"{loss_label(record)} {shape} {dtype} {method}"
 
 
 def compare(old: dict, new: dict, min_tolerance: float = 0.05) -> dict:
@@ -189,7 +195,8 @@ def _compare_phases(old_record: dict, new_record: dict, min_tolerance: float, ro
         if _median(new_phase) is None:
             missing.append(f"{_describe(key)} {phase_name}: no median in new")
             continue
-        row = dict(zip(("loss", "shape", "dtype", "method"), key), phase=phase_name)
+        row = dict(loss=old_record["loss"], shape=old_record["shape"], dtype=old_record["dtype"],
+                   **variant_of(old_record), method=old_record["method"], phase=phase_name)
         row.update(compare_phase(old_phase, new_phase, min_tolerance))
         rows.append(row)
 
@@ -219,7 +226,7 @@ def print_comparison(result: dict, file: Optional[TextIO] = None) -> None:
         file = sys.stdout
     header = ("loss", "shape", "dtype", "method", "phase", "old ms", "new ms", "ratio", "noise", "verdict")
     lines = [header] + [
-        (row["loss"], row["shape"], row["dtype"], row["method"], row["phase"], _format_ms(row["old_s"]),
+        (loss_label(row), row["shape"], row["dtype"], row["method"], row["phase"], _format_ms(row["old_s"]),
          _format_ms(row["new_s"]), f"{row['ratio']:.3f}x", f"{100 * row['tolerance']:.0f}%",
          VERDICT_MARKS.get(row["verdict"], row["verdict"]))
         for row in result["rows"]

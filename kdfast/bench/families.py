@@ -26,25 +26,33 @@ The loss families and the losses they hold:
   teacher's confidence);
 * ``dist``, ``dkd``, ``correlation``: the losses of ``kdfast.correlation_losses``
   (DKD with labels ``arange(N) % V``);
-* ``topk``: ``topk_distill_loss`` (renormalised tail: the dense fused kernel
-  over the support, :mod:`kdfast.ops.topk`; ``kdfast[torch]`` is its PyTorch
-  form) against the teacher's top-k log-probabilities (``settings.topk`` of
-  them per row, float32, int64 indices), as an offline-distillation cache
-  stores them;
+* ``topk``: ``topk_distill_loss`` (``kdfast[torch]`` is its PyTorch form, the
+  implementation before the fused kernels) against the teacher's top-k
+  log-probabilities (float32, int64 indices, as an offline-distillation cache
+  stores them), one case per tail (``settings.tails``: ``renormalize``, whose
+  plain form gathers the k logits, and ``bucket``, whose plain form takes the
+  full ``log_softmax`` and the remaining mass as a k+1-th outcome) and per k
+  (``settings.topk``);
 * ``fused_linear``: ``fused_linear_distill_loss`` (KL, T = 1) of two LM heads of
   hidden size ``settings.hidden``, gradients of the student's hidden states and
-  weight.
+  weight;
+* ``fused_linear_topk``: ``fused_linear_topk_distill_loss`` (KL, T = 1) of the
+  student's head against the top-k of a random teacher head, per tail and k as
+  ``topk``; its baselines materialise the student's ``(N, V)`` logits and run
+  the PyTorch top-k loss (``topk_distill_loss(..., backend="torch")``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+import inspect
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 import kdfast
 from kdfast.config import DIVERGENCES
+from kdfast.llm.topk import TAILS
 from kdfast.ops.backends import available_backends
 from kdfast.ops.triton import interpreter_requested
 
@@ -52,7 +60,8 @@ from .baselines import plain_loss, plain_other_loss, plain_topk_loss
 
 WEIGHTINGS = ("wttm", "entropy")
 CORRELATION_LOSSES = ("dist", "dkd", "correlation")
-LOSSES = (*DIVERGENCES, *WEIGHTINGS, *CORRELATION_LOSSES, "topk", "fused_linear")
+TOPK_FAMILIES = ("topk", "fused_linear_topk")  # the losses of a teacher's top-k: a case per tail and k
+LOSSES = (*DIVERGENCES, *WEIGHTINGS, *CORRELATION_LOSSES, "topk", "fused_linear", "fused_linear_topk")
 BASELINES = ("eager", "compile", "liger")
 PARAMS = {"jsd": {"beta": 0.5}, "renyi": {"alpha": 0.5}, "ab": {"alpha": 0.5, "beta": 0.5}, "skew_kl": {"skew": 0.1},
           "skew_reverse_kl": {"skew": 0.1}}
@@ -60,25 +69,35 @@ PARAMS = {"jsd": {"beta": 0.5}, "renyi": {"alpha": 0.5}, "ab": {"alpha": 0.5, "b
 # recompiles one plain function more often than dynamo's default (8) allows, after which it
 # would silently run eager.
 RECOMPILE_LIMIT = 256
+# Rows of the teacher head whose logits are formed at once when drawing its top-k (the fused linear
+# top-k case): a whole (N, V) teacher is not needed, only its top-k.
+TEACHER_ROWS_PER_CHUNK = 1024
 
 
 def family_of(loss: str) -> str:
-    """The family of a benchmarked loss (``distill``, ``dist``, ``dkd``, ``correlation``, ``topk``, ``fused_linear``)."""
+    """The family of a benchmarked loss (``distill``, ``dist``, ``dkd``, ``correlation``, ``topk``, ``fused_linear``,
+    ``fused_linear_topk``)."""
     if loss in DIVERGENCES or loss in WEIGHTINGS:
         return "distill"
-    if loss in CORRELATION_LOSSES or loss in ("topk", "fused_linear"):
+    if loss in CORRELATION_LOSSES or loss in ("topk", "fused_linear", "fused_linear_topk"):
         return loss
     raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
 
 
 @dataclass(frozen=True)
 class Case:
-    """One loss at one shape (``N`` rows, vocabulary ``V``) and dtype of the logits (or hidden states)."""
+    """One loss at one shape (``N`` rows, vocabulary ``V``) and dtype of the logits (or hidden states).
+
+    A top-k loss's case also has its teacher's ``tail`` and ``topk`` (k); None
+    for the other losses, and until :meth:`complete` takes them from the settings.
+    """
 
     loss: str
     N: int
     V: int
     dtype: str
+    tail: Optional[str] = None
+    topk: Optional[int] = None
 
     @property
     def shape(self) -> str:
@@ -89,8 +108,18 @@ class Case:
         return family_of(self.loss)
 
     def key(self) -> dict:
-        return {"loss": self.loss, "family": self.family, "shape": self.shape, "N": self.N, "V": self.V,
-                "dtype": self.dtype}
+        """The fields that name the case in its records (``tail`` and ``topk`` only where they are set)."""
+        key = {"loss": self.loss, "family": self.family, "shape": self.shape, "N": self.N, "V": self.V,
+               "dtype": self.dtype}
+        key.update({name: value for name, value in (("tail", self.tail), ("topk", self.topk)) if value is not None})
+        return key
+
+    def complete(self, settings: "Settings") -> "Case":
+        """The case with its top-k teacher settled (the first tail and k of ``settings`` where not given;
+        k at most V, as a teacher has no more entries); other losses' cases unchanged."""
+        if self.family not in TOPK_FAMILIES:
+            return self
+        return replace(self, tail=self.tail or settings.tails[0], topk=min(self.topk or settings.topk[0], self.V))
 
 
 @dataclass(frozen=True)
@@ -99,11 +128,25 @@ class Settings:
 
     device: str = "cpu"
     temperature: float = 2.0
-    topk: int = 64
+    topk: Tuple[int, ...] = (64,)  # the teacher's entries per row of the top-k losses: a case per k
+    tails: Tuple[str, ...] = ("renormalize",)  # the top-k losses' tails: a case per tail
     hidden: int = 576
     baselines: Tuple[str, ...] = ("eager", "compile", "liger")
     backends: Tuple[str, ...] = ()  # kdfast's backends; empty: the device's fused one
     compile_backend: str = "inductor"
+
+    def __post_init__(self):
+        # one k or one tail (an earlier result's settings, where topk was a number; a caller's
+        # Settings(topk=64)) is a list of one
+        if isinstance(self.topk, int):
+            object.__setattr__(self, "topk", (self.topk,))
+        if isinstance(self.tails, str):
+            object.__setattr__(self, "tails", (self.tails,))
+        bad_tails = [tail for tail in self.tails if tail not in TAILS]
+        if bad_tails or not self.tails:
+            raise ValueError(f"unknown tail {bad_tails[0] if bad_tails else None!r}; choose from {', '.join(TAILS)}")
+        if not self.topk or any(not isinstance(k, int) or k < 1 for k in self.topk):
+            raise ValueError(f"--topk takes whole numbers of at least 1; got {list(self.topk)}")
 
     @classmethod
     def from_json(cls, values: dict) -> "Settings":
@@ -185,8 +228,18 @@ def logits_bytes(N: int, V: int, s: torch.Tensor, t: torch.Tensor) -> int:
     return N * V * (2 * s.element_size() + t.element_size())
 
 
+def cases_of(loss: str, N: int, V: int, dtype: str, settings: Settings) -> List[Case]:
+    """The cases of one loss, shape and dtype: one per tail and k of ``settings`` for the top-k losses
+    (in that order; ks above V are the same case, once), else one."""
+    if family_of(loss) not in TOPK_FAMILIES:
+        return [Case(loss, N, V, dtype)]
+    cases = (Case(loss, N, V, dtype, tail, k).complete(settings) for tail in settings.tails for k in settings.topk)
+    return list(dict.fromkeys(cases))
+
+
 def prepare(case: Case, settings: Settings) -> Prepared:
     """The inputs and methods of ``case`` (see the module doc); baselines not available here are listed."""
+    case = case.complete(settings)
     device = torch.device(settings.device)
     dtype = getattr(torch, case.dtype)
     prepared = _PREPARE[case.family](case, settings, device, dtype)
@@ -293,23 +346,48 @@ def topk_inputs(N: int, V: int, k: int, dtype, device, seed: int = 0):
     return s, indices, logprobs
 
 
+def topk_bytes(tail: str, s: torch.Tensor, idx: torch.Tensor, lp: torch.Tensor) -> int:
+    """The least traffic of one top-k forward+backward: the teacher's top-k (indices and log-probs) read
+    once, the dense gradient written once, and the student's logits read once: all of them for the
+    bucket (its remaining mass), only the k on the support when renormalising (nothing else is read)."""
+    N, V = s.shape
+    read = N * V if tail == "bucket" else idx.numel()
+    return (read + N * V) * s.element_size() + idx.numel() * (idx.element_size() + lp.element_size())
+
+
+def _topk_refusal(tail: str, backend: str, device: torch.device) -> Optional[str]:
+    """Why ``topk_distill_loss`` refuses ``tail`` on ``backend`` (a fused kernel it has not yet), or None.
+
+    Asked of the loss itself, on a 1 x 4 input, rather than known here: the
+    benchmark offers a tail's fused kernel from the day it lands.
+    """
+    if backend == "torch":
+        return None
+    s = torch.zeros(1, 4, device=device)
+    idx, lp = torch.tensor([[0, 1]], device=device), torch.full((1, 2), -2.0, device=device)
+    try:
+        kdfast.topk_distill_loss(s, idx, lp, tail=tail, backend=backend)
+    except ValueError as error:
+        return str(error)
+    except Exception:  # noqa: BLE001 - not a refusal: the method's own first call reports it
+        return None
+    return None
+
+
 def _prepare_topk(case, settings, device, dtype) -> dict:
-    s, idx, lp = topk_inputs(case.N, case.V, settings.topk, dtype, device)
+    s, idx, lp = topk_inputs(case.N, case.V, case.topk, dtype, device)
     T = settings.temperature
-    kw = dict(temperature=T, scale=T**2)
+    kw = dict(tail=case.tail, temperature=T, scale=T**2)
     compiled = compile_plain(plain_topk_loss, settings.compile_backend)
 
     def kdfast_method(backend):
-        why = _check_backend(backend, "topk", device)
-        return why or (lambda: kdfast.topk_distill_loss(s, idx, lp, tail="renormalize", backend=backend, **kw))
+        why = _check_backend(backend, "topk", device) or _topk_refusal(case.tail, backend, device)
+        return why or (lambda: kdfast.topk_distill_loss(s, idx, lp, backend=backend, **kw))
 
-    # renormalised over the support: gather k logits per row, write the dense gradient (zero off the support)
-    moved = case.N * case.V * s.element_size() + idx.numel() * (s.element_size() + idx.element_size()
-                                                               + lp.element_size())
     return {"baselines": {"eager": lambda: plain_topk_loss(s, idx, lp, **kw),
                           "compile": lambda: compiled(s, idx, lp, **kw),
                           "liger_why": "Liger-Kernel has no top-k teacher loss"},
-            "kdfast": kdfast_method, "wrt": (s,), "bytes_moved": moved}
+            "kdfast": kdfast_method, "wrt": (s,), "bytes_moved": topk_bytes(case.tail, s, idx, lp)}
 
 
 def fused_linear_inputs(N: int, H: int, V: int, dtype, device, seed: int = 0, teacher_hidden: Optional[int] = None) -> dict:
@@ -353,6 +431,59 @@ def _prepare_fused_linear(case, settings, device, dtype) -> dict:
             "kdfast": kdfast_method, "wrt": heads[:2], "bytes_moved": None}
 
 
+def fused_linear_topk_inputs(N: int, H: int, V: int, k: int, dtype, device, seed: int = 0) -> dict:
+    """The student's head of :func:`fused_linear_inputs` and a random teacher head's top-k.
+
+    The teacher's ``log_softmax`` top-k (float32 log-probabilities, int64
+    indices, as :func:`topk_inputs` and a cache have them), formed
+    :data:`TEACHER_ROWS_PER_CHUNK` rows at a time: preparing a case should not
+    need the ``(N, V)`` teacher logits that the loss itself avoids.
+    """
+    x = fused_linear_inputs(N, H, V, dtype, device, seed)
+    indices, logprobs = [], []
+    with torch.no_grad():
+        for rows in torch.split(x["teacher_hidden"], TEACHER_ROWS_PER_CHUNK):
+            top = torch.log_softmax((rows @ x["teacher_weight"].T).float(), -1).topk(min(k, V), -1)
+            logprobs.append(top.values)
+            indices.append(top.indices)
+    return dict(student_hidden=x["student_hidden"], student_weight=x["student_weight"],
+                topk_indices=torch.cat(indices), topk_logprobs=torch.cat(logprobs))
+
+
+def materialised_topk(student_hidden, student_weight, topk_indices, topk_logprobs, tail="renormalize"):
+    """What a user writes without a fused linear top-k loss: the ``(N, V)`` logits, then the PyTorch
+    top-k loss (``topk_distill_loss(..., backend="torch")``, KL, T = 1)."""
+    return kdfast.topk_distill_loss(student_hidden @ student_weight.T, topk_indices, topk_logprobs, tail=tail,
+                                    backend="torch")
+
+
+def _takes_backend(fn) -> bool:
+    return "backend" in inspect.signature(fn).parameters
+
+
+def _prepare_fused_linear_topk(case, settings, device, dtype) -> dict:
+    x = fused_linear_topk_inputs(case.N, settings.hidden, case.V, case.topk, dtype, device)
+    args = (x["student_hidden"], x["student_weight"], x["topk_indices"], x["topk_logprobs"])
+    compiled = compile_plain(materialised_topk, settings.compile_backend)
+    loss = kdfast.fused_linear_topk_distill_loss
+
+    def kdfast_method(backend):
+        why = _check_backend(backend, "fused_linear_topk", device)
+        if why:
+            return why
+        if _takes_backend(loss):
+            return lambda: loss(*args, tail=case.tail, backend=backend)
+        # a loss without the option runs what it runs: offered once, as the device's kdfast
+        if backend != default_backend("fused_linear_topk", device):
+            return "fused_linear_topk_distill_loss takes no backend= (it runs the PyTorch top-k loss chunk by chunk)"
+        return lambda: loss(*args, tail=case.tail)
+
+    return {"baselines": {"eager": lambda: materialised_topk(*args, tail=case.tail),
+                          "compile": lambda: compiled(*args, tail=case.tail),
+                          "liger_why": "Liger-Kernel has no top-k teacher loss"},
+            "kdfast": kdfast_method, "wrt": args[:2], "bytes_moved": None}
+
+
 def _liger_fused_linear(x: dict):
     """Liger-Kernel's chunked fused linear JSD at ``beta = 0`` (KL(teacher || student), T = 1), or (None, why)."""
     try:
@@ -365,5 +496,7 @@ def _liger_fused_linear(x: dict):
 
 
 _PREPARE = {"distill": _prepare_distill, "dist": _prepare_correlation_family, "dkd": _prepare_correlation_family,
-            "correlation": _prepare_correlation_family, "topk": _prepare_topk, "fused_linear": _prepare_fused_linear}
-__all__ = ["BASELINES", "LOSSES", "Case", "Settings", "Prepared", "prepare", "family_of", "loss_options"]
+            "correlation": _prepare_correlation_family, "topk": _prepare_topk, "fused_linear": _prepare_fused_linear,
+            "fused_linear_topk": _prepare_fused_linear_topk}
+__all__ = ["BASELINES", "LOSSES", "TOPK_FAMILIES", "Case", "Settings", "Prepared", "prepare", "cases_of", "family_of",
+           "loss_options"]

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from typing import Callable, Dict, List, Optional
 
+from .keys import loss_label
+
 
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -97,7 +99,8 @@ def peaks_in_subprocess(method: str, cases: List[dict], settings: dict, threads:
 
 
 def case_id(case: dict) -> str:
-    return f"{case['loss']}/{case['shape']}/{case['dtype']}"
+    """``loss/shape/dtype`` (``topk[bucket,k=64]/...`` for a top-k case): the key of a case's peak."""
+    return f"{loss_label(case)}/{case['shape']}/{case['dtype']}"
 
 
 def _child(spec_json: str) -> None:
@@ -112,7 +115,8 @@ def _child(spec_json: str) -> None:
     settings = Settings.from_json(spec["settings"])
     peaks = {}
     for case in spec["cases"]:
-        prepared = prepare(Case(case["loss"], case["N"], case["V"], case["dtype"]), settings)
+        prepared = prepare(Case(case["loss"], case["N"], case["V"], case["dtype"], case.get("tail"), case.get("topk")),
+                           settings)
         fn = prepared.methods[spec["method"]]
         try:
             peaks[case_id(case)] = peak_memory_of(forward_backward(fn, prepared.wrt), settings.device)

@@ -19,6 +19,8 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from .keys import loss_label
+
 # More panels than this make each one too small to read; the figure says when some were left out.
 MAX_PANELS = 12
 PANEL_COLUMNS = 3
@@ -98,12 +100,13 @@ def group_by_loss_dtype_n(records: list[dict]) -> dict:
     """Records with a forward+backward median, grouped by (loss, dtype, N) in record order.
 
     Within a group only V varies, so a group is one panel of time against V.
+    The loss is its label: a top-k loss's tails and ks are panels of their own.
     """
     groups: dict = {}
     for record in records:
         if forward_backward_median(record) is None:
             continue
-        key = (record["loss"], record["dtype"], record["N"])
+        key = (loss_label(record), record["dtype"], record["N"])
         groups.setdefault(key, []).append(record)
     return groups
 
@@ -193,14 +196,14 @@ def plot_roofline(plt, records: list[dict], machine: dict, path: Path) -> bool:
     measured = [r for r in records if throughput_GBps(r) is not None]
     if not measured:
         return False
-    cases = list(dict.fromkeys((r["loss"], r["shape"], r["dtype"]) for r in measured))
+    cases = list(dict.fromkeys((loss_label(r), r["shape"], r["dtype"]) for r in measured))
     methods = methods_in_order(measured)
     colours = _method_colours(plt, methods)
     bar_height = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(9.5, 0.5 * len(cases) * max(1.0, 0.45 * len(methods)) + 1.8))
     try:
         for record in measured:
-            y = cases.index((record["loss"], record["shape"], record["dtype"]))
+            y = cases.index((loss_label(record), record["shape"], record["dtype"]))
             y += (methods.index(record["method"]) - (len(methods) - 1) / 2) * bar_height
             _draw_throughput_bar(ax, record, y, bar_height, colours[record["method"]])
         _draw_bandwidth_lines(ax, machine)

@@ -18,6 +18,7 @@ import torch
 
 from .compare import BENCHMARK_NAME, SCHEMA_VERSION
 from .families import Case, Settings, prepare
+from .keys import case_key, variant_of
 from .machine import copy_bandwidth, machine_info, nominal_bandwidth, roofline_copy_numel, roofline_fraction
 from .memory import case_id, peak_memory_of, peaks_in_subprocess
 from .timing import summarise, sync, time_once
@@ -74,6 +75,7 @@ def run_case(case: Case, settings: Settings, *, runs: int, warmup: int, phases: 
     """The records of every method of one case (see the module doc); ``memory`` ``"in-process"``/``"cuda"``
     measures each method's peak here, ``"subprocess"`` and ``"off"`` leave it to the caller (None)."""
     device = torch.device(settings.device)
+    case = case.complete(settings)  # a top-k case's records name its tail and k
     prepared = prepare(case, settings)
     key = case.key()
 
@@ -149,17 +151,20 @@ def _time_side_by_side(steps: Dict[str, Callable[[], float]], runs: int, warmup:
 
 
 def ratios(records: Iterable[dict], phases: Sequence[str] = PHASES) -> List[dict]:
-    """For each case, kdfast method and baseline: the baseline's median over kdfast's (> 1: kdfast faster)."""
+    """For each case, kdfast method and baseline: the baseline's median over kdfast's (> 1: kdfast faster).
+
+    A row names its case as the records do (a top-k case: with its ``tail`` and ``topk``).
+    """
     by_case: Dict[tuple, Dict[str, dict]] = {}
     for r in records:
         if "phases" in r:
-            by_case.setdefault((r["loss"], r["shape"], r["dtype"]), {})[r["method"]] = r
+            by_case.setdefault(case_key(r), {})[r["method"]] = r
     out = []
-    for (loss, shape, dtype), methods in by_case.items():
+    for methods in by_case.values():
         for ours in (m for m in methods.values() if m["kind"] == "kdfast"):
             for theirs in (m for m in methods.values() if m["kind"] == "baseline"):
-                row = {"loss": loss, "shape": shape, "dtype": dtype, "method": ours["method"],
-                       "baseline": theirs["method"]}
+                row = {"loss": ours["loss"], "shape": ours["shape"], "dtype": ours["dtype"], **variant_of(ours),
+                       "method": ours["method"], "baseline": theirs["method"]}
                 for phase in phases:
                     a, b = ours["phases"].get(phase), theirs["phases"].get(phase)
                     row[phase] = b["median_s"] / a["median_s"] if a and b and a["median_s"] > 0 else None
@@ -206,6 +211,7 @@ def run(cases: Sequence[Case], settings: Settings, *, runs: int = 7, warmup: int
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "machine": info,
         "settings": dict(asdict(settings), baselines=list(settings.baselines), backends=list(settings.backends),
+                         topk=list(settings.topk), tails=list(settings.tails),
                          losses=_unique(c.loss for c in cases), shapes=_unique(c.shape for c in cases),
                          dtypes=_unique(c.dtype for c in cases), runs=runs, warmup=warmup, phases=list(phases),
                          memory=memory, threads=torch.get_num_threads()),
@@ -224,7 +230,7 @@ def measure_in_subprocesses(records: List[dict], settings: Settings, threads: in
     bar = ProgressBar(len(by_method), enabled=progress)
     for method, mine in by_method.items():
         bar.describe(f"memory of {method}")
-        cases = [{k: r[k] for k in ("loss", "shape", "N", "V", "dtype")} for r in mine]
+        cases = [dict({k: r[k] for k in ("loss", "shape", "N", "V", "dtype")}, **variant_of(r)) for r in mine]
         peaks = peaks_in_subprocess(method, cases, asdict(settings), threads)
         for r in mine:
             r["peak_extra_bytes"] = peaks.get(case_id(r))
