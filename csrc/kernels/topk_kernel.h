@@ -63,6 +63,7 @@ struct TopkRows {
   struct Scratch {
     std::vector<int64_t> sorted;
     std::vector<S> y, g;  // the short row's student "logits" and gradient (k + 1)
+    std::vector<S> e;     // the gaps' exponentials, for the gradient sweep (vocab + a vector of padding)
   };
 
   static void run(const DistillParams& prm, const TopkBatch& b, int64_t begin, int64_t end) {
@@ -70,6 +71,7 @@ struct TopkRows {
     sc.sorted.resize(size_t(b.k));
     sc.y.resize(size_t(b.k + 1));
     sc.g.resize(size_t(b.k + 1));
+    if (b.grad) sc.e.resize(size_t(b.vocab + V::size));
     DistillParams inner = prm;  // the short row's divergence: no weighting, no hard term (this kernel adds its own)
     inner.hard_weight = 0.0;
     inner.weighting = Weighting::None;
@@ -80,16 +82,13 @@ struct TopkRows {
     return Streamable<V, TS> && b.stream_grad && reinterpret_cast<uintptr_t>(grad) % kStreamAlign<V, TS> == 0;
   }
 
-  // grad = a(z) + c(z) over the row (either term may be off: zeros)
-  static void write_row(TS* grad, const TS* z, int64_t n, bool stream, const SoftmaxTerm<V>& a,
+  // grad_j = coef * kept_j + c(z_j) over the row (kept may be null, c off: zeros)
+  static void write_row(TS* grad, const TS* z, int64_t n, bool stream, const S* kept, double coef,
                         const SoftmaxTerm<V>& c) {
+    const V vcoef = V::broadcast(S(coef));
     sweep<V>(n, [&](int64_t j, auto tail) {
-      V out = V::zero();
-      if (a.on || c.on) {
-        const V zj = ld<V>(z + j, tail, kNegInf);
-        if (a.on) out = out + a(zj);
-        if (c.on) out = out + c(zj);
-      }
+      V out = kept ? vcoef * V::load(kept + j) : V::zero();
+      if (c.on) out = out + c(ld<V>(z + j, tail, kNegInf));
       store_grad(grad + j, out, tail, stream);
     }, no_flush);
     if (stream) stream_fence();
@@ -98,7 +97,7 @@ struct TopkRows {
   static void refuse_row(const TopkBatch& b, int64_t i, int32_t status, TS* grad) {
     b.row_status[i] = status;
     b.row_loss[i] = 0.0;
-    if (grad) write_row(grad, nullptr, b.vocab, stream_row(b, grad), SoftmaxTerm<V>(), SoftmaxTerm<V>());
+    if (grad) write_row(grad, nullptr, b.vocab, stream_row(b, grad), nullptr, 0.0, SoftmaxTerm<V>());
   }
 
   static void row(const DistillParams& prm, const DistillParams& inner, const TopkBatch& b, int64_t i, Scratch& sc) {
@@ -142,30 +141,39 @@ struct TopkRows {
     }
     const S max_all = std::max(max_off, max_support);  // NaN max_off: NaN sums below
     const double k_s = kLog2eD / prm.tau_s;
-    double sum_s = 0.0, sum_1 = 0.0;  // sum over the gaps of 2^((z - max_off) k_s), of 2^((z - max_all) log2 e)
-    const bool off_mass = b.bucket && max_off != S(kNegInf);
-    const bool ce_gaps = hard && max_off != S(kNegInf);
-    if (off_mass || ce_gaps || std::isnan(max_off)) {
-      const V m_s = V::broadcast(max_off), m_1 = V::broadcast(max_all);
-      const V vk_s = V::broadcast(S(k_s)), vk_1 = V::broadcast(S(kLog2eD));
-      V acc_s = V::zero(), acc_1 = V::zero();
+    // The gaps' exponentials e_j = 2^((z_j - max_off) k_e), at the bucket's scale (or the
+    // cross-entropy's, without a bucket), are kept in scratch for the gradient sweep: that sweep
+    // is then one multiply per entry, not one exp per term.  The cross-entropy's are the same
+    // e_j times 2^((max_off - max_all) log2 e) unless the bucket's temperature differs from 1.
+    const bool gaps = (b.bucket || hard) && max_off != S(kNegInf);  // NaN max_off: a gap holds a NaN
+    const double k_e = b.bucket ? k_s : kLog2eD;
+    const bool ce_own_exp = hard && b.bucket && prm.tau_s != 1.0;
+    S* kept = grad ? sc.e.data() : nullptr;
+    double sum_e = 0.0, sum_1 = 0.0;  // sum over the gaps of e_j; of 2^((z - max_all) log2 e)
+    if (gaps) {
+      const V m_e = V::broadcast(max_off), m_1 = V::broadcast(max_all);
+      const V vk_e = V::broadcast(S(k_e)), vk_1 = V::broadcast(S(kLog2eD));
+      V acc_e = V::zero(), acc_1 = V::zero();
       for_each_gap(sorted, k, n, [&](int64_t lo, int64_t hi) {
         sweep<V>(hi - lo, [&](int64_t j, auto tail) {
           const V zj = ld<V>(z + lo + j, tail, kNegInf);
           // z <= the max it is shifted by, exactly: no clamp, so that a NaN entry makes a NaN sum
-          if (b.bucket) acc_s = acc_s + vexp2_nonpositive((zj - m_s) * vk_s);
-          if (hard) acc_1 = acc_1 + vexp2_nonpositive((zj - m_1) * vk_1);
+          const V e = vexp2_nonpositive((zj - m_e) * vk_e);
+          if (kept) e.store(kept + lo + j);  // a tail's padding lanes (0) land on the support, rewritten later
+          acc_e = acc_e + e;
+          if (ce_own_exp) acc_1 = acc_1 + vexp2_nonpositive((zj - m_1) * vk_1);
         }, [&] {
-          sum_s += acc_s.reduce_add();
+          sum_e += acc_e.reduce_add();
           sum_1 += acc_1.reduce_add();
-          acc_s = acc_1 = V::zero();
+          acc_e = acc_1 = V::zero();
         });
       });
-      if (std::isnan(max_off)) sum_s = sum_1 = std::numeric_limits<double>::quiet_NaN();  // gaps of NaN and -inf
+      if (std::isnan(max_off)) sum_e = std::numeric_limits<double>::quiet_NaN();  // gaps of NaN and -inf
+      if (hard && !ce_own_exp) sum_1 = sum_e * std::exp2((double(max_off) - double(max_all)) * kLog2eD);
     }
-    // the bucket as a student "logit": tau_s logsumexp(z_off / tau_s) = max_off + tau_s ln(sum_s)
-    const double log2_sum_s = off_mass || std::isnan(max_off) ? std::log2(sum_s) : 0.0;
-    if (b.bucket) y[k] = off_mass || std::isnan(max_off) ? S(double(max_off) + prm.tau_s * kLn2D * log2_sum_s) : S(kNegInf);
+    // the bucket as a student "logit": tau_s logsumexp(z_off / tau_s) = max_off + tau_s ln(sum_e)
+    const double log2_sum_s = gaps && b.bucket ? std::log2(sum_e) : 0.0;
+    if (b.bucket) y[k] = gaps ? S(double(max_off) + prm.tau_s * kLn2D * log2_sum_s) : S(kNegInf);
 
     // -- the k (+ 1) outcome divergence on the dense row kernel
     double soft = 0.0;
@@ -198,11 +206,14 @@ struct TopkRows {
     // cross-entropy's softmax everywhere, then the support and the label
     const double c_hard = hard ? prm.hard_weight * prm.inv_denom : 0.0;
     const double a_off = b.bucket ? double(sc.g[k]) : 0.0;
-    const SoftmaxTerm<V> bucket_term = off_mass || std::isnan(max_off)
-        ? SoftmaxTerm<V>(a_off, max_off, k_s, log2_sum_s) : SoftmaxTerm<V>();
     const double log2_sum_1 = hard ? kLog2eD * (lse_1 - double(max_all)) : 0.0;
-    const SoftmaxTerm<V> ce_term = hard ? SoftmaxTerm<V>(c_hard, max_all, kLog2eD, log2_sum_1) : SoftmaxTerm<V>();
-    write_row(grad, z, n, stream_row(b, grad), bucket_term, ce_term);
+    // off S: grad_j = coef e_j (+ the cross-entropy's own exp when it is not at the bucket's scale)
+    double coef = 0.0;
+    if (gaps && b.bucket) coef += a_off * std::exp2(-log2_sum_s);
+    if (gaps && hard && !ce_own_exp) coef += c_hard * std::exp2((double(max_off) - double(max_all)) * kLog2eD - log2_sum_1);
+    const SoftmaxTerm<V> ce_term = gaps && ce_own_exp ? SoftmaxTerm<V>(c_hard, max_all, kLog2eD, log2_sum_1)
+                                                      : SoftmaxTerm<V>();
+    write_row(grad, z, n, stream_row(b, grad), gaps ? kept : nullptr, coef, ce_term);
 
     bool label_on_support = false;
     for (int64_t a = 0; a < k; ++a) {
@@ -216,7 +227,7 @@ struct TopkRows {
     }
     if (hard && !label_on_support) {
       double g = c_hard * (std::exp(z_label - lse_1) - 1.0);
-      if (bucket_term.on) g += a_off * std::exp2((z_label - double(max_off)) * k_s - log2_sum_s);
+      if (gaps && b.bucket) g += a_off * std::exp2((z_label - double(max_off)) * k_s - log2_sum_s);
       store_one(grad + label, g);
     }
   }

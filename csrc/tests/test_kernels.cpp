@@ -9,6 +9,7 @@
 
 #include "kernels/kernel_api.h"
 #include "kernels/selftest.h"
+#include "kernels/topk_api.h"
 
 namespace {
 
@@ -85,12 +86,61 @@ void capabilities_agree() {
   kdfast::set_cpu_capability(kdfast::supported_cpu_capability());
 }
 
+// The top-k kernel with the whole vocabulary as its support (k = V, in a
+// shuffled order) and an empty bucket is the dense loss, at every capability.
+void topk_of_the_whole_vocabulary_is_the_dense_loss() {
+  const int64_t N = 2, V = 301;
+  auto s = torch::randn({N, V}) * 3, t = torch::randn({N, V}) * 3;
+  auto order = torch::randperm(V).to(torch::kLong).expand({N, V}).contiguous();
+  auto teacher = torch::cat({torch::log_softmax(t, -1).gather(1, order), torch::full({N, 1}, -INFINITY)}, 1)
+                     .contiguous();
+  kdfast::DistillParams prm;
+  prm.tau = 1.5;
+  prm.tau_s = 1.5;
+  std::vector<double> dense_loss(N), topk_loss(N);
+  std::vector<int32_t> status(N);
+  auto dense_grad = torch::empty({N, V}), topk_grad = torch::empty({N, V});
+  for (auto cap : {kdfast::CpuCapability::Default, kdfast::CpuCapability::AVX2, kdfast::CpuCapability::AVX512}) {
+    const auto got = kdfast::set_cpu_capability(cap);
+    kdfast::DistillBatch d;
+    d.rows = N;
+    d.vocab = V;
+    d.teacher = t.data_ptr();
+    d.student = s.data_ptr();
+    d.teacher_row_stride = d.student_row_stride = V;
+    d.grad = dense_grad.data_ptr();
+    d.row_loss = dense_loss.data();
+    d.row_status = status.data();
+    kdfast::distill_rows(prm, d, 0, N);
+    kdfast::TopkBatch b;
+    b.rows = N;
+    b.vocab = V;
+    b.k = V;
+    b.student = s.data_ptr();
+    b.student_row_stride = V;
+    b.indices = order.data_ptr<int64_t>();
+    b.teacher = teacher.data_ptr();
+    b.bucket = true;
+    b.grad = topk_grad.data_ptr();
+    b.row_loss = topk_loss.data();
+    b.row_status = status.data();
+    kdfast::topk_rows(prm, b, 0, N);
+    double worst = 0;
+    for (int64_t i = 0; i < N; ++i) worst = std::max(worst, std::fabs(dense_loss[i] - topk_loss[i]) / dense_loss[i]);
+    const double gdiff = (dense_grad - topk_grad).abs().max().item<double>() / dense_grad.abs().max().item<double>();
+    check(status[0] == 0 && status[1] == 0 && worst < 1e-5 && gdiff < 1e-5,
+          std::string("top-k of the whole vocabulary = dense, capability ") + kdfast::cpu_capability_name(got));
+  }
+  kdfast::set_cpu_capability(kdfast::supported_cpu_capability());
+}
+
 }  // namespace
 
 int main() {
   std::printf("supported capability: %s\n", kdfast::cpu_capability_name(kdfast::supported_cpu_capability()));
   identical_rows_give_zero();
   capabilities_agree();
+  topk_of_the_whole_vocabulary_is_the_dense_loss();
   const std::string offsets = kdfast::check_large_row_offsets();
   check(offsets.empty(), "64-bit row offsets " + offsets);
   std::printf("%d failure(s)\n", failures);
