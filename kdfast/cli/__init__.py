@@ -1,4 +1,4 @@
-"""The ``kdfast`` command line: ``kdfast distill``, ``kdfast bench``, ``kdfast info``.
+"""The ``kdfast`` command line: ``kdfast distill``, ``kdfast bench``, ``kdfast cache``, ``kdfast info``.
 
 Installed as the console script ``kdfast`` (entry point ``kdfast.cli:main``);
 ``python -m kdfast`` is the same.  Each subcommand lives in its own module
@@ -12,9 +12,9 @@ import os
 import sys
 from typing import List, Optional
 
-from . import bench, distill, info
+from . import bench, cache, distill, info
 
-COMMANDS = {"distill": distill, "bench": bench, "info": info}
+COMMANDS = {"distill": distill, "bench": bench, "cache": cache, "info": info}
 # Errors that carry a message for the user (bad settings, existing output, missing files or packages);
 # anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, ImportError)
@@ -26,6 +26,8 @@ examples:
   kdfast distill --config my.yaml     # keys of the file = the flags of `kdfast distill`
   kdfast distill --resume             # continue a killed run in runs/distill-default/
   kdfast bench --quick                # the fused-kernel microbenchmark (source checkout)
+  kdfast cache build --teacher models/teacher --data corpus.jsonl --seq-len 512 --k 64 --out cache/
+                                      # a top-k teacher cache for offline distillation (resumable)
   kdfast info                         # versions, backends, SIMD level, threads, CUDA/Triton
 
 `kdfast COMMAND --help` explains each command.  Set KDFAST_DEBUG=1 to see the

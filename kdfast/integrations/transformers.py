@@ -38,7 +38,7 @@ except ImportError as _error:  # pragma: no cover - exercised only without the e
                       "pip install kdfast[hf]") from _error
 
 from ..config import LossConfig, check_options
-from ..llm.cache import TopKCache
+from ..llm.cache.dataset import TopKCacheDataset  # re-exported: it lives in kdfast.llm.cache (torch only)
 from ..llm.fused_linear import fused_linear_distill_loss, fused_linear_topk_distill_loss
 from ..llm.inputs import check_chunk_size, check_vocab_policy
 from ..llm.topk import check_tail
@@ -136,71 +136,6 @@ class DistillationConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# ----------------------------------------------------------------- offline: a cached teacher
-class TopKCacheDataset(torch.utils.data.Dataset):
-    """The sequences of a top-k teacher cache (:mod:`kdfast.llm.cache`) as training examples.
-
-    Example ``i`` is rows ``i * seq_len`` to ``(i + 1) * seq_len`` of the cache:
-    ``{"input_ids", "labels", "topk_indices", "topk_logprobs", "tail_logprobs"}``,
-    each ``(seq_len,)`` or ``(seq_len, k)``.  The token ids come from the cache
-    itself, so the tokens and the teacher's rows cannot drift apart however the
-    loader shuffles.  Every position is a target (no padding: the cache keeps
-    no attention mask).  Shards are loaded on first use and kept (memory: the
-    size of the cache); the top-k log-probabilities are those the cache stores
-    (temperature ``cache.temperature``, normally 1: the loss applies
-    ``DistillationConfig.temperature`` itself).
-
-    Args:
-        cache: a :class:`kdfast.llm.cache.TopKCache` or its folder.
-        seq_len: tokens per example; None: the sequence length of the batches
-            the cache was written from (they must all have the same).
-
-    Raises:
-        ValueError: the cache's batches are not whole sequences of ``seq_len``.
-    """
-
-    def __init__(self, cache: Union[TopKCache, str], seq_len: Optional[int] = None):
-        self.cache = cache if isinstance(cache, TopKCache) else TopKCache(cache)
-        lengths = {tuple(shape)[-1] for shard in self.cache.shards for shape in shard["batch_shapes"] if shape}
-        if seq_len is None:
-            if len(lengths) != 1:
-                raise ValueError(f"the cache in {self.cache.path} holds sequences of lengths {sorted(lengths)}; "
-                                 f"pass seq_len")
-            seq_len = lengths.pop()
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
-        if any(length % seq_len for length in lengths) or any(shard["rows"] % seq_len for shard in self.cache.shards):
-            raise ValueError(f"the cache in {self.cache.path} was written from sequences of lengths {sorted(lengths)}, "
-                             f"which are not whole sequences of seq_len={seq_len}")
-        self.seq_len = seq_len
-        self._starts = [0]
-        for shard in self.cache.shards:
-            self._starts.append(self._starts[-1] + shard["rows"])
-        self._shards: Dict[int, tuple] = {}
-
-    @property
-    def vocab_size(self) -> Optional[int]:
-        """The cached teacher's vocabulary size (checked against the student's by the trainer)."""
-        return self.cache.vocab_size
-
-    def __len__(self) -> int:
-        return len(self.cache) // self.seq_len
-
-    def __getitem__(self, i: int) -> dict:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"example {i} is out of range: the cache holds {len(self)} sequences")
-        start = (i % len(self)) * self.seq_len
-        # Sequences never cross shards (the writer stores whole batches per shard).
-        number = next(n for n in range(len(self.cache.shards)) if start < self._starts[n + 1])
-        if number not in self._shards:
-            self._shards[number] = tuple(self.cache.shard(number))
-        offset = start - self._starts[number]
-        token_ids, topk_indices, topk_logprobs, tail_logprobs = (
-            t[offset:offset + self.seq_len] for t in self._shards[number])
-        return {"input_ids": token_ids, "labels": token_ids.clone(), "topk_indices": topk_indices,
-                "topk_logprobs": topk_logprobs, "tail_logprobs": tail_logprobs}
 
 
 # ----------------------------------------------------------------- the trainer
