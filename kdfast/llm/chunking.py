@@ -254,7 +254,10 @@ def run_chunks(
                 softcap_backward_(grad, logits, head.softcap)
         losses.append(loss.detach())
         grads.add_chunk(rows, grad)
-        del grad  # the fused kernel recycles its gradient buffer for the next chunk
+        # The fused kernel recycles its gradient buffer for the next chunk, and oneDNN's logits are
+        # new per chunk: neither may still be referenced when the next chunk's are made (two alive
+        # at once would double the loop's peak memory).
+        del grad, logits
 
     grad_hidden, grad_weight, grad_bias = grads.result()
     return ChunkLoopResult(_combine(losses, scalar_loss, head), grad_hidden, grad_weight, grad_bias)
@@ -384,12 +387,19 @@ def _is_one(grad_loss: torch.Tensor) -> bool:
     return _is_concrete(grad_loss) and bool(grad_loss == 1)
 
 
+# torch.compile (issue 18): the chunk loop runs eagerly, a graph break at this call (the kernels inside are
+# already fused).  Traced, dynamo broke the graph a dozen times inside the autograd Function's forward
+# (the oneDNN probe, frame after frame of the loop) and inductor failed to lower a chunk's oneDNN logits
+# (LoweringException in mkldnn._linear_pointwise); tests/test_compile_train_step.py.
+@torch.compiler.disable
 def chunked_linear_loss(head: LinearHead, plan: ChunkPlan) -> torch.Tensor:
     """The loss of ``plan`` over the student ``head``, differentiable in its hidden states, weight and bias.
 
     Without a gradient to compute (grad mode off, e.g. an evaluation loop, or
     no input requiring one) only the values are computed; the autograd
     Function alone cannot tell, as its forward always runs in no-grad mode.
+    Never traced by ``torch.compile``: a compiled caller breaks its graph here
+    and this runs eagerly (see the README, "FSDP2, DDP and torch.compile").
     """
     params = [t for t in (head.hidden, head.weight, head.bias) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in params):

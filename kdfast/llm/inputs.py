@@ -9,6 +9,7 @@ argument and its shape, as the rest of kdfast does (docs/contract.md).
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -37,10 +38,35 @@ def shifted_positions(name: str, t: torch.Tensor, first: bool) -> torch.Tensor:
     return t[:, :-1] if first else t[:, 1:]
 
 
+def check_not_dtensor(name: str, t) -> None:
+    """TypeError for a DTensor: the head's weight of an FSDP2 model outside its unit's forward, most likely.
+
+    Added for FSDP2 (issue 18): ``fully_shard`` turns the parameters into
+    DTensors sharded along dim 0, and makes them whole, plain tensors only
+    while its module's forward (or a method registered with
+    ``register_fsdp_forward_method``) runs.  A sharded weight passed from
+    outside failed deep inside the first chunk's matmul (a RuntimeError
+    "mkldnn._linear_pointwise.default got mixed torch.Tensor and DTensor"),
+    naming neither the argument nor the remedy.
+    """
+    # No DTensor can exist unless torch.distributed.tensor was imported: nothing to import here.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and isinstance(t, dtensor.DTensor):
+        raise TypeError(
+            f"{name} is a DTensor (placements {tuple(t.placements)}, local shape {tuple(t.to_local().shape)} of "
+            f"{tuple(t.shape)}): the fused linear losses take whole, plain tensors. Under FSDP2 (fully_shard) call "
+            f"the loss inside the forward of the module that owns the LM head, where its parameters are unsharded, "
+            f"or make the calling method a forward method with torch.distributed.fsdp.register_fsdp_forward_method. "
+            f"(A tensor-parallel head split along the vocabulary, with the same hidden states on every rank, passes "
+            f"its local shards, to_local(), and process_group=.)")
+
+
 def make_head(model: str, hidden, weight, bias, *, shift: bool, softcap: Optional[float]) -> LinearHead:
     """The ``(N, H)`` head of one model (``model`` is 'student' or 'teacher'), checked and flattened."""
     _check_tensor(f"{model}_hidden", hidden, (2, 3))
     _check_tensor(f"{model}_weight", weight, (2,))
+    for name, t in ((f"{model}_hidden", hidden), (f"{model}_weight", weight), (f"{model}_bias", bias)):
+        check_not_dtensor(name, t)
     check_logit_dtype(f"{model}_hidden", hidden)
     if weight.dtype != hidden.dtype:
         raise TypeError(f"{model}_weight dtype {weight.dtype} does not match {model}_hidden dtype {hidden.dtype}")
