@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import kdfast  # noqa: E402
 from kdfast.bench.machine import describe_machine, machine_info  # noqa: E402
-from kdfast.bench.memory import release_free_heap  # noqa: E402
+from kdfast.bench.memory import release_free_heap, status_kb  # noqa: E402
 
 try:
     import transformers
@@ -208,14 +208,6 @@ def loss_agreement(sizes: Sizes, device: torch.device, settings: dict) -> dict:
 
 
 # ----------------------------------------------------------------- memory
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 class MemoryProbe(transformers.TrainerCallback):
     """Peak memory of the second optimizer step: VmHWM - VmRSS before (CPU), or CUDA's allocator peak."""
 
@@ -239,7 +231,7 @@ class MemoryProbe(transformers.TrainerCallback):
                 f.write("5")
         except OSError:
             return
-        self.before = _status_kb("VmRSS") * 1024
+        self.before = status_kb("VmRSS") * 1024
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step != 2 or self.before is None:
@@ -248,7 +240,7 @@ class MemoryProbe(transformers.TrainerCallback):
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
         else:
-            peak = _status_kb("VmHWM") * 1024
+            peak = status_kb("VmHWM") * 1024
         self.result = {"peak_extra_bytes": max(0, peak - self.before), "peak_bytes": peak}
 
 

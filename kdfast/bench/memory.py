@@ -18,7 +18,8 @@ from typing import Callable, Dict, List, Optional
 from .keys import loss_label
 
 
-def _status_kb(field: str) -> int:
+def status_kb(field: str) -> int:
+    """A field of ``/proc/self/status`` in kB (``VmRSS``, ``VmHWM``)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -49,9 +50,9 @@ def peak_extra_bytes(fn) -> int | None:
             f.write("5")
     except OSError:
         return None
-    before = _status_kb("VmRSS")
+    before = status_kb("VmRSS")
     result = fn()
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     del result
     return max(0, peak - before) * 1024
 

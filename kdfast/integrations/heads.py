@@ -126,6 +126,38 @@ class CausalLMParts:
         return logits
 
 
+class FrozenTeacher:
+    """A frozen teacher's split, seen from the student's device: its hidden states and its LM head there.
+
+    The teacher stays where it is (its own device and dtype); its inputs go to
+    it, its hidden states come back in its head's dtype, and its head is copied
+    to the student's device once (it never changes).
+    """
+
+    def __init__(self, parts: CausalLMParts):
+        self.parts = parts
+        self._head_copy = None  # (device, the weight it copies, weight, bias)
+
+    @torch.no_grad()
+    def hidden_states(self, model_inputs: Mapping[str, object], device: torch.device) -> torch.Tensor:
+        """The teacher's ``(B, T, H_t)`` hidden states for ``model_inputs``, on ``device``, in its head's dtype."""
+        where = self.parts.device
+        inputs = {k: v.to(where) if isinstance(v, torch.Tensor) else v for k, v in model_inputs.items()}
+        return self.parts.hidden_states(inputs).to(device=device, dtype=self.parts.weight.dtype)
+
+    def head(self, device: torch.device):
+        """The teacher's head ``(weight, bias)`` on ``device``, detached."""
+        weight, bias = self.parts.weight.detach(), self.parts.bias
+        bias = None if bias is None else bias.detach()
+        if weight.device == device:
+            return weight, bias
+        copy = self._head_copy
+        if copy is None or copy[0] != device or copy[1] is not self.parts.weight:
+            copy = (device, self.parts.weight, weight.to(device), None if bias is None else bias.to(device))
+            self._head_copy = copy
+        return copy[2], copy[3]
+
+
 def split_causal_lm(model: nn.Module, *, verify: bool = True) -> CausalLMParts:
     """The trunk and LM head of a causal LM of ``transformers`` (PEFT-wrapped or not).
 

@@ -43,7 +43,7 @@ from ..llm.fused_linear import fused_linear_distill_loss, fused_linear_topk_dist
 from ..llm.inputs import check_chunk_size, check_vocab_policy
 from ..llm.topk import check_tail
 from ..ops.backends import BACKENDS
-from .heads import CausalLMParts, UnsplittableModelError, split_causal_lm, unwrap_model
+from .heads import CausalLMParts, FrozenTeacher, UnsplittableModelError, split_causal_lm, unwrap_model
 
 __all__ = ["DistillationConfig", "DistillationTrainer", "TopKCacheDataset", "UnsplittableModelError"]
 
@@ -202,13 +202,14 @@ class DistillationTrainer(transformers.Trainer):
         student = self._student_parts(self.model)
         self.teacher_model = teacher_model
         self._teacher: Optional[CausalLMParts] = None
-        self._teacher_head_cache = None
+        self._teacher_view: Optional[FrozenTeacher] = None
         if teacher_model is not None:
             if unwrap_model(teacher_model) is student.model:
                 raise ValueError("teacher_model is the student itself")
             teacher_model.requires_grad_(False)
             teacher_model.eval()
             self._teacher = split_causal_lm(teacher_model, verify=config.verify_split)
+            self._teacher_view = FrozenTeacher(self._teacher)
             self._check_teacher(student, self._teacher)
         else:
             self._check_offline(student)
@@ -250,25 +251,6 @@ class DistillationTrainer(transformers.Trainer):
             self._student = split_causal_lm(inner, verify=self.distillation_config.verify_split)
         return self._student
 
-    def _teacher_hidden(self, model_inputs: Mapping[str, object], device: torch.device) -> torch.Tensor:
-        teacher = self._teacher
-        where = teacher.device
-        inputs = {k: v.to(where) if isinstance(v, torch.Tensor) else v for k, v in model_inputs.items()}
-        with torch.no_grad():
-            hidden = teacher.hidden_states(inputs)
-        return hidden.to(device=device, dtype=teacher.weight.dtype)
-
-    def _teacher_head(self, device: torch.device):
-        """The teacher's head weight and bias on ``device``, copied there once (the teacher is frozen)."""
-        weight, bias = self._teacher.weight.detach(), self._teacher.bias
-        bias = None if bias is None else bias.detach()
-        if weight.device == device:
-            return weight, bias
-        cached = self._teacher_head_cache
-        if cached is None or cached[0] != device or cached[1] is not self._teacher.weight:
-            cached = (device, self._teacher.weight, weight.to(device), None if bias is None else bias.to(device))
-            self._teacher_head_cache = cached
-        return cached[2], cached[3]
 
     @staticmethod
     def _student_head(student: CausalLMParts, hidden: torch.Tensor):
@@ -297,8 +279,8 @@ class DistillationTrainer(transformers.Trainer):
         config = self.distillation_config
         with _autocast_off(hidden.device.type):
             if self._teacher is not None:
-                teacher_hidden = self._teacher_hidden(model_inputs, hidden.device)
-                teacher_weight, teacher_bias = self._teacher_head(hidden.device)
+                teacher_hidden = self._teacher_view.hidden_states(model_inputs, hidden.device)
+                teacher_weight, teacher_bias = self._teacher_view.head(hidden.device)
                 loss = fused_linear_distill_loss(
                     hidden, weight, teacher_hidden, teacher_weight, labels, student_bias=bias,
                     teacher_bias=teacher_bias, softcap=student.softcap, normalizer=normalizer,

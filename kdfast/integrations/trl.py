@@ -63,7 +63,7 @@ from ..llm.fused_linear import FusedLinearDistillLoss, fused_linear_distill_loss
 from ..llm.inputs import check_chunk_size
 from ..losses import distill_loss
 from ..ops.backends import BACKENDS
-from .heads import CausalLMParts, split_causal_lm, unwrap_model
+from .heads import CausalLMParts, FrozenTeacher, split_causal_lm, unwrap_model
 
 __all__ = ["GKDConfig", "GKDTrainer", "LigerFusedLinearJSDLoss", "TRLGKDTrainer", "generalized_jsd_loss"]
 
@@ -251,7 +251,7 @@ class GKDTrainer(TRLGKDTrainer):
         if teacher_model is student.model:
             raise ValueError("teacher_model is the student itself")
         self._teacher = _split(teacher_model, verify_split)
-        self._teacher_head_cache = None
+        self._teacher_view = FrozenTeacher(self._teacher)
         if self._teacher.softcap != student.softcap:
             raise ValueError(
                 f"the teacher {type(self._teacher.model).__name__} and the student {type(student.model).__name__} "
@@ -265,25 +265,6 @@ class GKDTrainer(TRLGKDTrainer):
             self._student = _split(inner, self._verify_split)
         return self._student
 
-    def _teacher_hidden(self, model_inputs: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-        teacher = self._teacher
-        where = teacher.device
-        inputs = {k: v.to(where) for k, v in model_inputs.items()}
-        with torch.no_grad():
-            hidden = teacher.hidden_states(inputs)
-        return hidden.to(device)
-
-    def _teacher_head(self, device: torch.device):
-        """The teacher's head weight and bias on ``device``, copied there once (the teacher is frozen)."""
-        weight, bias = self._teacher.weight.detach(), self._teacher.bias
-        bias = None if bias is None else bias.detach()
-        if weight.device == device:
-            return weight, bias
-        cached = self._teacher_head_cache
-        if cached is None or cached[0] != device or cached[1] is not self._teacher.weight:
-            cached = (device, self._teacher.weight, weight.to(device), None if bias is None else bias.to(device))
-            self._teacher_head_cache = cached
-        return cached[2], cached[3]
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: Optional[Union[torch.Tensor, int]] = None):
@@ -295,9 +276,9 @@ class GKDTrainer(TRLGKDTrainer):
         # trunks and heads here.
         with self.accelerator.autocast():
             hidden, weight, bias = _head_operands(student.hidden_states(model_inputs), student.weight, student.bias)
-            teacher_weight, teacher_bias = self._teacher_head(hidden.device)
+            teacher_weight, teacher_bias = self._teacher_view.head(hidden.device)
             teacher_hidden, teacher_weight, teacher_bias = _head_operands(
-                self._teacher_hidden(model_inputs, hidden.device), teacher_weight, teacher_bias)
+                self._teacher_view.hidden_states(model_inputs, hidden.device), teacher_weight, teacher_bias)
         labels = inputs["labels"].to(hidden.device)
         with _autocast_off(hidden.device.type):
             loss = fused_linear_distill_loss(
