@@ -24,7 +24,6 @@ Needs ``pip install kdfast[hf]`` (transformers and accelerate).
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Mapping, Optional, Union
 
@@ -44,6 +43,7 @@ from ..llm.inputs import check_chunk_size, check_vocab_policy
 from ..llm.topk import check_tail
 from ..ops.backends import BACKENDS
 from .heads import CausalLMParts, FrozenTeacher, UnsplittableModelError, split_causal_lm, unwrap_model
+from .normalizer import trainer_normalizer
 
 __all__ = ["DistillationConfig", "DistillationTrainer", "TopKCacheDataset", "UnsplittableModelError"]
 
@@ -275,7 +275,7 @@ class DistillationTrainer(transformers.Trainer):
         student = self._student_parts(model)
         model_inputs = {k: v for k, v in inputs.items() if k not in _LOSS_KEYS}
         hidden, weight, bias = self._student_head(student, student.hidden_states(model_inputs))
-        normalizer = _normalizer(num_items_in_batch)
+        normalizer = trainer_normalizer(num_items_in_batch)
         config = self.distillation_config
         with _autocast_off(hidden.device.type):
             if self._teacher is not None:
@@ -360,16 +360,6 @@ class DistillationTrainer(transformers.Trainer):
 
 
 # ----------------------------------------------------------------- helpers
-def _normalizer(num_items_in_batch) -> Optional[float]:
-    """The Trainer's token count as the loss's normaliser (None when absent or zero: the loss is then 0 anyway)."""
-    if num_items_in_batch is None:
-        return None
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.reshape(-1)[0].item()
-    n = float(num_items_in_batch)
-    return n if n > 0 and math.isfinite(n) else None
-
-
 @contextlib.contextmanager
 def _autocast_off(device_type: str):
     """No autocast inside the fused loss (its chunk matmuls write into buffers of the heads' dtypes)."""

@@ -39,8 +39,7 @@ Needs ``pip install kdfast[trl]`` (trl, datasets, transformers, accelerate).
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Mapping, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -64,6 +63,7 @@ from ..llm.inputs import check_chunk_size
 from ..losses import distill_loss
 from ..ops.backends import BACKENDS
 from .heads import CausalLMParts, FrozenTeacher, split_causal_lm, unwrap_model
+from .normalizer import trainer_normalizer
 
 __all__ = ["GKDConfig", "GKDTrainer", "LigerFusedLinearJSDLoss", "TRLGKDTrainer", "generalized_jsd_loss"]
 
@@ -284,7 +284,7 @@ class GKDTrainer(TRLGKDTrainer):
             loss = fused_linear_distill_loss(
                 hidden, weight, teacher_hidden, teacher_weight, labels, student_bias=bias, teacher_bias=teacher_bias,
                 softcap=student.softcap, shift=True, divergence="jsd", beta=float(self.beta), temperature=1.0,
-                ignore_index=IGNORE_INDEX, reduction="batchmean", normalizer=_normalizer(num_items_in_batch),
+                ignore_index=IGNORE_INDEX, reduction="batchmean", normalizer=trainer_normalizer(num_items_in_batch),
                 chunk_size=self._kdfast_chunk_size, backend=self._kdfast_backend)
         if return_outputs:
             return loss, {"loss": loss}
@@ -312,16 +312,6 @@ def _split(model: nn.Module, verify: bool) -> CausalLMParts:
 
 def _number(value) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
-
-
-def _normalizer(num_items_in_batch) -> Optional[float]:
-    """The Trainer's token count as the normaliser (None when absent or zero: the mean over the batch's targets)."""
-    if num_items_in_batch is None:
-        return None
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.reshape(-1)[0].item()
-    n = float(num_items_in_batch)
-    return n if n > 0 and math.isfinite(n) else None
 
 
 def _head_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
