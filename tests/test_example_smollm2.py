@@ -376,3 +376,47 @@ def test_loss_benchmark_compares_equal_losses(tmp_path):
     with pytest.raises(ValueError, match="runs"):
         loss_benchmark.benchmark_loss_step(torch.zeros(1, 2, 4), torch.zeros(8, 4), torch.zeros(1, 2, 4),
                                            torch.zeros(8, 4), torch.zeros(1, 2, dtype=torch.long), SETTINGS, runs=0)
+
+
+# --------------------------------------------------------------------------- kdfast's Trainer on the real teacher
+
+
+def test_distillation_trainer_with_the_smollm2_teacher_on_bbc_news(tmp_path):
+    """``kdfast.integrations.transformers.DistillationTrainer``: a tiny Llama student, the SmolLM2-135M teacher
+    (from the GGUF), packed BBC News text; the loss falls and a checkpoint resumes to the same weights."""
+    pytest.importorskip("accelerate")
+    import transformers
+    from kdfast.integrations.transformers import DistillationConfig, DistillationTrainer
+
+    teacher = load_teacher()
+    splits = corpus.build_splits(teacher.tokenizer, seq_len=24, train_sequences=8, held_out_sequences=2,
+                                 held_out_fraction=0.1, seed=0)
+
+    class Sequences(torch.utils.data.Dataset):
+        def __len__(self):
+            return splits.train.shape[0]
+
+        def __getitem__(self, i):
+            return {"input_ids": splits.train[i], "labels": splits.train[i].clone()}
+
+    def run(out, steps, resume=False):
+        args = transformers.TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=2,
+                                              learning_rate=1e-2, logging_steps=1, save_steps=3, report_to=[],
+                                              use_cpu=True, seed=0, data_seed=0, lr_scheduler_type="constant",
+                                              disable_tqdm=True)
+        model = tiny_student(seed=3, vocab=VOCAB_SIZE)
+        trainer = DistillationTrainer(model=model, teacher_model=teacher.model, args=args, train_dataset=Sequences(),
+                                      distillation_config=DistillationConfig(hard_weight=0.5, soft_weight=0.5,
+                                                                             temperature=2.0, scale=4.0))
+        trainer.train(resume_from_checkpoint=resume or None)
+        return trainer, model
+
+    trainer, model = run(tmp_path / "full", 6)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    assert {"hard_loss", "soft_loss"} <= set(trainer.state.log_history[-2])
+    run(tmp_path / "resumed", 3)  # stops at step 3 with a checkpoint there
+    _, resumed = run(tmp_path / "resumed", 6, resume=True)
+    for (name, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
