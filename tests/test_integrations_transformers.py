@@ -248,6 +248,27 @@ def test_the_loss_runs_under_cpu_autocast(tmp_path):
     assert student.lm_head.weight.grad.dtype == torch.float32
 
 
+def test_bf16_training_args_run_the_student_trunk_in_bf16(tmp_path, monkeypatch):
+    """bf16=True is accelerate's patch of model.forward, which calling the trunk skips: the trainer applies it."""
+    import kdfast.integrations.transformers as integration
+
+    seen = []
+    real = integration.fused_linear_distill_loss
+
+    def spy(hidden, *args, **kwargs):
+        seen.append(hidden.dtype)
+        return real(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(integration, "fused_linear_distill_loss", spy)
+    student, teacher = llama(), llama(hidden=48, seed=1, head_scale=20.0)
+    batch = collate(TokenDataset(2))
+    for bf16, want in ((False, torch.float32), (True, torch.bfloat16)):
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=training_args(tmp_path, bf16=bf16),
+                                      distillation_config=DistillationConfig(hard_weight=0.5))
+        trainer.compute_loss(student, batch)
+        assert seen[-1] == want, (bf16, seen)
+
+
 def test_the_teacher_keeps_its_own_dtype(tmp_path):
     student, teacher = llama(), llama(hidden=48, seed=1, head_scale=20.0).to(torch.bfloat16)
     config = DistillationConfig(hard_weight=0.5)

@@ -274,7 +274,10 @@ class DistillationTrainer(transformers.Trainer):
                              "does not count), e.g. from DataCollatorForLanguageModeling(tokenizer, mlm=False)")
         student = self._student_parts(model)
         model_inputs = {k: v for k, v in inputs.items() if k not in _LOSS_KEYS}
-        hidden, weight, bias = self._student_head(student, student.hidden_states(model_inputs))
+        # The Trainer's mixed precision (bf16=True / fp16=True) lives in accelerate's patch of model.forward,
+        # which calling the trunk skips: the trunk runs under the accelerator's autocast here, as there.
+        with self.accelerator.autocast():
+            hidden, weight, bias = self._student_head(student, student.hidden_states(model_inputs))
         normalizer = trainer_normalizer(num_items_in_batch)
         config = self.distillation_config
         with _autocast_off(hidden.device.type):
