@@ -23,7 +23,6 @@ Needs ``pip install kdfast[hf]`` (transformers and accelerate).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Mapping, Optional, Union
 
@@ -43,7 +42,7 @@ from ..llm.inputs import check_chunk_size, check_vocab_policy
 from ..llm.topk import check_tail
 from ..ops.backends import BACKENDS
 from .heads import CausalLMParts, FrozenTeacher, UnsplittableModelError, split_causal_lm, unwrap_model
-from .normalizer import trainer_normalizer
+from .loss_call import autocast_off, head_operands, trainer_normalizer
 
 __all__ = ["DistillationConfig", "DistillationTrainer", "TopKCacheDataset", "UnsplittableModelError"]
 
@@ -251,19 +250,6 @@ class DistillationTrainer(transformers.Trainer):
             self._student = split_causal_lm(inner, verify=self.distillation_config.verify_split)
         return self._student
 
-
-    @staticmethod
-    def _student_head(student: CausalLMParts, hidden: torch.Tensor):
-        """``(hidden, weight, bias)`` in one dtype: autocast's if on (as the head would run), else the weight's."""
-        weight, bias = student.weight, student.bias
-        device_type = hidden.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-        else:
-            dtype = weight.dtype
-        cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))
-        return cast(hidden), cast(weight), cast(bias)
-
     # ------------------------------------------------------------ the loss
     def compute_loss(self, model: nn.Module, inputs: Dict[str, object], return_outputs: bool = False,
                      num_items_in_batch: Optional[Union[torch.Tensor, int]] = None):
@@ -277,10 +263,10 @@ class DistillationTrainer(transformers.Trainer):
         # The Trainer's mixed precision (bf16=True / fp16=True) lives in accelerate's patch of model.forward,
         # which calling the trunk skips: the trunk runs under the accelerator's autocast here, as there.
         with self.accelerator.autocast():
-            hidden, weight, bias = self._student_head(student, student.hidden_states(model_inputs))
+            hidden, weight, bias = head_operands(student.hidden_states(model_inputs), student.weight, student.bias)
         normalizer = trainer_normalizer(num_items_in_batch)
         config = self.distillation_config
-        with _autocast_off(hidden.device.type):
+        with autocast_off(hidden.device.type):
             if self._teacher is not None:
                 teacher_hidden = self._teacher_view.hidden_states(model_inputs, hidden.device)
                 teacher_weight, teacher_bias = self._teacher_view.head(hidden.device)
@@ -363,16 +349,6 @@ class DistillationTrainer(transformers.Trainer):
 
 
 # ----------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def _autocast_off(device_type: str):
-    """No autocast inside the fused loss (its chunk matmuls write into buffers of the heads' dtypes)."""
-    if torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type=device_type, enabled=False):
-            yield
-    else:
-        yield
-
-
 def _cross_entropy_sum(rows: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
                        bias: Optional[torch.Tensor], softcap: Optional[float]) -> torch.Tensor:
     """``sum CE(softcap(rows @ weight.T + bias), targets)`` in float64, a chunk of rows at a time (no ``(N, V)``)."""

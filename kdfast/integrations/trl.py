@@ -38,7 +38,6 @@ Needs ``pip install kdfast[trl]`` (trl, datasets, transformers, accelerate).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Union
 
 import torch
@@ -63,7 +62,7 @@ from ..llm.inputs import check_chunk_size
 from ..losses import distill_loss
 from ..ops.backends import BACKENDS
 from .heads import CausalLMParts, FrozenTeacher, split_causal_lm, unwrap_model
-from .normalizer import trainer_normalizer
+from .loss_call import autocast_off, head_operands, trainer_normalizer
 
 __all__ = ["GKDConfig", "GKDTrainer", "LigerFusedLinearJSDLoss", "TRLGKDTrainer", "generalized_jsd_loss"]
 
@@ -275,12 +274,12 @@ class GKDTrainer(TRLGKDTrainer):
         # The models' forwards run under the accelerator's mixed precision (accelerate patches them); so do their
         # trunks and heads here.
         with self.accelerator.autocast():
-            hidden, weight, bias = _head_operands(student.hidden_states(model_inputs), student.weight, student.bias)
+            hidden, weight, bias = head_operands(student.hidden_states(model_inputs), student.weight, student.bias)
             teacher_weight, teacher_bias = self._teacher_view.head(hidden.device)
-            teacher_hidden, teacher_weight, teacher_bias = _head_operands(
+            teacher_hidden, teacher_weight, teacher_bias = head_operands(
                 self._teacher_view.hidden_states(model_inputs, hidden.device), teacher_weight, teacher_bias)
         labels = inputs["labels"].to(hidden.device)
-        with _autocast_off(hidden.device.type):
+        with autocast_off(hidden.device.type):
             loss = fused_linear_distill_loss(
                 hidden, weight, teacher_hidden, teacher_weight, labels, student_bias=bias, teacher_bias=teacher_bias,
                 softcap=student.softcap, shift=True, divergence="jsd", beta=float(self.beta), temperature=1.0,
@@ -314,23 +313,3 @@ def _number(value) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def _head_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-    """``(hidden, weight, bias)`` in one dtype: autocast's if it is on (as the model's head would run), else the
-    weight's."""
-    device_type = hidden.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-
-    def cast(t):
-        return t if t is None or t.dtype == dtype else t.to(dtype)
-
-    return cast(hidden), cast(weight), cast(bias)
-
-
-@contextlib.contextmanager
-def _autocast_off(device_type: str):
-    """No autocast inside the fused loss (its chunk matmuls write into buffers of the heads' dtypes)."""
-    if torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type=device_type, enabled=False):
-            yield
-    else:
-        yield
