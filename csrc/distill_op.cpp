@@ -22,8 +22,6 @@
 namespace kdfast {
 namespace {
 
-constexpr size_t kStreamGradMinBytes = size_t(64) << 20;
-
 #define KDFAST_POLICY_NAME(policy, name) name,
 const char* const kDivergenceNames[] = {KDFAST_FOR_EACH_DIVERGENCE(KDFAST_POLICY_NAME)};
 const char* const kWeightingNames[] = {KDFAST_FOR_EACH_WEIGHTING(KDFAST_POLICY_NAME)};
@@ -114,9 +112,7 @@ at::Tensor distill_forward_inplace_cpu(
     const c10::optional<at::Tensor>& weights, int64_t divergence, c10::ArrayRef<double> params, int64_t weighting,
     double tau, double tau_s, int64_t ignore_index, double hard_weight, double soft_coef, c10::string_view reduction,
     c10::optional<double> normalizer) {
-  TORCH_CHECK_VALUE(student.dim() == 2 && student.is_contiguous(),
-                    "distill_forward_inplace needs contiguous (N, V) student logits, got shape ", student.sizes(),
-                    " and strides ", student.strides());
+  check_inplace_student(student, "distill_forward_inplace");
   auto [loss, grad] = run_distill(student, teacher, labels, weights, divergence, params, weighting, tau, tau_s,
                                   ignore_index, hard_weight, soft_coef, reduction, normalizer, /*compute_grad=*/true,
                                   student);
@@ -169,16 +165,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_capability", &set_capability, "Lower (or restore) the SIMD capability; returns the one in effect.");
   m.def("empty_cache", [] { kdfast::GradBufferCache::instance().clear(); },
         "Release the gradient buffers kept for reuse.");
-  m.def("grad_buffer", [](int64_t N, int64_t V, const at::Tensor& like, bool zero) {
-    TORCH_CHECK_VALUE(N >= 0 && V >= 0, "grad_buffer needs a non-negative shape, got (", N, ", ", V, ")");
-    TORCH_CHECK_VALUE(like.device().is_cpu(), "grad_buffer gives CPU buffers, got a tensor on ", like.device());
-    at::Tensor buffer = kdfast::GradBufferCache::instance().empty(N, V, like.options());
-    if (zero) kdfast::zero_fill(buffer, int64_t(kdfast::kStreamGradMinBytes));
-    return buffer;
-  }, py::arg("N"), py::arg("V"), py::arg("like"), py::arg("zero") = false,
-     "An (N, V) CPU tensor of like's dtype from the recycled gradient buffers (no page faults on a warm one), "
-     "zeroed with streaming stores when zero=True: for gradients written outside the C++ ops, e.g. the top-k "
-     "loss's scatter.");
   m.def("_vector_math", [](const std::string& fn, const std::string& capability, const at::Tensor& x) {
     static const char* const names[] = {
 #define KDFAST_VECTOR_FN_NAME(name, text, function) text,

@@ -19,10 +19,6 @@
 
 #include "kernels/kernel_api.h"
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
 namespace kdfast {
 
 inline DType to_dtype(const at::Tensor& t, const char* what) {
@@ -212,6 +208,16 @@ inline void check_row_status(const std::vector<int32_t>& status) {
   }
 }
 
+// Gradients at least this large are written with streaming stores (they outgrow the caches).
+constexpr size_t kStreamGradMinBytes = size_t(64) << 20;
+
+// The student logits an in-place op overwrites with their gradient: a contiguous (N, V) tensor.
+inline void check_inplace_student(const at::Tensor& student, const char* op) {
+  TORCH_CHECK_VALUE(student.dim() == 2 && student.is_contiguous(), op,
+                    " needs contiguous (N, V) student logits, got shape ", student.sizes(), " and strides ",
+                    student.strides());
+}
+
 // The (N, V) student gradient an op writes in its forward (a recycled buffer),
 // or an empty tensor when no gradient is wanted.
 inline at::Tensor grad_buffer(bool compute_grad, int64_t N, int64_t V, const at::Tensor& student) {
@@ -220,35 +226,6 @@ inline at::Tensor grad_buffer(bool compute_grad, int64_t N, int64_t V, const at:
 
 // The dtype of an op's loss: float64 for float64 logits, else float32.
 inline at::ScalarType loss_dtype(DType student) { return student == DType::Float64 ? at::kDouble : at::kFloat; }
-
-// Zeroes a contiguous tensor in parallel, with streaming (non-temporal) stores
-// when it is at least `stream_min_bytes`: a plain memset first reads every
-// cache line it overwrites (read-for-ownership), twice the traffic of writing
-// it, which is most of the time of a sparse gradient (the top-k loss's).
-inline void zero_fill(const at::Tensor& t, int64_t stream_min_bytes) {
-  char* p = static_cast<char*>(t.data_ptr());
-  const int64_t bytes = static_cast<int64_t>(t.nbytes());
-  constexpr int64_t kChunk = int64_t(1) << 20;
-  const int64_t chunks = (bytes + kChunk - 1) / kChunk;
-  const bool stream = bytes >= stream_min_bytes;
-  at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
-    char* begin = p + lo * kChunk;
-    char* end = p + std::min(bytes, hi * kChunk);
-#if defined(__SSE2__)
-    if (stream) {
-      char* a = std::min(end, reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(begin) + 15) & ~uintptr_t(15)));
-      char* b = a + (end - a) / 16 * 16;
-      std::memset(begin, 0, size_t(a - begin));
-      const __m128i zero = _mm_setzero_si128();
-      for (char* q = a; q < b; q += 16) _mm_stream_si128(reinterpret_cast<__m128i*>(q), zero);
-      std::memset(b, 0, size_t(end - b));
-      _mm_sfence();
-      return;
-    }
-#endif
-    std::memset(begin, 0, size_t(end - begin));
-  });
-}
 
 // What a row kernel reports per row (its loss and its status), filled in
 // parallel and then checked and summed serially: in a fixed order, so the

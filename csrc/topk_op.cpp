@@ -16,8 +16,6 @@
 namespace kdfast {
 namespace {
 
-constexpr size_t kStreamGradMinBytes = size_t(64) << 20;
-
 // The error of the first refused row, with the offending entry for the index checks (found again here:
 // the kernel only marks the row).
 void check_topk_status(const std::vector<int32_t>& status, const at::Tensor& indices, int64_t V, bool bucket) {
@@ -130,9 +128,7 @@ at::Tensor topk_distill_forward_inplace_cpu(
     const c10::optional<at::Tensor>& labels, int64_t divergence, c10::ArrayRef<double> params, double tau,
     double tau_s, int64_t ignore_index, double hard_weight, double soft_coef, c10::string_view reduction,
     c10::optional<double> normalizer) {
-  TORCH_CHECK_VALUE(student.dim() == 2 && student.is_contiguous(),
-                    "topk_distill_forward_inplace needs contiguous (N, V) student logits, got shape ",
-                    student.sizes(), " and strides ", student.strides());
+  check_inplace_student(student, "topk_distill_forward_inplace");
   auto [loss, grad] = run_topk(student, indices, teacher, bucket, labels, divergence, params, tau, tau_s,
                                ignore_index, hard_weight, soft_coef, reduction, normalizer, /*compute_grad=*/true,
                                student);

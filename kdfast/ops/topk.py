@@ -102,11 +102,6 @@ def cpu_topk_loss_and_grad_(chunk_logits: torch.Tensor, topk_indices: torch.Tens
 
 
 # ----------------------------------------------------------------- CUDA: the renormalised tail on the dense kernel
-def dense_zeros(N: int, V: int, like: torch.Tensor) -> torch.Tensor:
-    """An ``(N, V)`` zero tensor of ``like``'s dtype and device."""
-    return torch.zeros(N, V, dtype=like.dtype, device=like.device)
-
-
 class GatherSupport(torch.autograd.Function):
     """``rows.gather(-1, idx)`` whose backward scatters the gradient into zeros (no ``(N, V)`` autograd temporaries)."""
 
@@ -119,7 +114,7 @@ class GatherSupport(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (idx,) = ctx.saved_tensors
-        dense = dense_zeros(ctx.shape[0], ctx.shape[1], ctx.like)
+        dense = torch.zeros(ctx.shape[0], ctx.shape[1], dtype=ctx.like.dtype, device=ctx.like.device)
         dense.scatter_(-1, idx, grad.to(dense.dtype))
         return dense, None
 
