@@ -32,7 +32,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-__all__ = ["CausalLMParts", "UnsplittableModelError", "split_causal_lm", "unwrap_model"]
+__all__ = ["CausalLMParts", "UnsplittableModelError", "split_causal_lm", "takes_logits_to_keep", "unwrap_model"]
 
 # Config attributes that scale the LM head's output by a constant: (name, whether the logits are divided by it).
 _LOGIT_FACTORS = (("logit_scale", False), ("logits_scaling", True), ("lm_head_multiplier", False))
@@ -61,6 +61,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         else:
             break
     return model
+
+
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model``'s forward takes ``logits_to_keep`` (the causal LMs of ``transformers`` do)."""
+    return _takes_keyword(model, "logits_to_keep")
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,7 +117,32 @@ class CausalLMParts:
         kwargs = dict(inputs)
         if _takes_keyword(self.trunk, "use_cache"):
             kwargs.setdefault("use_cache", False)  # no KV cache in training
-        out = self.trunk(**kwargs)
+        return self._scaled(self.trunk(**kwargs))
+
+    def hidden_states_through(self, wrapper: nn.Module, inputs: Mapping[str, object]) -> torch.Tensor:
+        """:meth:`hidden_states` taken from a call of ``wrapper``, the distributed wrapper (DDP) around the model.
+
+        DDP averages the gradients only of a backward that follows its own
+        forward, so the trunk runs inside ``wrapper(**inputs)``, its output
+        caught by a forward hook; the model's head computes the logits of the
+        last position only (``logits_to_keep=1``: see :func:`takes_logits_to_keep`),
+        which the loss ignores.
+        """
+        caught = []
+        handle = self.trunk.register_forward_hook(lambda module, args, output: caught.append(output))
+        try:
+            kwargs = dict(inputs, logits_to_keep=1)
+            if _takes_keyword(self.model, "use_cache"):
+                kwargs.setdefault("use_cache", False)
+            wrapper(**kwargs)
+        finally:
+            handle.remove()
+        if not caught:
+            raise RuntimeError(f"{type(self.model).__name__}'s forward did not run its trunk "
+                               f"{type(self.trunk).__name__}: kdfast cannot take its hidden states through the wrapper")
+        return self._scaled(caught[0])
+
+    def _scaled(self, out) -> torch.Tensor:
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return hidden if self.logit_factor == 1.0 else hidden * self.logit_factor
 

@@ -42,7 +42,8 @@ from ..llm.inputs import check_chunk_size, check_vocab_policy
 from ..llm.topk import check_tail
 from ..ops.backends import BACKENDS
 from .heads import CausalLMParts, FrozenTeacher, UnsplittableModelError, split_causal_lm, unwrap_model
-from .loss_call import autocast_off, head_operands, trainer_normalizer
+from .loss_call import (autocast_off, check_data_parallel, data_parallel_loss_scale, head_operands,
+                        student_hidden_states, trainer_normalizer)
 
 __all__ = ["DistillationConfig", "DistillationTrainer", "TopKCacheDataset", "UnsplittableModelError"]
 
@@ -172,8 +173,12 @@ class DistillationTrainer(transformers.Trainer):
             cannot be found (the message names its class).
         ValueError: a teacher whose vocabulary (or softcap) differs from the
             student's; a cached teacher of another vocabulary size.
-        NotImplementedError: more than one process (DDP / FSDP / DeepSpeed):
-            the student's trunk runs outside the distributed wrapper.
+        NotImplementedError: more than one process other than DDP (FSDP,
+            DeepSpeed): the LM head is not whole outside the wrapper's forward.
+            Under DDP (``torchrun`` / ``accelerate launch``) the student runs
+            through the DDP wrapper, its logits cut to the last position
+            (``logits_to_keep=1``), and the gradients are those of one process
+            on the whole batch.
     """
 
     def __init__(self, *args, teacher_model: Optional[nn.Module] = None,
@@ -185,10 +190,6 @@ class DistillationTrainer(transformers.Trainer):
             raise TypeError(f"distillation_config must be a DistillationConfig, got {type(config).__name__}")
         super().__init__(*args, **kwargs)
         self.distillation_config = config
-        if self.args.world_size > 1:
-            raise NotImplementedError(
-                f"DistillationTrainer runs on one process for now (world_size={self.args.world_size}): the student's "
-                f"trunk would run outside the DDP/FSDP/DeepSpeed wrapper and its gradients would not be synchronised")
         if self.args.label_smoothing_factor:
             raise ValueError("label_smoothing_factor does not apply to DistillationTrainer (the loss is kdfast's)")
         # The Trainer counts the target tokens of the accumulated batch (num_items_in_batch) only for models that
@@ -199,6 +200,7 @@ class DistillationTrainer(transformers.Trainer):
 
         self._student: Optional[CausalLMParts] = None
         student = self._student_parts(self.model)
+        check_data_parallel(self, student.model, "DistillationTrainer")
         self.teacher_model = teacher_model
         self._teacher: Optional[CausalLMParts] = None
         self._teacher_view: Optional[FrozenTeacher] = None
@@ -214,6 +216,7 @@ class DistillationTrainer(transformers.Trainer):
             self._check_offline(student)
         self._pending_terms: Dict[str, torch.Tensor] = {}
         self._terms_step: Optional[int] = None
+        self._terms_normalizer: Optional[float] = None
 
     # ------------------------------------------------------------ checks
     def _check_teacher(self, student: CausalLMParts, teacher: CausalLMParts) -> None:
@@ -263,7 +266,8 @@ class DistillationTrainer(transformers.Trainer):
         # The Trainer's mixed precision (bf16=True / fp16=True) lives in accelerate's patch of model.forward,
         # which calling the trunk skips: the trunk runs under the accelerator's autocast here, as there.
         with self.accelerator.autocast():
-            hidden, weight, bias = head_operands(student.hidden_states(model_inputs), student.weight, student.bias)
+            hidden, weight, bias = head_operands(student_hidden_states(model, student, model_inputs), student.weight,
+                                                 student.bias)
         normalizer = trainer_normalizer(num_items_in_batch)
         config = self.distillation_config
         with autocast_off(hidden.device.type):
@@ -281,6 +285,9 @@ class DistillationTrainer(transformers.Trainer):
         if model.training and config.log_terms and self._logs_next_step():
             self._record_terms(hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
                                student.softcap, labels, loss.detach(), normalizer)
+        scale = data_parallel_loss_scale(self, normalizer)
+        if scale != 1:
+            loss = loss * scale
         if return_outputs:
             return loss, {"loss": loss}
         return loss
@@ -315,6 +322,7 @@ class DistillationTrainer(transformers.Trainer):
         step = self.state.global_step + 1
         if self._terms_step != step:
             self._pending_terms, self._terms_step = {}, step
+        self._terms_normalizer = normalizer
         config = self.distillation_config
         rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         targets = labels[:, 1:].reshape(-1).to(rows.device)
@@ -335,7 +343,14 @@ class DistillationTrainer(transformers.Trainer):
     def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
         """The Trainer's log, with ``hard_loss`` and ``soft_loss`` next to a training ``loss``."""
         if "loss" in logs and self._pending_terms and self._terms_step == self.state.global_step:
-            for key, value in self._pending_terms.items():
+            keys = sorted(self._pending_terms)
+            values = torch.stack([self._pending_terms[key] for key in keys])
+            if self.args.world_size > 1:
+                # each process holds its own tokens' terms; the logged loss is of all of them (see
+                # data_parallel_loss_scale): a sum of terms normalised by the global count, else a mean
+                reduction = "sum" if data_parallel_loss_scale(self, self._terms_normalizer) != 1 else "mean"
+                values = self.accelerator.reduce(values, reduction=reduction)
+            for key, value in zip(keys, values.tolist()):
                 logs[key] = float(value)
             self._pending_terms = {}
         super().log(logs, *args, **kwargs)

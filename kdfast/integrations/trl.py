@@ -62,7 +62,8 @@ from ..llm.inputs import check_chunk_size
 from ..losses import distill_loss
 from ..ops.backends import BACKENDS
 from .heads import CausalLMParts, FrozenTeacher, split_causal_lm, unwrap_model
-from .loss_call import autocast_off, head_operands, trainer_normalizer
+from .loss_call import (autocast_off, check_data_parallel, data_parallel_loss_scale, head_operands,
+                        student_hidden_states, trainer_normalizer)
 
 __all__ = ["GKDConfig", "GKDTrainer", "LigerFusedLinearJSDLoss", "TRLGKDTrainer", "generalized_jsd_loss"]
 
@@ -226,8 +227,10 @@ class GKDTrainer(TRLGKDTrainer):
         UnsplittableModelError (a ValueError): a model whose trunk and LM head
             cannot be found.
         ValueError: two different softcaps; a bad ``backend`` / ``chunk_size``.
-        NotImplementedError: more than one process (DDP / FSDP / DeepSpeed): the
-            student's trunk runs outside the distributed wrapper.
+        NotImplementedError: more than one process other than DDP (FSDP,
+            DeepSpeed). Under DDP the student runs through the DDP wrapper
+            (its logits cut to the last position) and the gradients are those
+            of one process on the whole batch.
     """
 
     def __init__(self, *args, backend: str = "auto", chunk_size: Optional[int] = None, verify_split: bool = True,
@@ -236,16 +239,12 @@ class GKDTrainer(TRLGKDTrainer):
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
         check_chunk_size(chunk_size)
         super().__init__(*args, **kwargs)
-        if self.args.world_size > 1:
-            raise NotImplementedError(
-                f"kdfast's GKDTrainer runs on one process for now (world_size={self.args.world_size}): the student's "
-                f"trunk would run outside the DDP/FSDP/DeepSpeed wrapper and its gradients would not be synchronised; "
-                f"use trl's GKDTrainer there")
         self._kdfast_backend = backend
         self._kdfast_chunk_size = chunk_size
         self._verify_split = verify_split
         self._student: Optional[CausalLMParts] = None
         student = self._student_parts(self.model)
+        check_data_parallel(self, student.model, "kdfast's GKDTrainer")
         teacher_model = unwrap_model(self.accelerator.unwrap_model(self.teacher_model))
         if teacher_model is student.model:
             raise ValueError("teacher_model is the student itself")
@@ -274,17 +273,22 @@ class GKDTrainer(TRLGKDTrainer):
         # The models' forwards run under the accelerator's mixed precision (accelerate patches them); so do their
         # trunks and heads here.
         with self.accelerator.autocast():
-            hidden, weight, bias = head_operands(student.hidden_states(model_inputs), student.weight, student.bias)
+            hidden, weight, bias = head_operands(student_hidden_states(model, student, model_inputs), student.weight,
+                                                 student.bias)
             teacher_weight, teacher_bias = self._teacher_view.head(hidden.device)
             teacher_hidden, teacher_weight, teacher_bias = head_operands(
                 self._teacher_view.hidden_states(model_inputs, hidden.device), teacher_weight, teacher_bias)
         labels = inputs["labels"].to(hidden.device)
+        normalizer = trainer_normalizer(num_items_in_batch)
         with autocast_off(hidden.device.type):
             loss = fused_linear_distill_loss(
                 hidden, weight, teacher_hidden, teacher_weight, labels, student_bias=bias, teacher_bias=teacher_bias,
                 softcap=student.softcap, shift=True, divergence="jsd", beta=float(self.beta), temperature=1.0,
-                ignore_index=IGNORE_INDEX, reduction="batchmean", normalizer=trainer_normalizer(num_items_in_batch),
+                ignore_index=IGNORE_INDEX, reduction="batchmean", normalizer=normalizer,
                 chunk_size=self._kdfast_chunk_size, backend=self._kdfast_backend)
+        scale = data_parallel_loss_scale(self, normalizer)
+        if scale != 1:
+            loss = loss * scale
         if return_outputs:
             return loss, {"loss": loss}
         return loss
