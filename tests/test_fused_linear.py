@@ -16,7 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdfast
 from kdfast.registry import divergence_cases
-from kdfast.llm.chunking import CPU_CHUNK_BUDGET_BYTES, default_chunk_size
+from kdfast.llm.chunking import (CPU_CHUNK_BUDGET_BYTES, WEIGHT_SIZED_BUDGET_MIN_BYTES, default_chunk_size,
+                                weight_sized_budget_bytes)
 from kdfast.llm.fused_linear import (
     FusedLinearDistillLoss,
     FusedLinearTopKDistillLoss,
@@ -372,6 +373,39 @@ def test_default_chunk_size_fits_the_budget():
     assert size % 16 == 0 and size * bytes_per_row <= CPU_CHUNK_BUDGET_BYTES < (size + 16) * bytes_per_row
     assert default_chunk_size(5, bytes_per_row, torch.device("cpu")) == 5
     assert default_chunk_size(100, 10 * CPU_CHUNK_BUDGET_BYTES, torch.device("cpu")) == 1
+    assert default_chunk_size(4096, 1024, torch.device("cpu"), budget_bytes=1024 * 100) == 96
+
+
+def test_the_top_k_loop_sizes_its_one_buffer_like_the_weight():
+    """One (chunk, V) buffer and no teacher head: the budget is the weight's bytes, within [64 MiB, 256 MiB]."""
+    weight = torch.empty(49152, 576)  # SmolLM2's head: 113 MB -> 576 rows of float32 logits
+    assert weight_sized_budget_bytes(weight) == 49152 * 576 * 4
+    assert default_chunk_size(4096, 49152 * 4, weight.device, weight_sized_budget_bytes(weight)) == 576
+    assert weight_sized_budget_bytes(torch.empty(1000, 64)) == WEIGHT_SIZED_BUDGET_MIN_BYTES
+    assert weight_sized_budget_bytes(torch.empty(128256, 4096)) == CPU_CHUNK_BUDGET_BYTES
+
+
+
+def test_the_in_place_top_k_loop_uses_the_weight_sized_budget(monkeypatch):
+    import kdfast.llm.chunking as chunking
+    import kdfast.llm.fused_linear as fused_linear
+
+    seen = []
+    real = fused_linear.chunked_linear_loss
+
+    def spy(head, plan):
+        seen.append(plan.chunk_size)
+        return real(head, plan)
+
+    monkeypatch.setattr(fused_linear, "chunked_linear_loss", spy)
+    monkeypatch.setattr(chunking, "WEIGHT_SIZED_BUDGET_MIN_BYTES", 16 * 30 * 4)  # 16 rows of 30 float32 logits
+    hidden, weight = torch.randn(40, 8), torch.randn(30, 8)  # the weight's 960 bytes: below that floor
+    lp, idx = torch.randn(40, 30).log_softmax(-1).topk(4)
+    want = kdfast.fused_linear_topk_distill_loss(hidden, weight, idx, lp, chunk_size=40)
+    got = kdfast.fused_linear_topk_distill_loss(hidden, weight, idx, lp)
+    kdfast.fused_linear_topk_distill_loss(hidden, weight, idx, lp, backend="torch")
+    assert seen == [40, 16, 40]  # the fixed budget fits every row; the in-place CPU loop takes 16 at a time
+    torch.testing.assert_close(got, want)
 
 
 # ----------------------------------------------------------------- the logits' matrix product

@@ -32,7 +32,8 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .chunking import ChunkLossFactory, ChunkPlan, LinearHead, chunked_linear_loss, default_chunk_size
+from .chunking import (ChunkLossFactory, ChunkPlan, LinearHead, chunked_linear_loss, default_chunk_size,
+                       weight_sized_budget_bytes)
 from .inputs import (
     batchmean_normalizer,
     check_chunk_size,
@@ -262,7 +263,8 @@ def fused_linear_topk_distill_loss(
     bytes_per_row = student.vocab_size * ((1 if in_place else 2) * element_size(student.weight.dtype) + temporaries)
     plan = ChunkPlan(
         make_chunk_loss=chunk_losses,
-        chunk_size=_resolve_chunk_size(chunk_size, student, bytes_per_row, None),
+        chunk_size=_resolve_chunk_size(chunk_size, student, bytes_per_row, None,
+                                       budget_bytes=weight_sized_budget_bytes(student.weight) if in_place else None),
         softcap=student.softcap,
         per_row=cfg.reduction == "none",
         accumulate_fp32=accumulate_fp32,
@@ -388,11 +390,12 @@ def _chunks_config(cfg: LossConfig, rows: int) -> LossConfig:
 
 
 # ----------------------------------------------------------------- helpers
-def _resolve_chunk_size(chunk_size, student: LinearHead, bytes_per_row: int, process_group) -> int:
+def _resolve_chunk_size(chunk_size, student: LinearHead, bytes_per_row: int, process_group,
+                        budget_bytes: Optional[int] = None) -> int:
     size = check_chunk_size(chunk_size)
     if size is not None:
         return size
-    size = default_chunk_size(student.rows, bytes_per_row, student.weight.device)
+    size = default_chunk_size(student.rows, bytes_per_row, student.weight.device, budget_bytes)
     if process_group is not None:
         # Every rank must run the same chunks (each chunk's loss communicates);
         # free memory and shard sizes may differ, so agree on the smallest.
