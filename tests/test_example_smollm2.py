@@ -420,3 +420,50 @@ def test_distillation_trainer_with_the_smollm2_teacher_on_bbc_news(tmp_path):
     _, resumed = run(tmp_path / "resumed", 6, resume=True)
     for (name, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_trl_gkd_trainer_on_kdfast_with_the_smollm2_teacher_on_bbc_news(tmp_path):
+    """kdfast's TRL ``GKDTrainer`` (the one-line switch): the tiny Llama student, the SmolLM2-135M teacher, BBC News
+    prompts (8 tokens) and completions (16); off-policy (``lmbda=0``) the loss falls and a checkpoint resumes to the
+    same weights; on-policy (``lmbda=1``: the student generates) a step runs on the real teacher."""
+    pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from kdfast.integrations.trl import GKDConfig, GKDTrainer
+
+    teacher = load_teacher()
+    tok = teacher.tokenizer
+    splits = corpus.build_splits(tok, seq_len=24, train_sequences=8, held_out_sequences=2, held_out_fraction=0.1,
+                                 seed=0)
+    rows = []
+    for ids in splits.train.tolist():
+        rows.append({"prompt": tok.decode(ids[:8]), "input_ids": ids, "completion_mask": [0] * 8 + [1] * 16})
+    data = datasets.Dataset.from_list(rows)
+
+    def run(out, steps, resume=False, **overrides):
+        settings = dict(output_dir=str(out), max_steps=steps, per_device_train_batch_size=2, learning_rate=1e-2,
+                        logging_steps=1, save_steps=3, report_to="none", use_cpu=True, seed=0, data_seed=0,
+                        lr_scheduler_type="constant", disable_tqdm=True, bf16=False, lmbda=0.0, beta=0.5,
+                        temperature=1.0, max_new_tokens=4, max_length=64, dataloader_num_workers=0)
+        settings.update(overrides)
+        model = tiny_student(seed=3, vocab=VOCAB_SIZE)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = GKDTrainer(model=model, teacher_model=teacher.model, args=GKDConfig(**settings),
+                                 train_dataset=data, processing_class=tok)
+            trainer.train(resume_from_checkpoint=resume or None)
+        return trainer, model
+
+    trainer, model = run(tmp_path / "full", 6)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    run(tmp_path / "resumed", 3)
+    _, resumed = run(tmp_path / "resumed", 6, resume=True)
+    for (name, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    on_policy, _ = run(tmp_path / "on-policy", 1, lmbda=1.0, save_steps=10)
+    assert math.isfinite(on_policy.state.log_history[0]["loss"])
