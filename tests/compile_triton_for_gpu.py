@@ -105,6 +105,41 @@ def compile_correlation_kernel(dtype, acc, weights, grad, V):
     return triton.compile(source, target=TARGET, options={"num_warps": warps})
 
 
+# (logits dtype, accumulation, index dtype, hard-label CE, unit vocabulary stride)
+TOPK_BUCKET_VARIANTS = [("bf16", "fp32", "i32", True, True), ("fp32", "fp32", "i64", False, False),
+                        ("fp64", "fp64", "i64", True, True), ("fp16", "fp32", "i64", True, False),
+                        ("bf16", "fp64", "i64", True, True)]
+
+
+def compile_topk_bucket_kernels(dtype, acc, index, hard, unit_stride):
+    """The two kernels of the top-k bucket op (kdfast/ops/triton/topk_bucket.py) at their GPU tiles.
+
+    Both are compiled (a failure raises); returns the first whose PTX spills, else the statistics kernel."""
+    from kdfast.ops.triton import topk_bucket
+
+    acc_tl = tl.float64 if acc == "fp64" else tl.float32
+    student = {"S_ptr": f"*{dtype}", "s_row_stride": "i32", "s_col_stride": "i32"}
+    kernels = [
+        (topk_bucket.bucket_row_stats_kernel,
+         dict(student, SORTED_ptr=f"*{index}", BOUNDS_ptr="*i32", STATS_ptr=f"*{acc}", PARAMS_ptr="*fp64", N="i32",
+              V="i32", k="i32", n_blocks="i32"),
+         topk_bucket.STATS_BLOCK, topk_bucket.STATS_WARPS),
+        (topk_bucket.bucket_grad_kernel,
+         dict(student, G_ptr=f"*{dtype}", STATS_ptr=f"*{acc}", GB_ptr=f"*{acc}", C_ptr=f"*{acc}", LABELS_ptr="*i64",
+              PARAMS_ptr="*fp64", N="i32", V="i32"),
+         topk_bucket.GRAD_BLOCK, topk_bucket.GRAD_WARPS),
+    ]
+    compiled = []
+    for fn, signature, block, warps in kernels:
+        constexprs = dict(HARD=hard, UNIT_STRIDE=unit_stride, ACC=acc_tl, BLOCK=block)
+        signature.update({name: "constexpr" for name in constexprs})
+        compiled.append(triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=TARGET,
+                                       options={"num_warps": warps}))
+        if ".local" in compiled[-1].asm["ptx"]:
+            return compiled[-1]
+    return compiled[0]
+
+
 def compile_reduce_kernel():
     source = ASTSource(fn=row_kernel.reduce_kernel, constexprs={"BLOCK": 1024},
                        signature={"ROW_LOSS_ptr": "*fp32", "OUT_ptr": "*fp32", "INV_DENOM_ptr": "*fp64", "N": "i32",
@@ -132,6 +167,9 @@ def main():
     for variant in CORRELATION_VARIANTS:
         report["correlation-" + "-".join(map(str, variant))] = _report(
             lambda v=variant: compile_correlation_kernel(*v))
+    for variant in TOPK_BUCKET_VARIANTS:
+        report["topk-bucket-" + "-".join(map(str, variant))] = _report(
+            lambda v=variant: compile_topk_bucket_kernels(*v))
     for key, entry in report.items():
         if key != variant_id("kl", VARIANTS[0]):
             entry.pop("ttir", None)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from compile_triton_for_gpu import CORRELATION_VARIANTS, DIST_VARIANTS, DIVERGENCES, DKD_VARIANTS, VARIANTS, variant_id
+from compile_triton_for_gpu import (CORRELATION_VARIANTS, DIST_VARIANTS, DIVERGENCES, DKD_VARIANTS,
+                                    TOPK_BUCKET_VARIANTS, VARIANTS, variant_id)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -78,5 +79,12 @@ def test_dist_kernels_compile_for_a_gpu_without_spills(report, variant):
 @pytest.mark.parametrize("variant", CORRELATION_VARIANTS, ids=lambda v: "-".join(map(str, v)))
 def test_correlation_kernel_compiles_for_a_gpu_without_spills(report, variant):
     entry = report["correlation-" + "-".join(map(str, variant))]
+    assert entry["ok"], entry.get("error")
+    assert not entry["spills"], "registers spill to local memory"
+
+
+@pytest.mark.parametrize("variant", TOPK_BUCKET_VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_topk_bucket_kernels_compile_for_a_gpu_without_spills(report, variant):
+    entry = report["topk-bucket-" + "-".join(map(str, variant))]
     assert entry["ok"], entry.get("error")
     assert not entry["spills"], "registers spill to local memory"

@@ -115,8 +115,11 @@ def topk_distill_loss(
             both tails, the gradient written in the forward
             (:mod:`kdfast.ops.topk`); ``"triton"`` (``"auto"`` on CUDA) runs
             ``tail="renormalize"`` on the dense Triton kernel over the ``k``
-            support entries, and ``tail="bucket"``, which has no Triton kernel
-            yet, in PyTorch under ``"auto"`` (refused under ``"triton"``).
+            support entries, and ``tail="bucket"`` on the Triton op
+            ``kdfast::triton_topk_bucket_forward`` (one sweep of the student
+            for its off-support logsumexp, the dense kernel over the ``k + 1``
+            outcomes, one sweep writing the gradient in the forward:
+            :mod:`kdfast.ops.triton.topk_bucket`).
 
     Returns:
         float32 (float64 for float64 inputs): a scalar, or ``(N,)`` for

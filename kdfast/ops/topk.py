@@ -13,12 +13,17 @@ logits (the fused linear loss's chunks).
 
 On CUDA (Triton) the renormalised tail is ``distill_loss`` of the ``(N, k)``
 gathered rows against the teacher "logits" ``log p1_S`` (exact: see
-:mod:`kdfast.llm.topk`), its ``(N, k)`` gradient scattered into zeros; the
-bucket tail has no Triton kernel yet and runs in PyTorch under ``"auto"``.
+:mod:`kdfast.llm.topk`), its ``(N, k)`` gradient scattered into zeros.  The
+bucket tail is the op ``kdfast::triton_topk_bucket_forward``
+(:mod:`kdfast.ops.triton.topk_bucket`): a row kernel sweeps the student once
+for its off-support logsumexp (and the cross-entropy's normaliser), the dense
+Triton kernel runs the ``k + 1`` outcomes, and one more sweep writes the
+``(N, V)`` gradient, all in the forward, as on CPU.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -176,16 +181,49 @@ def renormalized_topk_loss(student_logits: torch.Tensor, topk_indices: torch.Ten
     return loss
 
 
+# ----------------------------------------------------------------- CUDA: the bucket tail on its Triton op
+BUCKET_TEACHER_UNDEFINED = "topk_logprobs row {} (with its tail) is all -inf: the teacher distribution is undefined"
+
+
+def bucket_topk_loss_triton(student_logits: torch.Tensor, topk_indices: torch.Tensor, topk_logprobs: torch.Tensor,
+                            cfg: LossConfig, tail_logprobs: Optional[torch.Tensor]) -> torch.Tensor:
+    """``topk_distill_loss(..., tail="bucket")`` on the Triton op (checked options and tensor shapes).
+
+    Ignored rows are neutralised and the values checked as in the PyTorch form
+    (:func:`kdfast.llm.topk.topk_loss`); a valid row whose teacher (with its
+    tail) is all ``-inf`` is the C++ op's ValueError.
+    """
+    from ..llm.topk import _check_defined, _valid_rows, check_topk_values, neutral_ignored_rows, teacher_bucket
+    from .triton.topk_bucket import triton_topk_bucket_forward
+
+    V, k = student_logits.shape[-1], topk_indices.shape[-1]
+    rows = student_logits.reshape(-1, V)
+    idx = topk_indices.reshape(-1, k)
+    teacher_dtype = torch.float64 if torch.float64 in (student_logits.dtype, topk_logprobs.dtype) else torch.float32
+    lp = topk_logprobs.detach().reshape(-1, k).to(teacher_dtype)
+    rest = None if tail_logprobs is None else tail_logprobs.detach().reshape(-1, 1).to(teacher_dtype)
+    valid, labels = _valid_rows(cfg, rows.shape[0], V, rows.device)
+    if labels is not None:
+        idx, lp = neutral_ignored_rows(valid, idx, lp)  # as in the PyTorch form
+        rest = None if rest is None else torch.where(valid[:, None], rest, torch.full_like(rest, -math.inf))
+    if not torch.compiler.is_compiling():
+        check_topk_values(idx, lp, V, topk_logprobs.dtype, rest)
+    teacher = torch.cat([lp, teacher_bucket(lp, V, rest)], -1)  # teacher_rows(..., "bucket"), checked above
+    _check_defined(teacher, BUCKET_TEACHER_UNDEFINED)
+    loss, _ = triton_topk_bucket_forward(rows, idx, teacher, *topk_op_arguments(cfg), wants_grad(student_logits))
+    return loss
+
+
 def fused_topk_loss(student_logits: torch.Tensor, topk_indices: torch.Tensor, topk_logprobs: torch.Tensor,
                     cfg: LossConfig, tail: str, tail_logprobs: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The top-k loss on the fused kernel that ``cfg.backend`` names (not ``"torch"``), or None for the PyTorch form.
 
     None too for ``"renormalize"`` rows that are not unit-stride along the
-    vocabulary (a transposed or expanded view): the op would copy them, and
-    the PyTorch form reads only the ``k`` gathered entries.
-
-    ValueError for ``tail="bucket"`` under ``backend="triton"`` (no Triton
-    kernel for it yet); under ``"auto"`` on CUDA it is the PyTorch form.
+    vocabulary on CPU (a transposed or expanded view): the op would copy them,
+    and the PyTorch form reads only the ``k`` gathered entries; and for
+    ``"renormalize"`` with ``k = 1`` and ``ignore_index = 0`` on Triton (see
+    :func:`renormalized_topk_loss`).  ``"bucket"`` on Triton is
+    :func:`bucket_topk_loss_triton` (any strides).
     """
     backend = resolve_backend(cfg.backend, student_logits.device)
     if backend == "cpu" and tail == "renormalize" and student_logits.stride(-1) != 1 and student_logits.shape[-1] > 1:
@@ -194,7 +232,6 @@ def fused_topk_loss(student_logits: torch.Tensor, topk_indices: torch.Tensor, to
         return cpu_topk_loss(student_logits, topk_indices, topk_logprobs, cfg, tail, tail_logprobs)
     if backend == "triton" and tail == "renormalize":
         return renormalized_topk_loss(student_logits, topk_indices, topk_logprobs, cfg, backend)
-    if backend == "triton" and cfg.backend == "triton":
-        raise ValueError("tail='bucket' has no Triton kernel yet: use backend='auto' (its PyTorch form on CUDA) "
-                         "or 'torch', or tail='renormalize'")
+    if backend == "triton":
+        return bucket_topk_loss_triton(student_logits, topk_indices, topk_logprobs, cfg, tail_logprobs)
     return None
