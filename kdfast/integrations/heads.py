@@ -32,7 +32,8 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-__all__ = ["CausalLMParts", "UnsplittableModelError", "split_causal_lm", "takes_logits_to_keep", "unwrap_model"]
+__all__ = ["CausalLMParts", "UnsplittableModelError", "check_distillable_pair", "split_causal_lm", "takes_keyword",
+           "takes_logits_to_keep", "unwrap_model"]
 
 # Config attributes that scale the LM head's output by a constant: (name, whether the logits are divided by it).
 _LOGIT_FACTORS = (("logit_scale", False), ("logits_scaling", True), ("lm_head_multiplier", False))
@@ -65,7 +66,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def takes_logits_to_keep(model: nn.Module) -> bool:
     """Whether ``model``'s forward takes ``logits_to_keep`` (the causal LMs of ``transformers`` do)."""
-    return _takes_keyword(model, "logits_to_keep")
+    return takes_keyword(model, "logits_to_keep")
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,7 +116,7 @@ class CausalLMParts:
         Differentiable when grad mode is on; wrap in ``torch.no_grad()`` for a teacher.
         """
         kwargs = dict(inputs)
-        if _takes_keyword(self.trunk, "use_cache"):
+        if takes_keyword(self.trunk, "use_cache"):
             kwargs.setdefault("use_cache", False)  # no KV cache in training
         return self._scaled(self.trunk(**kwargs))
 
@@ -132,7 +133,7 @@ class CausalLMParts:
         handle = self.trunk.register_forward_hook(lambda module, args, output: caught.append(output))
         try:
             kwargs = dict(inputs, logits_to_keep=1)
-            if _takes_keyword(self.model, "use_cache"):
+            if takes_keyword(self.model, "use_cache"):
                 kwargs.setdefault("use_cache", False)
             wrapper(**kwargs)
         finally:
@@ -186,6 +187,25 @@ class FrozenTeacher:
             copy = (device, self.parts.weight, weight.to(device), None if bias is None else bias.to(device))
             self._head_copy = copy
         return copy[2], copy[3]
+
+
+def check_distillable_pair(student: CausalLMParts, teacher: CausalLMParts, vocab_policy: str,
+                           truncate_hint: str = "vocab_policy='truncate'") -> None:
+    """ValueError unless the two models can be distilled token by token with ``vocab_policy``: the same vocabulary
+    (or, under ``"truncate"``, a teacher vocabulary at least as large) and the same softcap; ``truncate_hint`` is
+    how the caller's user sets the policy."""
+    V_s, V_t = student.vocab_size, teacher.vocab_size
+    names = f"the teacher {type(teacher.model).__name__} and the student {type(student.model).__name__}"
+    if V_s != V_t and vocab_policy == "error":
+        raise ValueError(f"{names} have different vocabulary sizes (V_t={V_t}, V_s={V_s}); distillation compares "
+                         f"their distributions token by token, so they need the same tokenizer. A teacher whose "
+                         f"vocabulary only pads the student's can be cut to it with {truncate_hint}")
+    if V_t < V_s:
+        raise ValueError(f"{names}: vocab_policy='truncate' needs a teacher vocabulary at least as large as the "
+                         f"student's, got V_t={V_t} < V_s={V_s}")
+    if teacher.softcap != student.softcap:
+        raise ValueError(f"{names} soft-cap their logits differently (final_logit_softcapping {teacher.softcap} and "
+                         f"{student.softcap}); kdfast's fused loss applies one softcap to both")
 
 
 def split_causal_lm(model: nn.Module, *, verify: bool = True) -> CausalLMParts:
@@ -274,7 +294,8 @@ def _logit_factor(config, name: str) -> float:
     return factor
 
 
-def _takes_keyword(module: nn.Module, keyword: str) -> bool:
+def takes_keyword(module: nn.Module, keyword: str) -> bool:
+    """Whether ``module``'s forward names ``keyword`` (a ``**kwargs`` catch-all does not count)."""
     try:
         params = inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
@@ -292,7 +313,7 @@ def _verify(parts: CausalLMParts, name: str) -> None:
     try:
         with torch.no_grad():
             try:
-                out = model(input_ids=ids, use_cache=False) if _takes_keyword(model, "use_cache") else model(
+                out = model(input_ids=ids, use_cache=False) if takes_keyword(model, "use_cache") else model(
                     input_ids=ids)
                 expected = out.logits if hasattr(out, "logits") else out[0]
                 hidden = parts.hidden_states({"input_ids": ids})

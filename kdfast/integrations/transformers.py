@@ -41,7 +41,8 @@ from ..llm.fused_linear import fused_linear_distill_loss, fused_linear_topk_dist
 from ..llm.inputs import check_chunk_size, check_vocab_policy
 from ..llm.topk import check_tail
 from ..ops.backends import BACKENDS
-from .heads import CausalLMParts, FrozenTeacher, UnsplittableModelError, split_causal_lm, unwrap_model
+from .heads import (CausalLMParts, FrozenTeacher, UnsplittableModelError, check_distillable_pair, split_causal_lm,
+                    unwrap_model)
 from .loss_call import (autocast_off, check_data_parallel, data_parallel_loss_scale, head_operands,
                         student_hidden_states, trainer_normalizer)
 
@@ -211,7 +212,8 @@ class DistillationTrainer(transformers.Trainer):
             teacher_model.eval()
             self._teacher = split_causal_lm(teacher_model, verify=config.verify_split)
             self._teacher_view = FrozenTeacher(self._teacher)
-            self._check_teacher(student, self._teacher)
+            check_distillable_pair(student, self._teacher, config.vocab_policy,
+                                   "DistillationConfig(vocab_policy='truncate')")
         else:
             self._check_offline(student)
         self._pending_terms: Dict[str, torch.Tensor] = {}
@@ -219,21 +221,6 @@ class DistillationTrainer(transformers.Trainer):
         self._terms_normalizer: Optional[float] = None
 
     # ------------------------------------------------------------ checks
-    def _check_teacher(self, student: CausalLMParts, teacher: CausalLMParts) -> None:
-        V_s, V_t = student.vocab_size, teacher.vocab_size
-        names = f"the teacher {type(teacher.model).__name__} and the student {type(student.model).__name__}"
-        if V_s != V_t and self.distillation_config.vocab_policy == "error":
-            raise ValueError(f"{names} have different vocabulary sizes (V_t={V_t}, V_s={V_s}); distillation compares "
-                             f"their distributions token by token, so they need the same tokenizer. A teacher whose "
-                             f"vocabulary only pads the student's can be cut to it with "
-                             f"DistillationConfig(vocab_policy='truncate')")
-        if V_t < V_s:
-            raise ValueError(f"{names}: vocab_policy='truncate' needs a teacher vocabulary at least as large as the "
-                             f"student's, got V_t={V_t} < V_s={V_s}")
-        if teacher.softcap != student.softcap:
-            raise ValueError(f"{names} soft-cap their logits differently (final_logit_softcapping {teacher.softcap} "
-                             f"and {student.softcap}); kdfast's fused loss applies one softcap to both")
-
     def _check_offline(self, student: CausalLMParts) -> None:
         config = self.distillation_config
         if config.weighting is not None:
