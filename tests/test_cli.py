@@ -17,8 +17,8 @@ from kdfast.cli.distill import resolve_config
 from kdfast.experiments import METHOD_NAMES, ExperimentConfig
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = {"images": 300, "test_images": 100, "labelled": 50, "seeds": [0], "teacher_epochs": 1, "epochs": 1,
-        "batch_size": 25, "teacher_hidden": [32], "student_hidden": [8], "workers": 1}
+TINY = {"images": 300, "test_images": 100, "validation_images": 0, "labelled": 50, "seeds": [0], "teacher_epochs": 1,
+        "epochs": 1, "batch_size": 25, "teacher_hidden": [32], "student_hidden": [8], "workers": 1, "extra_runs": []}
 
 
 def parse(argv):
@@ -62,7 +62,11 @@ def test_distill_help_names_every_flag_method_and_default(capsys):
         main(["distill", "--help"])
     out = capsys.readouterr().out
     for flag in ("--config", "--seeds", "--methods", "--teachers", "--epochs", "--labelled", "--out", "--threads",
-                 "--workers", "--resume", "--overwrite", "--unlabeled", "--no-plot"):
+                 "--workers", "--resume", "--overwrite", "--unlabeled", "--no-unlabeled", "--no-plot",
+                 "--validation-images", "--teacher-labelled", "--teacher-more-labelled", "--extra-runs",
+                 "--method-option", "--sweep", "--sweep-temperatures", "--sweep-weight-scales", "--teacher-epochs",
+                 "--overconfident-teacher-epochs", "--teacher-more-epochs", "--schedule-checkpoints",
+                 "--student-channels", "--teacher-dropout"):
         assert flag in out
     for name in METHOD_NAMES:
         assert f"\n  {name} " in out
@@ -125,6 +129,31 @@ def test_no_arguments_is_the_embedded_default():
     assert resolve_config(parse(["distill"])).to_dict() == ExperimentConfig().to_dict()
 
 
+def test_method_options_unlabelled_and_extra_run_flags(tmp_path):
+    path = tmp_path / "settings.json"
+    path.write_text('{"method_options": {"ttm": {"temperature": 4, "weight": 2}, "kd": {"temperature": 2}}}')
+    config = resolve_config(parse(["distill", "--config", str(path), "--method-option", "ttm.weight=1",
+                                   "--method-option", "dkd.warmup_fraction=0", "--no-unlabeled", "--extra-runs"]))
+    assert config.method_options == {"ttm": {"temperature": 4, "weight": 1}, "kd": {"temperature": 2},
+                                     "dkd": {"warmup_fraction": 0}}
+    assert config.unlabeled is False and config.extra_runs == []
+    assert ExperimentConfig().unlabeled is True  # the default is semi-supervised
+    sweep = resolve_config(parse(["distill", "--sweep", "--sweep-temperatures", "1", "4",
+                                  "--sweep-weight-scales", "2"]))
+    assert sweep.sweep and sweep.sweep_temperatures == [1.0, 4.0] and sweep.sweep_weight_scales == [2.0]
+
+
+def test_bad_method_option_flags_are_reported(capsys):
+    with pytest.raises(SystemExit):
+        main(["distill", "--method-option", "ttm.temperature"])
+    assert "expected METHOD.KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["distill", "--method-option", "ttm.temperature=hot"])
+    assert "must be a number" in capsys.readouterr().err
+    assert main(["distill", "--method-option", "ttm.tau=4"]) == 2
+    assert "method 'ttm' has no setting 'tau'; it has: hard_weight, weight, temperature" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("suffix, text", [(".json", '{"epochs": 2, "sedes": [1], "colour": "red"}'),
                                           (".yaml", "epochs: 2\nsedes: [1]\ncolour: red\n")])
 def test_unknown_config_keys_are_an_error_naming_them(tmp_path, capsys, suffix, text):
@@ -171,7 +200,7 @@ def test_config_file_run_prints_the_table_and_writes_results(tmp_path, capsys):
                                 "out": str(tmp_path / "run")}))
     assert main(["distill", "--config", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "CE only" in out and "KD (MSE-trained teacher)" in out and "elapsed:" in out
+    assert "CE only" in out and "KD (MSE teacher)" in out and "elapsed:" in out
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [r["method"] for r in results["students"]] == ["ce", "kd"]
     assert results["config"]["epochs"] == 1

@@ -9,8 +9,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import kdfast
-from kdfast.train import (Distiller, MeanTeacher, MultiTeacher, StochasticTeacher, TeacherSchedule,
-                          ema_decay, make_train_loader, sigmoid_rampup, train_teacher)
+from kdfast.train import (Distiller, FrozenTeacher, MeanTeacher, MultiTeacher, StochasticTeacher, TeacherSchedule,
+                          WarmupTeacher, ema_decay, make_train_loader, sigmoid_rampup, train_teacher)
 from kdfast.train.stochastic import enable_dropout_only, pass_weights
 from kdfast.train.teachers import confidence_weights, log_mixture
 
@@ -230,3 +230,44 @@ def test_distiller_follows_the_schedule_during_fit():
     d.fit(make_train_loader(data, 16, seed=0), 2, progress=False,
           on_epoch_end=lambda record: seen.append(teacher[0].weight.detach().clone()))
     assert torch.equal(seen[0], snapshots[0]["0.weight"]) and torch.equal(seen[1], snapshots[1]["0.weight"])
+
+
+# ----------------------------------------------------------------- DKD's warm-up
+def test_warmup_teacher_ramps_the_targets_linearly():
+    teacher, student = mlp(seed=3), mlp(seed=4)
+    signal = WarmupTeacher(FrozenTeacher(teacher), warmup_epochs=4)
+    x = torch.randn(5, 6)
+    scales = []
+    for epoch in range(6):
+        signal.on_epoch_start(epoch)
+        (target,) = signal.targets(x, student(x))
+        scales.append(target.scale)
+    assert scales == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    torch.testing.assert_close(target.logits, teacher.eval()(x))
+    torch.testing.assert_close(signal.reference_logits(x), teacher(x))
+    assert signal.models() == [teacher] and not signal.depends_on_student
+    assert WarmupTeacher(FrozenTeacher(teacher), 0).factor() == 1.0
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        WarmupTeacher(FrozenTeacher(teacher), -1)
+    with pytest.raises(TypeError, match="wraps a TeacherSignal"):
+        WarmupTeacher(teacher, 2)
+
+
+def test_warmup_passes_the_wrapped_signals_hooks_and_state_through():
+    student = mlp(seed=1)
+    signal = WarmupTeacher(MeanTeacher(decay=0.5, rampup_epochs=0), 2)
+    d = Distiller(student, signal, "kd", optimizer=sgd(student))
+    assert signal.signal.student is student  # attach reached the mean teacher
+    d.fit(make_train_loader(toy_data(32), 16, seed=0), 1, progress=False)
+    state = signal.state_dict()
+    assert "ema" in state and d.step == 2
+    signal.load_state_dict(state)
+
+
+def test_train_teacher_calls_on_epoch_end():
+    data = toy_data(32)
+    model = mlp(seed=2)
+    seen = []
+    train_teacher(model, make_train_loader(data, 16, seed=0), "ce", optimizer=sgd(model), epochs=3,
+                  progress=False, on_epoch_end=lambda record: seen.append(record["epoch"]))
+    assert seen == [1, 2, 3]

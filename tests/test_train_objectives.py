@@ -96,3 +96,23 @@ def test_hard_losses():
     assert float(objectives.hard_loss_sum("mse", z, y, -100)) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="hard_loss"):
         objectives.hard_loss_sum("hinge", z, y, -100)
+
+
+def test_softmax_mse_is_mean_teachers_consistency():
+    s, t, labels = _batch()
+    objective = resolve_loss({"name": "softmax_mse"})
+    assert objective.kind == "rowwise" and objective.accepts_weights and not objective.needs_labels
+    per_row = (torch.softmax(s, -1) - torch.softmax(t, -1)).square().mean(-1)
+    valid = labels != -100
+    torch.testing.assert_close(objective(s, t, labels, normalizer=4.0), per_row[valid].sum() / 4.0)
+    torch.testing.assert_close(objective(s, t, None, normalizer=6.0), per_row.mean())
+    w = torch.linspace(0.1, 1.0, 6)
+    torch.testing.assert_close(objective(s, t, None, weights=w, normalizer=6.0), (per_row * w).mean())
+    hot = resolve_loss({"name": "softmax_mse", "temperature": 2.0})(s, t, None, normalizer=6.0)
+    torch.testing.assert_close(hot, (torch.softmax(s / 2, -1) - torch.softmax(t / 2, -1)).square().mean(-1).mean())
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    objective(s, t, None, normalizer=6.0).backward()
+    assert s.grad is not None and t.grad is None  # the teacher gets no gradient
+    with pytest.raises(ValueError, match="temperature"):
+        resolve_loss({"name": "softmax_mse", "temperature": 0.0})

@@ -31,12 +31,18 @@ SPLIT_SEED = 0
 
 @dataclass(frozen=True)
 class DigitSplits:
-    """Images as float32 rows in [0, 1] (N, 784) and int64 labels (N,)."""
+    """Images as float32 rows in [0, 1] (N, 784) and int64 labels (N,).
+
+    The validation images (none unless asked for) are held out of training
+    like the test images; only the sweep scores on them.
+    """
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
+    validation_images: torch.Tensor = torch.empty(0, IMAGE_PIXELS)
+    validation_labels: torch.Tensor = torch.empty(0, dtype=torch.long)
 
 
 @functools.lru_cache(maxsize=1)
@@ -68,11 +74,14 @@ def stratified_indices(labels: torch.Tensor, per_class: int, generator: torch.Ge
     return torch.cat(chosen).sort().values
 
 
-def make_splits(images: torch.Tensor, labels: torch.Tensor, *, num_images: int, test_images: int) -> DigitSplits:
-    """A stratified subset of ``num_images`` images, ``test_images`` of them held out, the rest for training.
+def make_splits(images: torch.Tensor, labels: torch.Tensor, *, num_images: int, test_images: int,
+                validation_images: int = 0) -> DigitSplits:
+    """A stratified subset of ``num_images`` images: ``test_images`` held out, then ``validation_images``
+    held out of the rest, the remainder for training.
 
-    Both counts must be multiples of the 10 classes (each class gets the same
-    share), and at least one image per class must be left for training.
+    The counts must be multiples of the 10 classes (each class gets the same
+    share), and at least one image per class must be left for training.  The
+    test images do not depend on ``validation_images``.
     """
     for name, value in (("images", num_images), ("test_images", test_images)):
         if not isinstance(value, int) or value <= 0 or value % NUM_CLASSES:
@@ -87,7 +96,19 @@ def make_splits(images: torch.Tensor, labels: torch.Tensor, *, num_images: int, 
     is_test = torch.zeros(len(subset), dtype=torch.bool)
     is_test[held_out] = True
     train, test = subset[~is_test], subset[is_test]
-    return DigitSplits(images[train], labels[train], images[test], labels[test])
+    if not isinstance(validation_images, int) or validation_images < 0 or validation_images % NUM_CLASSES:
+        raise ValueError(f"validation_images must be a multiple of {NUM_CLASSES} >= 0, "
+                         f"got validation_images={validation_images!r}")
+    if validation_images >= len(train):
+        raise ValueError(f"validation_images={validation_images} leaves no training images of {len(train)}")
+    validation = train[:0]
+    if validation_images:
+        chosen = stratified_indices(labels[train], validation_images // NUM_CLASSES, generator)
+        is_validation = torch.zeros(len(train), dtype=torch.bool)
+        is_validation[chosen] = True
+        train, validation = train[~is_validation], train[is_validation]
+    return DigitSplits(images[train], labels[train], images[test], labels[test], images[validation],
+                       labels[validation])
 
 
 def labelled_subset(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:

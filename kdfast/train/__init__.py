@@ -10,7 +10,8 @@ pieces are small and replaceable:
     teacher), a sequence of modules (:class:`MultiTeacher`) or any
     :class:`TeacherSignal`.  ``loss`` names a kdfast loss (:func:`resolve_loss`):
     ``"kd"``, ``"ttm"``, ``"wttm"``, ``"distill"``, ``"dist"``, ``"dkd"``,
-    ``"correlation"``, a dict ``{"name": "distill", "divergence": "jsd", ...}``,
+    ``"correlation"``, ``"softmax_mse"`` (Mean Teacher's consistency), a dict
+    ``{"name": "distill", "divergence": "jsd", ...}``,
     or a callable ``(student_logits, teacher_logits, labels) -> scalar``.
 
     Per optimizer step the objective is, for every student::
@@ -48,7 +49,9 @@ Teacher signals (:mod:`.teachers`, :mod:`.mean_teacher`, :mod:`.stochastic`)
     from intermediate teacher checkpoints, epoch -> checkpoint);
     ``MeanTeacher(decay=0.999, consistency_weight=1.0, rampup_epochs=5)``
     (EMA of the student); ``StochasticTeacher(model, passes=4, similarity="kl",
-    drop_quantile=0.25)`` (stochastic self-distillation with dropout active).
+    drop_quantile=0.25)`` (stochastic self-distillation with dropout active);
+    ``WarmupTeacher(signal, warmup_epochs)`` (DKD's linear warm-up of the
+    distillation term).
 
 Teacher training (:mod:`.teacher_training`)
     ``train_teacher(model, loader, loss="ce"|"mse", *, optimizer, epochs, ...)``.
@@ -98,7 +101,7 @@ from .metrics import (
 from .objectives import HARD_LOSSES, LOSS_NAMES, DistillObjective, resolve_loss
 from .stochastic import StochasticTeacher
 from .teacher_training import train_teacher
-from .teachers import FrozenTeacher, MultiTeacher, TeacherSchedule, TeacherSignal, TeacherTarget
+from .teachers import FrozenTeacher, MultiTeacher, TeacherSchedule, TeacherSignal, TeacherTarget, WarmupTeacher
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -117,6 +120,7 @@ __all__ = [
     "TeacherSchedule",
     "TeacherSignal",
     "TeacherTarget",
+    "WarmupTeacher",
     "accumulate_metrics",
     "accuracy",
     "agreement",

@@ -18,6 +18,31 @@ import torch.nn.functional as F
 from .. import correlation_losses, losses
 from ..config import finite_float, integer
 
+
+def softmax_mse_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, labels=None,
+                     ignore_index: int = -100, normalizer: float, temperature: float = 1.0,
+                     weighting: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean Teacher's consistency: ``mean over classes of (softmax(s/T) - softmax(t/T))^2``, per row.
+
+    As ``softmax_mse_loss`` of the reference Mean Teacher code (squared error
+    summed over the V classes and divided by V), summed over the valid rows
+    (label not ``ignore_index``; every row when ``labels`` is None), times the
+    optional per-row ``weighting``, divided by ``normalizer``.  Pure PyTorch,
+    float32; the teacher gets no gradient.
+    """
+    T = finite_float("temperature", temperature)
+    if not T > 0:
+        raise ValueError(f"temperature must be > 0, got temperature={temperature}")
+    V = student_logits.shape[-1]
+    s = torch.softmax(student_logits.reshape(-1, V).float() / T, -1)
+    t = torch.softmax(teacher_logits.detach().reshape(-1, V).float() / T, -1)
+    per_row = (s - t).square().mean(-1)
+    if weighting is not None:
+        per_row = per_row * weighting.reshape(-1).float()
+    valid = _valid_rows(labels, student_logits, ignore_index)
+    return torch.where(valid, per_row, torch.zeros_like(per_row)).sum() / normalizer
+
+
 # name -> (kdfast function, how it is called)
 _LOSSES: Dict[str, tuple] = {
     "kd": (losses.kd_loss, "rowwise"),
@@ -27,6 +52,7 @@ _LOSSES: Dict[str, tuple] = {
     "dist": (correlation_losses.dist_loss, "batch"),
     "correlation": (correlation_losses.correlation_loss, "batch"),
     "dkd": (correlation_losses.dkd_loss, "labelled"),
+    "softmax_mse": (softmax_mse_loss, "rowwise"),
 }
 LOSS_NAMES = tuple(_LOSSES)
 HARD_LOSSES = ("ce", "mse")
@@ -103,7 +129,8 @@ def resolve_loss(spec: LossSpec, *, ignore_index: int = -100) -> DistillObjectiv
     """Turn a loss spec into a :class:`DistillObjective`.
 
     ``spec`` is a name of :data:`LOSS_NAMES` (``"kd"``, ``"ttm"``, ``"wttm"``,
-    ``"distill"``, ``"dist"``, ``"dkd"``, ``"correlation"``), a mapping
+    ``"distill"``, ``"dist"``, ``"dkd"``, ``"correlation"``, ``"softmax_mse"``
+    (:func:`softmax_mse_loss`, Mean Teacher's consistency)), a mapping
     ``{"name": ..., **options}`` whose options are the keyword arguments of that
     kdfast function (``temperature``, ``divergence``, ``weighting``, ...), an
     ``nn.Module`` or callable ``(student_logits, teacher_logits, labels) ->

@@ -211,3 +211,59 @@ class TeacherSchedule(TeacherSignal):
 
     def reference_logits(self, inputs):
         return self.teacher.reference_logits(inputs)
+
+
+class WarmupTeacher(TeacherSignal):
+    """Another signal whose distillation term is ramped up linearly over the first ``warmup_epochs`` epochs.
+
+    Epoch ``e`` (0-based) scales every target by ``min((e + 1) / warmup_epochs,
+    1)``: DKD's warm-up (Zhao et al., CVPR 2022; mdistiller multiplies the DKD
+    term by ``min(epoch / warmup, 1)`` with 1-based epochs).  Everything else
+    (targets, agreement, state) is the wrapped signal's.
+    """
+
+    def __init__(self, signal: TeacherSignal, warmup_epochs: int):
+        if not isinstance(signal, TeacherSignal):
+            raise TypeError(f"WarmupTeacher wraps a TeacherSignal, got {type(signal).__name__}")
+        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be an int >= 0, got warmup_epochs={warmup_epochs!r}")
+        self.signal = signal
+        self.warmup_epochs = warmup_epochs
+        self.depends_on_student = signal.depends_on_student
+        self.epoch = 0
+
+    def factor(self) -> float:
+        """The scale of the current epoch's targets."""
+        if self.warmup_epochs == 0:
+            return 1.0
+        return min((self.epoch + 1) / self.warmup_epochs, 1.0)
+
+    def attach(self, students) -> None:
+        self.signal.attach(students)
+
+    def models(self):
+        return self.signal.models()
+
+    def to(self, device):
+        self.signal.to(device)
+        return self
+
+    def targets(self, inputs, student_logits):
+        f = self.factor()
+        return [TeacherTarget(t.logits, t.weights, t.scale * f) for t in self.signal.targets(inputs, student_logits)]
+
+    def reference_logits(self, inputs):
+        return self.signal.reference_logits(inputs)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.signal.on_epoch_start(epoch)
+
+    def after_optimizer_step(self, step: int, epoch: int) -> None:
+        self.signal.after_optimizer_step(step, epoch)
+
+    def state_dict(self) -> dict:
+        return self.signal.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.signal.load_state_dict(state)
