@@ -17,6 +17,9 @@ from .llm.fused_linear import (FusedLinearDistillLoss, FusedLinearTopKDistillLos
                            fused_linear_topk_distill_loss)
 from .llm.topk import TopKDistillLoss, topk_distill_loss
 from .llm.vocab_parallel import vocab_parallel_distill_loss
+from .regression import (BatchPearsonLoss, DistributionalKDLoss, GaussianHead, GaussianKDLoss, PairwiseDifferenceLoss,
+                         PairwiseOrderLoss, batch_pearson_loss, distributional_kd_loss, gaussian_kd_loss, gaussian_kl,
+                         gaussian_nll_loss, pairwise_difference_loss, pairwise_order_loss)
 
 __version__ = "0.1.0"
 
@@ -65,4 +68,17 @@ __all__ = [
     "ttm_loss",
     "vocab_parallel_distill_loss",
     "wttm_loss",
+    "BatchPearsonLoss",
+    "DistributionalKDLoss",
+    "GaussianHead",
+    "GaussianKDLoss",
+    "PairwiseDifferenceLoss",
+    "PairwiseOrderLoss",
+    "batch_pearson_loss",
+    "distributional_kd_loss",
+    "gaussian_kd_loss",
+    "gaussian_kl",
+    "gaussian_nll_loss",
+    "pairwise_difference_loss",
+    "pairwise_order_loss",
 ]

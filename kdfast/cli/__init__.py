@@ -13,8 +13,9 @@ import sys
 from typing import List, Optional
 
 from . import bench, cache, distill, info
+from ..experiments import regression_kd
 
-COMMANDS = {"distill": distill, "bench": bench, "cache": cache, "info": info}
+COMMANDS = {"distill": distill, "distill-regression": regression_kd, "bench": bench, "cache": cache, "info": info}
 # Errors that carry a message for the user (bad settings, existing output, missing files or packages);
 # anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, ImportError)
@@ -25,6 +26,7 @@ examples:
   kdfast distill --seeds 0 --epochs 10 --methods ce kd dkd --out runs/quick
   kdfast distill --config my.yaml     # keys of the file = the flags of `kdfast distill`
   kdfast distill --resume             # continue a killed run in runs/distill-default/
+  kdfast distill-regression           # distributional regression KD on a CO2 series (needs statsmodels)
   kdfast bench --quick                # the fused-kernel microbenchmark (source checkout)
   kdfast cache build --teacher models/teacher --data corpus.jsonl --seq-len 512 --k 64 --out cache/
                                       # a top-k teacher cache for offline distillation (resumable)
