@@ -425,6 +425,16 @@ def test_onednn_and_torch_mm_chunk_logits_agree(monkeypatch):
         assert_close(got, want, torch.float32)
 
 
+def test_onednn_grad_rows_is_the_product_with_the_weight():
+    from kdfast.llm import onednn as _onednn
+
+    weight = torch.randn(37, 11)
+    if not _onednn.uses_onednn(weight):
+        pytest.skip("oneDNN's linear is not available in this torch build")
+    grad = torch.randn(50, 37)[::2]  # rows of a strided view
+    torch.testing.assert_close(_onednn.onednn_grad_rows(grad, weight), grad @ weight, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_only_float32_heads_use_onednn(dtype):
     from kdfast.llm.onednn import uses_onednn

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from ..ops.fused_op import _is_concrete, may_hand_out_saved_gradient, refuse_double_backward
-from .onednn import onednn_logits, uses_onednn
+from .onednn import onednn_grad_rows, onednn_logits, uses_onednn
 
 # ``loss = chunk_loss(student_logits_chunk, rows)``: the loss of the rows
 # ``rows`` (a slice of the N rows), differentiable in ``student_logits_chunk``.
@@ -185,6 +185,7 @@ class _StudentGrads:
         want_hidden, want_weight, want_bias = needs_grad
         self.head = head
         self.weight = head.weight.detach()
+        self.onednn = uses_onednn(self.weight)
         # contiguous, because every chunk writes its rows with out=
         self.hidden = head.hidden.new_empty(head.hidden.shape) if want_hidden else None
         # Uninitialised: the first chunk's product is written, not added (no pass zeroing a (V, H) tensor).
@@ -205,7 +206,10 @@ class _StudentGrads:
                 self.hidden[rows].zero_()
             return
         if self.hidden is not None:
-            torch.mm(grad, self.weight, out=self.hidden[rows])
+            if self.onednn and grad.dtype == torch.float32:
+                self.hidden[rows] = onednn_grad_rows(grad, self.weight)
+            else:
+                torch.mm(grad, self.weight, out=self.hidden[rows])
         if self.weight_acc is not None:
             _add_matmul_(self.weight_acc, grad.t(), self.head.hidden[rows].detach(), first=not self.weight_started)
             self.weight_started = True
