@@ -22,12 +22,7 @@ from kdfast.integrations.heads import UnsplittableModelError, split_causal_lm  #
 from kdfast.integrations.transformers import DistillationConfig, DistillationTrainer  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 def lora_student(target_modules=("q_proj", "v_proj"), seed=0):

@@ -29,13 +29,7 @@ PAD = 1
 NO_EOS = ()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: more threads only wait on each other (and on a shared machine, on everyone else)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 # ----------------------------------------------------------------- models and prompts
