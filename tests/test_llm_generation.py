@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed: pip install kdfast[hf]")
 
+from test_integrations_transformers import llama as tiny_llama  # noqa: E402
+
 from kdfast.llm import (  # noqa: E402
     DistillBatch, Generation, OnPolicyDistiller, generate, generated_batch, in_top_k, position_ids_from_mask,
     sample_tokens, sampling_probs, speculative_generate, teacher_forced_batch,
@@ -34,13 +36,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (t
 
 # ----------------------------------------------------------------- models and prompts
 def llama(seed=0, hidden=32, vocab=V, head_scale=1.0):
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
-    with torch.no_grad():
-        model.lm_head.weight.mul_(head_scale)
-    return model
+    """The Trainer tests' tiny random Llama, with this file's vocabulary of 64 by default."""
+    return tiny_llama(hidden=hidden, vocab=vocab, seed=seed, head_scale=head_scale)
 
 
 @pytest.fixture(scope="module")
