@@ -13,9 +13,11 @@ namespace KDFAST_CPU_CAPABILITY {
 template <template <class> class Div, class V, class TT, class TS>
 void run_rows(const DistillParams& prm, const DistillBatch& b, int64_t begin, int64_t end) {
   using S = typename V::value_type;
+  using Kernel = RowKernel<Div, V, TT, TS>;
   const DivConsts& dc = prm.div;
-  rows_with_scratch<V>(b.vocab, b.row_status, begin, end, [&](int64_t i, S* scratch_t, S* scratch_s) {
-    RowKernel<Div, V, TT, TS>::run(prm, dc, b, i, scratch_t, scratch_s);
+  rows_with_scratch_n<V, Kernel::kScratchRows>(b.vocab, b.row_status, begin, end,
+                                               [&](int64_t i, S* scratch, int64_t padded) {
+    Kernel::run(prm, dc, b, i, Kernel::scratch_rows(scratch, padded));
   });
 }
 

@@ -8,11 +8,15 @@
 //     (Acc::add / Acc::flush);
 //   * finish(): the row value D and Sigma_g = sum_j g_j from the sums;
 //   * g_j = q_j * dD/dq_j, computed once per entry in the value sweep: Acc::add
-//     returns what the gradient sweep needs of entry j (`kept`, stored over the
-//     teacher's exponential in scratch, which nothing reads after), and
-//     grad_from_kept() turns it into g_j there (g_j itself, unless g_j needs a
-//     row sum, as Renyi's does).  So the gradient sweep of every divergence is
-//     KL's: two loads, one FMA, one store.
+//     returns g_j / kept_scale (`kept`, stored over the teacher's exponential
+//     in scratch, which nothing reads after), where kept_scale is a per-row
+//     scalar that finish() sets (ln 2 where g_j is a difference of base-2
+//     logs, a row sum where g_j needs one, as Renyi's does) and the skeleton
+//     folds into the gradient's coefficient.  So the gradient sweep of every
+//     divergence is KL's: two loads, one FMA, one store.
+// The value sweep works in base 2: its logs are log2 p = t - log2 S from the
+// shifted logits t of the exponential sweep (one multiply fewer per log than
+// natural logs), and the row sums are scaled by ln 2 once, in finish().
 // The skeleton turns g into the gradient with respect to the student logits
 // through the softmax Jacobian: dD/dz_s_j = (g_j - q_j * Sigma_g) / tau_s.
 // Any term c * q_j of g_j cancels in that formula, so policies drop such terms.
@@ -33,9 +37,12 @@ namespace KDFAST_CPU_CAPABILITY {
 // mixture log-weights included (computed once, in kdfast.registry.kernel_params).
 using DivConsts = ::kdfast::DivergenceParams;
 
+// One entry of the value sweep: the probabilities, their base-2 logs, and the
+// exponentials they come from (p = e_t / S_t), for policies that fold a
+// constant into 1 / S_t.
 template <class V>
 struct Elem {
-  V p, q, logp, logq;
+  V p, q, log2p, log2q, e_t, e_s;
 };
 
 // Double-precision row accumulators filled by chunk flushes.
@@ -45,7 +52,7 @@ struct RowAcc {
   double lse_max = -INFINITY, lse_sum = 0;  // a running logsumexp
   // set by finish():
   double D = 0, gsum = 0, lse = 0;
-  double kept_scale = 1.0;  // a factor of grad_from_kept (Renyi)
+  double kept_scale = 1.0;  // g_j = kept_j * kept_scale
 };
 
 template <class V> inline V vzero() { return V::zero(); }
@@ -58,45 +65,34 @@ struct KeptIsLogTerm : std::false_type {};
 template <class D>
 struct KeptIsLogTerm<D, std::void_t<decltype(D::kKeptIsLogTerm)>> : std::bool_constant<D::kKeptIsLogTerm> {};
 
-// g_j as kept by the value sweep: the default.
-struct KeptIsG {
-  template <class V>
-  static V grad_from_kept(V kept, const RowAcc&, const DivConsts&) { return kept; }
-};
+// Whether a policy's value sweep reads log2 p and log2 q (Elem::log2p,
+// log2q).  Default: true; TVD and Hellinger do not.
+template <class D, class = void>
+struct ReadsLogs : std::true_type {};
+template <class D>
+struct ReadsLogs<D, std::void_t<decltype(D::kReadsLogs)>> : std::bool_constant<D::kReadsLogs> {};
 
-// log m of the mixture m = w_p p + w_q q (jsd, skew_kl, skew_reverse_kl).
-// With x = w_p p and y = w_q q, hi = max(x, y), lo = min(x, y), r = lo / hi:
-// log m = log hi + log(1 + r), where log hi is log w + log p (or log q)
-// exactly as the other terms use it, and log(1 + r) on [0, 1] is a short
-// polynomial (vlog1p_unit): the ratio of the two probabilities replaces
-// logaddexp's exp of the difference of their logs, and no general log is
-// taken.  Where hi is below float's normal range (underflow, or a zero
-// weight) the larger log-space term stands in: it is -inf for masked entries
-// and within log 2 of log m otherwise, where both probabilities are below
-// 1.2e-38 and their terms negligible.
+// log2 m and 1 / m of the mixture m = w_p p + w_q q (jsd, skew_kl,
+// skew_reverse_kl), m clamped at float's smallest normal: below it (masked
+// entries, where m = 0, or both probabilities underflowing) every term that
+// reads log m or 1 / m is multiplied by a probability below 1.2e-38 and is 0
+// to float accuracy, and the clamp keeps 1 / m finite and the log free of
+// subnormal arithmetic.  vlog2_positive is 16 instructions, vrecip 3 (where
+// the policy reads 1 / m).
 template <class V>
-struct Mixture {
-  V w_p, w_q, log_w_p, log_w_q;
-  explicit Mixture(const DivConsts& c)
-      : w_p(vset<V>(std::exp(c.log_w_p))), w_q(vset<V>(std::exp(c.log_w_q))),
-        log_w_p(vset<V>(c.log_w_p)), log_w_q(vset<V>(c.log_w_q)) {}
-  struct Terms {
-    V log_m;
-    V inv_m;  // 1 / m, where `normal` (inf or NaN elsewhere)
-    typename V::Mask normal;  // m from the ratio; else hi underflowed and log_m is the stand-in
-  };
-  Terms operator()(const Elem<V>& e) const {
-    using S = typename V::value_type;
-    const V a = log_w_p + e.logp, b = log_w_q + e.logq;
-    const V x = w_p * e.p, y = w_q * e.q;
-    const V hi = vmax(x, y), lo = vmin(x, y);
-    const auto normal = gt(hi, vset<V>(double(std::numeric_limits<S>::min())));
-    const V inv_hi = vrecip(hi);
-    const V r = lo * inv_hi;
-    const V lm = select(normal, select(gt(y, x), b, a) + vlog1p_unit(r), vmax(a, b));
-    // 1 / m = (1 / hi) / (1 + r), r in [0, 1]
-    const V inv_m = inv_hi * vrecip(vset<V>(1.0) + r);
-    return {lm, inv_m, normal};
+V clamp_tiny(V x) { return vmax(x, vset<V>(double(std::numeric_limits<typename V::value_type>::min()))); }
+
+// ---------------------------------------------------------------- kl
+// D = sum p (log p - log q) = (ln 2 / S_t) sum e_t (t_t - t_s) - log S_t + log S_s; g_j = -p_j
+template <class V>
+struct KL {
+  static constexpr bool kValueFromExps = true;
+  static constexpr bool kReadsLogs = false;  // no value sweep
+  // acc + e_t (t_t - t_s), skipping e_t == 0 (t_t may be -inf there)
+  static V add_exp_term(V acc, V tt, V ts, V et, V) { return fmadd_where(gt(et, vzero<V>()), et, tt - ts, acc); }
+  static void finish(RowAcc& r, const DivConsts&) {
+    r.D = kLn2D * r.val / r.sum_t - r.log_sum_t + r.log_sum_s;
+    r.gsum = -1.0;
   }
 };
 
@@ -112,16 +108,13 @@ struct TwoSums {
   }
 };
 
-// ---------------------------------------------------------------- kl
-// D = sum p (log p - log q) = (ln 2 / S_t) sum e_t (t_t - t_s) - log S_t + log S_s; g_j = -p_j
-template <class V>
-struct KL {
-  static constexpr bool kValueFromExps = true;
-  // acc + e_t (t_t - t_s), skipping e_t == 0 (t_t may be -inf there)
-  static V add_exp_term(V acc, V tt, V ts, V et, V) { return fmadd_where(gt(et, vzero<V>()), et, tt - ts, acc); }
+// The finish() of the policies whose two sums are of base-2 terms: value and
+// Sigma_g times ln 2, and g_j = kept_j ln 2.
+struct Base2Sums {
   static void finish(RowAcc& r, const DivConsts&) {
-    r.D = kLn2D * r.val / r.sum_t - r.log_sum_t + r.log_sum_s;
-    r.gsum = -1.0;
+    r.D = kLn2D * r.val;
+    r.gsum = kLn2D * r.aux;
+    r.kept_scale = kLn2D;
   }
 };
 
@@ -129,15 +122,19 @@ struct KL {
 // The value is summed from the same log q, log p as the gradient (not in the
 // exponential sweep): the gradient (g_j - q_j D) / tau_s cancels terms of
 // size D, and only a D rounded like g_j cancels them to float32 accuracy.
+// For the same reason g_j is kept in natural units (kept_scale 1, one multiply
+// by ln 2 per entry): at huge logits g_j and q_j D are both ~1e30, and the
+// product of a kept_scale of ln 2 with g_j would round differently from D.
 template <class V>
-struct ReverseKL : KeptIsG {
+struct ReverseKL {
   static constexpr bool kValueFromExps = false;
   struct Acc {
     TwoSums<V> s;
-    explicit Acc(const DivConsts&) {}
+    V ln2 = vset<V>(kLn2D);
+    Acc(const DivConsts&, const RowAcc&) {}
     // g_j = q_j (log q_j - log p_j + 1); the +q_j part cancels, so Sigma_g = D.
     V add(const Elem<V>& e) {
-      const V g = select(gt(e.q, vzero<V>()), e.q * (e.logq - e.logp), vzero<V>());
+      const V g = select(gt(e.q, vzero<V>()), e.q * ((e.log2q - e.log2p) * ln2), vzero<V>());
       s.add(g, g);
       return g;
     }
@@ -150,34 +147,37 @@ struct ReverseKL : KeptIsG {
 };
 
 // ---------------------------------------------------------------- jsd (0 < beta < 1)
+// With bp = beta p and cq = (1 - beta) q (the weights folded into 1 / S):
+// m = bp + cq, D = sum bp (log p - log m) + cq (log q - log m),
+// g_j = cq_j (log q_j - log m_j).
 template <class V>
-struct JSD : KeptIsG {
+struct JSD : Base2Sums {
   static constexpr bool kValueFromExps = false;
   struct Acc {
     TwoSums<V> s;
-    Mixture<V> mix;
-    V beta, one_minus_beta;
-    explicit Acc(const DivConsts& c) : mix(c), beta(vset<V>(c.beta)), one_minus_beta(vset<V>(1.0 - c.beta)) {}
-    // g_j = (1 - beta) q_j (log q_j - log m_j)
+    V beta_over_sum_t, one_minus_beta_over_sum_s;
+    Acc(const DivConsts& c, const RowAcc& r)
+        : beta_over_sum_t(vset<V>(c.beta / r.sum_t)), one_minus_beta_over_sum_s(vset<V>((1.0 - c.beta) / r.sum_s)) {}
     V add(const Elem<V>& e) {
-      const V lm = mix(e).log_m;
-      const V g = select(gt(e.q, vzero<V>()), one_minus_beta * e.q * (e.logq - lm), vzero<V>());
-      const V vp = select(gt(e.p, vzero<V>()), beta * e.p * (e.logp - lm), vzero<V>());
+      const V bp = e.e_t * beta_over_sum_t, cq = e.e_s * one_minus_beta_over_sum_s;
+      const V log2m = vlog2_positive(clamp_tiny(bp + cq));
+      const V g = select(gt(cq, vzero<V>()), cq * (e.log2q - log2m), vzero<V>());
+      const V vp = select(gt(bp, vzero<V>()), bp * (e.log2p - log2m), vzero<V>());
       s.add(vp + g, g);
       return g;
     }
     void flush(RowAcc& r) { s.flush(r); }
   };
-  static void finish(RowAcc& r, const DivConsts&) { r.D = r.val; r.gsum = r.aux; }
 };
 
 // ---------------------------------------------------------------- tvd
 template <class V>
-struct TVD : KeptIsG {
+struct TVD {
   static constexpr bool kValueFromExps = false;
+  static constexpr bool kReadsLogs = false;
   struct Acc {
     TwoSums<V> s;
-    explicit Acc(const DivConsts&) {}
+    Acc(const DivConsts&, const RowAcc&) {}
     // 0.5 * q * sign(q - p), sign(0) = 0 (the subgradient autograd takes for |x|)
     V add(const Elem<V>& e) {
       const V half_q = vset<V>(0.5) * e.q;
@@ -194,35 +194,33 @@ struct TVD : KeptIsG {
 // D = LSE_j(x_j) / (alpha - 1), x_j = alpha log p_j + (1 - alpha) log q_j
 // (the terms overflow for alpha > 1 and may all underflow where p and q are
 // nearly disjoint, so their sum is taken against the row's maximum).  The value
-// sweep keeps x_j and the lanes' maxima (no exp); the skeleton then turns the
-// kept x_j into exp(x_j - max) and sums them (kKeptIsLogTerm: one exp per
-// entry), and g_j = -exp(x_j - LSE) is that kept value times -exp(max - LSE).
+// sweep keeps x_j in base 2 and the lanes' maxima (no exp); the skeleton then
+// turns the kept x_j into 2^(x_j - max) and sums them (kKeptIsLogTerm: one exp
+// per entry), and g_j = -2^(x_j - LSE) is that kept value times -2^(max - LSE).
 template <class V>
 struct Renyi {
   static constexpr bool kValueFromExps = false;
   static constexpr bool kKeptIsLogTerm = true;
   struct Acc {
     V alpha, one_minus_alpha, m = vset<V>(-INFINITY);
-    explicit Acc(const DivConsts& c) : alpha(vset<V>(c.alpha)), one_minus_alpha(vset<V>(1.0 - c.alpha)) {}
+    Acc(const DivConsts& c, const RowAcc&) : alpha(vset<V>(c.alpha)), one_minus_alpha(vset<V>(1.0 - c.alpha)) {}
     // Masked entries (log p_j = -inf) contribute nothing.  Not p_j > 0: with huge
     // logits the largest term can be one whose p_j underflows while q_j does not.
     V add(const Elem<V>& e) {
-      const V v = alpha * e.logp + one_minus_alpha * e.logq;
-      const V xj = select(gt(e.logp, vset<V>(-INFINITY)), v, vset<V>(-INFINITY));
+      const V v = alpha * e.log2p + one_minus_alpha * e.log2q;
+      const V xj = select(gt(e.log2p, vset<V>(-INFINITY)), v, vset<V>(-INFINITY));
       m = vmax(xj, m);
       return xj;
     }
     void flush(RowAcc& r) { r.lse_max = std::max(r.lse_max, double(m.reduce_max())); }
   };
-  // r.lse_sum = sum_j exp(x_j - r.lse_max), from the skeleton
+  // r.lse_sum = sum_j 2^(x_j - r.lse_max), from the skeleton (base 2 throughout)
   static void finish(RowAcc& r, const DivConsts& c) {
-    r.lse = r.lse_sum > 0 ? r.lse_max + std::log(r.lse_sum) : -INFINITY;
+    r.lse = r.lse_sum > 0 ? kLn2D * (r.lse_max + std::log2(r.lse_sum)) : -INFINITY;
     r.D = r.lse / (c.alpha - 1.0);
     r.gsum = -1.0;  // sum_j r_j / sum_k r_k
     r.kept_scale = -1.0 / r.lse_sum;
   }
-  // g_j = -p^alpha q^(1-alpha) / sum_k p^alpha q^(1-alpha) = -exp(x_j - max) / sum_k exp(x_k - max)
-  static V grad_from_kept(V kept, const RowAcc& r, const DivConsts&) { return kept * vset<V>(r.kept_scale); }
 };
 
 // ---------------------------------------------------------------- alpha-beta (alpha, beta > 0)
@@ -230,21 +228,21 @@ struct Renyi {
 // zero where p or q is 0.  At alpha + beta = 1 (the default 0.5, 0.5) the last
 // two are p and q themselves: one exp per entry instead of three.
 template <class V>
-struct AB : KeptIsG {
+struct AB {
   static constexpr bool kValueFromExps = false;
   struct Acc {
     TwoSums<V> s;
     V a, b, apb, coef_pp, coef_qq, value_scale, grad_scale;
     bool unit;
-    explicit Acc(const DivConsts& c)
+    Acc(const DivConsts& c, const RowAcc&)
         : a(vset<V>(c.alpha)), b(vset<V>(c.beta)), apb(vset<V>(c.alpha + c.beta)),
           coef_pp(vset<V>(c.alpha / (c.alpha + c.beta))), coef_qq(vset<V>(c.beta / (c.alpha + c.beta))),
           value_scale(vset<V>(-1.0 / (c.alpha * c.beta))), grad_scale(vset<V>(-1.0 / c.alpha)),
           unit(c.alpha + c.beta == 1.0) {}
     V add(const Elem<V>& e) {
-      const V pq = vexp_nonpositive(a * e.logp + b * e.logq);
-      const V pp = unit ? e.p : vexp_nonpositive(apb * e.logp);
-      const V qq = unit ? e.q : vexp_nonpositive(apb * e.logq);
+      const V pq = vexp2_nonpositive(a * e.log2p + b * e.log2q);
+      const V pp = unit ? e.p : vexp2_nonpositive(apb * e.log2p);
+      const V qq = unit ? e.q : vexp2_nonpositive(apb * e.log2q);
       const V g = grad_scale * (pq - qq);  // -(p^a q^b - q^(a+b)) / a
       s.add(value_scale * (pq - coef_pp * pp - coef_qq * qq), g);
       return g;
@@ -255,55 +253,61 @@ struct AB : KeptIsG {
 };
 
 // ---------------------------------------------------------------- skew kl: KL(p || s p + (1-s) q)
+// With sp = s p and cq = (1 - s) q: m = sp + cq, D = sum p (log p - log m),
+// g_j = -p_j cq_j / m_j (a plain sum: the value alone is base 2).
 template <class V>
-struct SkewKL : KeptIsG {
+struct SkewKL {
   static constexpr bool kValueFromExps = false;
   struct Acc {
     TwoSums<V> s;
-    Mixture<V> mix;
-    V minus_one_minus_skew;
-    explicit Acc(const DivConsts& c) : mix(c), minus_one_minus_skew(vset<V>(-(1.0 - c.skew))) {}
-    // g_j = -(1 - s) p_j q_j / m_j; 0 where m_j underflows (both p_j and q_j below float's range)
+    V skew_over_sum_t, one_minus_skew_over_sum_s;
+    Acc(const DivConsts& c, const RowAcc& r)
+        : skew_over_sum_t(vset<V>(c.skew / r.sum_t)), one_minus_skew_over_sum_s(vset<V>((1.0 - c.skew) / r.sum_s)) {}
     V add(const Elem<V>& e) {
-      const auto mt = mix(e);
-      const V g = select(mt.normal, minus_one_minus_skew * (e.p * e.q * mt.inv_m), vzero<V>());
-      s.add(select(gt(e.p, vzero<V>()), e.p * (e.logp - mt.log_m), vzero<V>()), g);
+      const V cq = e.e_s * one_minus_skew_over_sum_s;
+      const V m = clamp_tiny(fmadd(e.e_t, skew_over_sum_t, cq));
+      const V g = vzero<V>() - e.p * cq * vrecip(m);
+      s.add(select(gt(e.p, vzero<V>()), e.p * (e.log2p - vlog2_positive(m)), vzero<V>()), g);
       return g;
     }
     void flush(RowAcc& r) { s.flush(r); }
   };
-  static void finish(RowAcc& r, const DivConsts&) { r.D = r.val; r.gsum = r.aux; }
+  static void finish(RowAcc& r, const DivConsts&) { r.D = kLn2D * r.val; r.gsum = r.aux; }
 };
 
 // ---------------------------------------------------------------- skew reverse kl: KL(q || (1-s) p + s q)
+// With cp = (1 - s) p and sq = s q: m = cp + sq, D = sum q (log q - log m),
+// g_j = q_j (log q_j - log m_j) - q_j sq_j / m_j (the +q_j term cancels),
+// kept in base-2 units: q (log2 q - log2 m) - q sq / (m ln 2).
 template <class V>
-struct SkewReverseKL : KeptIsG {
+struct SkewReverseKL : Base2Sums {
   static constexpr bool kValueFromExps = false;
   struct Acc {
     TwoSums<V> s;
-    Mixture<V> mix;
-    V skew;
-    explicit Acc(const DivConsts& c) : mix(c), skew(vset<V>(c.skew)) {}
-    // g_j = q_j (log q_j - log m_j) - s q_j^2 / m_j   (the +q_j term cancels)
+    V one_minus_skew_over_sum_t, skew_over_sum_s, log2e;
+    Acc(const DivConsts& c, const RowAcc& r)
+        : one_minus_skew_over_sum_t(vset<V>((1.0 - c.skew) / r.sum_t)), skew_over_sum_s(vset<V>(c.skew / r.sum_s)),
+          log2e(vset<V>(kLog2eD)) {}
     V add(const Elem<V>& e) {
-      const auto mt = mix(e);
-      const V value = select(gt(e.q, vzero<V>()), e.q * (e.logq - mt.log_m), vzero<V>());
-      const V g = select(mt.normal, value - skew * (e.q * e.q * mt.inv_m), value);
+      const V sq = e.e_s * skew_over_sum_s;
+      const V m = clamp_tiny(fmadd(e.e_t, one_minus_skew_over_sum_t, sq));
+      const V value = select(gt(e.q, vzero<V>()), e.q * (e.log2q - vlog2_positive(m)), vzero<V>());
+      const V g = value - e.q * (sq * log2e) * vrecip(m);
       s.add(value, g);
       return g;
     }
     void flush(RowAcc& r) { s.flush(r); }
   };
-  static void finish(RowAcc& r, const DivConsts&) { r.D = r.val; r.gsum = r.aux; }
 };
 
 // ---------------------------------------------------------------- squared hellinger: sum (sqrt p - sqrt q)^2
 template <class V>
-struct Hellinger : KeptIsG {
+struct Hellinger {
   static constexpr bool kValueFromExps = false;
+  static constexpr bool kReadsLogs = false;
   struct Acc {
     TwoSums<V> s;
-    explicit Acc(const DivConsts&) {}
+    Acc(const DivConsts&, const RowAcc&) {}
     // g_j = q_j (1 - sqrt(p_j / q_j)) = q_j - sqrt(p_j q_j)   (the q_j term cancels)
     V add(const Elem<V>& e) {
       const V sp = vsqrt(e.p), sq = vsqrt(e.q);

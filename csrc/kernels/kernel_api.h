@@ -81,8 +81,7 @@ void distill_rows(const DistillParams&, const DistillBatch&, int64_t begin, int6
 #define KDFAST_FOR_EACH_VECTOR_FN(X)                          \
   X(Exp, "exp", vexp)                                         \
   X(Exp2Nonpositive, "exp2_nonpositive", vexp2_nonpositive)   \
-  X(LogNormal, "log_normal", vlog_normal)                     \
-  X(Log1pUnit, "log1p_unit", vlog1p_unit)                     \
+  X(Log2Positive, "log2_positive", vlog2_positive)           \
   X(Recip, "recip", vrecip)                                   \
   X(Sqrt, "sqrt", vsqrt)
 #define KDFAST_VECTOR_FN_ENUMERATOR(name, text, function) name,

@@ -252,14 +252,40 @@ struct ShiftBySub {
   double at_max() const { return 0.0; }
 };
 
+// The per-thread scratch rows of one row kernel: the exponentials of both
+// inputs, and (where kept) their shifted logits t.
+template <class S>
+struct RowScratch {
+  S* e_t;
+  S* e_s;
+  S* t_t;  // null unless kept
+  S* t_s;
+};
+
 template <template <class> class Div, class V, class TT, class TS>
 struct RowKernel {
   using S = typename V::value_type;
   static constexpr float kNegInf = -INFINITY;
+  // A policy that reads the logs of its value sweep reads them from t, which
+  // the exponential sweep computed.  For a 16-bit input it keeps t in scratch:
+  // reloading and converting the logits again (load, two conversions, FMA on
+  // AVX-512) costs more than one store now and one load then, and its scratch
+  // rows, at twice the size of the input's, still fit L2 beside the others up
+  // to V = 32k.  A float input is reloaded (load + FMA): its t would double
+  // its share of L2.
+  static constexpr bool kKeepT = ReadsLogs<Div<V>>::value && sizeof(TT) < 4;
+  static constexpr bool kKeepS = ReadsLogs<Div<V>>::value && sizeof(TS) < 4;
+  static constexpr int kScratchRows = 2 + int(kKeepT) + int(kKeepS);
+  static RowScratch<S> scratch_rows(S* base, int64_t padded) {
+    S* next = base + 2 * padded;
+    S* t_t = kKeepT ? next : nullptr;
+    if (kKeepT) next += padded;
+    return {base, base + padded, t_t, kKeepS ? next : nullptr};
+  }
 
-  // scratch_t / scratch_s: per-thread rows of padded length (multiple of V::size).
+  // scratch: per-thread rows of padded length (multiple of V::size), from scratch_rows().
   static void run(const DistillParams& prm, const DivConsts& dc, const DistillBatch& b, int64_t row,
-                  S* scratch_t, S* scratch_s) {
+                  const RowScratch<S>& scratch) {
     const int64_t n = b.vocab;
     const TT* zt = static_cast<const TT*>(b.teacher) + row * b.teacher_row_stride;
     const TS* zs = static_cast<const TS*>(b.student) + row * b.student_row_stride;
@@ -300,10 +326,10 @@ struct RowKernel {
                            std::fabs(double(mzs) * double(k_s)) < kFmaShiftLimit;
     const ShiftByFma<V> fma_t(k_t, mzt);
     if (fma_shift && !(weighting_needs_t1(prm) && std::fabs(prm.tau * fma_t.at_max()) >= 16.0))
-      finish_row(prm, dc, b, row, scratch_t, scratch_s, zt, zs, grad, label, mzt, mzs, fma_t,
+      finish_row(prm, dc, b, row, scratch, zt, zs, grad, label, mzt, mzs, fma_t,
                  ShiftByFma<V>(k_s, mzs));
     else
-      finish_row(prm, dc, b, row, scratch_t, scratch_s, zt, zs, grad, label, mzt, mzs,
+      finish_row(prm, dc, b, row, scratch, zt, zs, grad, label, mzt, mzs,
                  ShiftBySub<V>(k_t, mzt), ShiftBySub<V>(k_s, mzs));
   }
 
@@ -322,8 +348,10 @@ struct RowKernel {
   // temperature 1 from the same t (2^(tau t), one more exp per entry while t is
   // in registers): a weighting that needs it then costs no sweep of its own.
   template <bool kT1, class Shift>
-  static void exp_sweep(const DistillBatch& b, int64_t row, S* scratch_t, S* scratch_s, const TT* zt, const TS* zs,
+  static void exp_sweep(const DistillBatch& b, int64_t row, const RowScratch<S>& scratch, const TT* zt, const TS* zs,
                         const Shift& to_t, const Shift& to_s, S tau, RowAcc& r, TeacherT1Sums& t1) {
+    S* scratch_t = scratch.e_t;
+    S* scratch_s = scratch.e_s;
     const int64_t n = b.vocab;
     const bool has_next = row + 1 < b.rows;
     const TT* zt_next = has_next ? zt + b.teacher_row_stride : zt;
@@ -338,6 +366,8 @@ struct RowKernel {
       V et = vexp2_nonpositive(tt), es = vexp2_nonpositive(ts);
       et.store(scratch_t + j);
       es.store(scratch_s + j);
+      if constexpr (kKeepT) tt.store(scratch.t_t + j);
+      if constexpr (kKeepS) ts.store(scratch.t_s + j);
       at = at + et;
       as = as + es;
       if constexpr (Div<V>::kValueFromExps) av = Div<V>::add_exp_term(av, tt, ts, et, es);
@@ -362,16 +392,18 @@ struct RowKernel {
   // Sweeps 2 to the end of one row, with the base-2 shift of the row's size.
   template <class Shift>
   static void finish_row(const DistillParams& prm, const DivConsts& dc, const DistillBatch& b, int64_t row,
-                         S* scratch_t, S* scratch_s, const TT* zt, const TS* zs, TS* grad, int64_t label, S mzt,
+                         const RowScratch<S>& scratch, const TT* zt, const TS* zs, TS* grad, int64_t label, S mzt,
                          S mzs, const Shift to_t, const Shift to_s) {
+    S* scratch_t = scratch.e_t;
+    S* scratch_s = scratch.e_s;
     const int64_t n = b.vocab;
     const V vmzs = V::broadcast(mzs);
     RowAcc r;
     TeacherT1Sums t1;
     if (weighting_needs_t1(prm))
-      exp_sweep<true>(b, row, scratch_t, scratch_s, zt, zs, to_t, to_s, S(prm.tau), r, t1);
+      exp_sweep<true>(b, row, scratch, zt, zs, to_t, to_s, S(prm.tau), r, t1);
     else
-      exp_sweep<false>(b, row, scratch_t, scratch_s, zt, zs, to_t, to_s, S(prm.tau), r, t1);
+      exp_sweep<false>(b, row, scratch, zt, zs, to_t, to_s, S(prm.tau), r, t1);
     // A NaN or +inf logit makes its sum NaN (2^t of a finite row is at most
     // 2^(1/4) per entry, so a finite row's sums are finite): the contract's
     // NaN in, NaN out, for the row's loss and every entry of its gradient.
@@ -422,17 +454,21 @@ struct RowKernel {
 
     // -- divergence value and gradient
     const V inv_sum_t = vset<V>(1.0 / r.sum_t), inv_sum_s = vset<V>(1.0 / r.sum_s);
-    // log p = ln 2 (t - log2 S_t): from the t of the exponential sweep, so that
-    // it is the log of the p it sits next to (to float rounding near the max).
+    // log2 p = t - log2 S_t: from the t of the exponential sweep, so that it is
+    // the log of the p it sits next to (to float rounding near the max).
     const V log2_sum_t_v = vset<V>(kLog2eD * r.log_sum_t), log2_sum_s_v = vset<V>(kLog2eD * r.log_sum_s);
-    const V ln2 = vset<V>(kLn2D);
     auto elem = [&](int64_t j, auto tail) {
-      V zt_j = ld<V>(zt + j, tail, kNegInf), zs_j = ld<V>(zs + j, tail, kNegInf);
       Elem<V> e;
-      e.p = V::load(scratch_t + j) * inv_sum_t;
-      e.q = V::load(scratch_s + j) * inv_sum_s;
-      e.logp = (to_t(zt_j) - log2_sum_t_v) * ln2;
-      e.logq = (to_s(zs_j) - log2_sum_s_v) * ln2;
+      e.e_t = V::load(scratch_t + j);
+      e.e_s = V::load(scratch_s + j);
+      e.p = e.e_t * inv_sum_t;
+      e.q = e.e_s * inv_sum_s;
+      if constexpr (ReadsLogs<Div<V>>::value) {
+        const V tt = kKeepT ? V::load(scratch.t_t + j) : to_t(ld<V>(zt + j, tail, kNegInf));
+        const V ts = kKeepS ? V::load(scratch.t_s + j) : to_s(ld<V>(zs + j, tail, kNegInf));
+        e.log2p = tt - log2_sum_t_v;
+        e.log2q = ts - log2_sum_s_v;
+      }
       return e;
     };
 
@@ -444,8 +480,16 @@ struct RowKernel {
     const bool stream = Streamable<V, TS> && b.stream_grad &&
                         reinterpret_cast<uintptr_t>(grad) % kStreamAlign<V, TS> == 0;
     auto write_grad = [&] {
-      const double a = c_soft / prm.tau_s, b = -a * r.gsum + (student_t1_differs ? 0.0 : c_hard);
-      const V A = vset<V>(a);
+      const double a = c_soft / prm.tau_s;
+      // A g_j = (A kept_scale) kept_j, rounded to S once; the B q_j term takes
+      // A Sigma_g = (that rounded A kept_scale) Sigma kept, so that where g_j
+      // and q_j Sigma_g cancel (reverse KL at huge logits: both ~1e29) they
+      // cancel as exactly as with an unscaled A.
+      const S a_kept = S(a * r.kept_scale);
+      const bool from_kept = !Div<V>::kValueFromExps && std::isfinite(r.kept_scale) && r.kept_scale != 0.0;
+      const double a_sigma_g = from_kept ? double(a_kept) * (r.gsum / r.kept_scale) : a * r.gsum;
+      const double b = -a_sigma_g + (student_t1_differs ? 0.0 : c_hard);
+      const V A_kept = V::broadcast(a_kept);
       // B q = (B / S_s) e_s; for KL, A g = A (-p) = (-A / S_t) e_t
       const V A_minus_p = vset<V>(-a / r.sum_t), B_q = vset<V>(b / r.sum_s);
       const V C = vset<V>(c_hard);
@@ -456,7 +500,7 @@ struct RowKernel {
         if constexpr (Div<V>::kValueFromExps) {
           out = fmadd(V::load(scratch_t + j), A_minus_p, V::load(scratch_s + j) * B_q);
         } else {  // scratch_t holds what the value sweep kept of entry j
-          out = fmadd(A, Div<V>::grad_from_kept(V::load(scratch_t + j), r, dc), V::load(scratch_s + j) * B_q);
+          out = fmadd(A_kept, V::load(scratch_t + j), V::load(scratch_s + j) * B_q);
         }
         if (add_q1) out = fmadd(C, vexp((ld<V>(zs + j, tail, kNegInf) - vmzs) - log_sum_s1_v), out);
         if (hard && label >= j && label < j + lanes(tail, V::size)) {
@@ -473,16 +517,16 @@ struct RowKernel {
     if constexpr (!Div<V>::kValueFromExps) {
       // The teacher's exponentials are read here for the last time: each
       // entry's slot takes what the gradient sweep needs of it instead.
-      typename Div<V>::Acc acc(dc);
+      typename Div<V>::Acc acc(dc, r);
       sweep<V>(n, [&](int64_t j, auto tail) { acc.add(elem(j, tail)).store(scratch_t + j); },
                [&] { acc.flush(r); });
       if constexpr (KeptIsLogTerm<Div<V>>::value) {
-        // The kept log-terms, exponentiated against the row's maximum (in
-        // place: the gradient sweep reads exp(x_j - max)) and summed.
+        // The kept base-2 log-terms, exponentiated against the row's maximum
+        // (in place: the gradient sweep reads 2^(x_j - max)) and summed.
         const V max_x = vset<V>(r.lse_max);
         V acc_e = V::zero();
         sweep<V>(n, [&](int64_t j, auto) {
-          const V e = vexp(V::load(scratch_t + j) - max_x);
+          const V e = vexp2_nonpositive(V::load(scratch_t + j) - max_x);
           e.store(scratch_t + j);
           acc_e = acc_e + e;
         }, [&] { r.lse_sum += acc_e.reduce_add(); acc_e = V::zero(); });

@@ -76,8 +76,7 @@ template <class T> inline ScalarVec<T> fmadd_where(bool c, ScalarVec<T> a, Scala
 }
 // log of a value known to be positive and normal (the kernels only take the log
 // of 1 + y with y in [0, 1]).
-template <class T> inline ScalarVec<T> vlog_normal(ScalarVec<T> x) { return {std::log(x.v)}; }
-template <class T> inline ScalarVec<T> vlog1p_unit(ScalarVec<T> r) { return {std::log1p(r.v)}; }
+template <class T> inline ScalarVec<T> vlog2_positive(ScalarVec<T> x) { return {std::log2(x.v)}; }
 template <class T> inline ScalarVec<T> vrecip(ScalarVec<T> x) { return {T(1) / x.v}; }
 
 #if defined(KDFAST_ISA_AVX2) || defined(KDFAST_ISA_AVX512)
@@ -87,17 +86,12 @@ template <class T> inline ScalarVec<T> vrecip(ScalarVec<T> x) { return {T(1) / x
 // 2^-124; exp(x) = 2^(x log2 e) adds the rounding of that product, so its
 // relative error is <= 3e-7 + 9e-8 |x| on [-86.5, 88.7]; below it goes to
 // 0 (AVX2 flushes at -86.5, AVX-512 through denormals at -103), so
-// exp(-inf) == 0; above 88.7 it is +inf, and NaN gives NaN.  log is Cephes'
-// logf polynomial (about 1 ulp on positive normal floats).
+// exp(-inf) == 0; above 88.7 it is +inf, and NaN gives NaN.
 // ---------------------------------------------------------------------------
 namespace cephes {
 constexpr float kExpLo = -86.5f;
 constexpr float kExpHi = 88.7f;
 constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kLn2 = 0.693147180559945309f;
-constexpr float kLn2Hi = 0.693359375f;
-constexpr float kLn2Lo = -2.12194440e-4f;
-constexpr float kSqrtHalf = 0.707106781186547524f;
 // 1.5 * 2^23: adding it rounds to an integer that lands in the low mantissa bits.
 constexpr float kShifter = 12582912.0f;
 // exp(r) ~ 1 + r (c1 + r (c2 + ...)) on |r| <= ln2 / 2, relative-error minimax
@@ -193,12 +187,15 @@ inline VecF select(__m256 m, VecF a, VecF b) { return {_mm256_blendv_ps(b.v, a.v
 // ISA primitives of the shared exp/log below.
 inline VecF fnmadd(VecF a, VecF b, VecF c) { return {_mm256_fnmadd_ps(a.v, b.v, c.v)}; }
 inline VecF fmadd_where(__m256 c, VecF a, VecF b, VecF d) { return select(c, fmadd(a, b, d), d); }
-// x = m * 2^e with m in [0.5, 1), for positive normal x.
-inline void frexp_half(VecF x, VecF& m, VecF& e) {
-  __m256i bits = _mm256_castps_si256(x.v);
-  e = {_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)))};
-  m = {_mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)),
-                                           _mm256_set1_epi32(0x3f000000)))};
+// x = (1 + f) 2^k with 1 + f in [0.699, 1.398): musl's logf reduction (the
+// exponent of x shifted by the bits of 0.699, so that the mantissa lands
+// around 1), for positive normal x.
+inline void log_reduce(VecF x, VecF& f, VecF& k) {
+  const __m256i bits = _mm256_castps_si256(x.v);
+  const __m256i tmp = _mm256_sub_epi32(bits, _mm256_set1_epi32(0x3f330000));
+  k = {_mm256_cvtepi32_ps(_mm256_srai_epi32(tmp, 23))};
+  const __m256i z = _mm256_sub_epi32(bits, _mm256_and_si256(tmp, _mm256_set1_epi32(int32_t(0xff800000u))));
+  f = VecF{_mm256_castsi256_ps(z)} - VecF::broadcast(1.0f);
 }
 // 16-bit integer lanes, one per float lane: the bf16 max sweep compares raw bits.
 struct VecI16 {
@@ -249,11 +246,15 @@ inline VecF select(__mmask16 m, VecF a, VecF b) { return {_mm512_mask_blend_ps(m
 
 inline VecF fnmadd(VecF a, VecF b, VecF c) { return {_mm512_fnmadd_ps(a.v, b.v, c.v)}; }
 inline VecF fmadd_where(__mmask16 c, VecF a, VecF b, VecF d) { return {_mm512_mask3_fmadd_ps(a.v, b.v, d.v, c)}; }
-inline void frexp_half(VecF x, VecF& m, VecF& e) {
-  __m512i bits = _mm512_castps_si512(x.v);
-  e = {_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(126)))};
-  m = {_mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0x007fffff)),
-                                           _mm512_set1_epi32(0x3f000000)))};
+// x = (1 + f) 2^k with 1 + f in [0.699, 1.398): musl's logf reduction (the
+// exponent of x shifted by the bits of 0.699, so that the mantissa lands
+// around 1), for positive normal x.
+inline void log_reduce(VecF x, VecF& f, VecF& k) {
+  const __m512i bits = _mm512_castps_si512(x.v);
+  const __m512i tmp = _mm512_sub_epi32(bits, _mm512_set1_epi32(0x3f330000));
+  k = {_mm512_cvtepi32_ps(_mm512_srai_epi32(tmp, 23))};
+  const __m512i z = _mm512_sub_epi32(bits, _mm512_and_si512(tmp, _mm512_set1_epi32(int32_t(0xff800000u))));
+  f = VecF{_mm512_castsi512_ps(z)} - VecF::broadcast(1.0f);
 }
 // 16-bit integer lanes, one per float lane (AVX2 instructions on 256 bits).
 struct VecI16 {
@@ -324,47 +325,23 @@ inline VecF vexp(VecF x) {
   return select(gt(x, hi), VecF::broadcast(INFINITY), vexp_nonpositive(vmin(hi, x)));
 }
 
-// Cephes' logf for positive normal x.
-inline VecF vlog_normal(VecF x) {
-  using namespace cephes;
-  VecF m, e;
-  frexp_half(x, m, e);
-  const auto small = gt(VecF::broadcast(kSqrtHalf), m);  // m < sqrt(1/2): use 2m, e - 1
-  const VecF one = VecF::broadcast(1.0f);
-  e = select(small, e - one, e);
-  VecF f = select(small, m + m, m) - one;
-  VecF z = f * f;
-  VecF y = VecF::broadcast(7.0376836292e-2f);
-  y = fmadd(y, f, VecF::broadcast(-1.1514610310e-1f));
-  y = fmadd(y, f, VecF::broadcast(1.1676998740e-1f));
-  y = fmadd(y, f, VecF::broadcast(-1.2420140846e-1f));
-  y = fmadd(y, f, VecF::broadcast(1.4249322787e-1f));
-  y = fmadd(y, f, VecF::broadcast(-1.6668057665e-1f));
-  y = fmadd(y, f, VecF::broadcast(2.0000714765e-1f));
-  y = fmadd(y, f, VecF::broadcast(-2.4999993993e-1f));
-  y = fmadd(y, f, VecF::broadcast(3.3333331174e-1f));
-  y = y * f * z;
-  y = fmadd(e, VecF::broadcast(kLn2Lo), y);
-  y = fnmadd(z, VecF::broadcast(0.5f), y);
-  return fmadd(e, VecF::broadcast(kLn2Hi), f + y);
-}
-
-// log(1 + r) for r in [0, 1] (the mixture divergences' log of 1 + a ratio of
-// probabilities): r P(r) with P the degree-8 relative minimax of log1p(r) / r
-// there (Lawson; 3.0e-8 with exact coefficients).  In float arithmetic the
-// absolute error is at most 1.5e-7 and the relative one 2.1e-7 over all of
-// [0, 1], subnormals included (tests/test_vector_math.py) -- no frexp, no
-// range reduction: 9 FMAs where a general log takes about 25 instructions.
-inline VecF vlog1p_unit(VecF r) {
-  VecF p = fmadd(VecF::broadcast(0.005232629353038955f), r, VecF::broadcast(-0.02950498694753001f));
-  p = fmadd(p, r, VecF::broadcast(0.07822555768435895f));
-  p = fmadd(p, r, VecF::broadcast(-0.13663214019656403f));
-  p = fmadd(p, r, VecF::broadcast(0.1910599284977112f));
-  p = fmadd(p, r, VecF::broadcast(-0.24842979039195093f));
-  p = fmadd(p, r, VecF::broadcast(0.3331909648877593f));
-  p = fmadd(p, r, VecF::broadcast(-0.4999949313365578f));
-  p = fmadd(p, r, VecF::broadcast(0.999999969882232f));
-  return p * r;
+// log2 x for positive normal x (the mixture divergences' log of m = w_p p +
+// w_q q, clamped at float's smallest normal by the caller): the reduction of
+// log_reduce and log2(1 + f) = f P(f), P the degree-8 relative minimax of
+// log1p(f) / f on [-0.301, 0.399] (Lawson; 2.6e-8 with exact coefficients)
+// times log2(e): 15 instructions, no division, and relative accuracy near 1.
+inline VecF vlog2_positive(VecF x) {
+  VecF f, k;
+  log_reduce(x, f, k);
+  VecF p = fmadd(VecF::broadcast(0.13781365390668002f), f, VecF::broadcast(-0.21217778860690534f));
+  p = fmadd(p, f, VecF::broadcast(0.21400418134857363f));
+  p = fmadd(p, f, VecF::broadcast(-0.23824567529865961f));
+  p = fmadd(p, f, VecF::broadcast(0.28799365961775597f));
+  p = fmadd(p, f, VecF::broadcast(-0.3607316006562213f));
+  p = fmadd(p, f, VecF::broadcast(0.48090943458763996f));
+  p = fmadd(p, f, VecF::broadcast(-0.7213470786271852f));
+  p = fmadd(p, f, VecF::broadcast(1.4426950070925064f));
+  return fmadd(p, f, k);
 }
 
 // 1/x for positive normal x: the ISA's estimate and one Newton step,
