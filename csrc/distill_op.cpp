@@ -37,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor> run_distill(
     const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& labels,
     const c10::optional<at::Tensor>& weights, int64_t divergence, c10::ArrayRef<double> params, int64_t weighting,
     double tau, double tau_s, int64_t ignore_index, double hard_weight, double soft_coef, c10::string_view reduction,
-    c10::optional<double> normalizer, bool compute_grad, const at::Tensor& grad_out) {
+    c10::optional<double> normalizer, bool compute_grad, const at::Tensor& grad_out, double label_revision = 0.0) {
   const auto [st, tt] = check_logits_pair(student, teacher);
 
   DistillParams prm;
@@ -46,6 +46,7 @@ std::tuple<at::Tensor, at::Tensor> run_distill(
   prm.tau_s = tau_s;
   prm.soft_coef = soft_coef;
   prm.hard_weight = hard_weight;
+  prm.label_revision = label_revision;
 
   const at::Tensor s2 = as_rows(student), t2 = as_rows(teacher);
   const int64_t N = s2.size(0), V = s2.size(1);
@@ -102,6 +103,21 @@ std::tuple<at::Tensor, at::Tensor> distill_forward_cpu(
                      hard_weight, soft_coef, reduction, normalizer, compute_grad, at::Tensor());
 }
 
+// distill_forward with Label Revision of the teacher (eta = label_revision in
+// (0, 1); see row_kernel.h): a separate op, as on Triton, so that the schema
+// the two backends share stays as it is.
+std::tuple<at::Tensor, at::Tensor> distill_forward_revised_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& labels,
+    const c10::optional<at::Tensor>& weights, int64_t divergence, c10::ArrayRef<double> params, int64_t weighting,
+    double tau, double tau_s, int64_t ignore_index, double hard_weight, double soft_coef, c10::string_view reduction,
+    c10::optional<double> normalizer, bool compute_grad, double label_revision) {
+  TORCH_CHECK_VALUE(labels.has_value(), "label_revision needs labels");
+  TORCH_CHECK_VALUE(label_revision > 0.0 && label_revision < 1.0, "label_revision must be in (0, 1), got ",
+                    label_revision);
+  return run_distill(student, teacher, labels, weights, divergence, params, weighting, tau, tau_s, ignore_index,
+                     hard_weight, soft_coef, reduction, normalizer, compute_grad, at::Tensor(), label_revision);
+}
+
 // The loss, with its student gradient written over the student logits.  The
 // row kernel's last sweep reads a vector of logits before it stores the same
 // vector of gradient, and no sweep reads them after, so the aliasing is safe;
@@ -132,11 +148,14 @@ TORCH_LIBRARY(kdfast, m) {
   m.def("distill_forward(Tensor student, Tensor teacher, " KDFAST_DISTILL_ARGS
         ", bool compute_grad) -> (Tensor, Tensor)");
   m.def("distill_forward_inplace(Tensor(a!) student, Tensor teacher, " KDFAST_DISTILL_ARGS ") -> Tensor");
+  m.def("distill_forward_revised(Tensor student, Tensor teacher, " KDFAST_DISTILL_ARGS
+        ", bool compute_grad, float label_revision) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
   m.impl("distill_forward", &kdfast::distill_forward_cpu);
   m.impl("distill_forward_inplace", &kdfast::distill_forward_inplace_cpu);
+  m.impl("distill_forward_revised", &kdfast::distill_forward_revised_cpu);
 }
 
 namespace {

@@ -12,6 +12,9 @@ from .config import DIVERGENCES, REDUCTIONS, WEIGHTINGS
 from .ops.backends import available_backends
 from .correlation_losses import correlation_loss, dist_loss, dkd_loss
 from .losses import distill_loss, kd_loss, ttm_loss, wttm_loss
+from .longtail import LTKDLoss, kd_group_decomposition, ltkd_loss
+from .grouped_kd import GroupedKDLoss, grouped_kd_loss
+from .label_revision import revised_teacher_probs, select_for_distillation
 from .modules import CorrelationLoss, DISTLoss, DistillLoss, DKDLoss, KDLoss, TTMLoss, WTTMLoss
 from .llm.fused_linear import (FusedLinearDistillLoss, FusedLinearTopKDistillLoss, fused_linear_distill_loss,
                            fused_linear_topk_distill_loss)
@@ -81,4 +84,11 @@ __all__ = [
     "gaussian_nll_loss",
     "pairwise_difference_loss",
     "pairwise_order_loss",
+    "LTKDLoss",
+    "kd_group_decomposition",
+    "ltkd_loss",
+    "GroupedKDLoss",
+    "grouped_kd_loss",
+    "revised_teacher_probs",
+    "select_for_distillation",
 ]

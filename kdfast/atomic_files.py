@@ -9,6 +9,7 @@ content or all of the new one, never a torn file.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from typing import BinaryIO, Callable, Optional
 
@@ -38,6 +39,8 @@ def replace_atomically(path, write: Callable[[BinaryIO], None], temp_path: Optio
     else:
         f = open(temp_path, "wb")
     try:
+        # mkstemp's file is private (0600): give it the mode the file had, or the one open() would give.
+        os.chmod(temp_path, _mode_for(path))
         with f:
             write(f)
             f.flush()
@@ -48,3 +51,26 @@ def replace_atomically(path, write: Callable[[BinaryIO], None], temp_path: Optio
             os.unlink(temp_path)
         raise
     fsync_directory(directory)
+
+
+def _mode_for(path: str) -> int:
+    """The permission bits ``path`` has, or for a new file those ``open(path, "w")`` would give (0666 less the umask)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask: from /proc on Linux (reading it through os.umask means setting it, which races with
+    other threads creating files), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask

@@ -31,9 +31,15 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 # ----------------------------------------------------------------- the table of the options
-def _option(default, doc: str):
-    """A field of :class:`LossConfig`: a keyword option of the losses with its default and its documentation."""
-    return field(default=default, metadata={"doc": " ".join(doc.split())})
+def _option(default, doc: str, opt_in: bool = False):
+    """A field of :class:`LossConfig`: a keyword option of the losses with its default and its documentation.
+
+    ``opt_in`` options are not in :data:`LOSS_OPTIONS` (the options every loss
+    takes): only the losses that name them in ``takes_loss_options(include=...)``
+    take them, so that a loss whose kernels do not implement one refuses it
+    instead of ignoring it.
+    """
+    return field(default=default, metadata={"doc": " ".join(doc.split()), "opt_in": opt_in})
 
 
 def _divergence_list() -> str:
@@ -97,6 +103,14 @@ class LossConfig:
     backend: str = _option("auto", """
         ``"auto"`` (the fused kernel for the tensors' device, else the reference;
         ``KDFAST_BACKEND`` overrides), ``"cpu"``, ``"triton"`` or ``"torch"``.""")
+    label_revision: Optional[float] = _option(None, """
+        Label Revision (Lan et al., 2024) with ``eta`` in (0, 1): on each valid row
+        whose teacher is wrong (its label logit below the row's maximum) the teacher
+        distribution at ``tau`` becomes ``beta p + (1 - beta) y``, ``y`` the one-hot
+        label, ``beta = eta / (1 + p_max - p_label)``, which makes the label the top
+        class; right rows are untouched.  Needs ``labels``.  None: off.  Backends
+        torch and triton (``backend="cpu"`` refuses it; ``"auto"`` on CPU runs the
+        reference).  Details: :mod:`kdfast.label_revision`.""", opt_in=True)
 
     @property
     def weighting_name(self) -> str:
@@ -119,7 +133,9 @@ def _flat_rows(t: Optional[torch.Tensor], rows: slice) -> Optional[torch.Tensor]
     return None if t is None else t.reshape(-1)[rows]
 
 
-LOSS_OPTIONS: Tuple[Field, ...] = fields(LossConfig)
+# The options every loss takes; OPT_IN_OPTIONS only those that name them (takes_loss_options(include=...)).
+LOSS_OPTIONS: Tuple[Field, ...] = tuple(f for f in fields(LossConfig) if not f.metadata["opt_in"])
+OPT_IN_OPTIONS: Tuple[Field, ...] = tuple(f for f in fields(LossConfig) if f.metadata["opt_in"])
 
 
 # ----------------------------------------------------------------- the public functions' keywords
@@ -151,7 +167,8 @@ def check_keywords(function: str, given: Iterable[str], accepted, fixed: Tuple[s
             raise TypeError(f"{function}() got an unexpected keyword argument {name!r}")
 
 
-def takes_loss_options(*, exclude: Tuple[str, ...] = (), fixed: Tuple[str, ...] = ()) -> Callable:
+def takes_loss_options(*, exclude: Tuple[str, ...] = (), fixed: Tuple[str, ...] = (),
+                       include: Tuple[str, ...] = ()) -> Callable:
     """Decorate a loss function whose ``**options`` are the loss options of :class:`LossConfig`.
 
     The function gets every option but ``exclude`` and ``fixed`` as a keyword
@@ -159,14 +176,19 @@ def takes_loss_options(*, exclude: Tuple[str, ...] = (), fixed: Tuple[str, ...] 
     them with their defaults; an option the function names itself keeps its
     place), the "Options" section at the end of its docstring, and Python's
     TypeError for a keyword it does not take (before its body runs).
-    ``fixed`` are the options a named form sets itself.  The result records
+    ``fixed`` are the options a named form sets itself; ``include`` the opt-in
+    options (:data:`OPT_IN_OPTIONS`, e.g. ``label_revision``) it takes.  The result records
     the options it takes and fixes (``loss_options``, ``fixed_options``) for
     the module forms' checks (:func:`check_call_options`).
     """
 
     def decorate(fn: Callable) -> Callable:
         own = inspect.signature(fn)
+        unknown = set(include) - {option.name for option in OPT_IN_OPTIONS}
+        if unknown:
+            raise ValueError(f"include names no opt-in option: {sorted(unknown)}")
         options = [option for option in LOSS_OPTIONS if option.name not in exclude + fixed]
+        options += [option for option in OPT_IN_OPTIONS if option.name in include]
         added = [inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=option.default,
                                    annotation=option.type)
                  for option in options if option.name not in own.parameters]
@@ -379,9 +401,16 @@ def check_options(given: LossConfig) -> LossConfig:
     if normalizer is not None:
         _in_float32_range("soft_weight * scale / normalizer", soft_weight * scale / normalizer)
         _in_float32_range("hard_weight / normalizer", hard_weight / normalizer)
+    label_revision = given.label_revision
+    if label_revision is not None:
+        label_revision = finite_float("label_revision", label_revision)
+        if not 0.0 < label_revision < 1.0:
+            raise ValueError(f"label_revision (the eta of Label Revision) must be in (0, 1), got "
+                             f"label_revision={given.label_revision!r}")
     return replace(given, divergence=divergence, temperature=tau, student_temperature=tau_s, alpha=alpha, beta=beta,
                    skew=skew, weighting=weighting, ignore_index=integer("ignore_index", given.ignore_index),
-                   hard_weight=hard_weight, soft_weight=soft_weight, scale=scale, normalizer=normalizer)
+                   hard_weight=hard_weight, soft_weight=soft_weight, scale=scale, normalizer=normalizer,
+                   label_revision=label_revision)
 
 
 def check_batch_options(cfg: LossConfig, student_logits: torch.Tensor) -> None:
@@ -393,6 +422,9 @@ def check_batch_options(cfg: LossConfig, student_logits: torch.Tensor) -> None:
         check_row_tensor("labels", cfg.labels, student_logits)
     if cfg.hard_weight != 0.0 and cfg.labels is None:
         raise ValueError(f"hard_weight={cfg.hard_weight} needs labels for the cross-entropy term")
+    if cfg.label_revision is not None and cfg.labels is None:
+        raise ValueError(f"label_revision={cfg.label_revision} needs labels: the revision mixes the teacher with "
+                         f"the one-hot label")
 
 
 def make_config(student_logits: torch.Tensor, teacher_logits: torch.Tensor, **options) -> LossConfig:

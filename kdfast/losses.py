@@ -9,9 +9,11 @@ from .ops.backends import implementation, resolve_backend
 
 # What Hinton KD and the TTM forms set themselves (wttm_loss also the weighting).
 _TTM_FIXED = ("divergence", "student_temperature", "scale")
+# The opt-in options (kdfast.config.OPT_IN_OPTIONS) that these losses take.
+_OPT_IN = ("label_revision",)
 
 
-@takes_loss_options()
+@takes_loss_options(include=_OPT_IN)
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, **options) -> torch.Tensor:
     """Distillation loss ``hard_weight * reduce(CE) + soft_weight * scale * reduce(w * D(p || q))``.
 
@@ -29,7 +31,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, **o
         "Numerical contract", states this on every backend.
 
     Raises:
-        ValueError: bad parameters (a weighting tensor entry that is negative or
+        ValueError: bad parameters (``label_revision`` outside (0, 1) or without labels; a weighting tensor entry that is negative or
             not finite; a temperature, normalizer or coefficient outside
             float32's range), mismatched shapes/devices, labels out of range, a
             valid row whose teacher (or student) logits are all -inf.
@@ -42,7 +44,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, **o
     return implementation(resolve_backend(cfg.backend, student_logits.device))(student_logits, teacher_logits, cfg)
 
 
-@takes_loss_options(fixed=_TTM_FIXED)
+@takes_loss_options(fixed=_TTM_FIXED, include=_OPT_IN)
 def kd_loss(student_logits, teacher_logits, temperature: float = 1.0, **options) -> torch.Tensor:
     """Hinton KD: ``T^2 * KL(softmax(t/T) || softmax(s/T))``.
 
@@ -53,14 +55,14 @@ def kd_loss(student_logits, teacher_logits, temperature: float = 1.0, **options)
                         scale=float(temperature) ** 2, **options)
 
 
-@takes_loss_options(fixed=_TTM_FIXED)
+@takes_loss_options(fixed=_TTM_FIXED, include=_OPT_IN)
 def ttm_loss(student_logits, teacher_logits, temperature: float = 1.0, **options) -> torch.Tensor:
     """Transformed teacher matching: ``KL(softmax(t/T) || softmax(s))``, no ``T^2``."""
     return distill_loss(student_logits, teacher_logits, divergence="kl", temperature=temperature,
                         student_temperature=1.0, **options)
 
 
-@takes_loss_options(fixed=_TTM_FIXED + ("weighting",))
+@takes_loss_options(fixed=_TTM_FIXED + ("weighting",), include=_OPT_IN)
 def wttm_loss(student_logits, teacher_logits, temperature: float = 1.0, **options) -> torch.Tensor:
     """Weighted TTM: ``U_{1/T}(softmax(t)) * KL(softmax(t/T) || softmax(s))``."""
     return distill_loss(student_logits, teacher_logits, divergence="kl", temperature=temperature,

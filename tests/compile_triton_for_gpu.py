@@ -24,14 +24,16 @@ VARIANTS = [
     ("fp64", "fp64", "given", True, False, True),
     ("fp16", "fp32", "none", True, False, True),
 ]
+# Label Revision (REVISE): every divergence with labels, in bf16 with the CE term, and in fp64.
+REVISE_VARIANTS = [VARIANTS[0], VARIANTS[2]]
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def variant_id(divergence, variant):
-    return "-".join([divergence] + [str(v) for v in variant])
+def variant_id(divergence, variant, revise=False):
+    return "-".join((["revise"] if revise else []) + [divergence] + [str(v) for v in variant])
 
 
-def compile_row_kernel(divergence, dtype, acc, weighting, labels, student_t1, grad, block=4096):
+def compile_row_kernel(divergence, dtype, acc, weighting, labels, student_t1, grad, block=4096, revise=False):
     signature = {"S_ptr": f"*{dtype}", "T_ptr": f"*{dtype}", "s_row_stride": "i32", "t_row_stride": "i32",
                  "G_ptr": f"*{dtype}", "LABELS_ptr": "*i64", "WEIGHTS_ptr": "*fp64", "PARAMS_ptr": "*fp64",
                  "INV_DENOM_ptr": "*fp64", "ROW_LOSS_ptr": f"*{acc}", "STATUS_ptr": "*i32", "V": "i32",
@@ -39,7 +41,7 @@ def compile_row_kernel(divergence, dtype, acc, weighting, labels, student_t1, gr
     constexprs = dict(DIV=divergence, WEIGHTING=weighting, NEEDS_T1=weighting_spec(weighting).needs_teacher_t1,
                       HAS_LABELS=labels, HARD=labels, STUDENT_T1=student_t1,
                       SUM_G=needs_grad_sum(divergence), COMPUTE_GRAD=grad,
-                      ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK=block)
+                      ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK=block, REVISE=revise)
     signature.update({name: "constexpr" for name in constexprs})
     source = ASTSource(fn=row_kernel.distill_rows_kernel, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=TARGET, options={"num_warps": 8})
@@ -159,6 +161,8 @@ def _report(compile_fn):
 def main():
     report = {variant_id(d, v): _report(lambda d=d, v=v: compile_row_kernel(d, *v))
               for d in DIVERGENCES for v in VARIANTS}
+    report.update({variant_id(d, v, True): _report(lambda d=d, v=v: compile_row_kernel(d, *v, revise=True))
+                   for d in DIVERGENCES for v in REVISE_VARIANTS})
     report["reduce"] = _report(compile_reduce_kernel)
     for variant in DKD_VARIANTS:
         report["dkd-" + "-".join(map(str, variant))] = _report(lambda v=variant: compile_dkd_kernel(*v))

@@ -194,15 +194,15 @@ def test_default_plan_has_every_method_the_extra_runs_and_the_teachers_they_need
     stages = runner.plan_stages(ExperimentConfig())
     first, second = stages
     groups = {s.group for s in second}
-    assert {f"{m}@ce" for m in ("kd", "ttm", "wttm", "dist", "dkd", "entropy-kd", "entropy-kd-cnn",
-                                "dual-student", "online-kd")} <= groups
+    assert {f"{m}@ce" for m in ("kd", "ttm", "wttm", "dist", "dkd", "grouped-kd", "kd-lr", "kd-lr-ds", "entropy-kd",
+                                "entropy-kd-cnn", "dual-student", "online-kd")} <= groups
     assert {"mean-teacher", "multi-teacher@mse+ce", "self-kd@self", "ssd@self", "kd@mse", "kd@ce-more",
             "kd@mse-more", "kd@ce-overconfident", "ttm@ce-overconfident", "kd-unscaled@ce",
             "kd-unscaled@ce-overconfident"} <= groups
     # The self-distillation teacher is the CE-only student: it runs with the teachers.
     assert {s.group for s in first} == {"teacher:ce", "teacher:mse", "teacher:ce-more", "teacher:mse-more",
                                         "teacher:ce-overconfident", "ce"}
-    assert len(second) == 5 * 20 and len(first) == 5 * 6
+    assert len(second) == 5 * 23 and len(first) == 5 * 6
     assert RunSpec(0, "ce", "kd", (4.0, 0.5)).run_id == "kd@ce[T=4,wx0.5].seed0"
 
 

@@ -364,3 +364,22 @@ def test_a_killed_process_resumes_to_the_same_weights(tmp_path):
     full, loader = build_run(batch_size=8)
     full.fit(loader, 3, progress=False)
     _assert_identical(torch.load(tmp_path / "rank0.pt", weights_only=True), full.students[0].state_dict())
+
+
+def test_replace_atomically_gives_new_files_the_umask_mode_and_keeps_an_existing_files_mode(tmp_path):
+    import os
+    import stat
+
+    from kdfast.atomic_files import replace_atomically
+
+    old = os.umask(0o027)
+    try:
+        new_file = tmp_path / "new.json"
+        replace_atomically(new_file, lambda f: f.write(b"{}"))
+        assert stat.S_IMODE(os.stat(new_file).st_mode) == 0o640  # not mkstemp's private 0600
+        os.chmod(new_file, 0o604)
+        replace_atomically(new_file, lambda f: f.write(b"[]"))
+        assert stat.S_IMODE(os.stat(new_file).st_mode) == 0o604
+        assert new_file.read_bytes() == b"[]"
+    finally:
+        os.umask(old)

@@ -143,6 +143,15 @@ def test_enable_dropout_only_keeps_batchnorm_in_eval():
     assert not model[1].training and model[2].training
 
 
+def test_stochastic_teacher_leaves_its_teachers_modes_as_they_were():
+    model = mlp(dropout=0.5).eval()
+    StochasticTeacher(model, passes=2).targets(torch.randn(3, 6), torch.randn(3, 3))
+    assert not any(m.training for m in model.modules())  # dropout was on only during the passes
+    model.train()
+    StochasticTeacher(model, passes=2).targets(torch.randn(3, 6), torch.randn(3, 3))
+    assert all(m.training for m in model.modules())
+
+
 def test_stochastic_teacher_distils_from_the_weighted_mixture():
     x = torch.randn(5, 6)
     student_logits = torch.randn(5, 3)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from compile_triton_for_gpu import (CORRELATION_VARIANTS, DIST_VARIANTS, DIVERGENCES, DKD_VARIANTS,
-                                    TOPK_BUCKET_VARIANTS, VARIANTS, variant_id)
+                                    REVISE_VARIANTS, TOPK_BUCKET_VARIANTS, VARIANTS, variant_id)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -38,6 +38,15 @@ def report():
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_every_policy_compiles_for_a_gpu_without_spills(report, divergence, variant):
     entry = report[variant_id(divergence, variant)]
+    assert entry["ok"], entry.get("error")
+    assert not entry["spills"], "registers spill to local memory"
+
+
+@pytest.mark.parametrize("variant", REVISE_VARIANTS, ids=lambda v: "-".join(map(str, v)))
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_label_revision_compiles_for_a_gpu_without_spills(report, divergence, variant):
+    """The row kernel with Label Revision (REVISE): its per-row fix-up and the revised label entry."""
+    entry = report[variant_id(divergence, variant, revise=True)]
     assert entry["ok"], entry.get("error")
     assert not entry["spills"], "registers spill to local memory"
 
@@ -66,7 +75,7 @@ def test_autotuning_configs_are_small_and_fixed():
     configs = launch._GPU_CONFIGS
     assert 1 <= len(configs) <= 8
     assert all(c.kwargs["BLOCK"] & (c.kwargs["BLOCK"] - 1) == 0 for c in configs)  # powers of two
-    assert launch._distill_rows.keys == ["V", "DIV", "WEIGHTING", "HARD", "COMPUTE_GRAD"]
+    assert launch._distill_rows.keys == ["V", "DIV", "WEIGHTING", "HARD", "COMPUTE_GRAD", "REVISE"]
 
 
 @pytest.mark.parametrize("variant", DIST_VARIANTS, ids="-".join)

@@ -40,6 +40,7 @@ struct DistillParams {
   double soft_coef = 1.0;   // soft_weight * scale
   double hard_weight = 0.0;
   double inv_denom = 1.0;   // 1 / (valid rows or normalizer); 1 for "sum"/"none"
+  double label_revision = 0.0;  // eta of Label Revision in (0, 1); 0: off (needs labels)
 };
 
 struct DistillBatch {

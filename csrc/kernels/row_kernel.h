@@ -238,6 +238,7 @@ struct ShiftByFma {
   ShiftByFma(S k_, S max) : k(V::broadcast(k_)), c(V::broadcast(S(-double(k_) * double(max)))),
                             t_max(double(max) * double(k_) + double(S(-double(k_) * double(max)))) {}
   V operator()(V z) const { return fmadd(z, k, c); }
+  S scalar(S z) const { return std::fma(z, k.lane(0), c.lane(0)); }  // one rounding, as fmadd
   double at_max() const { return t_max; }
 };
 
@@ -249,6 +250,7 @@ struct ShiftBySub {
   V k, m;
   ShiftBySub(S k_, S max) : k(V::broadcast(k_)), m(V::broadcast(max)) {}
   V operator()(V z) const { return (z - m) * k; }
+  S scalar(S z) const { return (z - m.lane(0)) * k.lane(0); }
   double at_max() const { return 0.0; }
 };
 
@@ -452,6 +454,37 @@ struct RowKernel {
       ce = (double(mzs) - double(to_float(zs[label]))) + log_sum_s1;
     }
 
+    // -- Label Revision (Lan et al., 2024; kdfast/reference/distill.py,
+    // revise_teacher_log_probs): on a row whose label logit is below the
+    // teacher's maximum, the teacher's distribution becomes
+    // p' = beta p + (1 - beta) onehot(label), beta = eta / (1 + p_max - p_label).
+    // In the exponentials that is e'_label = e_label + (1 - beta) / beta * S_t
+    // and S'_t = S_t / beta, every other e_j unchanged: a scalar fix-up of the
+    // label's scratch entries, of the sums and of KL's value, after the
+    // weighting (which the reference takes from the unrevised teacher).
+    const bool revise = prm.label_revision > 0.0 && b.labels && S(to_float(zt[label])) < mzt;
+    S revised_t_label = 0;  // the label's t' = log2 e'_label
+    if (revise) {
+      const S e_label = scratch_t[label];
+      const double p_label = double(e_label) / r.sum_t, p_max = std::exp2(to_t.at_max()) / r.sum_t;
+      const double beta = prm.label_revision / (1.0 + p_max - p_label);
+      const double e_revised = double(e_label) + (1.0 - beta) / beta * r.sum_t;
+      revised_t_label = S(std::log2(e_revised));
+      if constexpr (Div<V>::kValueFromExps) {  // KL's sum of e_t (t_t - t_s): the label's term replaced
+        const double t_s_label = double(to_s.scalar(S(to_float(zs[label]))));
+        if (t_s_label == -INFINITY) {  // the revised teacher has mass where the student has none
+          r.val = INFINITY;
+        } else {
+          if (e_label > 0) r.val -= double(e_label) * (double(to_t.scalar(S(to_float(zt[label])))) - t_s_label);
+          r.val += double(S(e_revised)) * (double(revised_t_label) - t_s_label);
+        }
+      }
+      scratch_t[label] = S(e_revised);
+      if constexpr (kKeepT) scratch.t_t[label] = revised_t_label;
+      r.sum_t /= beta;
+      r.log_sum_t = std::log(r.sum_t);
+    }
+
     // -- divergence value and gradient
     const V inv_sum_t = vset<V>(1.0 / r.sum_t), inv_sum_s = vset<V>(1.0 / r.sum_s);
     // log2 p = t - log2 S_t: from the t of the exponential sweep, so that it is
@@ -464,7 +497,13 @@ struct RowKernel {
       e.p = e.e_t * inv_sum_t;
       e.q = e.e_s * inv_sum_s;
       if constexpr (ReadsLogs<Div<V>>::value) {
-        const V tt = kKeepT ? V::load(scratch.t_t + j) : to_t(ld<V>(zt + j, tail, kNegInf));
+        V tt = kKeepT ? V::load(scratch.t_t + j) : to_t(ld<V>(zt + j, tail, kNegInf));
+        if (!kKeepT && revise && label >= j && label < j + lanes(tail, V::size)) {
+          alignas(64) S lane_t[V::size];
+          tt.store(lane_t);
+          lane_t[label - j] = revised_t_label;
+          tt = V::load(lane_t);
+        }
         const V ts = kKeepS ? V::load(scratch.t_s + j) : to_s(ld<V>(zs + j, tail, kNegInf));
         e.log2p = tt - log2_sum_t_v;
         e.log2q = ts - log2_sum_s_v;

@@ -28,7 +28,10 @@ Rows are batch-meaned (``reduction="batchmean"``, no labels): the benchmarks'
 setting.  DIST and correlation matching have no simpler form than kdfast's
 references (``kdfast.reference.correlation`` already *is* torchdistill's DIST
 and the CMKD formula), so :func:`plain_other_loss` returns those; DKD's plain
-form is mdistiller's ``dkd_loss`` (masking the target with ``-1000``).
+form is mdistiller's ``dkd_loss`` (masking the target with ``-1000``); Grouped
+KD's is the authors' released ``gkd_loss`` written the same way, with each
+row's primary group found by a sort and a cumulative sum
+(:func:`grouped_kd_plain`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["plain_loss", "plain_other_loss", "plain_topk_loss", "plain_topk_bucket_rows", "dkd_mdistiller",
-           "DIVERGENCE_ROWS"]
+           "grouped_kd_plain", "DIVERGENCE_ROWS"]
 
 
 def _kl_rows(log_target, log_input):
@@ -153,6 +156,26 @@ def plain_loss(student_logits, teacher_logits, *, divergence="kl", temperature=1
     return rows.mean() * scale
 
 
+def label_revision_plain(student_logits, teacher_logits, target, temperature=2.0, eta=0.9):
+    """KD with Label Revision (Lan et al., 2024) as a PyTorch pre-pass: ``T^2 KL(p' || q)``, batchmean.
+
+    ``p = softmax(t / T)``; on the rows whose teacher is wrong (label logit below
+    the row's maximum) ``p' = beta p + (1 - beta) onehot``,
+    ``beta = eta / (1 + p_max - p_label)``; then Hinton's KD on ``p'``.
+    """
+    acc = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    t = teacher_logits.to(acc)
+    p = F.softmax(t / temperature, -1)
+    onehot = F.one_hot(target, t.shape[-1]).to(acc)
+    p_label = (p * onehot).sum(-1, keepdim=True)
+    p_max = p.max(-1, keepdim=True).values
+    wrong = (t * onehot).sum(-1, keepdim=True) < t.max(-1, keepdim=True).values
+    beta = torch.where(wrong, eta / (1.0 + p_max - p_label), torch.ones_like(p_max))
+    revised = beta * p + (1.0 - beta) * onehot
+    log_q = F.log_softmax(student_logits.to(acc) / temperature, -1)
+    return F.kl_div(log_q, revised, reduction="batchmean") * temperature**2
+
+
 def _cat_mask(probs, gt_mask, other_mask):
     """mdistiller's ``cat_mask``: each row's probability of the target and of the rest, ``(N, 2)``."""
     return torch.cat([(probs * gt_mask).sum(1, keepdim=True), (probs * other_mask).sum(1, keepdim=True)], 1)
@@ -171,6 +194,35 @@ def dkd_mdistiller(student_logits, teacher_logits, target, temperature=4.0, alph
     log_pred_student_part2 = F.log_softmax(s - 1000.0 * gt_mask, 1)
     nckd = F.kl_div(log_pred_student_part2, pred_teacher_part2, reduction="sum") * temperature**2 / target.shape[0]
     return alpha * tckd + beta * nckd
+
+
+def grouped_kd_plain(student_logits, teacher_logits, target, temperature=4.0, primary_mass=0.93, primary_weight=4.0,
+                     binary_weight=1.0, group_temperature=1.0):
+    """Grouped KD as its authors write it (github.com/WisonZ/GKD, ``gkd_loss``), batchmean, no ignored labels.
+
+    The primary group of each row: sort the teacher's softmax at
+    ``group_temperature``, take the classes whose cumulative probability
+    reaches ``primary_mass`` (ties at the threshold included, as in
+    ``kdfast.grouped_kd_loss``) and the target.  Then the released code's
+    Binary-KD (``cat_mask`` of the group and the rest) and Primary-KD (the rest
+    masked with ``-1000``), times ``T^2``, over the batch size.
+    """
+    acc = torch.promote_types(student_logits.dtype, torch.float32)
+    s, t = student_logits.to(acc), teacher_logits.to(acc)
+    probs = F.softmax(t / group_temperature, 1)
+    sorted_probs = probs.sort(1, descending=True).values
+    cumulative = sorted_probs.cumsum(1)
+    last = (cumulative < primary_mass * cumulative[:, -1:]).sum(1, keepdim=True).clamp(max=t.shape[1] - 1)
+    hard_mask = (probs >= sorted_probs.gather(1, last)) | F.one_hot(target, t.shape[1]).bool()
+    nhard_mask = ~hard_mask
+    s, t = s / temperature, t / temperature
+    log_pred_student = torch.log(_cat_mask(F.softmax(s, 1), hard_mask, nhard_mask))
+    pred_teacher = _cat_mask(F.softmax(t, 1), hard_mask, nhard_mask)
+    binary = F.kl_div(log_pred_student, pred_teacher, reduction="sum") * temperature**2 / target.shape[0]
+    pred_teacher_hard = F.softmax(t - 1000.0 * nhard_mask, 1)
+    log_pred_student_hard = F.log_softmax(s - 1000.0 * nhard_mask, 1)
+    primary = F.kl_div(log_pred_student_hard, pred_teacher_hard, reduction="sum") * temperature**2 / target.shape[0]
+    return binary_weight * binary + primary_weight * primary
 
 
 def plain_topk_loss(student_logits, topk_indices, topk_logprobs, *, tail="renormalize", temperature=1.0, scale=1.0):

@@ -26,6 +26,15 @@ The loss families and the losses they hold:
   teacher's confidence);
 * ``dist``, ``dkd``, ``correlation``: the losses of ``kdfast.correlation_losses``
   (DKD with labels ``arange(N) % V``);
+* ``grouped_kd``: ``kdfast.grouped_kd_loss`` at its defaults but the settings'
+  temperature (labels ``arange(N) % V``); its plain form is the authors'
+  released code with a per-row group (:func:`.baselines.grouped_kd_plain`).
+  It has no C++ kernel: on CPU ``kdfast`` is the PyTorch reference;
+* ``label_revision``: ``kd_loss`` (KL, ``T**2``) with ``label_revision=0.9``
+  (Label Revision, :mod:`kdfast.label_revision`; labels ``arange(N) % V``, so
+  most rows of the random teacher are revised), next to ``kl`` (KD); its plain
+  form is the PyTorch pre-pass (:func:`.baselines.label_revision_plain`).  The
+  C++ kernel does not have it yet: on CPU ``kdfast`` is the PyTorch reference;
 * ``topk``: ``topk_distill_loss`` (``kdfast[torch]`` is its PyTorch form, the
   implementation before the fused kernels) against the teacher's top-k
   log-probabilities (float32, int64 indices, as an offline-distillation cache
@@ -56,12 +65,14 @@ from kdfast.llm.topk import TAILS
 from kdfast.ops.backends import available_backends
 from kdfast.ops.triton import interpreter_requested
 
-from .baselines import plain_loss, plain_other_loss, plain_topk_loss
+from .baselines import grouped_kd_plain, label_revision_plain, plain_loss, plain_other_loss, plain_topk_loss
 
 WEIGHTINGS = ("wttm", "entropy")
 CORRELATION_LOSSES = ("dist", "dkd", "correlation")
 TOPK_FAMILIES = ("topk", "fused_linear_topk")  # the losses of a teacher's top-k: a case per tail and k
-LOSSES = (*DIVERGENCES, *WEIGHTINGS, *CORRELATION_LOSSES, "topk", "fused_linear", "fused_linear_topk")
+LOSSES = (*DIVERGENCES, *WEIGHTINGS, "label_revision", *CORRELATION_LOSSES, "grouped_kd", "topk", "fused_linear",
+          "fused_linear_topk")
+LABEL_REVISION_ETA = 0.9
 BASELINES = ("eager", "compile", "liger")
 PARAMS = {"jsd": {"beta": 0.5}, "renyi": {"alpha": 0.5}, "ab": {"alpha": 0.5, "beta": 0.5}, "skew_kl": {"skew": 0.1},
           "skew_reverse_kl": {"skew": 0.1}}
@@ -75,11 +86,12 @@ TEACHER_ROWS_PER_CHUNK = 1024
 
 
 def family_of(loss: str) -> str:
-    """The family of a benchmarked loss (``distill``, ``dist``, ``dkd``, ``correlation``, ``topk``, ``fused_linear``,
-    ``fused_linear_topk``)."""
+    """The family of a benchmarked loss (``distill``, ``dist``, ``dkd``, ``correlation``, ``grouped_kd``,
+    ``label_revision``, ``topk``, ``fused_linear``, ``fused_linear_topk``)."""
     if loss in DIVERGENCES or loss in WEIGHTINGS:
         return "distill"
-    if loss in CORRELATION_LOSSES or loss in ("topk", "fused_linear", "fused_linear_topk"):
+    if loss in CORRELATION_LOSSES or loss in ("grouped_kd", "label_revision", "topk", "fused_linear",
+                                              "fused_linear_topk"):
         return loss
     raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
 
@@ -172,7 +184,7 @@ def fused_backend(device: torch.device) -> str:
 
 def implementation_family(family: str) -> str:
     """The ``available_backends`` family of a benchmark family (top-k and fused linear run distill's kernels)."""
-    return family if family in CORRELATION_LOSSES else "distill"
+    return family if family in CORRELATION_LOSSES or family == "grouped_kd" else "distill"
 
 
 def default_backend(family: str, device: torch.device) -> str:
@@ -292,6 +304,22 @@ def _prepare_distill(case, settings, device, dtype) -> dict:
             "kdfast": kdfast_method, "wrt": (s,), "bytes_moved": logits_bytes(case.N, case.V, s, t)}
 
 
+def _prepare_label_revision(case, settings, device, dtype) -> dict:
+    s, t = make_logits(case.N, case.V, dtype, device)
+    T, eta = settings.temperature, LABEL_REVISION_ETA
+    labels = labels_for(s)
+    compiled = compile_plain(label_revision_plain, settings.compile_backend)
+
+    def kdfast_method(backend):
+        why = _check_backend(backend, "label_revision", device)
+        return why or (lambda: kdfast.kd_loss(s, t, T, labels=labels, label_revision=eta, backend=backend))
+
+    return {"baselines": {"eager": lambda: label_revision_plain(s, t, labels, T, eta),
+                          "compile": lambda: compiled(s, t, labels, T, eta),
+                          "liger_why": "Liger-Kernel has no label revision"},
+            "kdfast": kdfast_method, "wrt": (s,), "bytes_moved": logits_bytes(case.N, case.V, s, t)}
+
+
 def _liger_distill(loss: str, temperature: float, device):
     """Liger-Kernel's loss of this divergence on the same inputs and value, or (None, why not)."""
     if loss not in ("kl", "jsd", "tvd"):
@@ -336,6 +364,22 @@ def _prepare_correlation_family(case, settings, device, dtype) -> dict:
 
     return {"baselines": {"eager": lambda: plain(s, t, *extra), "compile": lambda: compiled(s, t, *extra),
                           "liger_why": f"Liger-Kernel has no {case.loss} loss"},
+            "kdfast": kdfast_method, "wrt": (s,), "bytes_moved": logits_bytes(case.N, case.V, s, t)}
+
+
+def _prepare_grouped_kd(case, settings, device, dtype) -> dict:
+    s, t = make_logits(case.N, case.V, dtype, device)
+    T = settings.temperature
+    labels = labels_for(s)
+    compiled = compile_plain(grouped_kd_plain, settings.compile_backend)
+
+    def kdfast_method(backend):
+        why = _check_backend(backend, "grouped_kd", device)
+        return why or (lambda: kdfast.grouped_kd_loss(s, t, labels, temperature=T, backend=backend))
+
+    return {"baselines": {"eager": lambda: grouped_kd_plain(s, t, labels, T),
+                          "compile": lambda: compiled(s, t, labels, T),
+                          "liger_why": "Liger-Kernel has no grouped KD loss"},
             "kdfast": kdfast_method, "wrt": (s,), "bytes_moved": logits_bytes(case.N, case.V, s, t)}
 
 
@@ -496,7 +540,8 @@ def _liger_fused_linear(x: dict):
 
 
 _PREPARE = {"distill": _prepare_distill, "dist": _prepare_correlation_family, "dkd": _prepare_correlation_family,
-            "correlation": _prepare_correlation_family, "topk": _prepare_topk, "fused_linear": _prepare_fused_linear,
-            "fused_linear_topk": _prepare_fused_linear_topk}
+            "correlation": _prepare_correlation_family, "grouped_kd": _prepare_grouped_kd,
+            "label_revision": _prepare_label_revision, "topk": _prepare_topk,
+            "fused_linear": _prepare_fused_linear, "fused_linear_topk": _prepare_fused_linear_topk}
 __all__ = ["BASELINES", "LOSSES", "TOPK_FAMILIES", "Case", "Settings", "Prepared", "prepare", "cases_of", "family_of",
            "loss_options"]

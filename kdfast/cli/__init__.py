@@ -1,4 +1,5 @@
-"""The ``kdfast`` command line: ``kdfast distill``, ``kdfast bench``, ``kdfast cache``, ``kdfast info``.
+"""The ``kdfast`` command line: ``kdfast distill`` (and its ``distill-*`` experiments), ``kdfast bench``,
+``kdfast cache``, ``kdfast info``.
 
 Installed as the console script ``kdfast`` (entry point ``kdfast.cli:main``);
 ``python -m kdfast`` is the same.  Each subcommand lives in its own module
@@ -13,9 +14,10 @@ import sys
 from typing import List, Optional
 
 from . import bench, cache, distill, info
-from ..experiments import regression_kd
+from ..experiments import longtail, regression_kd, teacher_signals
 
-COMMANDS = {"distill": distill, "distill-regression": regression_kd, "bench": bench, "cache": cache, "info": info}
+COMMANDS = {"distill": distill, "distill-regression": regression_kd, "distill-longtail": longtail,
+            "distill-teachers": teacher_signals, "bench": bench, "cache": cache, "info": info}
 # Errors that carry a message for the user (bad settings, existing output, missing files or packages);
 # anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, ImportError)
@@ -27,6 +29,8 @@ examples:
   kdfast distill --config my.yaml     # keys of the file = the flags of `kdfast distill`
   kdfast distill --resume             # continue a killed run in runs/distill-default/
   kdfast distill-regression           # distributional regression KD on a CO2 series (needs statsmodels)
+  kdfast distill-longtail             # long-tailed KD (LTKD) vs KD on a long-tailed split of MNIST-5k
+  kdfast distill-teachers             # Bayesian teachers and RL multi-teacher selection on MNIST-5k
   kdfast bench --quick                # the fused-kernel microbenchmark (source checkout)
   kdfast cache build --teacher models/teacher --data corpus.jsonl --seq-len 512 --k 64 --out cache/
                                       # a top-k teacher cache for offline distillation (resumable)

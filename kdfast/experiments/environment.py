@@ -58,3 +58,15 @@ def collect_info() -> Dict[str, object]:
         "cuda": torch.cuda.get_device_name() if cuda else "not available",
         "triton": triton_status(),
     }
+
+
+def results_environment() -> Dict[str, object]:
+    """The part of :func:`collect_info` that an experiment's results record (versions, CPU, cores, threads).
+
+    Never raises: the record is informative only, so a failure is recorded as ``{"error": ...}``.
+    """
+    try:
+        info = collect_info()
+        return {k: info[k] for k in ("kdfast", "torch", "python", "cpu", "cores", "torch_threads") if k in info}
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        return {"error": repr(err)}

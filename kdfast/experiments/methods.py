@@ -14,6 +14,20 @@ validation split, never on the test images):
   distillation term warmed up linearly over the first 20/240 of the epochs (mdistiller's
   CIFAR schedule, scaled to our epochs).  DKD needs each row's label, so it cannot use the
   unlabelled transfer set.
+* Grouped KD (Zhao et al., AAAI 2023; :func:`kdfast.grouped_kd_loss`): Primary-KD + Binary-KD
+  without Secondary-KD, at the authors' released settings: ``T = 4``, the primary group the
+  teacher's top classes reaching a cumulative probability of 0.93 at temperature 1 (plus the
+  label), Binary-KD weight 1, Primary-KD weight 4, CE weight 1; the warm-up of DKD (the released
+  code warms up linearly too, over 10 epochs of an unstated total), so that GKD and DKD differ
+  only in their loss.  Labelled rows only, like DKD (the label joins the primary group).
+* Label Revision and Data Selection (Lan et al., 2024; :mod:`kdfast.label_revision`): KD (same
+  settings) with the teacher's soft label revised towards the ground truth where the teacher is
+  wrong (``p' = beta p + (1 - beta) y``, ``beta = eta / (1 + p_max - p_label)``, ``eta = 0.9``, at
+  KD's ``T = 4``): ``kd-lr``; and in addition only the 80 % of each batch's labelled rows with the
+  smallest score ``||softmax(z_t) - y||^2`` distilled, the rest CE only: ``kd-lr-ds``.  Neither
+  ``eta`` nor the fraction is given in what we could read of the paper: both are our choices, not
+  tuned.  Only the 500 labelled rows have a label, so only they can be revised or deselected; the
+  unlabelled transfer rows are distilled exactly as in KD.
 * KD without student scaling (``kd-unscaled``, for the calibration study): KD's loss
   ``T^2 KL(p_T || q)`` with the student at temperature 1 instead of ``T`` (``T = 4`` on the
   teacher only, i.e. TTM at KD's temperature and weights: CE 0.1, KL ``0.9 * T^2 = 14.4``), so
@@ -165,6 +179,12 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("dist", "DIST", {"name": "dist", "temperature": 1.0, "beta": 1.0, "gamma": 1.0}),
     Method("dkd", "DKD", {"name": "dkd", "temperature": KD_TEMPERATURE, "alpha": 1.0, "beta": 8.0},
            options={"warmup_fraction": 20 / 240}),
+    Method("grouped-kd", "Grouped KD",
+           {"name": "grouped_kd", "temperature": KD_TEMPERATURE, "primary_mass": 0.93, "primary_weight": 4.0,
+            "binary_weight": 1.0, "group_temperature": 1.0}, options={"warmup_fraction": 20 / 240}),
+    Method("kd-lr", "KD + label revision", {**_KD, "label_revision": 0.9}, **_KD_WEIGHTS),
+    Method("kd-lr-ds", "KD + label revision + data selection", {**_KD, "label_revision": 0.9, "data_selection": 0.8},
+           **_KD_WEIGHTS),
     Method("kd-unscaled", "KD without student scaling", {"name": "ttm", "temperature": KD_TEMPERATURE},
            hard_weight=0.1, soft_weight=0.9 * KD_TEMPERATURE ** 2),
     Method("entropy-kd", "entropy-weighted KD", _ENTROPY_KD, **_KD_WEIGHTS),

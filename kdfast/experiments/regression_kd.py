@@ -66,6 +66,7 @@ from torch import nn
 
 from ..regression import (batch_pearson_loss, gaussian_calibration, gaussian_kd_loss, gaussian_nll_loss,
                           pairwise_difference_loss, GaussianHead)
+from .environment import results_environment
 from .stats import interval, paired_difference, verdict
 
 METHODS = ("mse", "nll", "kd-mean", "dist-kd", "dist-corr-kd")
@@ -562,7 +563,7 @@ def run_experiment(config: RegressionKDConfig, out: Optional[str] = None, plot: 
         **summarise(runs, config),
         "claims": evaluate_claims(runs, config),
         "elapsed_s": round(elapsed, 1),
-        "environment": _environment(),
+        "environment": results_environment(),
     }
     if out is not None:
         json_path, png_path = output_paths(out)
@@ -583,16 +584,6 @@ def _version(package: str) -> str:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _environment() -> dict:
-    try:
-        from .environment import collect_info
-
-        info = collect_info()
-        return {k: info[k] for k in ("kdfast", "torch", "python", "cpu", "cores", "torch_threads") if k in info}
-    except Exception as err:  # the environment record is informative only
-        return {"error": repr(err)}
 
 
 # ----------------------------------------------------------------- the command line: kdfast distill-regression

@@ -20,11 +20,15 @@ from .extension import cpu_extension_available
 from ..reference import distill_loss_reference
 from ..reference.correlation import correlation_loss_reference, dist_loss_reference
 from ..reference.dkd import dkd_loss_reference
+from ..reference.grouped_kd import grouped_kd_loss_reference
 
 BACKENDS = ("torch", "cpu", "triton")
 # The loss families and their references; each family's fused implementations share its reference's signature.
 FAMILIES = {"distill": distill_loss_reference, "dist": dist_loss_reference, "dkd": dkd_loss_reference,
-            "correlation": correlation_loss_reference}
+            "correlation": correlation_loss_reference, "grouped_kd": grouped_kd_loss_reference}
+# Fused backends that have no kernel for a family at all (not merely unavailable on this machine): asking
+# for one is a NotImplementedError, and "auto" passes over it.
+NOT_WRITTEN = {"grouped_kd": ("cpu",)}
 
 
 def available_backends(family: str = "distill") -> List[str]:
@@ -44,11 +48,12 @@ def _implementations() -> Dict[str, Dict[str, Callable]]:
                              ("correlation", cpu_correlation.correlation_loss_cpu)):
             impls[family]["cpu"] = impl
     if _triton.unavailable_reason() is None:
-        from .triton import correlation, dist, dkd
+        from .triton import correlation, dist, dkd, grouped_kd
         from .triton.op import distill_loss_triton
 
         for family, impl in (("distill", distill_loss_triton), ("dist", dist.dist_loss_triton),
-                             ("dkd", dkd.dkd_loss_triton), ("correlation", correlation.correlation_loss_triton)):
+                             ("dkd", dkd.dkd_loss_triton), ("correlation", correlation.correlation_loss_triton),
+                             ("grouped_kd", grouped_kd.grouped_kd_loss_triton)):
             impls[family]["triton"] = impl
     return impls
 
@@ -69,6 +74,10 @@ def resolve_backend(backend: str, device: torch.device, family: str = "distill")
         return fused if fused in impls else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend in NOT_WRITTEN.get(family, ()):
+        written = [b for b in BACKENDS if b not in NOT_WRITTEN[family]]
+        raise NotImplementedError(f"the {family} loss has no {backend!r} kernel yet; its backends are {written} "
+                                  f"(available here: {available_backends(family)})")
     if backend not in impls:
         why = _triton.unavailable_reason() if backend == "triton" else "the C++ extension is not built"
         raise RuntimeError(f"backend {backend!r} is not available here ({why}; available: "

@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 
 from ..config import LossConfig
-from .fused_op import call_distill_op, fake_distill_loss, loss_arguments, register_fake_and_autograd
+from .fused_op import (call_distill_op, call_revised_distill_op, fake_distill_loss, loss_arguments,
+                       register_fake_and_autograd, register_revised_fake_and_autograd)
 
 register_fake_and_autograd("kdfast::distill_forward")
+register_revised_fake_and_autograd("kdfast::distill_forward_revised")
 
 
 @torch.library.register_fake("kdfast::distill_forward_inplace")
@@ -22,6 +24,8 @@ def _fake_distill_forward_inplace(student, teacher, labels, weights, divergence,
 
 def distill_loss_cpu(student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """The fused C++ kernel; same contract as ``reference.distill_loss_reference``."""
+    if cfg.label_revision is not None:
+        return call_revised_distill_op(torch.ops.kdfast.distill_forward_revised, student_logits, teacher_logits, cfg)
     return call_distill_op(torch.ops.kdfast.distill_forward, student_logits, teacher_logits, cfg)
 
 

@@ -129,6 +129,21 @@ def register_fake_and_autograd(op) -> None:
     register_saved_grad_autograd(op, _N_INPUTS, per_row=lambda inputs: inputs[_REDUCTION_ARG] == "none")
 
 
+def register_revised_fake_and_autograd(op) -> None:
+    """The same for the Label Revision form of a fused distillation op: its arguments end with one more
+    scalar (``label_revision``) after ``compute_grad``."""
+    torch.library.register_fake(op, lambda *args: fake_distill_forward(*args[:_N_INPUTS]))
+    register_saved_grad_autograd(op, _N_INPUTS + 1, per_row=lambda inputs: inputs[_REDUCTION_ARG] == "none")
+
+
+def call_revised_distill_op(op, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                            cfg: LossConfig) -> torch.Tensor:
+    """:func:`call_distill_op` for the Label Revision form of an op (``cfg.label_revision`` set)."""
+    student_logits, teacher = paired_logits(student_logits, teacher_logits)
+    loss, _ = op(student_logits, teacher, *loss_arguments(cfg), wants_grad(student_logits), cfg.label_revision)
+    return loss
+
+
 def paired_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
     """``(student, detached teacher)``; float64 paired with float64 (the kernels' float64 path is for gradchecks)."""
     teacher = teacher_logits.detach()

@@ -157,6 +157,37 @@ WEIGHT_FORMULAS = {
 }
 
 
+# ----------------------------------------------------------------- label revision
+def revise_teacher_log_probs(logp: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                             valid: torch.Tensor, eta: float) -> torch.Tensor:
+    """Label Revision (Lan et al., 2024): ``log p'``, ``p' = beta p + (1 - beta) y`` on the rows the teacher gets wrong.
+
+    ``logp`` is the teacher's ``log softmax(z_t / tau)``; a row is *wrong* when its
+    label logit is below the row's maximum (``z_t[label] < max z_t``: the label
+    is not among the teacher's top classes; a tie at the top is right).  There
+    ``beta = eta / (1 + p_max - p_label)`` (the paper's choice, which keeps
+    ``beta < 1 / (1 + p_max - p_label)`` so that the label becomes the unique
+    top class) and::
+
+        log p'_j = log beta + log p_j            (j != label; -inf stays -inf)
+        log p'_label = log(beta p_label + 1 - beta)
+
+    Right rows and invalid rows (``valid`` False) keep ``logp`` exactly.
+    The teacher is a constant, so nothing here needs a gradient.
+    """
+    safe = torch.where(valid, labels, 0)[:, None]
+    z_label = teacher_logits.gather(-1, safe).squeeze(-1)
+    wrong = valid & (z_label < teacher_logits.max(-1).values)
+    p_label = logp.gather(-1, safe).squeeze(-1).exp()
+    p_max = logp.max(-1).values.exp()
+    beta = eta / (1.0 + p_max - p_label)
+    log_beta = torch.where(wrong, beta.log(), torch.zeros_like(beta))
+    revised = logp + log_beta[:, None]
+    log_label = torch.where(wrong, torch.log(beta * p_label + (1.0 - beta)), logp.gather(-1, safe).squeeze(-1))
+    is_label = torch.arange(logp.shape[-1], device=logp.device)[None, :] == safe
+    return torch.where(is_label & wrong[:, None], log_label[:, None], torch.where(wrong[:, None], revised, logp))
+
+
 def cross_entropy(student_logits, labels):
     """``-log softmax(z_s)[label]`` per row (labels already valid)."""
     return -torch.log_softmax(student_logits, -1).gather(-1, labels[:, None]).squeeze(-1)
@@ -195,6 +226,9 @@ def distill_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.T
     undefined = valid & (nan_or_posinf_rows(zt) | nan_or_posinf_rows(zs))
 
     logp = torch.log_softmax(zt / cfg.temperature, -1)
+    if cfg.label_revision is not None:
+        # make_config saw to the labels; the rows with a NaN/+inf teacher are NaN anyway.
+        logp = revise_teacher_log_probs(logp, zt, labels, valid & ~undefined, cfg.label_revision)
     logq = torch.log_softmax(zs / cfg.student_temperature, -1)
     soft = divergence(cfg.divergence, logp, logq, cfg.alpha, cfg.beta, cfg.skew)
     if cfg.weighting is not None:

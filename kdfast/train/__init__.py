@@ -53,6 +53,15 @@ Teacher signals (:mod:`.teachers`, :mod:`.mean_teacher`, :mod:`.stochastic`)
     ``WarmupTeacher(signal, warmup_epochs)`` (DKD's linear warm-up of the
     distillation term).
 
+Bayesian teachers and teacher selection (:mod:`.bayesian_teachers`, :mod:`.teacher_selection`)
+    ``MCDropoutTeacher(model, passes=8, seed=None)`` (the mean probability of
+    dropout-active passes); ``EnsembleTeacher(models, weights=None)`` and
+    ``checkpoint_average(model, checkpoints)`` (the mean probability of a deep
+    ensemble or of checkpoints); ``WeightedMultiTeacher(models, weights=None)``
+    (fixed per-teacher weights, equal by default);
+    ``ReinforcedTeacherSelector(models, reward_inputs, reward_labels, ...)``
+    (per-sample teacher choices by a policy trained with REINFORCE).
+
 Teacher training (:mod:`.teacher_training`)
     ``train_teacher(model, loader, loss="ce"|"mse", *, optimizer, epochs, ...)``.
 
@@ -99,7 +108,9 @@ from .metrics import (
     reliability_diagram,
 )
 from .objectives import HARD_LOSSES, LOSS_NAMES, DistillObjective, resolve_loss
+from .bayesian_teachers import EnsembleTeacher, MCDropoutTeacher, checkpoint_average
 from .stochastic import StochasticTeacher
+from .teacher_selection import ReinforcedTeacherSelector, WeightedMultiTeacher
 from .teacher_training import train_teacher
 from .teachers import FrozenTeacher, MultiTeacher, TeacherSchedule, TeacherSignal, TeacherTarget, WarmupTeacher
 
@@ -110,20 +121,25 @@ __all__ = [
     "DistillObjective",
     "Distiller",
     "DistributedContext",
+    "EnsembleTeacher",
     "FrozenTeacher",
     "HARD_LOSSES",
     "LOSS_NAMES",
+    "MCDropoutTeacher",
     "MeanTeacher",
     "MultiTeacher",
     "PREVIOUS_CHECKPOINT_NAME",
+    "ReinforcedTeacherSelector",
     "StochasticTeacher",
     "TeacherSchedule",
     "TeacherSignal",
     "TeacherTarget",
     "WarmupTeacher",
+    "WeightedMultiTeacher",
     "accumulate_metrics",
     "accuracy",
     "agreement",
+    "checkpoint_average",
     "ema_decay",
     "expected_calibration_error",
     "init_distributed",

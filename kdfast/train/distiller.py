@@ -197,9 +197,11 @@ class Distiller:
                 else:
                     shared_targets = shared_targets or self.signal.targets(inputs, z.detach())
                     targets = shared_targets
+                # Label Revision / Data Selection need each row's label even where the soft term is not masked.
+                truth = {"row_labels": labels} if self.objective.uses_row_labels else {}
                 for t in targets:
                     soft = soft + t.scale * self.objective(z, t.logits, mask_labels, weights=t.weights,
-                                                           normalizer=distilled)
+                                                           normalizer=distilled, **truth)
             if len(logits) > 1 and self.peer_weight != 0.0:
                 peers = [kd_loss(z, other.detach(), self.peer_temperature, labels=mask_labels,
                                  ignore_index=self.ignore_index, normalizer=distilled)

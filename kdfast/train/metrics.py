@@ -18,7 +18,6 @@ import warnings
 from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
 
 ECE_BINS = 15
 

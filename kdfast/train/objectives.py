@@ -15,8 +15,9 @@ from typing import Callable, Dict, Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .. import correlation_losses, losses
+from .. import correlation_losses, grouped_kd, longtail, losses
 from ..config import finite_float, integer
+from ..label_revision import select_for_distillation
 
 
 def softmax_mse_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, labels=None,
@@ -53,12 +54,18 @@ _LOSSES: Dict[str, tuple] = {
     "correlation": (correlation_losses.correlation_loss, "batch"),
     "dkd": (correlation_losses.dkd_loss, "labelled"),
     "softmax_mse": (softmax_mse_loss, "rowwise"),
+    # LTKD: needs {"groups": class -> group id}; batch-level (its rebalancing prior is the batch's mean).
+    "ltkd": (longtail.ltkd_loss, "batch"),
+    # Grouped KD: the label joins each row's primary group; mean over the rows whose label is not ignore_index.
+    "grouped_kd": (grouped_kd.grouped_kd_loss, "labelled"),
 }
 LOSS_NAMES = tuple(_LOSSES)
 HARD_LOSSES = ("ce", "mse")
 
 # Options the trainer sets itself on every call; giving them in a loss spec is a mistake.
 _TRAINER_OPTIONS = ("labels", "normalizer", "reduction", "ignore_index", "hard_weight")
+# Objective-level options (not keywords of the kdfast function): Data Selection's fraction of distilled labelled rows.
+_DATA_SELECTION = "data_selection"
 
 LossSpec = Union[str, Mapping, Callable, "DistillObjective"]
 
@@ -81,6 +88,24 @@ class DistillObjective:
         self.kind = kind  # "rowwise", "batch", "labelled" or "callable"
         self.options = dict(options)
         self.ignore_index = integer("ignore_index", ignore_index)
+        # Data Selection (kdfast.label_revision): the fraction of each batch's labelled rows that is distilled.
+        self.data_selection = self.options.pop(_DATA_SELECTION, None)
+        if self.data_selection is not None:
+            if kind != "rowwise" or name == "softmax_mse":
+                raise ValueError(f"{_DATA_SELECTION} needs a row-wise kdfast loss ('kd', 'ttm', 'wttm', 'distill'), "
+                                 f"got {name!r}")
+            self.data_selection = finite_float(_DATA_SELECTION, self.data_selection)
+            if not 0.0 < self.data_selection <= 1.0:
+                raise ValueError(f"{_DATA_SELECTION} (the fraction of labelled rows distilled) must be in (0, 1], "
+                                 f"got {self.data_selection}")
+
+    @property
+    def uses_row_labels(self) -> bool:
+        """True when the loss needs each row's label even where the soft term is not masked by it:
+        Label Revision (``label_revision``) and Data Selection (``data_selection``).  The trainer then
+        passes ``row_labels`` (unlabelled rows ``ignore_index``)."""
+        return self.kind == "rowwise" and (self.options.get("label_revision") is not None
+                                           or self.data_selection is not None)
 
     @property
     def needs_labels(self) -> bool:
@@ -94,7 +119,9 @@ class DistillObjective:
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                  labels: Optional[torch.Tensor], *, weights: Optional[torch.Tensor] = None,
-                 normalizer: float) -> torch.Tensor:
+                 normalizer: float, row_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.uses_row_labels:
+            return self._revised_or_selected(student_logits, teacher_logits, labels, weights, normalizer, row_labels)
         if weights is not None and not self.accepts_weights:
             raise ValueError(
                 f"loss {self.name!r} cannot take per-sample teacher weights (it is not a row-wise kdfast loss, "
@@ -121,8 +148,43 @@ class DistillObjective:
             mean = self.fn(student_logits, teacher_logits, labels)
         return mean.float() * (rows / normalizer)
 
+    def _revised_or_selected(self, student_logits, teacher_logits, labels, weights, normalizer, row_labels):
+        """A row-wise loss with Label Revision and/or Data Selection (:mod:`kdfast.label_revision`).
+
+        ``labels`` (when given) mask the rows as usual and are the truth;
+        without them (the trainer distils unlabelled rows too) ``row_labels``
+        are the truth: the labelled rows are revised, the unlabelled ones
+        distilled as they are (nothing to revise them with).
+        """
+        truth = labels if labels is not None else row_labels
+        if truth is None:
+            raise ValueError(f"loss {self.name!r} with label_revision / {_DATA_SELECTION} needs the rows' labels")
+        if self.options.get("weighting") is not None and (weights is not None or self.data_selection is not None):
+            raise ValueError(f"loss {self.name!r} already weights rows ({self.options}); {_DATA_SELECTION} and "
+                             f"per-sample teacher weights need a loss without a weighting")
+        if self.data_selection is not None:
+            selected = select_for_distillation(teacher_logits, truth, self.data_selection, self.ignore_index)
+            weights = selected if weights is None else weights.reshape(-1) * selected
+        extra = {} if weights is None else {"weighting": weights.reshape(-1)}
+        if labels is not None or self.options.get("label_revision") is None:
+            return self.fn(student_logits, teacher_logits, labels=labels, ignore_index=self.ignore_index,
+                           normalizer=normalizer, **extra, **self.options)
+        V = student_logits.shape[-1]
+        s, t, y = student_logits.reshape(-1, V), teacher_logits.reshape(-1, V), truth.reshape(-1)
+        w = None if weights is None else weights.reshape(-1)
+        labelled = y != self.ignore_index
+        plain = {k: v for k, v in self.options.items() if k != "label_revision"}
+        total = s.new_zeros((), dtype=torch.float32)
+        for rows, lab, options in ((labelled, y[labelled], self.options), (~labelled, None, plain)):
+            if bool(rows.any()):
+                part = {} if w is None else {"weighting": w[rows]}
+                total = total + self.fn(s[rows], t[rows], labels=lab, ignore_index=self.ignore_index,
+                                        normalizer=normalizer, **part, **options)
+        return total
+
     def __repr__(self) -> str:
-        return f"DistillObjective({self.name!r}, {self.options})"
+        extra = {} if self.data_selection is None else {_DATA_SELECTION: self.data_selection}
+        return f"DistillObjective({self.name!r}, {dict(self.options, **extra)})"
 
 
 def resolve_loss(spec: LossSpec, *, ignore_index: int = -100) -> DistillObjective:
@@ -130,9 +192,15 @@ def resolve_loss(spec: LossSpec, *, ignore_index: int = -100) -> DistillObjectiv
 
     ``spec`` is a name of :data:`LOSS_NAMES` (``"kd"``, ``"ttm"``, ``"wttm"``,
     ``"distill"``, ``"dist"``, ``"dkd"``, ``"correlation"``, ``"softmax_mse"``
-    (:func:`softmax_mse_loss`, Mean Teacher's consistency)), a mapping
+    (:func:`softmax_mse_loss`, Mean Teacher's consistency), ``"ltkd"``
+    (:func:`kdfast.longtail.ltkd_loss`; only as a mapping with its class-to-group
+    map, ``{"name": "ltkd", "groups": [0, 0, 1, 2, ...], ...}``), ``"grouped_kd"``
+    (:func:`kdfast.grouped_kd.grouped_kd_loss`, labelled like ``"dkd"``)), a mapping
     ``{"name": ..., **options}`` whose options are the keyword arguments of that
-    kdfast function (``temperature``, ``divergence``, ``weighting``, ...), an
+    kdfast function (``temperature``, ``divergence``, ``weighting``, ``label_revision``
+    (Label Revision, :mod:`kdfast.label_revision`), ...) plus, for the row-wise
+    losses, ``data_selection`` (the fraction of each batch's labelled rows that
+    is distilled, :func:`kdfast.label_revision.select_for_distillation`), an
     ``nn.Module`` or callable ``(student_logits, teacher_logits, labels) ->
     scalar`` that returns a mean over the valid rows it is given, or an
     existing :class:`DistillObjective`.  Options are checked here, by calling
@@ -164,8 +232,12 @@ def resolve_loss(spec: LossSpec, *, ignore_index: int = -100) -> DistillObjectiv
 
 
 def _probe(objective: DistillObjective) -> None:
-    """Run the loss once on 2 x 3 logits so that invalid options raise now, not mid-epoch."""
-    z = torch.zeros(2, 3)
+    """Run the loss once on 2 x 3 logits (2 x C with a class-to-group map of C classes) so that invalid
+    options raise now, not mid-epoch."""
+    groups = objective.options.get("groups")
+    classes = (groups.numel() if isinstance(groups, torch.Tensor)
+               else len(groups) if isinstance(groups, (list, tuple)) else 3)
+    z = torch.zeros(2, max(classes, 1))
     objective(z, z, torch.zeros(2, dtype=torch.long), normalizer=2.0)
 
 

@@ -12,7 +12,8 @@ passes' probabilities, given to the loss as logits ``log(mixture)``.
 
 from __future__ import annotations
 
-from typing import List
+import contextlib
+from typing import Iterator, List
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,19 @@ def enable_dropout_only(model: nn.Module) -> int:
     return len(dropouts)
 
 
+@contextlib.contextmanager
+def dropout_only(model: nn.Module) -> Iterator[int]:
+    """Within the block, ``model`` runs with only its dropout layers active (BatchNorm and the rest in eval
+    mode); on leaving it, every module's train/eval flag is what it was, so a teacher signal never leaves
+    its teacher's dropout on for whoever runs the teacher next.  Yields the number of dropout layers."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield enable_dropout_only(model)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 class StochasticTeacher(TeacherSignal):
     """A teacher sampled ``passes`` times with dropout; see the module docstring."""
 
@@ -87,8 +101,8 @@ class StochasticTeacher(TeacherSignal):
 
     @torch.no_grad()
     def targets(self, inputs, student_logits):
-        enable_dropout_only(self.model)
-        pass_logits = [self.model(inputs) for _ in range(self.passes)]
+        with dropout_only(self.model):
+            pass_logits = [self.model(inputs) for _ in range(self.passes)]
         scores = pass_similarity(pass_logits, student_logits, self.similarity)
         weights = pass_weights(scores, self.drop_quantile, self.weight_temperature)
         return [TeacherTarget(log_mixture(pass_logits, weights))]

@@ -42,7 +42,7 @@ _INTERPRETER_CONFIGS = [triton.Config({"BLOCK": INTERPRETER_BLOCK}, num_warps=4)
 # Keyed on V and the policy (the autotuner adds the tensors' dtypes to the key).
 _distill_rows = triton.autotune(
     configs=_INTERPRETER_CONFIGS if interpreting() else _GPU_CONFIGS,
-    key=["V", "DIV", "WEIGHTING", "HARD", "COMPUTE_GRAD"],
+    key=["V", "DIV", "WEIGHTING", "HARD", "COMPUTE_GRAD", "REVISE"],
 )(row_kernel.distill_rows_kernel)
 
 _REDUCE_BLOCK = 1024
@@ -149,6 +149,42 @@ def distill_forward(
     compute_grad: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused loss and student gradient on the Triton kernel; see ``kdfast::distill_forward``."""
+    return _distill_forward(student, teacher, labels, weights, divergence, params, weighting, tau, tau_s,
+                            ignore_index, hard_weight, soft_coef, reduction, normalizer, compute_grad, None)
+
+
+def distill_forward_revised(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    weights: Optional[torch.Tensor],
+    divergence: int,
+    params: List[float],
+    weighting: int,
+    tau: float,
+    tau_s: float,
+    ignore_index: int,
+    hard_weight: float,
+    soft_coef: float,
+    reduction: str,
+    normalizer: Optional[float],
+    compute_grad: bool,
+    label_revision: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`distill_forward` with Label Revision of the teacher (``eta = label_revision`` in (0, 1); needs labels).
+
+    A separate op so that the schema shared with the C++ op stays as it is."""
+    if labels is None:
+        raise ValueError("label_revision needs labels")
+    if not 0.0 < label_revision < 1.0:
+        raise ValueError(f"label_revision must be in (0, 1), got {label_revision}")
+    return _distill_forward(student, teacher, labels, weights, divergence, params, weighting, tau, tau_s,
+                            ignore_index, hard_weight, soft_coef, reduction, normalizer, compute_grad,
+                            label_revision)
+
+
+def _distill_forward(student, teacher, labels, weights, divergence, params, weighting, tau, tau_s, ignore_index,
+                     hard_weight, soft_coef, reduction, normalizer, compute_grad, eta):
     _check_args(student, teacher, labels, weights, divergence, params, weighting, reduction)
     div_name, weighting_name = DIVERGENCE_NAMES[divergence], WEIGHTING_NAMES[weighting]
     V = student.shape[-1]
@@ -162,7 +198,7 @@ def distill_forward(
     weights64 = weights.detach().reshape(-1).to(torch.float64).contiguous() if weighting_entry.given else None
     inv_denom = _inv_denominator(reduction, normalizer, labels64, ignore_index, N, device)
     values = dict(zip(KERNEL_PARAMS, params), inv_tau=1.0 / tau, inv_tau_s=1.0 / tau_s, hard_weight=hard_weight,
-                  soft_coef=soft_coef, log_V=math.log(V) if V > 1 else 0.0)
+                  soft_coef=soft_coef, log_V=math.log(V) if V > 1 else 0.0, eta=eta or 0.0)
     params = torch.tensor([values[name] for name in row_kernel.PARAMS], dtype=torch.float64, device=device)
 
     hard = labels is not None and hard_weight != 0.0
@@ -173,7 +209,7 @@ def distill_forward(
             DIV=div_name, WEIGHTING=weighting_name, NEEDS_T1=weighting_entry.needs_teacher_t1,
             HAS_LABELS=labels is not None, HARD=hard, STUDENT_T1=hard and tau_s != 1.0,
             SUM_G=needs_grad_sum(div_name), COMPUTE_GRAD=compute_grad,
-            ACC=tl.float64 if f64 else tl.float32,
+            ACC=tl.float64 if f64 else tl.float32, REVISE=eta is not None,
         )
         _raise_on_bad_rows(status, labels64, V, ignore_index)
 

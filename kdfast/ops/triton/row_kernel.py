@@ -12,6 +12,10 @@ V (256k included) runs with a fixed tile and bounded registers:
   C. the gradient with respect to the student logits, written once (kl adds
      its value here, so the KD case reads each row twice and writes it once).
 
+With ``REVISE`` (Label Revision), between A and B one scalar fix-up per row
+(:func:`label_revision_fixup`) turns the teacher's sums into those of the
+revised distribution; B and C then read the revised ``p`` at no extra pass.
+
 Each sweep runs in the opposite direction of the one before it, so that it
 starts on the tiles the previous sweep read last: on a GPU those are the ones
 most likely still in L2 when a row (2 x 256 KB for V = 128k in bf16) does
@@ -46,7 +50,7 @@ STATUS_LABEL_OUT_OF_RANGE = tl.constexpr(3)
 # constants, kdfast.registry.KERNEL_PARAMS) between the per-call scalars.
 # Triton passes Python floats as float32; a float64 vector keeps the float64
 # (gradcheck) path exact.
-PARAMS = ("inv_tau", "inv_tau_s") + KERNEL_PARAMS + ("hard_weight", "soft_coef", "log_V")
+PARAMS = ("inv_tau", "inv_tau_s") + KERNEL_PARAMS + ("hard_weight", "soft_coef", "log_V", "eta")
 P_INV_TAU = tl.constexpr(PARAMS.index("inv_tau"))
 P_INV_TAU_S = tl.constexpr(PARAMS.index("inv_tau_s"))
 P_ALPHA = tl.constexpr(PARAMS.index("alpha"))
@@ -57,6 +61,7 @@ P_LOG_W_Q = tl.constexpr(PARAMS.index("log_w_q"))
 P_HARD_WEIGHT = tl.constexpr(PARAMS.index("hard_weight"))
 P_SOFT_COEF = tl.constexpr(PARAMS.index("soft_coef"))
 P_LOG_V = tl.constexpr(PARAMS.index("log_V"))
+P_ETA = tl.constexpr(PARAMS.index("eta"))
 
 
 @triton.jit
@@ -163,6 +168,37 @@ def _log_probs(T_row, S_row, offs, mask, mt, ms, inv_tau, inv_tau_s, log_sum_t, 
 
 
 @triton.jit
+def label_revision_fixup(T_row, label, mt, sum_t, log_sum_t64, inv_tau64, eta, ACC: tl.constexpr):
+    """Label Revision (kdfast.label_revision) as a per-row scalar fix-up of the teacher's running sums.
+
+    With ``e_j = exp((z_j - m) / tau)`` and ``S = sum_j e_j`` (``m`` the row's
+    maximum) the teacher is ``p_j = e_j / S``, ``p_max = 1 / S``, ``p_y = e_y / S``.
+    On a row the teacher gets wrong (``z_y < m``), ``beta = eta / (1 + p_max - p_y)``
+    and ``p' = beta p + (1 - beta) onehot(y)`` is the same softmax with
+    ``S' = S / beta`` (so ``log S' = log S - log beta``) and, at the label only,
+    ``e'_y = e_y + (1 - beta) / beta * S``, i.e. ``p'_y = beta p_y + 1 - beta``.
+    Returns ``(the revised entry: y on a wrong row, else -1, log S' in ACC, p'_y, log p'_y)``; on a right row
+    ``S' = S`` and no entry is revised.
+    """
+    z_label = tl.load(T_row + label).to(ACC)
+    wrong = z_label < mt
+    e_label = tl.exp((z_label - mt).to(tl.float64) * inv_tau64)
+    inv_s = 1.0 / sum_t
+    beta = eta / (1.0 + inv_s - e_label * inv_s)
+    log_beta = tl.where(wrong, tl.log(beta), 0.0)
+    p_label = beta * e_label * inv_s + (1.0 - beta)
+    revised = tl.where(wrong, label, -1)
+    return revised, (log_sum_t64 - log_beta).to(ACC), p_label.to(ACC), tl.log(p_label).to(ACC)
+
+
+@triton.jit
+def _revised(p, logp, offs, revised, p_label, logp_label):
+    """A tile's ``(p, log p)`` with the revised label entry on a wrong row (the rest came from ``S'``)."""
+    at_label = offs == revised
+    return tl.where(at_label, p_label, p), tl.where(at_label, logp_label, logp)
+
+
+@triton.jit
 def distill_rows_kernel(
     S_ptr, T_ptr, s_row_stride, t_row_stride, G_ptr, LABELS_ptr, WEIGHTS_ptr, PARAMS_ptr, INV_DENOM_ptr,
     ROW_LOSS_ptr, STATUS_ptr, V, ignore_index,
@@ -176,6 +212,7 @@ def distill_rows_kernel(
     COMPUTE_GRAD: tl.constexpr,
     ACC: tl.constexpr,          # tl.float32, or tl.float64 for float64 inputs
     BLOCK: tl.constexpr,
+    REVISE: tl.constexpr = False,  # Label Revision (needs HAS_LABELS; eta in PARAMS)
 ):
     row = tl.program_id(0).to(tl.int64)
     S_row = S_ptr + row * s_row_stride
@@ -251,6 +288,14 @@ def distill_rows_kernel(
 
     weight = row_weight(WEIGHTING, log_sum_t64, sum_t1, ent_t1, inv_tau64, log_V, WEIGHTS_ptr, row)
 
+    # Label Revision: after the weight (which is of the unrevised teacher), a scalar fix-up of the teacher's sums.
+    revised = -1
+    p_label = tl.zeros([], ACC)
+    logp_label = tl.zeros([], ACC)
+    if REVISE:
+        revised, log_sum_t, p_label, logp_label = label_revision_fixup(
+            T_row, label, mt, sum_t, log_sum_t64, inv_tau64, tl.load(PARAMS_ptr + P_ETA), ACC)
+
     ce = tl.zeros([], tl.float64)
     log_sum_s1 = log_sum_s64
     if STUDENT_T1:
@@ -271,6 +316,8 @@ def distill_rows_kernel(
             offs = _tile_start(i, V, True, BLOCK) + cols
             p, q, logp, logq, _ = _log_probs(T_row, S_row, offs, offs < V, mt, ms, inv_tau, inv_tau_s,
                                              log_sum_t, log_sum_s, ACC)
+            if REVISE:
+                p, logp = _revised(p, logp, offs, revised, p_label, logp_label)
             v = value_term(DIV, p, q, logp, logq, alpha, beta, skew, log_w_p, log_w_q)
             if DIV == "renyi":
                 renyi_max, value_sum = _lse_update(renyi_max, value_sum, v, 1.0)
@@ -304,6 +351,8 @@ def distill_rows_kernel(
             mask = offs < V
             p, q, logp, logq, zs = _log_probs(T_row, S_row, offs, mask, mt, ms, inv_tau, inv_tau_s,
                                               log_sum_t, log_sum_s, ACC)
+            if REVISE:
+                p, logp = _revised(p, logp, offs, revised, p_label, logp_label)
             g = grad_term(DIV, p, q, logp, logq, alpha, beta, skew, log_w_p, log_w_q, renyi_lse)
             out = A * g + B * q
             if STUDENT_T1:
