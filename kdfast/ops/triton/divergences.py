@@ -27,24 +27,16 @@ FLOAT32_TINY = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit
-def log_mixture(p, q, logp, logq, log_w_p, log_w_q):
-    """``log m``, ``m = w_p p + w_q q`` (the weights come as their logs, possibly -inf).
+def log_mixture(p, q, log_w_p, log_w_q):
+    """``log max(m, tiny)``, ``m = w_p p + w_q q`` (the weights come as their logs, possibly -inf).
 
-    As the C++ policies (csrc/kernels/divergences.h, ``Mixture``): with
-    ``x = w_p p``, ``y = w_q q``, ``log m = log max(x, y) + log(1 + min / max)``,
-    where ``log max`` is the log-space term ``log w + log p`` (or ``log q``) the
-    other terms use; one division and one log instead of logaddexp's exp and
-    log.  Where ``max(x, y)`` underflows the larger log-space term stands in
-    (-inf for masked entries; within log 2 where both are below float's range)."""
-    a = logp + log_w_p
-    b = logq + log_w_q
-    x = tl.exp(log_w_p) * p
-    y = tl.exp(log_w_q) * q
-    hi = tl.maximum(x, y)
-    lo = tl.minimum(x, y)
-    normal = hi >= FLOAT32_TINY
-    lm = tl.where(y > x, b, a) + tl.log(1.0 + lo / tl.where(normal, hi, 1.0))
-    return tl.where(normal, lm, tl.maximum(a, b))
+    As the C++ policies (csrc/kernels/divergences.h, ``clamp_tiny`` and
+    ``vlog2_positive``): one FMA and one log.  Below float32's smallest normal
+    (masked entries, where ``m = 0``, or both probabilities underflowing) every
+    term that reads the log is multiplied by a probability below 1.2e-38 (or
+    masked by ``p > 0`` / ``q > 0``), so the clamp changes no term and keeps
+    the log finite."""
+    return tl.log(tl.maximum(_mixture(p, q, log_w_p, log_w_q), FLOAT32_TINY))
 
 
 @triton.jit
@@ -108,7 +100,7 @@ def value_term(DIV: tl.constexpr, p, q, logp, logq, alpha, beta, skew, log_w_p, 
     elif DIV == "reverse_kl":
         v = tl.where(q > 0, q * (logq - logp), 0.0)
     elif DIV == "jsd":
-        logm = log_mixture(p, q, logp, logq, log_w_p, log_w_q)
+        logm = log_mixture(p, q, log_w_p, log_w_q)
         v = beta * tl.where(p > 0, p * (logp - logm), 0.0) + (1.0 - beta) * _q_log_ratio(q, logq, logm)
     elif DIV == "tvd":
         v = 0.5 * tl.abs(p - q)
@@ -120,9 +112,9 @@ def value_term(DIV: tl.constexpr, p, q, logp, logq, alpha, beta, skew, log_w_p, 
         pp, qq = _ab_powers(p, q, logp, logq, s)
         v = -(pq - alpha / s * pp - beta / s * qq) / (alpha * beta)
     elif DIV == "skew_kl":
-        v = tl.where(p > 0, p * (logp - log_mixture(p, q, logp, logq, log_w_p, log_w_q)), 0.0)
+        v = tl.where(p > 0, p * (logp - log_mixture(p, q, log_w_p, log_w_q)), 0.0)
     elif DIV == "skew_reverse_kl":
-        v = _q_log_ratio(q, logq, log_mixture(p, q, logp, logq, log_w_p, log_w_q))
+        v = _q_log_ratio(q, logq, log_mixture(p, q, log_w_p, log_w_q))
     elif DIV == "hellinger":
         d = tl.sqrt(p) - tl.sqrt(q)
         v = d * d
@@ -148,7 +140,7 @@ def grad_term(DIV: tl.constexpr, p, q, logp, logq, alpha, beta, skew, log_w_p, l
     elif DIV == "reverse_kl":
         g = tl.where(q > 0, q * (logq - logp), 0.0)
     elif DIV == "jsd":
-        g = (1.0 - beta) * _q_log_ratio(q, logq, log_mixture(p, q, logp, logq, log_w_p, log_w_q))
+        g = (1.0 - beta) * _q_log_ratio(q, logq, log_mixture(p, q, log_w_p, log_w_q))
     elif DIV == "tvd":
         g = _tvd_g(p, q)
     elif DIV == "renyi":
@@ -159,7 +151,7 @@ def grad_term(DIV: tl.constexpr, p, q, logp, logq, alpha, beta, skew, log_w_p, l
     elif DIV == "skew_kl":
         g = _skew_kl_g(p, q, _mixture(p, q, log_w_p, log_w_q), skew)
     elif DIV == "skew_reverse_kl":
-        logm = log_mixture(p, q, logp, logq, log_w_p, log_w_q)
+        logm = log_mixture(p, q, log_w_p, log_w_q)
         m = _mixture(p, q, log_w_p, log_w_q)
         sq = tl.where(m >= FLOAT32_TINY, skew * (q * q) / tl.where(m > 0, m, 1.0), 0.0)
         g = tl.where(q > 0, _q_log_ratio(q, logq, logm) - sq, 0.0)
