@@ -93,12 +93,6 @@ def main() -> None:
     trainer, student = RUNS[mode](os.path.join(out, f"{mode}-work"), 4 // world, world)
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(result(trainer, student), os.path.join(out, f"{mode}.pt"))
-    # The Trainer (through accelerate) started the process group; left to interpreter exit, gloo's threads
-    # were sometimes still joinable when their destructors ran, and rank 0 died of std::terminate (SIGABRT)
-    # after the run had finished: end it here, after both ranks are done.
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
