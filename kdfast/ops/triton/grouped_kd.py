@@ -58,6 +58,7 @@ import triton.language as tl
 
 from ..fused_op import fake_distill_loss, paired_logits, register_saved_grad_autograd, wants_grad
 from . import row_kernel
+from .dkd import _plogratio
 from .launch import _as_rows, _inv_denominator, _raise_on_bad_rows, interpreting, reduced_loss, row_outputs
 from .row_kernel import _fill_zero_row, _finite_shift, _lse_update, _round_to, load_logits
 
@@ -75,12 +76,6 @@ PIVOTS = 16  # points per sweep of the threshold search
 _REDUCTIONS = ("batchmean", "sum", "none")
 _N_INPUTS = 11
 _REDUCTION_ARG = 9
-
-
-@triton.jit
-def _plogratio(log_p, log_q):
-    """``p (log p - log q)`` with ``0 log 0 = 0`` (scalars)."""
-    return tl.where(log_p == float("-inf"), 0.0, tl.exp(log_p) * (log_p - log_q))
 
 
 @triton.jit
