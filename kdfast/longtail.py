@@ -54,7 +54,6 @@ all ``-inf`` row is a ValueError.  Only the student gets a gradient.
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -62,7 +61,10 @@ import torch
 from torch import nn
 
 from .config import REDUCTIONS, check_logits, float32_coefficient, integer, positive_float32
+from .ops.backends import pick
 from .reference.distill import accumulation_dtype, check_rows_defined, kl, nan_or_posinf_rows, nan_rows_where
+from .reference.longtail import (decompose, group_log_probs, group_members, logit_rows, rebalanced,
+                                 teacher_group_log_probs)
 
 INTRA_WEIGHTINGS = ("uniform", "teacher")
 GroupsLike = Union[torch.Tensor, Sequence[int]]
@@ -96,6 +98,7 @@ def check_groups(groups: GroupsLike, num_classes: int, num_groups: Optional[int]
     TypeError for a non-integer dtype or element, ValueError for a wrong length
     or an id out of range.
     """
+    ids: Optional[List[int]] = None  # the ids as Python ints, when given so: checked without reading a tensor
     if isinstance(groups, torch.Tensor):
         if groups.is_floating_point() or groups.is_complex() or groups.dtype == torch.bool:
             raise TypeError(f"groups must hold integer group ids, got a {groups.dtype} tensor")
@@ -109,24 +112,27 @@ def check_groups(groups: GroupsLike, num_classes: int, num_groups: Optional[int]
         bad = [g for g in items if isinstance(g, bool) or not isinstance(g, numbers.Integral)]
         if bad:
             raise TypeError(f"groups must hold integer group ids, got {bad[0]!r}")
-        index = torch.tensor([int(g) for g in items], dtype=torch.long)
+        ids = [int(g) for g in items]
+        index = torch.tensor(ids, dtype=torch.long)
     if index.dim() != 1 or index.numel() != num_classes:
         raise ValueError(f"groups must have one group id per class: shape {tuple(index.shape)} for "
                          f"{num_classes} classes (the logits' last dimension)")
     index = index.to(device=device, dtype=torch.long)
-    low, high = int(index.min()), int(index.max())
+    if num_groups is not None:
+        count = integer("num_groups", num_groups)
+        if count < 1:
+            raise ValueError(f"num_groups must be >= 1, got num_groups={num_groups}")
+        if ids is None and torch.compiler.is_compiling():
+            return index, count  # reading a tensor's values breaks the graph; the fused ops check the ids
+    low, high = (min(ids), max(ids)) if ids is not None else (int(index.min()), int(index.max()))
     if low < 0:
         c = int((index < 0).nonzero()[0, 0])
         raise ValueError(f"groups[{c}] = {int(index[c])} is negative: group ids must be in [0, G)")
     if num_groups is None:
         count = high + 1
-    else:
-        count = integer("num_groups", num_groups)
-        if count < 1:
-            raise ValueError(f"num_groups must be >= 1, got num_groups={num_groups}")
-        if high >= count:
-            c = int((index >= count).nonzero()[0, 0])
-            raise ValueError(f"groups[{c}] = {int(index[c])} is outside [0, {count}) (num_groups={count})")
+    elif high >= count:
+        c = int((index >= count).nonzero()[0, 0])
+        raise ValueError(f"groups[{c}] = {int(index[c])} is outside [0, {count}) (num_groups={count})")
     return index, count
 
 
@@ -146,67 +152,9 @@ def _rebalance_mode(rebalance: Rebalance, count: int, dtype: torch.dtype,
     if prior.shape != (count,):
         raise ValueError(f"a rebalance prior needs one value per group: shape {tuple(prior.shape)} for {count} groups")
     prior = prior.to(device=device, dtype=dtype)
-    if not bool((torch.isfinite(prior) & (prior > 0)).all()):
+    if not torch.compiler.is_compiling() and not bool((torch.isfinite(prior) & (prior > 0)).all()):
         raise ValueError(f"a rebalance prior must be finite and > 0 in every group, got {prior.tolist()}")
     return prior.log()
-
-
-# ----------------------------------------------------------------- the formulas
-def _safe_logsumexp(x: torch.Tensor) -> torch.Tensor:
-    """``logsumexp`` over the last dim; ``-inf`` for an all ``-inf`` (or empty) slice, with a zero gradient there.
-
-    ``torch.logsumexp`` returns ``-inf`` for such a slice too, but its
-    backward is ``exp(-inf - (-inf))`` = NaN.
-    """
-    dead = torch.isneginf(x).all(-1)
-    value = torch.logsumexp(torch.where(dead[..., None], torch.zeros_like(x), x), -1)
-    return torch.where(dead, torch.full_like(value, -math.inf), value)
-
-
-def _group_log_probs(logp: torch.Tensor, members: List[torch.Tensor]) -> torch.Tensor:
-    """``log P_g = logsumexp_{c in g} log p_c`` per row: ``(N, G)``."""
-    return torch.stack([_safe_logsumexp(logp.index_select(-1, m)) for m in members], -1)
-
-
-def _conditional(logp: torch.Tensor, group_logp: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``log p_c - log P_{g(c)}``, ``-inf`` where the group has no mass (there ``p_c`` has none either)."""
-    per_class = group_logp.index_select(-1, index)
-    return torch.where(torch.isneginf(per_class), torch.full_like(logp, -math.inf), logp - per_class)
-
-
-def _kl_terms(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """The entries ``p (log p - log q)`` of a KL, 0 where ``p = 0`` (in the value and the gradient)."""
-    p = logp.exp()
-    keep = p > 0
-    zero = torch.zeros_like(logp)
-    return torch.where(keep, p * (torch.where(keep, logp, zero) - torch.where(keep, logq, zero)), zero)
-
-
-def _decompose(zs: torch.Tensor, zt: torch.Tensor, index: torch.Tensor, count: int, tau: float):
-    """``(logp, logq, log P, log Q, intra)`` of ``(N, V)`` logits at temperature ``tau``."""
-    members = [(index == g).nonzero().flatten() for g in range(count)]
-    logp = torch.log_softmax(zt / tau, -1)
-    logq = torch.log_softmax(zs / tau, -1)
-    group_p, group_q = _group_log_probs(logp, members), _group_log_probs(logq, members)
-    terms = _kl_terms(_conditional(logp, group_p, index), _conditional(logq, group_q, index))
-    # index_add, not a matmul with a one-hot matrix: a +inf entry must not meet the zeros of other groups.
-    intra = torch.zeros(terms.shape[0], count, dtype=terms.dtype, device=terms.device).index_add(1, index, terms)
-    return logp, logq, group_p, group_q, intra
-
-
-def _rebalanced(group_p: torch.Tensor, mode: Union[None, str, torch.Tensor], undefined: torch.Tensor) -> torch.Tensor:
-    """``log P~``: ``log P_g - log prior_g``, renormalised per row (``log P`` itself when ``mode`` is None)."""
-    if mode is None:
-        return group_p
-    if isinstance(mode, str):  # the teacher's mean group distribution over the defined rows of the call
-        # in log space (log of the mean of P_g): a tiny P_g does not underflow to a zero prior.
-        rows = group_p[~undefined]
-        log_prior = (torch.logsumexp(rows, 0) - math.log(rows.shape[0]) if rows.shape[0]
-                     else group_p.new_zeros(group_p.shape[-1]))
-    else:
-        log_prior = mode
-    shifted = torch.where(torch.isneginf(group_p), group_p, group_p - log_prior)
-    return shifted - _safe_logsumexp(shifted)[:, None]
 
 
 def _prepare(student_logits: torch.Tensor, teacher_logits: torch.Tensor, groups: GroupsLike,
@@ -215,11 +163,7 @@ def _prepare(student_logits: torch.Tensor, teacher_logits: torch.Tensor, groups:
     V = student_logits.shape[-1]
     tau = positive_float32("temperature", temperature)
     index, count = check_groups(groups, V, num_groups, device=student_logits.device)
-    acc = accumulation_dtype(student_logits, teacher_logits)
-    zs = student_logits.reshape(-1, V).to(acc)
-    zt = teacher_logits.detach().reshape(-1, V).to(acc)
-    check_rows_defined(zt, zs, torch.ones(zt.shape[0], dtype=torch.bool, device=zt.device))
-    undefined = nan_or_posinf_rows(zt) | nan_or_posinf_rows(zs)
+    zs, zt, undefined = logit_rows(student_logits, teacher_logits)
     return zs, zt, index, count, tau, undefined
 
 
@@ -240,7 +184,7 @@ def kd_group_decomposition(student_logits: torch.Tensor, teacher_logits: torch.T
     """
     zs, zt, index, count, tau, undefined = _prepare(student_logits, teacher_logits, groups, num_groups,
                                                     temperature)
-    _, _, group_p, group_q, intra = _decompose(zs, zt, index, count, tau)
+    _, _, group_p, group_q, intra = decompose(zs, zt, index, count, tau)
     inter = nan_rows_where(undefined, kl(group_p, group_q), zs)
     return GroupKL(inter, intra, group_p.exp(), group_q.exp())
 
@@ -257,9 +201,7 @@ def teacher_group_probabilities(teacher_logits: torch.Tensor, groups: GroupsLike
     V = teacher_logits.shape[-1]
     tau = positive_float32("temperature", temperature)
     index, count = check_groups(groups, V, num_groups, device=teacher_logits.device)
-    zt = teacher_logits.detach().reshape(-1, V).to(accumulation_dtype(teacher_logits))
-    members = [(index == g).nonzero().flatten() for g in range(count)]
-    return _group_log_probs(torch.log_softmax(zt / tau, -1), members).exp()
+    return teacher_group_log_probs(teacher_logits, index, count, tau).exp()
 
 
 def rebalanced_group_target(teacher_logits: torch.Tensor, groups: GroupsLike, temperature: float = 4.0,
@@ -279,16 +221,15 @@ def rebalanced_group_target(teacher_logits: torch.Tensor, groups: GroupsLike, te
     index, count = check_groups(groups, V, num_groups, device=teacher_logits.device)
     zt = teacher_logits.detach().reshape(-1, V).to(accumulation_dtype(teacher_logits))
     check_rows_defined(zt, zt, torch.ones(zt.shape[0], dtype=torch.bool, device=zt.device))
-    members = [(index == g).nonzero().flatten() for g in range(count)]
-    group_p = _group_log_probs(torch.log_softmax(zt / tau, -1), members)
+    group_p = group_log_probs(torch.log_softmax(zt / tau, -1), group_members(index, count))
     mode = _rebalance_mode(rebalance, count, zt.dtype, zt.device)
-    return _rebalanced(group_p, mode, nan_or_posinf_rows(zt)).exp()
+    return rebalanced(group_p, mode, nan_or_posinf_rows(zt)).exp()
 
 
 def ltkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, groups: GroupsLike,
               temperature: float = 4.0, inter_weight: float = 1.0, intra_weight: float = 1.0,
               rebalance: Rebalance = True, *, intra_weighting: str = "uniform", num_groups: Optional[int] = None,
-              reduction: str = "batchmean") -> torch.Tensor:
+              reduction: str = "batchmean", backend: str = "auto") -> torch.Tensor:
     """Long-tailed KD (Kim, "Biased Teacher, Balanced Student", 2025): group-rebalanced, group-uniform KD.
 
     Per row, with ``p = softmax(z_t / tau)``, ``q = softmax(z_s / tau)``, the
@@ -328,14 +269,24 @@ def ltkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, groups
             or ``"none"`` (``(N,)``).  With ``rebalance=True`` the rows share
             the batch's mean (a constant), so ``"none"`` still depends on the
             other rows of the call.
+        backend: ``"auto"`` (the fused kernel of the tensors' device: C++ on
+            CPU tensors, Triton on CUDA ones; else the PyTorch reference),
+            ``"torch"``, ``"cpu"`` or ``"triton"``.  The fused kernels keep
+            each row's group statistics in fixed-size arrays: with more than
+            :data:`kdfast.ops.ltkd_fused.MAX_FUSED_GROUPS` (16) groups every
+            backend computes the PyTorch reference.  Under ``torch.compile``
+            pass ``num_groups`` (otherwise it is read from the group ids' values).
 
     Returns float32 (float64 for float64 inputs).  Masked (``-inf``) logits
     are legal; a row with NaN or ``+inf`` is NaN; an all ``-inf`` row, groups
     of the wrong length or out of range, ``temperature <= 0`` and negative
-    weights are errors (ValueError; TypeError for wrong types).
+    weights are errors (ValueError; TypeError for wrong types); RuntimeError
+    for a backward with ``create_graph=True`` through a fused kernel (its
+    gradient is computed in the forward).
     """
-    zs, zt, index, count, tau, undefined = _prepare(student_logits, teacher_logits, groups, num_groups,
-                                                    temperature)
+    check_logits(student_logits, teacher_logits)
+    tau = positive_float32("temperature", temperature)
+    index, count = check_groups(groups, student_logits.shape[-1], num_groups, device=student_logits.device)
     a = float32_coefficient("inter_weight", inter_weight)
     b = float32_coefficient("intra_weight", intra_weight)
     for name, value in (("inter_weight", a), ("intra_weight", b)):
@@ -345,23 +296,10 @@ def ltkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, groups
         raise ValueError(f"intra_weighting must be one of {INTRA_WEIGHTINGS}, got {intra_weighting!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    mode = _rebalance_mode(rebalance, count, zs.dtype, zs.device)
-
-    _, _, group_p, group_q, intra = _decompose(zs, zt, index, count, tau)
-    target = _rebalanced(group_p, mode, undefined)
-    per_row = torch.zeros(zs.shape[0], dtype=zs.dtype, device=zs.device)
-    if a != 0.0:
-        per_row = per_row + a * kl(target, group_q)
-    if b != 0.0:
-        has_mass = group_p > -math.inf
-        weight = has_mass.to(zs.dtype) if intra_weighting == "uniform" else group_p.exp()
-        weighted = torch.where(has_mass & (weight > 0), weight * intra, torch.zeros_like(intra))
-        per_row = per_row + b * weighted.sum(-1)
-    per_row = nan_rows_where(undefined, tau * tau * per_row, zs)
-    if reduction == "none":
-        return per_row
-    total = per_row.sum()
-    return total if reduction == "sum" else total / max(zs.shape[0], 1)
+    mode = _rebalance_mode(rebalance, count, accumulation_dtype(student_logits, teacher_logits),
+                           student_logits.device)
+    impl = pick("ltkd", backend, student_logits.device)
+    return impl(student_logits, teacher_logits, index, count, tau, a, b, mode, intra_weighting, reduction)
 
 
 class LTKDLoss(nn.Module):
@@ -374,7 +312,7 @@ class LTKDLoss(nn.Module):
 
     def __init__(self, groups: GroupsLike, temperature: float = 4.0, inter_weight: float = 1.0,
                  intra_weight: float = 1.0, rebalance: Rebalance = True, *, intra_weighting: str = "uniform",
-                 num_groups: Optional[int] = None, reduction: str = "batchmean"):
+                 num_groups: Optional[int] = None, reduction: str = "batchmean", backend: str = "auto"):
         super().__init__()
         index, count = check_groups(groups, len(groups), num_groups)
         self.register_buffer("groups", index)
@@ -388,7 +326,7 @@ class LTKDLoss(nn.Module):
             raise ValueError(f"intra_weighting must be one of {INTRA_WEIGHTINGS}, got {intra_weighting!r}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        self.intra_weighting, self.reduction = intra_weighting, reduction
+        self.intra_weighting, self.reduction, self.backend = intra_weighting, reduction, backend
         mode = _rebalance_mode(rebalance, count, torch.float64, torch.device("cpu"))
         prior = mode.exp() if isinstance(mode, torch.Tensor) else None
         self.rebalance: Rebalance = None if prior is not None else mode  # None or "batch"
@@ -398,7 +336,7 @@ class LTKDLoss(nn.Module):
         rebalance = self.prior if self.prior is not None else self.rebalance
         return ltkd_loss(student_logits, teacher_logits, self.groups, self.temperature, self.inter_weight,
                          self.intra_weight, rebalance, intra_weighting=self.intra_weighting,
-                         num_groups=self.num_groups, reduction=self.reduction)
+                         num_groups=self.num_groups, reduction=self.reduction, backend=self.backend)
 
     def extra_repr(self) -> str:
         rebalance = "prior" if self.prior is not None else self.rebalance

@@ -2,7 +2,8 @@
 
 Run in a process of its own (``TRITON_INTERPRET`` must be off when the
 kernels are decorated, and the test session runs them interpreted):
-``python tests/compile_triton_for_gpu.py``.  Used by ``test_triton.py``.
+``python tests/compile_triton_for_gpu.py``.  Used by ``test_triton.py``;
+``python tests/compile_triton_for_gpu.py ltkd`` compiles only the LTKD kernels (``test_ltkd_fused.py``).
 """
 
 import json
@@ -142,6 +143,44 @@ def compile_topk_bucket_kernels(dtype, acc, index, hard, unit_stride):
     return compiled[0]
 
 
+# (logits dtype, accumulation, group lanes GP, rebalancing prior, teacher weights, gradient)
+LTKD_VARIANTS = [("bf16", "fp32", 4, True, False, True), ("fp32", "fp32", 4, False, True, False),
+                 ("fp16", "fp32", 16, True, False, True), ("fp64", "fp64", 4, True, True, True)]
+
+
+def compile_ltkd_kernels(dtype, acc, gp, prior, teacher_weighting, grad):
+    """The two LTKD kernels (kdfast/ops/triton/ltkd.py) at their GPU tiles for ``gp`` group lanes.
+
+    Both are compiled (a failure raises); returns the first whose PTX spills, else the loss kernel."""
+    from kdfast.ops.triton import ltkd
+
+    launch = {"BLOCK": max(128, ltkd._LANES_PER_TILE // gp), "num_warps": 8}  # ltkd._launch_config on a GPU
+    acc_tl = tl.float64 if acc == "fp64" else tl.float32
+    logits = {"S_ptr": f"*{dtype}", "T_ptr": f"*{dtype}", "s_row_stride": "i32", "t_row_stride": "i32"}
+    kernels = [
+        (ltkd.ltkd_rows_kernel,
+         dict(logits, G_ptr=f"*{dtype}", GROUPS_ptr="*i32", PRIOR_ptr="*fp64", PARAMS_ptr="*fp64",
+              INV_DENOM_ptr="*fp64", ROW_LOSS_ptr=f"*{acc}", STATUS_ptr="*i32", V="i32"),
+         dict(HAS_PRIOR=prior, TEACHER_WEIGHTING=teacher_weighting, COMPUTE_GRAD=grad)),
+        (ltkd.ltkd_teacher_groups_kernel,
+         dict(logits, GROUPS_ptr="*i32", PARAMS_ptr="*fp64", OUT_ptr="*fp64", STATUS_ptr="*i32", V="i32",
+              NUM_GROUPS="i32"), {}),
+    ]
+    compiled = []
+    for fn, signature, flags in kernels:
+        constexprs = dict(flags, ACC=acc_tl, BLOCK=launch["BLOCK"], GP=gp)
+        signature.update({name: "constexpr" for name in constexprs})
+        compiled.append(triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=TARGET,
+                                       options={"num_warps": launch["num_warps"]}))
+        if ".local" in compiled[-1].asm["ptx"]:
+            return compiled[-1]
+    return compiled[0]
+
+
+def ltkd_report():
+    return {"ltkd-" + "-".join(map(str, v)): _report(lambda v=v: compile_ltkd_kernels(*v)) for v in LTKD_VARIANTS}
+
+
 def compile_reduce_kernel():
     source = ASTSource(fn=row_kernel.reduce_kernel, constexprs={"BLOCK": 1024},
                        signature={"ROW_LOSS_ptr": "*fp32", "OUT_ptr": "*fp32", "INV_DENOM_ptr": "*fp64", "N": "i32",
@@ -174,6 +213,7 @@ def main():
     for variant in TOPK_BUCKET_VARIANTS:
         report["topk-bucket-" + "-".join(map(str, variant))] = _report(
             lambda v=variant: compile_topk_bucket_kernels(*v))
+    report.update(ltkd_report())
     for key, entry in report.items():
         if key != variant_id("kl", VARIANTS[0]):
             entry.pop("ttir", None)
@@ -181,4 +221,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["ltkd"]:  # only the LTKD kernels (tests/test_ltkd_fused.py)
+        json.dump({key: {k: v for k, v in entry.items() if k != "ttir"} for key, entry in ltkd_report().items()},
+                  sys.stdout)
+    else:
+        main()

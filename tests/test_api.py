@@ -136,7 +136,7 @@ def test_a_triton_older_than_3_6_is_reported_unavailable(monkeypatch):
     assert "older" not in (_triton.unavailable_reason() or "")
 
 
-@pytest.mark.parametrize("family", ["distill", "dist", "dkd", "correlation"])
+@pytest.mark.parametrize("family", ["distill", "dist", "dkd", "correlation", "ltkd"])
 def test_one_resolver_for_every_loss_family(family, monkeypatch):
     from kdfast.ops import backends
 

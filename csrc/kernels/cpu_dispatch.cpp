@@ -8,6 +8,7 @@
 #include "dist_api.h"
 #include "dkd_api.h"
 #include "kernel_api.h"
+#include "ltkd_api.h"
 #include "topk_api.h"
 
 namespace kdfast {
@@ -91,6 +92,8 @@ KDFAST_CAPABILITY_DISPATCH(dist_grad_rows, DistParams, DistBatch)
 KDFAST_CAPABILITY_DISPATCH(dkd_rows, DkdParams, DkdBatch)
 KDFAST_CAPABILITY_DISPATCH(correlation_rows, CorrelationParams, CorrelationBatch)
 KDFAST_CAPABILITY_DISPATCH(topk_rows, DistillParams, TopkBatch)
+KDFAST_CAPABILITY_DISPATCH(ltkd_rows, LtkdParams, LtkdBatch)
+KDFAST_CAPABILITY_DISPATCH(ltkd_teacher_groups_rows, LtkdParams, LtkdBatch)
 #undef KDFAST_CAPABILITY_DISPATCH
 
 CpuCapability vector_math(CpuCapability want, VectorFn fn, const float* x, float* y, int64_t n) {

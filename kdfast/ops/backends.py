@@ -21,11 +21,13 @@ from ..reference import distill_loss_reference
 from ..reference.correlation import correlation_loss_reference, dist_loss_reference
 from ..reference.dkd import dkd_loss_reference
 from ..reference.grouped_kd import grouped_kd_loss_reference
+from ..reference.longtail import ltkd_loss_reference
 
 BACKENDS = ("torch", "cpu", "triton")
 # The loss families and their references; each family's fused implementations share its reference's signature.
 FAMILIES = {"distill": distill_loss_reference, "dist": dist_loss_reference, "dkd": dkd_loss_reference,
-            "correlation": correlation_loss_reference, "grouped_kd": grouped_kd_loss_reference}
+            "correlation": correlation_loss_reference, "grouped_kd": grouped_kd_loss_reference,
+            "ltkd": ltkd_loss_reference}
 # Fused backends that have no kernel for a family at all (not merely unavailable on this machine): asking
 # for one is a NotImplementedError, and "auto" passes over it.
 NOT_WRITTEN = {"grouped_kd": ("cpu",)}
@@ -42,18 +44,19 @@ def _implementations() -> Dict[str, Dict[str, Callable]]:
     if cpu_extension_available():
         from . import cpu_correlation
         from .cpu import distill_loss_cpu
+        from .cpu_ltkd import ltkd_loss_cpu
 
         for family, impl in (("distill", distill_loss_cpu), ("dist", cpu_correlation.dist_loss_cpu),
                              ("dkd", cpu_correlation.dkd_loss_cpu),
-                             ("correlation", cpu_correlation.correlation_loss_cpu)):
+                             ("correlation", cpu_correlation.correlation_loss_cpu), ("ltkd", ltkd_loss_cpu)):
             impls[family]["cpu"] = impl
     if _triton.unavailable_reason() is None:
-        from .triton import correlation, dist, dkd, grouped_kd
+        from .triton import correlation, dist, dkd, grouped_kd, ltkd
         from .triton.op import distill_loss_triton
 
         for family, impl in (("distill", distill_loss_triton), ("dist", dist.dist_loss_triton),
                              ("dkd", dkd.dkd_loss_triton), ("correlation", correlation.correlation_loss_triton),
-                             ("grouped_kd", grouped_kd.grouped_kd_loss_triton)):
+                             ("grouped_kd", grouped_kd.grouped_kd_loss_triton), ("ltkd", ltkd.ltkd_loss_triton)):
             impls[family]["triton"] = impl
     return impls
 

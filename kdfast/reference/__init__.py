@@ -2,9 +2,9 @@
 
 The tests compare every fused kernel with these functions, and the backends
 fall back to them where no fused kernel runs.  ``kdfast.reference.<name>``
-reaches the distillation formulas (:mod:`.distill`); DKD, Grouped KD and the
-correlation losses have their own modules (:mod:`.dkd`, :mod:`.grouped_kd`,
-:mod:`.correlation`).
+reaches the distillation formulas (:mod:`.distill`); DKD, Grouped KD, long-tailed KD
+and the correlation losses have their own modules (:mod:`.dkd`, :mod:`.grouped_kd`,
+:mod:`.longtail`, :mod:`.correlation`).
 """
 
 from .correlation import correlation_loss_reference, dist_loss_reference
@@ -14,3 +14,4 @@ from .distill import (FORMULAS, WEIGHT_FORMULAS, ab, accumulation_dtype, check_l
                       wttm_weight, wttm_weight_from_logsumexps)
 from .dkd import dkd_loss_reference
 from .grouped_kd import grouped_kd_loss_reference
+from .longtail import ltkd_loss_reference
