@@ -72,6 +72,7 @@ def _extensions():
         "csrc/correlation_ops.cpp",
         "csrc/topk_op.cpp",
         "csrc/ltkd_op.cpp",
+        "csrc/grouped_kd_op.cpp",
         "csrc/kernels/cpu_dispatch.cpp",
         "csrc/kernels/distill_cpu_default.cpp",
         "csrc/kernels/distill_cpu_avx2.cpp",
@@ -81,6 +82,10 @@ def _extensions():
         "csrc/kernels/ltkd_cpu_avx2.cpp",
         "csrc/kernels/ltkd_cpu_avx512.cpp",
         "csrc/kernels/ltkd_cpu_avx512_bf16.cpp",
+        "csrc/kernels/grouped_kd_cpu_default.cpp",
+        "csrc/kernels/grouped_kd_cpu_avx2.cpp",
+        "csrc/kernels/grouped_kd_cpu_avx512.cpp",
+        "csrc/kernels/grouped_kd_cpu_avx512_bf16.cpp",
         "csrc/kernels/selftest.cpp",
     ]
     ext = CppExtension(

@@ -45,7 +45,7 @@ choices made here:
   ``primary_mass``, which is the abstract's "according to the cumulative
   probability of the softened prediction" applied per sample, does not
   depend on the batch, and makes the loss a per-row pass over the logits
-  (fused on the Triton backend).
+  (fused on the C++ and Triton backends).
 * **the group's temperature** is ``group_temperature = 1`` (the released
   code's softmax); ``group_temperature=temperature`` reads "softened" as the
   distillation temperature instead (larger groups).
@@ -57,7 +57,7 @@ choices made here:
   in the group (GKD is then ``primary_weight`` x KD when no teacher logit is
   ``-inf``).  A class whose cumulative mass lies within rounding of the
   threshold may fall on either side on different backends (the reference
-  sorts and sums in order; the kernel sums tiles).
+  sorts and sums in order; the kernels sum tiles).
 * ``labels`` may be None (no class forced in: e.g. unlabelled rows or LLM
   tokens without targets).
 
@@ -144,17 +144,16 @@ def grouped_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
         reduction: ``"batchmean"`` (sum over the rows whose label is not
             ``ignore_index``, divided by their number; 0 when there is none),
             ``"sum"`` or ``"none"`` (``(N,)``, 0 on ignored rows).
-        backend: ``"auto"`` (Triton on CUDA tensors, else the PyTorch
-            reference), ``"torch"`` or ``"triton"``.  There is no C++ (``"cpu"``)
-            kernel for this loss: asking for one is a NotImplementedError.
+        backend: ``"auto"`` (Triton on CUDA tensors, the C++ kernel on CPU
+            tensors when the extension is built, else the PyTorch reference),
+            ``"torch"``, ``"cpu"`` or ``"triton"``.
 
     Returns float32 (float64 when either input is float64).  Errors: TypeError
     for wrong types; ValueError for mismatched shapes or devices, labels
     without ``N`` entries or out of range, ``temperature``/``group_temperature``
     <= 0, ``primary_mass`` outside (0, 1], non-finite weights, an unknown
-    reduction, an all ``-inf`` valid row; NotImplementedError for
-    ``backend="cpu"``; RuntimeError for a backward with ``create_graph=True``
-    through the Triton kernel.
+    reduction, an all ``-inf`` valid row; RuntimeError for a backward with
+    ``create_graph=True`` through a fused kernel (C++ or Triton).
     """
     check_logits(student_logits, teacher_logits)
     tau = positive_float32("temperature", temperature)

@@ -136,7 +136,16 @@ def test_a_triton_older_than_3_6_is_reported_unavailable(monkeypatch):
     assert "older" not in (_triton.unavailable_reason() or "")
 
 
-@pytest.mark.parametrize("family", ["distill", "dist", "dkd", "correlation", "ltkd"])
+def test_a_kernel_not_written_is_not_implemented(monkeypatch):
+    from kdfast.ops import backends
+
+    # every family has every kernel at present: a stand-in entry
+    monkeypatch.setitem(backends.NOT_WRITTEN, "grouped_kd", ("cpu",))
+    with pytest.raises(NotImplementedError, match=r"no 'cpu' kernel yet; its backends are \['torch', 'triton'\]"):
+        backends.resolve_backend("cpu", torch.device("cpu"), "grouped_kd")
+
+
+@pytest.mark.parametrize("family", ["distill", "dist", "dkd", "correlation", "grouped_kd", "ltkd"])
 def test_one_resolver_for_every_loss_family(family, monkeypatch):
     from kdfast.ops import backends
 

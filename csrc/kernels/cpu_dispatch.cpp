@@ -7,6 +7,7 @@
 #include "correlation_api.h"
 #include "dist_api.h"
 #include "dkd_api.h"
+#include "grouped_kd_api.h"
 #include "kernel_api.h"
 #include "ltkd_api.h"
 #include "topk_api.h"
@@ -90,6 +91,7 @@ KDFAST_CAPABILITY_DISPATCH(dist_row_stats, DistParams, DistBatch)
 KDFAST_CAPABILITY_DISPATCH(dist_column_stats, DistParams, DistBatch)
 KDFAST_CAPABILITY_DISPATCH(dist_grad_rows, DistParams, DistBatch)
 KDFAST_CAPABILITY_DISPATCH(dkd_rows, DkdParams, DkdBatch)
+KDFAST_CAPABILITY_DISPATCH(grouped_kd_rows, GroupedKdParams, GroupedKdBatch)
 KDFAST_CAPABILITY_DISPATCH(correlation_rows, CorrelationParams, CorrelationBatch)
 KDFAST_CAPABILITY_DISPATCH(topk_rows, DistillParams, TopkBatch)
 KDFAST_CAPABILITY_DISPATCH(ltkd_rows, LtkdParams, LtkdBatch)

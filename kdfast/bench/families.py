@@ -28,8 +28,7 @@ The loss families and the losses they hold:
   (DKD with labels ``arange(N) % V``);
 * ``grouped_kd``: ``kdfast.grouped_kd_loss`` at its defaults but the settings'
   temperature (labels ``arange(N) % V``); its plain form is the authors'
-  released code with a per-row group (:func:`.baselines.grouped_kd_plain`).
-  It has no C++ kernel: on CPU ``kdfast`` is the PyTorch reference;
+  released code with a per-row group (:func:`.baselines.grouped_kd_plain`);
 * ``label_revision``: ``kd_loss`` (KL, ``T**2``) with ``label_revision=0.9``
   (Label Revision, :mod:`kdfast.label_revision`; labels ``arange(N) % V``, so
   most rows of the random teacher are revised), next to ``kl`` (KD); its plain

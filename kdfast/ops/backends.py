@@ -29,8 +29,8 @@ FAMILIES = {"distill": distill_loss_reference, "dist": dist_loss_reference, "dkd
             "correlation": correlation_loss_reference, "grouped_kd": grouped_kd_loss_reference,
             "ltkd": ltkd_loss_reference}
 # Fused backends that have no kernel for a family at all (not merely unavailable on this machine): asking
-# for one is a NotImplementedError, and "auto" passes over it.
-NOT_WRITTEN = {"grouped_kd": ("cpu",)}
+# for one is a NotImplementedError, and "auto" passes over it (none at present).
+NOT_WRITTEN: Dict[str, tuple] = {}
 
 
 def available_backends(family: str = "distill") -> List[str]:
@@ -44,11 +44,13 @@ def _implementations() -> Dict[str, Dict[str, Callable]]:
     if cpu_extension_available():
         from . import cpu_correlation
         from .cpu import distill_loss_cpu
+        from .cpu_grouped_kd import grouped_kd_loss_cpu
         from .cpu_ltkd import ltkd_loss_cpu
 
         for family, impl in (("distill", distill_loss_cpu), ("dist", cpu_correlation.dist_loss_cpu),
                              ("dkd", cpu_correlation.dkd_loss_cpu),
-                             ("correlation", cpu_correlation.correlation_loss_cpu), ("ltkd", ltkd_loss_cpu)):
+                             ("correlation", cpu_correlation.correlation_loss_cpu),
+                             ("grouped_kd", grouped_kd_loss_cpu), ("ltkd", ltkd_loss_cpu)):
             impls[family]["cpu"] = impl
     if _triton.unavailable_reason() is None:
         from .triton import correlation, dist, dkd, grouped_kd, ltkd

@@ -35,11 +35,17 @@ def fake_distill_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: s
     return student.new_empty((N,) if reduction == "none" else (), dtype=torch.float64 if f64 else torch.float32)
 
 
-def fake_distill_forward(student, teacher, labels, weights, divergence, params, weighting, tau, tau_s, ignore_index,
-                         hard_weight, soft_coef, reduction, normalizer, compute_grad):
+def fake_loss_and_grad(student: torch.Tensor, teacher: torch.Tensor, reduction: str, compute_grad: bool):
+    """Fake outputs of an op returning its loss (``(N,)`` for ``reduction="none"``, else a scalar) and the
+    ``(N, V)`` student gradient (``(0,)`` without one)."""
     V = student.shape[-1]
     grad = student.new_empty((student.numel() // V, V) if compute_grad else (0,))
     return fake_distill_loss(student, teacher, reduction), grad
+
+
+def fake_distill_forward(student, teacher, labels, weights, divergence, params, weighting, tau, tau_s, ignore_index,
+                         hard_weight, soft_coef, reduction, normalizer, compute_grad):
+    return fake_loss_and_grad(student, teacher, reduction, compute_grad)
 
 
 def fake_scalar_loss_and_grad(student, compute_grad):

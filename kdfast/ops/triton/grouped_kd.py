@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fused_op import fake_distill_loss, paired_logits, register_saved_grad_autograd, wants_grad
+from ..fused_op import fake_loss_and_grad, paired_logits, register_saved_grad_autograd, wants_grad
 from . import row_kernel
 from .dkd import _plogratio
 from .launch import _as_rows, _inv_denominator, _raise_on_bad_rows, interpreting, reduced_loss, row_outputs
@@ -309,9 +309,7 @@ def grouped_kd_forward_triton(student: torch.Tensor, teacher: torch.Tensor, labe
 @grouped_kd_forward_triton.register_fake
 def _(student, teacher, labels, tau, primary_mass, primary_weight, binary_weight, group_tau, ignore_index, reduction,
       compute_grad):
-    V = student.shape[-1]
-    grad = student.new_empty((student.numel() // V, V) if compute_grad else (0,))
-    return fake_distill_loss(student, teacher, reduction), grad
+    return fake_loss_and_grad(student, teacher, reduction, compute_grad)
 
 
 register_saved_grad_autograd(grouped_kd_forward_triton, _N_INPUTS,
