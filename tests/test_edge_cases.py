@@ -34,6 +34,30 @@ def test_masked_vocabulary_entries(divergence, params, kernel):
 
 
 @kernels
+@pytest.mark.parametrize("student_temperature", [0.5, 4.0, 64.0])
+@pytest.mark.parametrize("offset", [0.0, 1e3, 3e5])
+def test_hard_label_term_at_a_student_temperature_other_than_1(offset, student_temperature, kernel):
+    """With tau_s != 1 the CE's softmax (temperature 1) is 2^(tau_s t) of the exponential sweep's t:
+    the shift's rounding then counts tau_s times (3e5-size logits at tau_s = 64), which the kernel
+    must take out of the CE's normaliser, or shift exactly."""
+    s = logits((6, 45), seed=13) + offset
+    t = logits((6, 45), seed=14) + offset
+    labels = torch.tensor([0, 44, 7, 7, 20, 3])
+    kw = dict(labels=labels, hard_weight=0.6, temperature=2.0, student_temperature=student_temperature,
+              reduction="none")
+    if offset >= 1e5 and s.dtype == torch.float32:
+        # z / tau_s of 3e5-size float32 logits is itself rounded by ~1e-2 (ulp 0.03 / tau_s): compare with
+        # the float32 reference's own error, as assert_matches_oracle does for ill-conditioned cases
+        loss, grad = loss_and_grad(s, t, backend=kernel, **kw)
+        ref64, grad64 = oracle(s, t, **kw)
+        ref32, grad32 = oracle(s, t, dtype=torch.float32, **kw)
+        assert (loss.double() - ref64).abs().max() <= 4 * (ref32 - ref64).abs().max() + 1e-5
+        assert (grad.double() - grad64).abs().max() <= 4 * (grad32 - grad64).abs().max() + 1e-6
+    else:
+        assert_matches_oracle(s, t, kernel, **kw)
+
+
+@kernels
 def test_hard_label_term_of_huge_logits_whose_label_is_the_argmax(kernel):
     """The cross-entropy of a confident student (1e-5 at logits of 1e4) is not swamped by the rounding
     of the kernels' base-2 shift of the row (1e-3 at that scale): the CE is taken in natural units.
@@ -172,16 +196,19 @@ def test_kernel_row_offsets_are_64_bit():
     assert _C._check_large_row_offsets() == ""
 
 
-@pytest.mark.parametrize("vocab", [32768, 32769])  # rows all aligned; rows aligned one in 16
+# rows all aligned; rows aligned one in 16 (a head of up to 15 entries); one in 2 (float32) / 1 in 4 (bf16)
+@pytest.mark.parametrize("vocab", [32768, 32769, 1000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("capability", [k[len("cpu-"):] for k in KERNELS if k.startswith("cpu-")])
 def test_gradients_larger_than_the_caches_are_streamed_to_the_same_bits(capability, dtype, vocab):
-    """A gradient of >= 64 MB is written with non-temporal stores (aligned full vectors; other rows
-    and tails store normally).  Rows are independent, so the rows of one such call must be
-    bit-identical to the same rows computed in calls small enough to be stored normally."""
+    """A gradient of >= 64 MB is written with non-temporal stores (full vectors from each row's first
+    aligned entry on; the head before it and the tail store normally).  Rows are independent, so
+    the rows of one such call must be bit-identical to the same rows computed in calls small
+    enough to be stored normally."""
     from conftest import cpu_capability
 
     rows = (64 << 20) // (vocab * dtype.itemsize) + 8
+    parts = 4
     g = torch.Generator().manual_seed(0)
     s = (torch.randn(rows, vocab, generator=g) * 3).to(dtype)
     t = (torch.randn(rows, vocab, generator=g) * 3).to(dtype)
@@ -195,7 +222,8 @@ def test_gradients_larger_than_the_caches_are_streamed_to_the_same_bits(capabili
     with cpu_capability(capability):
         big_loss, big_grad = loss_and_grad(s, t)
         assert big_grad.untyped_storage().nbytes() >= 64 << 20
-        for part in (slice(0, rows // 2), slice(rows // 2, rows)):
+        bounds = [rows * k // parts for k in range(parts + 1)]
+        for part in (slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])):
             loss, grad = loss_and_grad(s[part], t[part])
             assert grad.untyped_storage().nbytes() < 64 << 20
             assert torch.equal(loss, big_loss[part]) and torch.equal(grad, big_grad[part])

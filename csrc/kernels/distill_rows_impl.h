@@ -2,9 +2,11 @@
 // defines `distill_rows` for the capability of the including translation unit.
 #pragma once
 
+#include <algorithm>
 #include <cstdlib>
 
 #include "dtype_pairs.h"
+#include "narrow_rows.h"
 #include "row_kernel.h"
 
 namespace kdfast {
@@ -15,9 +17,21 @@ void run_rows(const DistillParams& prm, const DistillBatch& b, int64_t begin, in
   using S = typename V::value_type;
   using Kernel = RowKernel<Div, V, TT, TS>;
   const DivConsts& dc = prm.div;
-  rows_with_scratch_n<V, Kernel::kScratchRows>(b.vocab, b.row_status, begin, end,
-                                               [&](int64_t i, S* scratch, int64_t padded) {
-    Kernel::run(prm, dc, b, i, Kernel::scratch_rows(scratch, padded));
+  using Narrow = NarrowRows<Div, V, TT, TS>;
+  with_scratch_rows<V, Kernel::kScratchRows>(b.vocab, b.row_status, begin, end, [&](S* scratch, int64_t padded) {
+    const RowScratch<S> rows = Kernel::scratch_rows(scratch, padded);
+    int64_t i = begin;
+    if constexpr (Narrow::kApplies) {
+      if (Narrow::eligible(prm, b)) {
+        for (; i < end; i += Narrow::W) {
+          const int count = int(std::min<int64_t>(Narrow::W, end - i));
+          const uint32_t skeleton = Narrow::run(prm, b, i, count);
+          for (int r = 0; r < count; ++r)
+            if (skeleton >> r & 1u) Kernel::run(prm, dc, b, i + r, rows);
+        }
+      }
+    }
+    for (; i < end; ++i) Kernel::run(prm, dc, b, i, rows);
   });
 }
 

@@ -191,6 +191,16 @@ inline void store_grad(T* p, V v, Tail tail, bool stream) {
   st(p, v, tail);
 }
 
+// The entries of a gradient row before its first address aligned for
+// streaming stores (0 when the row starts aligned), at most n.
+template <class V, class T>
+inline int64_t aligned_head(const T* row, int64_t n) {
+  const int64_t misaligned = int64_t(reinterpret_cast<uintptr_t>(row) % kStreamAlign<V, T>);
+  if (misaligned == 0 || misaligned % int64_t(sizeof(T)) != 0) return 0;
+  const int64_t head = (kStreamAlign<V, T> - misaligned) / int64_t(sizeof(T));
+  return head < n ? head : n;
+}
+
 // 1 on the lanes that are entries of the row, 0 on the padding of a tail
 template <class V> inline V live_lanes(Full) { return V::broadcast(typename V::value_type(1)); }
 template <class V> inline V live_lanes(int n) {
@@ -199,22 +209,33 @@ template <class V> inline V live_lanes(int n) {
   return load_tail<V>(ones, n, 0.0f);
 }
 
-// Calls f(i, scratch, padded) for the rows [begin, end) with kRows scratch
-// rows of padded length V (row r at scratch + r * padded): one set per call
-// (= per thread chunk), so O(threads * V) memory, never O(N * V).  Out of
-// memory marks the rows -1.
+// Calls f(scratch, padded) once for the rows [begin, end): kRows scratch rows
+// of padded length V (row r at scratch + r * padded), per call (= per thread
+// chunk), so O(threads * V) memory, never O(N * V).  Out of memory marks the
+// rows -1.
 template <class V, int kRows, class F>
-inline void rows_with_scratch_n(int64_t vocab, int32_t* row_status, int64_t begin, int64_t end, F&& f) {
+inline void with_scratch_rows(int64_t vocab, int32_t* row_status, int64_t begin, int64_t end, F&& f) {
   using S = typename V::value_type;
   const int64_t padded = (vocab + V::size - 1) / V::size * V::size;
-  const size_t bytes = ((kRows * padded * sizeof(S)) + 63) / 64 * 64;
+  // one vector more: a sweep shifted by a partial first vector (a gradient
+  // row aligned for streaming) reads its last full vector past `padded`
+  const size_t bytes = (((kRows * padded + V::size) * sizeof(S)) + 63) / 64 * 64;
   S* scratch = static_cast<S*>(std::aligned_alloc(64, bytes));
   if (!scratch) {
     for (int64_t i = begin; i < end; ++i) row_status[i] = -1;
     return;
   }
-  for (int64_t i = begin; i < end; ++i) f(i, scratch, padded);
+  f(scratch, padded);
   std::free(scratch);
+}
+
+// Calls f(i, scratch, padded) for each row of [begin, end), all with the same
+// scratch rows (with_scratch_rows).
+template <class V, int kRows, class F>
+inline void rows_with_scratch_n(int64_t vocab, int32_t* row_status, int64_t begin, int64_t end, F&& f) {
+  with_scratch_rows<V, kRows>(vocab, row_status, begin, end, [&](typename V::value_type* scratch, int64_t padded) {
+    for (int64_t i = begin; i < end; ++i) f(i, scratch, padded);
+  });
 }
 
 // The common case: two scratch rows, f(i, scratch_a, scratch_b).
@@ -255,13 +276,15 @@ struct ShiftBySub {
 };
 
 // The per-thread scratch rows of one row kernel: the exponentials of both
-// inputs, and (where kept) their shifted logits t.
+// inputs, (where kept) their shifted logits t, and the student's
+// exponentials at temperature 1 (for the hard-label term when tau_s != 1).
 template <class S>
 struct RowScratch {
   S* e_t;
   S* e_s;
   S* t_t;  // null unless kept
   S* t_s;
+  S* e_s1;
 };
 
 template <template <class> class Div, class V, class TT, class TS>
@@ -277,12 +300,14 @@ struct RowKernel {
   // its share of L2.
   static constexpr bool kKeepT = ReadsLogs<Div<V>>::value && sizeof(TT) < 4;
   static constexpr bool kKeepS = ReadsLogs<Div<V>>::value && sizeof(TS) < 4;
-  static constexpr int kScratchRows = 2 + int(kKeepT) + int(kKeepS);
+  static constexpr int kScratchRows = 3 + int(kKeepT) + int(kKeepS);
   static RowScratch<S> scratch_rows(S* base, int64_t padded) {
     S* next = base + 2 * padded;
     S* t_t = kKeepT ? next : nullptr;
     if (kKeepT) next += padded;
-    return {base, base + padded, t_t, kKeepS ? next : nullptr};
+    S* t_s = kKeepS ? next : nullptr;
+    if (kKeepS) next += padded;
+    return {base, base + padded, t_t, t_s, next};
   }
 
   // scratch: per-thread rows of padded length (multiple of V::size), from scratch_rows().
@@ -320,16 +345,17 @@ struct RowKernel {
     // 2^22 or more (huge logits, tiny temperatures) subtract the maximum first,
     // so that 2^t never overflows and t = 0 at the maximum exactly.
     // A weighting's teacher at temperature 1 is 2^(tau t) from the same t
-    // (exp_sweep): there the rounding counts tau times, so a row where that
-    // could leave float's range (logits past ~1e8 at large tau) takes the
-    // exact shift too.
+    // (exp_sweep), and so is the hard-label term's student at temperature 1,
+    // 2^(tau_s t): there the rounding counts tau (tau_s) times, so a row where
+    // that could leave float's range (logits past ~1e8 at large tau) takes
+    // the exact shift too.
     const S k_t = S(kLog2eD / prm.tau), k_s = S(kLog2eD / prm.tau_s);
     const bool fma_shift = std::fabs(double(mzt) * double(k_t)) < kFmaShiftLimit &&
                            std::fabs(double(mzs) * double(k_s)) < kFmaShiftLimit;
-    const ShiftByFma<V> fma_t(k_t, mzt);
-    if (fma_shift && !(weighting_needs_t1(prm) && std::fabs(prm.tau * fma_t.at_max()) >= 16.0))
-      finish_row(prm, dc, b, row, scratch, zt, zs, grad, label, mzt, mzs, fma_t,
-                 ShiftByFma<V>(k_s, mzs));
+    const ShiftByFma<V> fma_t(k_t, mzt), fma_s(k_s, mzs);
+    if (fma_shift && !(weighting_needs_t1(prm) && std::fabs(prm.tau * fma_t.at_max()) >= 16.0) &&
+        !(hard_needs_student_t1(prm, b) && std::fabs(prm.tau_s * fma_s.at_max()) >= 16.0))
+      finish_row(prm, dc, b, row, scratch, zt, zs, grad, label, mzt, mzs, fma_t, fma_s);
     else
       finish_row(prm, dc, b, row, scratch, zt, zs, grad, label, mzt, mzs,
                  ShiftBySub<V>(k_t, mzt), ShiftBySub<V>(k_s, mzs));
@@ -337,6 +363,12 @@ struct RowKernel {
 
   static bool weighting_needs_t1(const DistillParams& prm) {
     return with_weighting(prm.weighting, [](auto policy) { return decltype(policy)::kNeedsTeacherT1; });
+  }
+
+  // The hard-label term's softmax is the student's at temperature 1: its own
+  // exponentials when tau_s != 1.
+  static bool hard_needs_student_t1(const DistillParams& prm, const DistillBatch& b) {
+    return b.labels && prm.hard_weight != 0.0 && prm.tau_s != 1.0;
   }
 
   // The teacher at temperature 1 as sums over u = tau t (base 2: 2^u = exp(z - max)
@@ -349,17 +381,21 @@ struct RowKernel {
   // scratch, their sums and KL's value.  With kT1, also the teacher at
   // temperature 1 from the same t (2^(tau t), one more exp per entry while t is
   // in registers): a weighting that needs it then costs no sweep of its own.
-  template <bool kT1, class Shift>
+  // With kS1, the same for the student (2^(tau_s t), kept in scratch for the
+  // gradient, summed into s1_sum): the hard-label term then needs no sweep and
+  // no exponential of its own.
+  template <bool kT1, bool kS1, class Shift>
   static void exp_sweep(const DistillBatch& b, int64_t row, const RowScratch<S>& scratch, const TT* zt, const TS* zs,
-                        const Shift& to_t, const Shift& to_s, S tau, RowAcc& r, TeacherT1Sums& t1) {
+                        const Shift& to_t, const Shift& to_s, S tau, S tau_s, RowAcc& r, TeacherT1Sums& t1,
+                        double& s1_sum) {
     S* scratch_t = scratch.e_t;
     S* scratch_s = scratch.e_s;
     const int64_t n = b.vocab;
     const bool has_next = row + 1 < b.rows;
     const TT* zt_next = has_next ? zt + b.teacher_row_stride : zt;
     const TS* zs_next = has_next ? zs + b.student_row_stride : zs;
-    const V vtau = V::broadcast(tau);
-    V at = V::zero(), as = V::zero(), av = V::zero(), a1 = V::zero(), h1 = V::zero();
+    const V vtau = V::broadcast(tau), vtau_s = V::broadcast(tau_s);
+    V at = V::zero(), as = V::zero(), av = V::zero(), a1 = V::zero(), h1 = V::zero(), as1 = V::zero();
     sweep<V>(n, [&](int64_t j, auto tail) {
       prefetch_next_line<V>(zt_next, j);
       prefetch_next_line<V>(zs_next, j);
@@ -379,6 +415,11 @@ struct RowKernel {
         a1 = a1 + e1;
         h1 = fmadd_where(gt(e1, V::zero()), e1, u, h1);  // u may be -inf where e1 == 0
       }
+      if constexpr (kS1) {
+        const V e1 = vexp2_nonpositive(ts * vtau_s);
+        e1.store(scratch.e_s1 + j);
+        as1 = as1 + e1;
+      }
     }, [&] {
       r.sum_t += at.reduce_add();
       r.sum_s += as.reduce_add();
@@ -387,7 +428,8 @@ struct RowKernel {
         t1.sum += a1.reduce_add();
         t1.u_sum += h1.reduce_add();
       }
-      at = as = av = a1 = h1 = V::zero();
+      if constexpr (kS1) s1_sum += as1.reduce_add();
+      at = as = av = a1 = h1 = as1 = V::zero();
     });
   }
 
@@ -399,13 +441,18 @@ struct RowKernel {
     S* scratch_t = scratch.e_t;
     S* scratch_s = scratch.e_s;
     const int64_t n = b.vocab;
-    const V vmzs = V::broadcast(mzs);
     RowAcc r;
     TeacherT1Sums t1;
-    if (weighting_needs_t1(prm))
-      exp_sweep<true>(b, row, scratch, zt, zs, to_t, to_s, S(prm.tau), r, t1);
-    else
-      exp_sweep<false>(b, row, scratch, zt, zs, to_t, to_s, S(prm.tau), r, t1);
+    double s1_sum = 0.0;
+    auto exp_sweep_with = [&](auto teacher_t1, auto student_t1) {
+      exp_sweep<decltype(teacher_t1)::value, decltype(student_t1)::value>(
+          b, row, scratch, zt, zs, to_t, to_s, S(prm.tau), S(prm.tau_s), r, t1, s1_sum);
+    };
+    const bool teacher_t1 = weighting_needs_t1(prm), student_t1 = hard_needs_student_t1(prm, b);
+    if (teacher_t1 && student_t1) exp_sweep_with(std::true_type{}, std::true_type{});
+    else if (teacher_t1) exp_sweep_with(std::true_type{}, std::false_type{});
+    else if (student_t1) exp_sweep_with(std::false_type{}, std::true_type{});
+    else exp_sweep_with(std::false_type{}, std::false_type{});
     // A NaN or +inf logit makes its sum NaN (2^t of a finite row is at most
     // 2^(1/4) per entry, so a finite row's sums are finite): the contract's
     // NaN in, NaN out, for the row's loss and every entry of its gradient.
@@ -444,13 +491,8 @@ struct RowKernel {
     double ce = 0.0, log_sum_s1 = r.log_sum_s - kLn2D * t_at_max_s;
     const bool student_t1_differs = prm.tau_s != 1.0;
     if (hard) {
-      if (student_t1_differs) {
-        double s1 = 0;
-        V a1 = V::zero();
-        sweep<V>(n, [&](int64_t j, auto tail) { a1 = a1 + vexp(ld<V>(zs + j, tail, kNegInf) - vmzs); },
-                 [&] { s1 += a1.reduce_add(); a1 = V::zero(); });
-        log_sum_s1 = std::log(s1);
-      }
+      // The exponential sweep's 2^(tau_s t) carry 2^(tau_s t at the max).
+      if (student_t1_differs) log_sum_s1 = std::log(s1_sum) - kLn2D * prm.tau_s * t_at_max_s;
       ce = (double(mzs) - double(to_float(zs[label]))) + log_sum_s1;
     }
 
@@ -514,10 +556,12 @@ struct RowKernel {
     const double c_soft = prm.soft_coef * weight * prm.inv_denom;
     const double c_hard = hard ? prm.hard_weight * prm.inv_denom : 0.0;
     // gradient_j = A * g_j + B * q_j (+ c_hard * softmax(z_s)_j when tau_s != 1) - c_hard [j == label]
-    // Streaming needs full vectors at their natural alignment: rows whose
-    // start is not aligned (V not a multiple of the vector) store normally.
-    const bool stream = Streamable<V, TS> && b.stream_grad &&
-                        reinterpret_cast<uintptr_t>(grad) % kStreamAlign<V, TS> == 0;
+    // Streaming needs full vectors at their natural alignment: a row whose
+    // start is not aligned (V not a multiple of the vector) stores its first
+    // entries, up to the first aligned one, as a partial vector, and streams
+    // the rest (the scratch rows are padded for the shifted last vector).
+    const bool stream = Streamable<V, TS> && b.stream_grad;
+    const int64_t head = stream ? aligned_head<V>(grad, n) : 0;
     auto write_grad = [&] {
       const double a = c_soft / prm.tau_s;
       // A g_j = (A kept_scale) kept_j, rounded to S once; the B q_j term takes
@@ -531,17 +575,16 @@ struct RowKernel {
       const V A_kept = V::broadcast(a_kept);
       // B q = (B / S_s) e_s; for KL, A g = A (-p) = (-A / S_t) e_t
       const V A_minus_p = vset<V>(-a / r.sum_t), B_q = vset<V>(b / r.sum_s);
-      const V C = vset<V>(c_hard);
-      const V log_sum_s1_v = vset<V>(log_sum_s1);
       const bool add_q1 = hard && student_t1_differs;
-      sweep<V>(n, [&](int64_t j, auto tail) {
+      const V C = vset<V>(add_q1 ? c_hard / s1_sum : c_hard);  // the student at T = 1: (c_hard / s1) e_s1
+      auto write = [&](int64_t j, auto tail) {
         V out;
         if constexpr (Div<V>::kValueFromExps) {
           out = fmadd(V::load(scratch_t + j), A_minus_p, V::load(scratch_s + j) * B_q);
         } else {  // scratch_t holds what the value sweep kept of entry j
           out = fmadd(A_kept, V::load(scratch_t + j), V::load(scratch_s + j) * B_q);
         }
-        if (add_q1) out = fmadd(C, vexp((ld<V>(zs + j, tail, kNegInf) - vmzs) - log_sum_s1_v), out);
+        if (add_q1) out = fmadd(C, V::load(scratch.e_s1 + j), out);
         if (hard && label >= j && label < j + lanes(tail, V::size)) {
           alignas(64) S t[V::size];
           out.store(t);
@@ -549,7 +592,9 @@ struct RowKernel {
           out = V::load(t);
         }
         store_grad(grad + j, out, tail, stream);
-      }, no_flush);
+      };
+      if (head) write(0, int(head));
+      sweep<V>(n - head, [&](int64_t j, auto tail) { write(head + j, tail); }, no_flush);
       if (stream) stream_fence();
     };
 

@@ -225,6 +225,32 @@ def grouped_kd_plain(student_logits, teacher_logits, target, temperature=4.0, pr
     return binary_weight * binary + primary_weight * primary
 
 
+def ltkd_plain(student_logits, teacher_logits, groups, temperature=4.0):
+    """Long-tailed KD written in plain PyTorch, batchmean: group masses by ``index_add``, the batch-rebalanced
+    inter-group KL and the within-group KLs weighted uniformly (``kdfast.ltkd_loss``'s defaults).
+
+    Per group, the within-group log-probabilities are the log-softmax of the
+    logits with the other groups masked to ``-inf`` (``0 log 0`` taken as 0).
+    """
+    acc = torch.promote_types(student_logits.dtype, torch.float32)
+    s, t = student_logits.to(acc) / temperature, teacher_logits.to(acc) / temperature
+    log_p, log_q = F.log_softmax(t, 1), F.log_softmax(s, 1)
+    G = int(groups.max()) + 1
+    member = F.one_hot(groups, G).T.bool()  # (G, V)
+    big_p = torch.zeros(s.shape[0], G, dtype=acc, device=s.device).index_add_(1, groups, log_p.exp())
+    big_q = torch.zeros(s.shape[0], G, dtype=acc, device=s.device).index_add_(1, groups, log_q.exp())
+    target = big_p / big_p.mean(0, keepdim=True)
+    target = target / target.sum(1, keepdim=True)
+    inter = F.kl_div(big_q.log(), target, reduction="batchmean")
+    intra = 0.0
+    for g in range(G):
+        masked_t = t.masked_fill(~member[g], float("-inf"))
+        masked_s = s.masked_fill(~member[g], float("-inf"))
+        p_g = F.softmax(masked_t, 1)
+        intra = intra + (p_g * (F.log_softmax(masked_t, 1) - F.log_softmax(masked_s, 1))).nan_to_num().sum(1).mean()
+    return temperature**2 * (inter + intra)
+
+
 def plain_topk_loss(student_logits, topk_indices, topk_logprobs, *, tail="renormalize", temperature=1.0, scale=1.0):
     """KL against a teacher's cached top-k log-probabilities, batchmean: ``topk_distill_loss``'s two tails.
 

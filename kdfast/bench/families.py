@@ -29,11 +29,15 @@ The loss families and the losses they hold:
 * ``grouped_kd``: ``kdfast.grouped_kd_loss`` at its defaults but the settings'
   temperature (labels ``arange(N) % V``); its plain form is the authors'
   released code with a per-row group (:func:`.baselines.grouped_kd_plain`);
+* ``ltkd``: ``kdfast.ltkd_loss`` (long-tailed KD, :mod:`kdfast.longtail`) with three
+  class groups (head / medium / tail = the first, middle and last third of the
+  classes), the batch-rebalanced target and the settings' temperature; its
+  plain form is the same loss on the PyTorch backend (the per-group
+  decomposition a user would write, :func:`.baselines.ltkd_plain`);
 * ``label_revision``: ``kd_loss`` (KL, ``T**2``) with ``label_revision=0.9``
   (Label Revision, :mod:`kdfast.label_revision`; labels ``arange(N) % V``, so
   most rows of the random teacher are revised), next to ``kl`` (KD); its plain
-  form is the PyTorch pre-pass (:func:`.baselines.label_revision_plain`).  The
-  C++ kernel does not have it yet: on CPU ``kdfast`` is the PyTorch reference;
+  form is the PyTorch pre-pass (:func:`.baselines.label_revision_plain`);
 * ``topk``: ``topk_distill_loss`` (``kdfast[torch]`` is its PyTorch form, the
   implementation before the fused kernels) against the teacher's top-k
   log-probabilities (float32, int64 indices, as an offline-distillation cache
@@ -64,12 +68,13 @@ from kdfast.llm.topk import TAILS
 from kdfast.ops.backends import available_backends
 from kdfast.ops.triton import interpreter_requested
 
-from .baselines import grouped_kd_plain, label_revision_plain, plain_loss, plain_other_loss, plain_topk_loss
+from .baselines import (grouped_kd_plain, label_revision_plain, ltkd_plain, plain_loss, plain_other_loss,
+                        plain_topk_loss)
 
 WEIGHTINGS = ("wttm", "entropy")
 CORRELATION_LOSSES = ("dist", "dkd", "correlation")
 TOPK_FAMILIES = ("topk", "fused_linear_topk")  # the losses of a teacher's top-k: a case per tail and k
-LOSSES = (*DIVERGENCES, *WEIGHTINGS, "label_revision", *CORRELATION_LOSSES, "grouped_kd", "topk", "fused_linear",
+LOSSES = (*DIVERGENCES, *WEIGHTINGS, "label_revision", *CORRELATION_LOSSES, "grouped_kd", "ltkd", "topk", "fused_linear",
           "fused_linear_topk")
 LABEL_REVISION_ETA = 0.9
 BASELINES = ("eager", "compile", "liger")
@@ -86,10 +91,10 @@ TEACHER_ROWS_PER_CHUNK = 1024
 
 def family_of(loss: str) -> str:
     """The family of a benchmarked loss (``distill``, ``dist``, ``dkd``, ``correlation``, ``grouped_kd``,
-    ``label_revision``, ``topk``, ``fused_linear``, ``fused_linear_topk``)."""
+    ``ltkd``, ``label_revision``, ``topk``, ``fused_linear``, ``fused_linear_topk``)."""
     if loss in DIVERGENCES or loss in WEIGHTINGS:
         return "distill"
-    if loss in CORRELATION_LOSSES or loss in ("grouped_kd", "label_revision", "topk", "fused_linear",
+    if loss in CORRELATION_LOSSES or loss in ("grouped_kd", "ltkd", "label_revision", "topk", "fused_linear",
                                               "fused_linear_topk"):
         return loss
     raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
@@ -183,7 +188,7 @@ def fused_backend(device: torch.device) -> str:
 
 def implementation_family(family: str) -> str:
     """The ``available_backends`` family of a benchmark family (top-k and fused linear run distill's kernels)."""
-    return family if family in CORRELATION_LOSSES or family == "grouped_kd" else "distill"
+    return family if family in CORRELATION_LOSSES or family in ("grouped_kd", "ltkd") else "distill"
 
 
 def default_backend(family: str, device: torch.device) -> str:
@@ -382,6 +387,21 @@ def _prepare_grouped_kd(case, settings, device, dtype) -> dict:
             "kdfast": kdfast_method, "wrt": (s,), "bytes_moved": logits_bytes(case.N, case.V, s, t)}
 
 
+def _prepare_ltkd(case, settings, device, dtype) -> dict:
+    s, t = make_logits(case.N, case.V, dtype, device)
+    T = settings.temperature
+    groups = torch.arange(case.V, device=device) * 3 // case.V
+    compiled = compile_plain(ltkd_plain, settings.compile_backend)
+
+    def kdfast_method(backend):
+        why = _check_backend(backend, "ltkd", device)
+        return why or (lambda: kdfast.ltkd_loss(s, t, groups, temperature=T, backend=backend))
+
+    return {"baselines": {"eager": lambda: ltkd_plain(s, t, groups, T), "compile": lambda: compiled(s, t, groups, T),
+                          "liger_why": "Liger-Kernel has no long-tailed KD loss"},
+            "kdfast": kdfast_method, "wrt": (s,), "bytes_moved": logits_bytes(case.N, case.V, s, t)}
+
+
 def topk_inputs(N: int, V: int, k: int, dtype, device, seed: int = 0):
     """Student logits and a teacher's top-k (int64 indices, float32 log-probabilities at T = 1) of one case."""
     s, t = make_logits(N, V, dtype, device, seed)
@@ -539,7 +559,7 @@ def _liger_fused_linear(x: dict):
 
 
 _PREPARE = {"distill": _prepare_distill, "dist": _prepare_correlation_family, "dkd": _prepare_correlation_family,
-            "correlation": _prepare_correlation_family, "grouped_kd": _prepare_grouped_kd,
+            "correlation": _prepare_correlation_family, "grouped_kd": _prepare_grouped_kd, "ltkd": _prepare_ltkd,
             "label_revision": _prepare_label_revision, "topk": _prepare_topk,
             "fused_linear": _prepare_fused_linear, "fused_linear_topk": _prepare_fused_linear_topk}
 __all__ = ["BASELINES", "LOSSES", "TOPK_FAMILIES", "Case", "Settings", "Prepared", "prepare", "cases_of", "family_of",

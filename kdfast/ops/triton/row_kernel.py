@@ -345,7 +345,9 @@ def distill_rows_kernel(
             B64 += c_hard
         B = B64.to(ACC)
         C = c_hard.to(ACC)
-        shift_s1 = (ms.to(tl.float64) + log_sum_s1).to(ACC)
+        # (z - max) - log S1, not z - (max + log S1): the sum rounded to float32 would shift the whole
+        # softmax by half an ulp of max (1.6 % at logits of 3e5)
+        log_sum_s1_acc = log_sum_s1.to(ACC)
         for i in range(0, tl.cdiv(V, BLOCK)):
             offs = _tile_start(i, V, DIV == "kl", BLOCK) + cols  # kl has no sweep B: reverse A's order
             mask = offs < V
@@ -356,7 +358,7 @@ def distill_rows_kernel(
             g = grad_term(DIV, p, q, logp, logq, alpha, beta, skew, log_w_p, log_w_q, renyi_lse)
             out = A * g + B * q
             if STUDENT_T1:
-                out += C * tl.exp(zs - shift_s1)
+                out += C * tl.exp((zs - ms) - log_sum_s1_acc)
             if HARD:
                 out = tl.where(offs == label, out - C, out)
             tl.store(G_row + offs, _round_to(out, G_ptr.dtype.element_ty), mask=mask)
