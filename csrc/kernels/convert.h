@@ -179,8 +179,8 @@ inline void stream_store(float* p, VecF v) { _mm512_stream_ps(p, v.v); }
 // Non-temporal stores of a full vector of the gradient (where the ISA has
 // them): the gradient is written once and read by the caller long after, so
 // it bypasses the caches, and DRAM does not first read every line it is about
-// to overwrite.  p must be aligned to the stored bytes (kStreamAlign); after a
-// row, stream_fence() orders these weakly-ordered stores before later ones.
+// to overwrite.  p must be aligned to the stored bytes (kStreamAlign); after
+// them, stream_fence() orders these weakly-ordered stores before later ones.
 #if defined(KDFAST_ISA_AVX2) || defined(KDFAST_ISA_AVX512)
 inline void stream_store(BF16* p, VecF v) { Convert<VecF, BF16>::stream(p, v); }
 inline void stream_store(F16* p, VecF v) { Convert<VecF, F16>::stream(p, v); }

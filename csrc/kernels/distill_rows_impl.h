@@ -32,6 +32,8 @@ void run_rows(const DistillParams& prm, const DistillBatch& b, int64_t begin, in
       }
     }
     for (; i < end; ++i) Kernel::run(prm, dc, b, i, rows);
+    // the chunk's streamed gradient is ordered before whatever the thread does next (the op's join)
+    if (b.stream_grad) stream_fence();
   });
 }
 

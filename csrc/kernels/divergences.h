@@ -82,6 +82,13 @@ struct ReadsLogs<D, std::void_t<decltype(D::kReadsLogs)>> : std::bool_constant<D
 template <class V>
 V clamp_tiny(V x) { return vmax(x, vset<V>(double(std::numeric_limits<typename V::value_type>::min()))); }
 
+// A base-2 log floored at -FLT_MAX, for a term w * (log2 x - log2 m) whose
+// weight w is 0 wherever log2 x is -inf (a masked entry): 0 * finite is 0, one
+// max instead of the compare and blend of a select.  Only where the mixture's
+// log2 m is finite (clamp_tiny) and x > 0 implies w > 0, i.e. the mixtures.
+template <class V>
+V floor_log(V log2x) { return vmax(log2x, vset<V>(double(std::numeric_limits<typename V::value_type>::lowest()))); }
+
 // ---------------------------------------------------------------- kl
 // D = sum p (log p - log q) = (ln 2 / S_t) sum e_t (t_t - t_s) - log S_t + log S_s; g_j = -p_j
 template <class V>
@@ -161,8 +168,8 @@ struct JSD : Base2Sums {
     V add(const Elem<V>& e) {
       const V bp = e.e_t * beta_over_sum_t, cq = e.e_s * one_minus_beta_over_sum_s;
       const V log2m = vlog2_positive(clamp_tiny(bp + cq));
-      const V g = select(gt(cq, vzero<V>()), cq * (e.log2q - log2m), vzero<V>());
-      const V vp = select(gt(bp, vzero<V>()), bp * (e.log2p - log2m), vzero<V>());
+      const V g = cq * (floor_log(e.log2q) - log2m);
+      const V vp = bp * (floor_log(e.log2p) - log2m);
       s.add(vp + g, g);
       return g;
     }
@@ -267,7 +274,7 @@ struct SkewKL {
       const V cq = e.e_s * one_minus_skew_over_sum_s;
       const V m = clamp_tiny(fmadd(e.e_t, skew_over_sum_t, cq));
       const V g = vzero<V>() - e.p * cq * vrecip(m);
-      s.add(select(gt(e.p, vzero<V>()), e.p * (e.log2p - vlog2_positive(m)), vzero<V>()), g);
+      s.add(e.p * (floor_log(e.log2p) - vlog2_positive(m)), g);
       return g;
     }
     void flush(RowAcc& r) { s.flush(r); }
@@ -291,7 +298,7 @@ struct SkewReverseKL : Base2Sums {
     V add(const Elem<V>& e) {
       const V sq = e.e_s * skew_over_sum_s;
       const V m = clamp_tiny(fmadd(e.e_t, one_minus_skew_over_sum_t, sq));
-      const V value = select(gt(e.q, vzero<V>()), e.q * (e.log2q - vlog2_positive(m)), vzero<V>());
+      const V value = e.q * (floor_log(e.log2q) - vlog2_positive(m));
       const V g = value - e.q * (sq * log2e) * vrecip(m);
       s.add(value, g);
       return g;

@@ -594,8 +594,9 @@ struct RowKernel {
         store_grad(grad + j, out, tail, stream);
       };
       if (head) write(0, int(head));
+      // (no fence per row: run_rows fences once per thread chunk; a fence per
+      // row of 100 entries costs more than its streaming saves)
       sweep<V>(n - head, [&](int64_t j, auto tail) { write(head + j, tail); }, no_flush);
-      if (stream) stream_fence();
     };
 
     if constexpr (!Div<V>::kValueFromExps) {
