@@ -79,9 +79,7 @@ std::tuple<at::Tensor, at::Tensor> run_distill(
   // A gradient that outgrows the caches is written around them (the caller
   // reads it long after); a small one stays cached for the ops that follow.
   // Not over the student logits: the row's next load would hit a line that a
-  // streamed half-line has just taken out of the cache.  (Counting the
-  // logits too, 65536 x 100 float32 streamed and ran 2.3x slower: a fence
-  // per row of 400 bytes.)
+  // streamed half-line has just taken out of the cache.
   b.stream_grad = !grad_out.defined() && grad.nbytes() >= kStreamGradMinBytes;
   b.row_loss = rows.loss.data();
   b.row_status = rows.status.data();
