@@ -28,6 +28,7 @@ import torch
 import kdfast
 from kdfast.bench.families import loss_options, make_logits
 from kdfast.bench.machine import describe_machine, machine_info
+from kdfast.bench.timing import time_round_robin
 
 LOSSES = ("kl", "reverse_kl", "jsd", "tvd", "renyi", "ab", "skew_kl", "skew_reverse_kl", "hellinger", "wttm",
           "entropy", "kl+labels")
@@ -57,10 +58,7 @@ def measure(losses, N: int, V: int, dtype: torch.dtype, temperature: float, runs
     for _ in range(warmup):
         for step in steps.values():
             step()
-    times = {loss: [] for loss in losses}
-    for _ in range(runs):
-        for loss, step in steps.items():
-            times[loss].append(step())
+    times = time_round_robin(steps, runs)
     kl = times["kl"]
     return {loss: {"times_s": ts, "median_s": statistics.median(ts),
                    "ratio_of_medians": statistics.median(ts) / statistics.median(kl),

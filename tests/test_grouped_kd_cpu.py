@@ -24,25 +24,13 @@ import kdfast
 from kdfast.grouped_kd import grouped_kd_loss, primary_group
 
 from conftest import GRAD_TOL, KERNELS, VALUE_ATOL, VALUE_RTOL, kernel_backend
+from test_grouped_kd import labels_for, rand
 
 torch.set_num_threads(1)
 INF = math.inf
 CPU_KERNELS = [k for k in KERNELS if k.startswith("cpu-")]
 pytestmark = pytest.mark.skipif(not CPU_KERNELS, reason="the C++ extension is not built")
 cpu_kernels = pytest.mark.parametrize("kernel", CPU_KERNELS)
-
-
-def rand(*shape, seed=0, scale=3.0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-
-
-def labels_for(n, V, seed=0, ignored=()):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, V, (n,), generator=g)
-    for i in ignored:
-        y[i] = -100
-    return y
 
 
 def run(kernel, s, t, labels, upstream=True, **kw):
