@@ -393,6 +393,7 @@ correlation_kernels = fused_kernels
 
 def _correlation_loss_and_grad(s, t, backend, **kw):
     x = s.detach().to(kernel_device(backend)).requires_grad_()
+    kw = {k: v.to(x.device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}  # e.g. a weighting tensor
     loss = kdfast.correlation_loss(x, t.to(x.device), backend=backend, **kw)
     (grad,) = torch.autograd.grad(loss, x)
     return loss.detach().cpu(), grad.cpu()
