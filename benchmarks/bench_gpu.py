@@ -18,7 +18,15 @@ Cases, most important first (the time budget may not reach the last ones):
 * ``fused_linear_distill_loss`` at BT=8192, H_s=2048, H_t=4096, V=128256 bf16
   against Liger's ``LigerFusedLinearJSDLoss`` (beta 0: KL) and eager
   (materialised logits, plain KL), with the peak memory of each
-  (``torch.cuda.max_memory_allocated``, reset before each method).
+  (``torch.cuda.max_memory_allocated``, reset before each method);
+* fused LTKD (``kdfast.ltkd_loss``, 3 groups, batch prior), Grouped KD and KD
+  with Label Revision at 4096x32000 float32 (the shape of the CPU results),
+  and ``topk_distill_loss(tail="bucket")`` with a k = 64 teacher at
+  8192x128256 bf16, each against ``torch.compile`` of its plain form and the
+  plain form eager (``kdfast.bench``'s ``ltkd`` / ``grouped_kd`` /
+  ``label_revision`` / ``topk`` families): measured right after the three
+  acceptance cases (KD and JSD at 8192x128256 bf16, fused linear), as no GPU
+  has timed them yet.
 
 Times are medians of ``--runs`` forward+backward steps timed with CUDA events
 (the same number for every method); the HBM roofline is the bytes one
@@ -95,13 +103,15 @@ class Case:
     """One benchmark case; ``id`` names the GPU case even when a dry run shrinks the shape."""
 
     id: str
-    kind: str  # "loss" (distill_loss and the correlation losses) or "fused_linear"
+    kind: str  # "loss" (distill_loss, the correlation losses and the other kdfast.bench families) or "fused_linear"
     loss: str
     N: int
     V: int
     dtype: str
     hidden_student: int = 0
     hidden_teacher: int = 0
+    tail: str | None = None  # the top-k case's tail and k (kdfast.bench's topk family); None elsewhere
+    topk: int | None = None
 
     def shape(self) -> Shape:
         return Shape(self.N, self.hidden_student, self.hidden_teacher, self.V, self.dtype)
@@ -111,6 +121,10 @@ def _loss_case(loss: str, N: int, V: int, dtype: str) -> Case:
     return Case(f"{loss}-{N}x{V}-{dtype}", "loss", loss, N, V, dtype)
 
 
+def _topk_case(tail: str, k: int, N: int, V: int, dtype: str) -> Case:
+    return Case(f"topk-{tail}-k{k}-{N}x{V}-{dtype}", "loss", "topk", N, V, dtype, tail=tail, topk=k)
+
+
 def gpu_cases() -> list:
     """Every case of the acceptance run, in the order they are measured (acceptance cases first)."""
     big = [(8192, 128256, "bfloat16"), (8192, 128256, "float32"), (4096, 32000, "float32")]
@@ -118,6 +132,9 @@ def gpu_cases() -> list:
     s = FUSED_LINEAR_SHAPE
     cases.append(Case(f"fused_linear-{s.label}", "fused_linear", "kl", s.rows, s.vocab, s.dtype,
                       s.hidden_student, s.hidden_teacher))
+    # the kernels no GPU has timed yet, before the cases earlier sessions measured
+    cases += [_loss_case(loss, 4096, 32000, "float32") for loss in ("ltkd", "grouped_kd", "label_revision")]
+    cases.append(_topk_case("bucket", 64, *big[0]))
     cases += [_loss_case(loss, *shape) for shape in big for loss in LLM_LOSSES
               if _loss_case(loss, *shape) not in cases]
     cases += [_loss_case(loss, N, V, "float32") for loss in ("dist", "dkd") for N, V in ((8192, 32000), (65536, 1000))]
@@ -337,13 +354,14 @@ def _method_entry(record: dict) -> dict:
 
 
 def run_loss_case(case: Case, ctx: Context) -> dict:
-    """A ``distill_loss`` / DIST / DKD case through ``kdfast.bench``'s runner (kdfast's Triton backend)."""
+    """A ``distill_loss`` / DIST / DKD / LTKD / Grouped KD / Label Revision / top-k case through ``kdfast.bench``'s
+    runner (kdfast's Triton backend)."""
     settings = families.Settings(device=str(ctx.device), temperature=TEMPERATURE,
                                  baselines=tuple(m for m in expected_methods(case) if m != "kdfast"),
                                  backends=("triton",), compile_backend=ctx.compile_backend)
-    records = run_bench_case(families.Case(case.loss, case.N, case.V, case.dtype), settings, runs=ctx.runs,
-                             warmup=1, phases=("forward_backward",), bandwidth=ctx.copy_bw, nominal=ctx.nominal_bw,
-                             memory="cuda" if ctx.device.type == "cuda" else "in-process")
+    records = run_bench_case(families.Case(case.loss, case.N, case.V, case.dtype, case.tail, case.topk), settings,
+                             runs=ctx.runs, warmup=1, phases=("forward_backward",), bandwidth=ctx.copy_bw,
+                             nominal=ctx.nominal_bw, memory="cuda" if ctx.device.type == "cuda" else "in-process")
     # on CPU tensors (the dry run) Triton is not the device's backend: its method is "kdfast[triton]"
     methods = {("kdfast" if r["kind"] == "kdfast" else r["method"]): _method_entry(r) for r in records}
     moved = next((r["bytes_moved"] for r in records if "bytes_moved" in r), None)

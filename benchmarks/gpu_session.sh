@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
 # The whole GPU acceptance of kdfast in one command, within 8 minutes of wall time:
-#   1. the Triton tests on CUDA tensors (TRITON_INTERPRET unset): the backend matrix, DIST/DKD/correlation,
-#      errors and edge cases, fused linear and top-k on the device with a process group of one rank
-#      (tests/test_gpu_session.py's on_device tests), then the rest (determinism, compile, properties,
-#      top-k); capped at --tests-cap-s, the log saved;
+#   1. the Triton tests on CUDA tensors (TRITON_INTERPRET unset): fused linear and top-k on the device with a
+#      process group of one rank (tests/test_gpu_session.py's on_device tests), the kernels never run on a GPU
+#      before (fused LTKD, Grouped KD, Label Revision, the top-k bucket), DIST/DKD/correlation, errors and
+#      edge cases, the backend matrix, then the rest (determinism, compile, properties, top-k); capped at
+#      --tests-cap-s, the log saved;
 #   2. benchmarks/bench_gpu.py: kdfast vs Liger-Kernel vs torch.compile vs eager PyTorch, forward+backward
 #      medians with CUDA events, peak memory, the copy-bandwidth roofline, value agreement and the
-#      acceptance checks, under what is left of the session's time;
+#      acceptance checks (LTKD, Grouped KD, Label Revision and the top-k bucket right after the acceptance
+#      cases), under what is left of the session's time;
 #   3. in OUT_DIR: gpu-session.json, gpu-session.md (printed at the end), pytest.txt, session.log.
 #
 # Usage, from anywhere in the repository:
-#   bash benchmarks/gpu_session.sh [--dry-run] [--session-s S] [--tests-cap-s S] [--budget-s S] [OUT_DIR]
-#                                  [-- bench_gpu.py arguments, e.g. --cases dist dkd --runs 10]
+#   bash benchmarks/gpu_session.sh [--dry-run] [--collect-only] [--session-s S] [--tests-cap-s S] [--budget-s S]
+#                                  [OUT_DIR] [-- bench_gpu.py arguments, e.g. --cases dist dkd --runs 10]
 # OUT_DIR: default $OUT when set (the device machine's folder that comes back), else
 # benchmarks/results/gpu-session-<date>-<time>.
 #   --session-s S    the whole script's wall-time limit (default 450: 7.5 minutes)
 #   --tests-cap-s S  the tests' share of it (default 150; dry run 60; 0 skips the tests)
 #   --budget-s S     the benchmark's budget (default: what is left after the tests, less a 45 s grace
 #                    for the case in flight and the report; the benchmark is killed at budget + grace)
+#   --collect-only   only list the tests the run would select (pytest --collect-only; the GPU selection
+#                    unless --dry-run), nothing written: a bad -k expression shows on a CPU machine
 #
 # The GPU machine: Python 3.12, torch 2.11 (CUDA), triton 3.6.0, no network.  Liger-Kernel travels as a
 # wheel in .whl/ (untracked and not ignored, so the device tool carries it); prepare it on a CPU machine,
@@ -35,11 +39,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
 
-dry_run=0 session_s=450 tests_cap_s="" budget_s="" out="" bench_args=()
+dry_run=0 collect_only=0 session_s=450 tests_cap_s="" budget_s="" out="" bench_args=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --) shift; bench_args=("$@"); break ;;
         --dry-run) dry_run=1 ;;
+        --collect-only) collect_only=1 ;;
         --session-s) session_s=$2; shift ;;
         --tests-cap-s) tests_cap_s=$2; shift ;;
         --budget-s) budget_s=$2; shift ;;
@@ -49,36 +54,59 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-out="${out:-${OUT:-benchmarks/results/gpu-session-$(date +%F-%H%M%S)}}"
-mkdir -p "$out"
-log="$out/session.log"
-: > "$log"
 grace=45
-
-say() { echo "# $*" | tee -a "$log"; }
-left() { echo $((session_s - (SECONDS - start))); }
-at_most() { local a=$1 b=$2; a=$(( a < b ? a : b )); echo $(( a > 1 ? a : 1 )); }  # min(a, b), at least 1 s
 
 export PYTHONUNBUFFERED=1 KDFAST_DISABLE_EXTENSION=1
 site="${KDFAST_SITE:-/tmp/site}"
 export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
+new_kernels=(tests/test_ltkd_fused.py tests/test_grouped_kd.py tests/test_label_revision.py tests/test_topk_triton.py)
 if [ "$dry_run" = 1 ]; then
     export TRITON_INTERPRET=1
     tests_cap_s="${tests_cap_s:-60}"
-    # one case per divergence of the backend matrix, DIST, DKD, top-k, and the on-device tests
+    # one case per divergence of the backend matrix, DIST, DKD, top-k, LTKD, Grouped KD, Label Revision, the
+    # top-k bucket, and the on-device tests
     subset="on_device or test_topk and k_equal_to_V and kl-renormalize or triton and float32 and ("
     subset+="test_kernel_matches_reference and batchmean and soft and None"
-    subset+=" or test_dist_kernel_matches_reference and 33-300 or test_dkd_kernel_matches_reference and 8-10)"
-    tests=(-k "$subset" tests/test_gpu_session.py tests/test_backend_matrix.py tests/test_correlation_losses.py tests/test_topk.py)
+    subset+=" or test_dist_kernel_matches_reference and 33-300 or test_dkd_kernel_matches_reference and 8-10"
+    subset+=" or test_matches_the_reference and teacher-batch or test_triton_float32_and_bfloat16"
+    subset+=" or test_float32_and_bfloat16_against_the_float64_reference and [kl-"
+    subset+=" or test_float32_and_16_bit_students and 3-student_dtype0)"
+    tests=(-k "$subset" tests/test_gpu_session.py "${new_kernels[@]}" tests/test_backend_matrix.py
+           tests/test_correlation_losses.py tests/test_topk.py)
 else
     unset TRITON_INTERPRET
     tests_cap_s="${tests_cap_s:-150}"
-    # the device's own tests first, the long matrix next, the CPU-only top-k file last (all under the cap)
-    tests=(-k "triton or on_device or test_topk"
-           tests/test_gpu_session.py tests/test_correlation_losses.py tests/test_errors.py tests/test_edge_cases.py
-           tests/test_backend_matrix.py tests/test_determinism.py tests/test_compile.py tests/test_properties.py
-           tests/test_topk.py)
+    # The device's own tests first, then the kernels no GPU has run yet, the long matrix next, the CPU-only
+    # top-k file last (all under the cap).  On a GPU every new shape, dtype and policy compiles, and an
+    # autotuned kernel times each of its configs: the last session ran 197 tests (about 120 compiled
+    # variants) in 222 s.  Of the new kernels' sweeps over those, a few points run here (CI's interpreter
+    # runs all of them): about 140 tests and 100 variants, most of the default cap.  The sm_90 spill checks
+    # need no GPU.
+    sweeps="without_spills or test_matches_the_reference and float64 or test_random_group_maps"  # LTKD
+    sweeps+=" or test_triton_is_the_reference_in_float64 and not -37]"  # Grouped KD: V = 37 only
+    sweeps+=" or (test_the_kernels_are_the_reference_in_float64 or test_float32_and_bfloat16_against_the_float64"
+    sweeps+="_reference) and not ([kl- or [jsd-)"  # Label Revision: KL and JSD
+    sweeps+=" or test_every_divergence_is_the_pytorch_form_in_float64 and not [kl-"  # the top-k bucket
+    sweeps+=" or test_divergence_parameters_and_temperatures and not (student_temperature or soft_weight)"
+    sweeps+=" or test_float64_log_probs"
+    tests=(-k "(triton or on_device or test_topk) and not ($sweeps)"
+           tests/test_gpu_session.py "${new_kernels[@]}" tests/test_correlation_losses.py tests/test_errors.py
+           tests/test_edge_cases.py tests/test_backend_matrix.py tests/test_determinism.py tests/test_compile.py
+           tests/test_properties.py tests/test_topk.py)
 fi
+if [ "$collect_only" = 1 ]; then
+    python3 -m pytest --collect-only -q -p no:cacheprovider "${tests[@]}"
+    exit
+fi
+
+out="${out:-${OUT:-benchmarks/results/gpu-session-$(date +%F-%H%M%S)}}"
+mkdir -p "$out"
+log="$out/session.log"
+: > "$log"
+
+say() { echo "# $*" | tee -a "$log"; }
+left() { echo $((session_s - (SECONDS - start))); }
+at_most() { local a=$1 b=$2; a=$(( a < b ? a : b )); echo $(( a > 1 ? a : 1 )); }  # min(a, b), at least 1 s
 
 if compgen -G ".whl/*.whl" > /dev/null; then
     say "installing $(ls .whl/*.whl | tr '\n' ' ')into $site"

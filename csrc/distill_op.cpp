@@ -182,8 +182,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "The entries of the ops' params vector, in order (kdfast.registry.KERNEL_PARAMS).");
   m.def("supported_cpu_capability", &supported_capability, "The best SIMD capability this CPU supports.");
   m.def("set_cpu_capability", &set_capability, "Lower (or restore) the SIMD capability; returns the one in effect.");
-  m.def("empty_cache", [] { kdfast::GradBufferCache::instance().clear(); },
-        "Release the gradient buffers kept for reuse.");
+  m.def("empty_cache", [] { return kdfast::GradBufferCache::instance().clear(); },
+        "Release the gradient buffers kept for reuse; returns their bytes.");
   m.def("_vector_math", [](const std::string& fn, const std::string& capability, const at::Tensor& x) {
     static const char* const names[] = {
 #define KDFAST_VECTOR_FN_NAME(name, text, function) text,

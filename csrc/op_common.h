@@ -46,7 +46,12 @@ inline at::Tensor as_rows(const at::Tensor& t) {
 // pages and (2) recycled: when autograd frees one, it is kept (at most
 // kMaxCached of them) for the next call of a similar size, as a training loop
 // makes.  KDFAST_GRAD_CACHE=0 turns the recycling off; kdfast.empty_cache()
-// releases what is kept.
+// releases what is kept.  From 8 MB: below that glibc's malloc still returns
+// a gradient's pages to the OS between some calls and not others (65536x100
+// float32, 26 MB, took 4 or 12 ms a call at random), and the buffers it gives
+// back are kept most recent first, so that a process alternating between more
+// sizes than it keeps (benchmarks, evaluation at another batch size) pays the
+// fresh allocation once per change of size, not on every call.
 class GradBufferCache {
  public:
   static GradBufferCache& instance() {
@@ -72,15 +77,21 @@ class GradBufferCache {
     return at::empty({N, V}, options);
   }
 
-  void clear() {
+  // Releases the kept buffers; returns their bytes.
+  size_t clear() {
     std::lock_guard<std::mutex> lock(mu_);
-    for (auto& entry : free_) std::free(entry.first);
+    size_t bytes = 0;
+    for (auto& entry : free_) {
+      std::free(entry.first);
+      bytes += entry.second;
+    }
     free_.clear();
+    return bytes;
   }
 
  private:
   static constexpr size_t kHuge = size_t(2) << 20;
-  static constexpr size_t kMinBytes = 16 * kHuge;
+  static constexpr size_t kMinBytes = 4 * kHuge;
   static constexpr size_t kMaxCached = 2;
 
   GradBufferCache() {
@@ -103,15 +114,21 @@ class GradBufferCache {
     return p;
   }
 
+  // Kept most recent first: the oldest is released when a newer one arrives.
   void give(void* p, size_t capacity) {
+    void* evicted = p;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (enabled_ && free_.size() < kMaxCached) {
-        free_.emplace_back(p, capacity);
-        return;
+      if (enabled_) {
+        free_.emplace(free_.begin(), p, capacity);
+        evicted = nullptr;
+        if (free_.size() > kMaxCached) {
+          evicted = free_.back().first;
+          free_.pop_back();
+        }
       }
     }
-    std::free(p);
+    std::free(evicted);
   }
 
   std::mutex mu_;

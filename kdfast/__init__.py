@@ -34,12 +34,14 @@ def cpu_capability() -> str:
     return _C.cpu_capability() if _C is not None else "unavailable"
 
 
-def empty_cache() -> None:
-    """Release the large gradient buffers the CPU kernels keep for reuse (see README, "Memory")."""
+def empty_cache() -> int:
+    """Release the large gradient buffers the CPU kernels keep for reuse (see README, "Memory").
+
+    Returns the bytes released (0 without the C++ extension).
+    """
     from .ops.extension import _C
 
-    if _C is not None:
-        _C.empty_cache()
+    return int(_C.empty_cache()) if _C is not None else 0
 
 
 __all__ = [

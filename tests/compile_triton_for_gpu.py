@@ -65,7 +65,7 @@ DIST_VARIANTS = [("bf16", "fp32"), ("fp32", "fp32"), ("fp64", "fp64")]
 
 
 def compile_dist_kernels(dtype, acc):
-    """The three DIST kernels for one dtype; the last compiled (the gradient kernel) is returned."""
+    """The four DIST kernels for one dtype; the last compiled (the gradient kernel) is returned."""
     from kdfast.ops.triton import dist
 
     acc_tl = tl.float64 if acc == "fp64" else tl.float32
@@ -73,8 +73,11 @@ def compile_dist_kernels(dtype, acc):
     kernels = [
         (dist.dist_row_kernel, dict(logits, PARAMS_ptr="*fp64", ROW_ptr="*fp64", RHO_ptr="*fp64", STATUS_ptr="*i32",
                                     V="i32"), {"BLOCK": 4096}),
-        (dist.dist_column_kernel, dict(logits, PARAMS_ptr="*fp64", ROW_ptr="*fp64", COL_ptr=f"*{acc}",
-                                       COL_RHO_ptr="*fp64", N="i32", V="i32"), {"BLOCK_C": 128}),
+        (dist.dist_column_moments_kernel, dict(logits, PARAMS_ptr="*fp64", ROW_ptr="*fp64", MOM_ptr="*fp64", N="i32",
+                                               V="i32", ROWS_PER_CHUNK="i32"), {"BLOCK_C": 128}),
+        (dist.dist_column_kernel, dict(S_ptr=f"*{dtype}", T_ptr=f"*{dtype}", PARAMS_ptr="*fp64", ROW_ptr="*fp64",
+                                       MOM_ptr="*fp64", COL_ptr=f"*{acc}", COL_RHO_ptr="*fp64", V="i32", CHUNKS="i32"),
+         {"BLOCK_C": 128}),
         (dist.dist_grad_kernel, dict(logits, G_ptr=f"*{dtype}", PARAMS_ptr="*fp64", ROW_ptr="*fp64",
                                      COL_ptr=f"*{acc}", V="i32"), {"BLOCK": 4096}),
     ]

@@ -4,7 +4,8 @@
   on the session's device: CUDA tensors on a GPU (the session selects them with
   ``-k on_device``), CPU tensors through the Triton interpreter elsewhere.
 * The dry run: ``gpu_session.sh --dry-run`` end to end on this CPU machine
-  (every case reported, measured or skipped with a reason; the methods agree).
+  (every case reported, measured or skipped with a reason; the methods agree),
+  and the GPU run's test selection (``--collect-only``), which no dry run parses.
 * The pure functions of ``bench_gpu``: roofline, metrics, acceptance, budget,
   pytest's summary line; nothing is run for them.
 """
@@ -184,6 +185,22 @@ def test_a_tiny_budget_marks_the_later_cases_skipped(tmp_path, bench):
     assert {a["status"] for a in report["acceptance"]} <= {"not measured", "met", "missed"}
 
 
+NEW_KERNEL_FILES = ["tests/test_ltkd_fused.py", "tests/test_grouped_kd.py", "tests/test_label_revision.py",
+                    "tests/test_topk_triton.py"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the Triton tests select nothing without it")
+@pytest.mark.parametrize("dry", [False, True], ids=["gpu", "dry-run"])
+def test_the_test_selection_parses_and_runs_the_new_kernels_before_the_matrix(dry):
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.run(["bash", str(SCRIPT), "--collect-only", *(["--dry-run"] if dry else [])], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = list(dict.fromkeys(line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line))
+    assert files[0] == "tests/test_gpu_session.py" and set(NEW_KERNEL_FILES) <= set(files)
+    assert max(files.index(f) for f in NEW_KERNEL_FILES) < files.index("tests/test_backend_matrix.py")
+
+
 # ----------------------------------------------------------------- the pure functions
 def test_roofline_is_bytes_over_time_over_the_copy_bandwidth():
     from kdfast.bench.families import logits_bytes
@@ -247,6 +264,10 @@ def test_every_acceptance_check_names_a_case_of_the_run(bench):
     # acceptance cases first: a short budget still measures them
     assert ids[:3] == ["kl-8192x128256-bfloat16", "jsd-8192x128256-bfloat16",
                        "fused_linear-8192x2048-4096x128256-bfloat16"]
+    # then the kernels no GPU has timed yet, before the cases earlier sessions measured
+    assert [i.split("-")[0] for i in ids[3:7]] == ["ltkd", "grouped_kd", "label_revision", "topk"]
+    topk = bench.gpu_cases()[6]
+    assert topk.tail == "bucket" and topk.topk <= bench.DRY_LOSS_SHAPE[1]  # a dry run's teacher has its k entries
     assert all(bench.dry_run_case(c).id == c.id and bench.dry_run_case(c).N <= 16 for c in bench.gpu_cases())
 
 

@@ -558,6 +558,36 @@ def test_cpu_kernel_on_a_long_row_and_a_strided_student(kernel, tail):
 
 @cpu_kernels
 @pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_supports_that_share_words_and_change_from_row_to_row(kernel, tail, student_dtype):
+    """The kernel marks each row's support (and label) in a bitmap of 64-entry words that the next row
+    reuses: supports packed into one word, at the row's start and its tail vector, next to the label,
+    and each row's unlike the one before, where a mark left behind would corrupt the next row."""
+    n_rows, vocab, k = 12, 203, 17  # 203 = 3 words + 11: a partial word and a tail vector
+    s = logits((n_rows, vocab), student_dtype, seed=31)
+    idx, lp, _ = top_k(dense_teacher(seed=32, shape=(n_rows, vocab), dtype=torch.float32), k)
+    runs = {0: range(0, k), 1: range(vocab - k, vocab), 2: range(60, 60 + k), 3: range(0, 2 * k, 2)}
+    for row, entries in runs.items():  # rows 4.. keep the teacher's own (scattered) top-k
+        idx[row] = torch.tensor(list(entries))
+    labels = torch.tensor([k, vocab - k - 1, 59, 1, 202, 0, 64, 127, 128, 5, 191, 100])
+    tolerance = dict(rtol=2e-5, atol=2e-6) if student_dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+    for hard_weight in (0.0, 0.6):
+        got, want = _fused_and_torch(s, idx, lp, kernel, tail=tail, labels=labels, hard_weight=hard_weight,
+                                     temperature=2.0)
+        assert_same(got, want, **tolerance)
+
+
+def test_cpu_kernel_reports_an_out_of_range_index_before_a_repeat_in_the_same_row():
+    if not any(isinstance(k, str) for k in CPU_KERNELS):
+        pytest.skip("the C++ extension is not built")
+    s = logits((2, 20), torch.float32)
+    idx, lp, _ = top_k(dense_teacher(shape=(2, 20), dtype=torch.float32), 4)
+    with pytest.raises(ValueError, match=r"topk_indices value 25 at row 1 is outside \[0, 20\)"):
+        topk_distill_loss(s, with_row(idx, 1, [3, 3, 1, 25]), lp, backend="cpu")
+
+
+@cpu_kernels
+@pytest.mark.parametrize("tail", TAILS)
 def test_cpu_kernel_checks_indices_in_its_pass(kernel, tail):
     s = logits((3, 20), torch.float32)
     idx, lp, _ = top_k(dense_teacher(shape=(3, 20), dtype=torch.float32), 4)

@@ -169,8 +169,7 @@ struct JSD : Base2Sums {
       const V bp = e.e_t * beta_over_sum_t, cq = e.e_s * one_minus_beta_over_sum_s;
       const V log2m = vlog2_positive(clamp_tiny(bp + cq));
       const V g = cq * (floor_log(e.log2q) - log2m);
-      const V vp = bp * (floor_log(e.log2p) - log2m);
-      s.add(vp + g, g);
+      s.add(fmadd(bp, floor_log(e.log2p) - log2m, g), g);
       return g;
     }
     void flush(RowAcc& r) { s.flush(r); }

@@ -410,10 +410,12 @@ struct RowKernel {
       as = as + es;
       if constexpr (Div<V>::kValueFromExps) av = Div<V>::add_exp_term(av, tt, ts, et, es);
       if constexpr (kT1) {
-        const V u = tt * vtau;
+        // u floored at the float range: where u is -inf (a masked logit) e1 is
+        // 0 and e1 u is 0, one max instead of a compare and a blend.
+        const V u = vmax(tt * vtau, vset<V>(double(std::numeric_limits<S>::lowest())));
         const V e1 = vexp2_nonpositive(u);
         a1 = a1 + e1;
-        h1 = fmadd_where(gt(e1, V::zero()), e1, u, h1);  // u may be -inf where e1 == 0
+        h1 = fmadd(e1, u, h1);
       }
       if constexpr (kS1) {
         const V e1 = vexp2_nonpositive(ts * vtau_s);

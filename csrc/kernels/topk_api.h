@@ -6,7 +6,7 @@
 //   renormalize: D(teacher_S || softmax(z_S / tau_s)), the gradient zero off S;
 //   bucket: D over k + 1 outcomes, the last the mass off S: for the student
 //     logsumexp(z_{not S} / tau_s) - logsumexp(z / tau_s), from one sweep of
-//     the row's gaps between the sorted indices (exact, never 1 - sum), and its
+//     the row with S's entries masked out (exact, never 1 - sum), and its
 //     gradient spread over every entry off S;
 //   plus hard_weight * CE(z, label) at temperature 1.
 // The k (or k + 1) outcome divergence itself is the dense row kernel's

@@ -1,5 +1,5 @@
-// The top-k row kernel (topk_api.h): per row, the sorted support, one sweep
-// of the gaps between its entries for the off-support log-sum-exp (and the
+// The top-k row kernel (topk_api.h): per row, the support marked in a bitmap,
+// one sweep of the entries off it for the off-support log-sum-exp (and the
 // cross-entropy's), the k (or k + 1) outcome divergence on the dense row
 // kernel, and one sweep writing the gradient.  The row stays in L2 between
 // its sweeps, so DRAM sees each logit once and each gradient entry once.
@@ -18,15 +18,65 @@
 namespace kdfast {
 namespace KDFAST_CPU_CAPABILITY {
 
-// Calls seg(a, b) for each maximal run [a, b) of entries off the sorted support.
-template <class Seg>
-inline void for_each_gap(const int64_t* sorted, int64_t k, int64_t n, Seg&& seg) {
-  int64_t a = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    if (sorted[i] > a) seg(a, sorted[i]);
-    a = sorted[i] + 1;
+// A set of a row's entries, one bit per entry (entry j: bit j % 64 of word j / 64).
+// It replaces sorting the support: marking it finds repeats (an entry's bit
+// already set), and the sweeps read the bits of a vector's lanes with a shift
+// (a sorted support cost a sort of k keys, 6.6 us of a 19 us row at k = 256,
+// and a loop setup and partial vectors at each of its k + 1 gaps).  All words
+// are 0 between rows: the row clears what it set (EntrySet::Clear).
+struct EntrySet {
+  std::vector<uint64_t> words;
+  void reset(int64_t n) { words.assign(size_t(n / 64 + 1), 0); }
+  bool has(int64_t j) const { return (words[size_t(j >> 6)] >> (j & 63)) & 1u; }
+  // Marks j; returns whether it was marked already.
+  bool mark(int64_t j) {
+    uint64_t& w = words[size_t(j >> 6)];
+    const uint64_t bit = uint64_t(1) << (j & 63);
+    const bool had = (w & bit) != 0;
+    w |= bit;
+    return had;
   }
-  if (a < n) seg(a, n);
+  // Unmarks, on destruction, the words of the in-range entries of a list (and one more entry).
+  struct Clear {
+    EntrySet& set;
+    const int64_t* entries;
+    int64_t count, n, extra;
+    ~Clear() {
+      for (int64_t a = 0; a < count; ++a)
+        if (entries[a] >= 0 && entries[a] < n) set.words[size_t(entries[a] >> 6)] = 0;
+      if (extra >= 0 && extra < n) set.words[size_t(extra >> 6)] = 0;
+    }
+  };
+};
+
+// Calls body(j, tail, bits) on each vector of a row of n entries as sweep() calls body(j, tail),
+// bits holding the set's bits of its lanes (lane i: bit i).  The 64-entry blocks with no bit set
+// (most of them: k = 256 of V = 128256 leaves 88 % of the blocks empty) pass a literal 0, so that
+// their vectors compile to the plain loop; a per-vector shift and test cost the bf16 rows 15 %.
+// Always inlined: called through a function, a body's accumulators live in memory, a
+// store-to-load chain on every vector (measured: the bucket's exponential sweep 30 % slower).
+template <class V, class Body, class Flush>
+[[gnu::always_inline]] inline void sweep_with_bits(int64_t n, const EntrySet& set, Body&& body, Flush&& flush) {
+  constexpr int64_t W = V::size;
+  static_assert(64 % W == 0 && kFlushEvery % 64 == 0, "a vector's lanes lie in one word, a word in one flush");
+  constexpr uint64_t kLanes = (uint64_t(1) << W) - 1;
+  const uint64_t* words = set.words.data();
+  const int64_t full = n - n % W, blocks = full - full % 64;
+  for (int64_t j0 = 0; j0 < blocks; j0 += kFlushEvery) {
+    const int64_t end = blocks < j0 + kFlushEvery ? blocks : j0 + kFlushEvery;
+    for (int64_t j = j0; j < end; j += 64) {
+      const uint64_t word = words[j >> 6];
+      if (!word) {
+        for (int64_t v = 0; v < 64; v += W) body(j + v, Full{}, uint32_t(0));
+      } else {
+        for (int64_t v = 0; v < 64; v += W) body(j + v, Full{}, uint32_t((word >> v) & kLanes));
+      }
+    }
+    flush();
+  }
+  for (int64_t j = blocks; j < full; j += W) body(j, Full{}, uint32_t((words[j >> 6] >> (j & 63)) & kLanes));
+  if (full < n) body(full, int(n - full), uint32_t((words[full >> 6] >> (full & 63)) & kLanes));
+  if (blocks < n) flush();
 }
 
 // A softmax term of the gradient, c * exp(x * scale - lse) per entry, as
@@ -45,29 +95,37 @@ struct SoftmaxTerm {
   V operator()(V z) const { return c * vexp2_nonpositive(vmin((z - max) * k - log2_sum, V::zero())); }
 };
 
+// f(a, b) with two runtime flags as compile-time constants (std::bool_constant), so that each
+// case gets a loop without the tests.
+template <class F>
+inline void with_flags(bool a, bool b, F&& f) {
+  if (a && b) f(std::true_type{}, std::true_type{});
+  else if (a) f(std::true_type{}, std::false_type{});
+  else if (b) f(std::false_type{}, std::true_type{});
+  else f(std::false_type{}, std::false_type{});
+}
+
 template <class V, class TS>
 struct TopkRows {
   using S = typename V::value_type;
   static constexpr float kNegInf = -INFINITY;
 
   struct Scratch {
-    std::vector<int64_t> sorted;
-    std::vector<int64_t> keys;  // (index << bits) | position in the row's top-k: the support sorted with its order
+    EntrySet support;     // the row's support; the label too while the gradient is written
     std::vector<S> y, g;  // the short row's student "logits" and gradient (k + 1)
-    std::vector<S> e;     // the gaps' exponentials, for the gradient sweep (vocab + a vector of padding)
-    std::vector<int64_t> patch_pos;  // the support and the label, by position (k + 1)
-    std::vector<S> patch_value;
+    std::vector<S> e;     // the off-support exponentials, for the gradient sweep (vocab + a vector)
+    std::vector<S> patch;  // the support's and the label's gradient entries, at their places (vocab + a vector)
   };
 
   static void run(const DistillParams& prm, const TopkBatch& b, int64_t begin, int64_t end) {
     Scratch sc;
-    sc.sorted.resize(size_t(b.k));
-    sc.keys.resize(size_t(b.k));
-    sc.patch_pos.resize(size_t(b.k + 1));
-    sc.patch_value.resize(size_t(b.k + 1));
+    sc.support.reset(b.vocab);
     sc.y.resize(size_t(b.k + 1));
     sc.g.resize(size_t(b.k + 1));
-    if (b.grad) sc.e.resize(size_t(b.vocab + V::size));
+    if (b.grad) {
+      sc.e.resize(size_t(b.vocab + V::size));
+      sc.patch.resize(size_t(b.vocab + V::size));
+    }
     DistillParams inner = prm;  // the short row's divergence: no weighting, no hard term (this kernel adds its own)
     inner.hard_weight = 0.0;
     inner.weighting = Weighting::None;
@@ -78,58 +136,29 @@ struct TopkRows {
     return Streamable<V, TS> && b.stream_grad && reinterpret_cast<uintptr_t>(grad) % kStreamAlign<V, TS> == 0;
   }
 
-  // Entries whose gradient is not the sweep's formula (the support, the label), by position.
-  struct Patches {
-    const int64_t* pos = nullptr;
-    const S* value = nullptr;
-    int64_t count = 0;
-  };
-
-  // grad_j = coef * kept_j + c(z_j) over the row (kept may be null, c off: zeros), the patched
-  // entries' lanes replaced in the vector before it is stored: a scalar store after the sweep
-  // would land on a line the streaming stores have sent to memory, and read it back (measured:
-  // a third of the bf16 bucket row's time at k = 256).  The runs of vectors between patched
-  // ones are plain loops: a patch test in every iteration halved the renormalised tail's speed.
+  // grad_j = coef * kept_j + c(z_j) over the row (kept may be null, c off: zeros), the entries
+  // of `patched` taken from patch_value instead, blended into the vector before it is stored:
+  // a scalar store after the sweep would land on a line the streaming stores have sent to
+  // memory, and read it back (measured: a third of the bf16 bucket row's time at k = 256).
   static void write_row(TS* grad, const TS* z, int64_t n, bool stream, const S* kept, double coef,
-                        const SoftmaxTerm<V>& c, const Patches& patches = Patches()) {
+                        const SoftmaxTerm<V>& c, const EntrySet* patched = nullptr,
+                        const S* patch_value = nullptr) {
     const V vcoef = V::broadcast(S(coef));
-    auto value = [&](int64_t j, auto tail) {
-      V out = kept ? vcoef * V::load(kept + j) : V::zero();
-      if (c.on) out = out + c(ld<V>(z + j, tail, kNegInf));
-      return out;
-    };
-    constexpr int64_t W = V::size;
-    const int64_t full = n - n % W;
-    int64_t j = 0, p = 0;
-    while (j < full) {
-      const int64_t next = p < patches.count ? patches.pos[p] - patches.pos[p] % W : full;
-      const int64_t stop = next < full ? next : full;
-      for (; j < stop; j += W) store_grad(grad + j, value(j, Full{}), Full{}, stream);
-      if (j >= full) break;
-      V out = value(j, Full{});
-      p = patch(out, j, j + W, patches, p);
-      store_grad(grad + j, out, Full{}, stream);
-      j += W;
-    }
-    if (full < n) {
-      V out = value(full, int(n - full));
-      p = patch(out, full, n, patches, p);
-      store_grad(grad + full, out, int(n - full), stream);
-    }
+    // one loop per (kept, c) case: a test of each per vector costs the store-bound loop its speed
+    with_flags(kept != nullptr, c.on, [&](auto with_kept, auto with_c) {
+      auto write = [&](int64_t j, auto tail, uint32_t bits) {
+        V out = V::zero();
+        if constexpr (with_kept) out = vcoef * V::load(kept + j);
+        if constexpr (with_c) out = out + c(ld<V>(z + j, tail, kNegInf));
+        if (bits) out = select(V::from_bits(bits), V::load(patch_value + j), out);
+        store_grad(grad + j, out, tail, stream);
+      };
+      if (patched)
+        sweep_with_bits<V>(n, *patched, write, no_flush);
+      else
+        sweep<V>(n, [&](int64_t j, auto tail) { write(j, tail, 0u); }, no_flush);
+    });
     if (stream) stream_fence();
-  }
-
-  // The patches at positions [j, end) written into the lanes of `out` (which holds entries j...);
-  // returns the first patch after them.
-  static int64_t patch(V& out, int64_t j, int64_t end, const Patches& patches, int64_t p) {
-    if (p >= patches.count || patches.pos[p] >= end) return p;
-    alignas(64) S lane[V::size];
-    out.store(lane);
-    do {
-      lane[patches.pos[p] - j] = patches.value[p];
-    } while (++p < patches.count && patches.pos[p] < end);
-    out = V::load(lane);
-    return p;
   }
 
   static void refuse_row(const TopkBatch& b, int64_t i, int32_t status, TS* grad) {
@@ -147,18 +176,21 @@ struct TopkRows {
     b.row_status[i] = kRowOk;
     if (b.labels && label == b.ignore_index) return refuse_row(b, i, kRowOk, grad);
 
-    // -- the support: in range and distinct (sorting finds repeats for free)
-    int64_t* sorted = sc.sorted.data();
-    int64_t* keys = sc.keys.data();
-    const int bits = order_bits(k);
+    // -- the support: in range and distinct (marking it finds repeats; a row with both
+    // reports the range, as the op's error message looks for that first)
+    EntrySet& support = sc.support;
+    const EntrySet::Clear unmark_on_return{support, idx, k, n, label};
+    bool repeated = false;
     for (int64_t a = 0; a < k; ++a) {
       if (idx[a] < 0 || idx[a] >= n) return refuse_row(b, i, kIndexOutOfRange, grad);
-      keys[a] = (idx[a] << bits) | a;
+      repeated = support.mark(idx[a]) || repeated;
     }
-    std::sort(keys, keys + k);
-    for (int64_t a = 0; a < k; ++a) sorted[a] = keys[a] >> bits;
-    for (int64_t a = 1; a < k; ++a)
-      if (sorted[a] == sorted[a - 1]) return refuse_row(b, i, kIndexRepeated, grad);
+    if (repeated) return refuse_row(b, i, kIndexRepeated, grad);
+
+    // The support's logits and gradient entries are scattered over the row: the next row's are
+    // fetched now, while this row is swept and written (the renormalised tail reads nothing else
+    // of the row, and waited on a miss per support entry).
+    if (i + 1 < b.rows) prefetch_support(b, i + 1, sc);
 
     S* y = sc.y.data();
     S max_support = S(kNegInf);
@@ -169,47 +201,53 @@ struct TopkRows {
     const bool hard = b.labels && prm.hard_weight != 0.0;
     const double z_label = hard ? double(to_float(z[label])) : 0.0;  // read before an in-place write
 
-    // -- the gaps: their max, then the sums at 1 / tau_s (the bucket) and at 1 (the cross-entropy)
+    // -- the entries off the support (the support's lanes -inf): their max, then the sums at
+    // 1 / tau_s (the bucket) and at 1 (the cross-entropy)
+    const V neg_inf = V::broadcast(S(kNegInf));
+    auto off_support = [&](int64_t j, auto tail, uint32_t bits) {
+      const V zj = ld<V>(z + j, tail, kNegInf);
+      return bits ? select(V::from_bits(bits), neg_inf, zj) : zj;
+    };
     S max_off = S(kNegInf);
     if (b.bucket || hard) {
-      using M = FloatLaneMax<V, TS>;
-      typename M::Acc m = M::init();
-      for_each_gap(sorted, k, n, [&](int64_t lo, int64_t hi) {
-        sweep<V>(hi - lo, [&](int64_t j, auto tail) { m = M::add(m, z + lo + j, tail); }, no_flush);
-      });
-      max_off = M::result(m);
-      if (max_off == S(kNegInf) && gaps_have_nan(z, sorted, k, n)) max_off = std::numeric_limits<S>::quiet_NaN();
+      V m = neg_inf;
+      sweep_with_bits<V>(n, support, [&](int64_t j, auto tail, uint32_t bits) {
+        m = vmax(off_support(j, tail, bits), m);  // NaN-skipping
+      }, no_flush);
+      max_off = m.reduce_max();
+      if (max_off == S(kNegInf) && off_support_has_nan(z, n, support))
+        max_off = std::numeric_limits<S>::quiet_NaN();
     }
     const S max_all = std::max(max_off, max_support);  // NaN max_off: NaN sums below
     const double k_s = kLog2eD / prm.tau_s;
-    // The gaps' exponentials e_j = 2^((z_j - max_off) k_e), at the bucket's scale (or the
+    // The off-support exponentials e_j = 2^((z_j - max_off) k_e), at the bucket's scale (or the
     // cross-entropy's, without a bucket), are kept in scratch for the gradient sweep: that sweep
     // is then one multiply per entry, not one exp per term.  The cross-entropy's are the same
     // e_j times 2^((max_off - max_all) log2 e) unless the bucket's temperature differs from 1.
-    const bool gaps = (b.bucket || hard) && max_off != S(kNegInf);  // NaN max_off: a gap holds a NaN
+    const bool gaps = (b.bucket || hard) && max_off != S(kNegInf);  // NaN max_off: an entry off S is NaN
     const double k_e = b.bucket ? k_s : kLog2eD;
     const bool ce_own_exp = hard && b.bucket && prm.tau_s != 1.0;
     S* kept = grad ? sc.e.data() : nullptr;
-    double sum_e = 0.0, sum_1 = 0.0;  // sum over the gaps of e_j; of 2^((z - max_all) log2 e)
+    double sum_e = 0.0, sum_1 = 0.0;  // sum off the support of e_j; of 2^((z - max_all) log2 e)
     if (gaps) {
       const V m_e = V::broadcast(max_off), m_1 = V::broadcast(max_all);
       const V vk_e = V::broadcast(S(k_e)), vk_1 = V::broadcast(S(kLog2eD));
       V acc_e = V::zero(), acc_1 = V::zero();
-      for_each_gap(sorted, k, n, [&](int64_t lo, int64_t hi) {
-        sweep<V>(hi - lo, [&](int64_t j, auto tail) {
-          const V zj = ld<V>(z + lo + j, tail, kNegInf);
-          // z <= the max it is shifted by, exactly: no clamp, so that a NaN entry makes a NaN sum
-          const V e = vexp2_nonpositive((zj - m_e) * vk_e);
-          if (kept) e.store(kept + lo + j);  // a tail's padding lanes (0) land on the support, rewritten later
-          acc_e = acc_e + e;
-          if (ce_own_exp) acc_1 = acc_1 + vexp2_nonpositive((zj - m_1) * vk_1);
-        }, [&] {
-          sum_e += acc_e.reduce_add();
-          sum_1 += acc_1.reduce_add();
-          acc_e = acc_1 = V::zero();
-        });
+      // (the two tests stay in the loop: one loop per case, through with_flags, left the
+      // accumulators in memory, 25 % slower)
+      sweep_with_bits<V>(n, support, [&](int64_t j, auto tail, uint32_t bits) {
+        const V zj = off_support(j, tail, bits);
+        // z <= the max it is shifted by, exactly: no clamp, so that a NaN entry makes a NaN sum
+        const V e = vexp2_nonpositive((zj - m_e) * vk_e);
+        if (kept) e.store(kept + j);  // 0 on the support, whose gradient comes from `patch`
+        acc_e = acc_e + e;
+        if (ce_own_exp) acc_1 = acc_1 + vexp2_nonpositive((zj - m_1) * vk_1);
+      }, [&] {
+        sum_e += acc_e.reduce_add();
+        sum_1 += acc_1.reduce_add();
+        acc_e = acc_1 = V::zero();
       });
-      if (std::isnan(max_off)) sum_e = std::numeric_limits<double>::quiet_NaN();  // gaps of NaN and -inf
+      if (std::isnan(max_off)) sum_e = std::numeric_limits<double>::quiet_NaN();  // NaN and -inf off S
       if (hard && !ce_own_exp) sum_1 = sum_e * std::exp2((double(max_off) - double(max_all)) * kLog2eD);
     }
     // the bucket as a student "logit": tau_s logsumexp(z_off / tau_s) = max_off + tau_s ln(sum_e)
@@ -233,12 +271,12 @@ struct TopkRows {
     KDFAST_CPU_CAPABILITY::distill_rows(inner, one, 0, 1);  // this capability's, not the dispatcher
     if (status != kRowOk) return refuse_row(b, i, status, grad);
 
-    // -- the cross-entropy at temperature 1: lse over the gaps and the support
+    // -- the cross-entropy at temperature 1: lse over the entries off and on the support
     double lse_1 = 0.0;
     if (hard) {
-      double support = 0.0;
-      for (int64_t a = 0; a < k; ++a) support += std::exp(double(y[a]) - double(max_all));
-      lse_1 = double(max_all) + std::log(sum_1 + support);
+      double on_support = 0.0;
+      for (int64_t a = 0; a < k; ++a) on_support += std::exp(double(y[a]) - double(max_all));
+      lse_1 = double(max_all) + std::log(sum_1 + on_support);
     }
     b.row_loss[i] = soft + (hard ? prm.hard_weight * (lse_1 - z_label) : 0.0);
     if (!grad) return;
@@ -254,49 +292,45 @@ struct TopkRows {
     if (gaps && hard && !ce_own_exp) coef += c_hard * std::exp2((double(max_off) - double(max_all)) * kLog2eD - log2_sum_1);
     const SoftmaxTerm<V> ce_term = gaps && ce_own_exp ? SoftmaxTerm<V>(c_hard, max_all, kLog2eD, log2_sum_1)
                                                       : SoftmaxTerm<V>();
-    // the support's and the label's entries, in the order of their positions
-    int64_t* patch_pos = sc.patch_pos.data();
-    S* patch_value = sc.patch_value.data();
-    int64_t patches = 0;
-    const bool label_off_support = hard && !std::binary_search(sorted, sorted + k, label);
-    auto patch_label = [&] {
-      double g = c_hard * (std::exp(z_label - lse_1) - 1.0);
-      if (gaps && b.bucket) g += a_off * std::exp2((z_label - double(max_off)) * k_s - log2_sum_s);
-      patch_pos[patches] = label;
-      patch_value[patches++] = entry_value(g);
-    };
-    for (int64_t s_ = 0; s_ < k; ++s_) {
-      if (label_off_support && label < sorted[s_] && (s_ == 0 || label > sorted[s_ - 1])) patch_label();
-      const int64_t a = keys[s_] & ((int64_t(1) << bits) - 1);
+    // the support's and the label's entries, at their places; the label joins the marked set
+    // (it was read as an ordinary entry above)
+    S* patch = sc.patch.data();
+    for (int64_t a = 0; a < k; ++a) {
       double g = double(sc.g[a]);
       if (hard) g += c_hard * std::exp(double(y[a]) - lse_1);
       if (hard && idx[a] == label) g -= c_hard;
-      patch_pos[patches] = sorted[s_];
-      patch_value[patches++] = entry_value(g);
+      patch[idx[a]] = entry_value(g);
     }
-    if (label_off_support && label > sorted[k - 1]) patch_label();
-    write_row(grad, z, n, stream_row(b, grad), gaps ? kept : nullptr, coef, ce_term,
-              Patches{patch_pos, patch_value, patches});
+    if (hard && !support.has(label)) {
+      double g = c_hard * (std::exp(z_label - lse_1) - 1.0);
+      if (gaps && b.bucket) g += a_off * std::exp2((z_label - double(max_off)) * k_s - log2_sum_s);
+      patch[label] = entry_value(g);
+      support.mark(label);
+    }
+    write_row(grad, z, n, stream_row(b, grad), gaps ? kept : nullptr, coef, ce_term, &support, patch);
   }
 
-  // The bits that hold a position in [0, k) (the low part of a sort key).
-  static int order_bits(int64_t k) {
-    int bits = 1;
-    while ((int64_t(1) << bits) < k) ++bits;
-    return bits;
+  static void prefetch_support(const TopkBatch& b, int64_t i, const Scratch& sc) {
+    const TS* z = static_cast<const TS*>(b.student) + i * b.student_row_stride;
+    const int64_t* idx = b.indices + i * b.k;
+    const S* patch = sc.patch.empty() ? nullptr : sc.patch.data();
+    for (int64_t a = 0; a < b.k; ++a) {
+      const int64_t j = idx[a];
+      if (j < 0 || j >= b.vocab) continue;
+      __builtin_prefetch(z + j, 0, 2);
+      if (patch) __builtin_prefetch(patch + j, 1, 2);
+    }
   }
 
   // A gradient entry as the sweep's lanes hold it: float lanes round a double through float,
   // as the stores of a float row always did.
   static S entry_value(double g) { return S(g); }
 
-  // Whether an entry off the support is NaN (only asked of rows whose gaps' max is -inf: rare, scalar).
-  static bool gaps_have_nan(const TS* z, const int64_t* sorted, int64_t k, int64_t n) {
-    bool nan = false;
-    for_each_gap(sorted, k, n, [&](int64_t lo, int64_t hi) {
-      for (int64_t j = lo; j < hi && !nan; ++j) nan = std::isnan(to_float(z[j]));
-    });
-    return nan;
+  // Whether an entry off the support is NaN (only asked of rows whose max off it is -inf: rare, scalar).
+  static bool off_support_has_nan(const TS* z, int64_t n, const EntrySet& support) {
+    for (int64_t j = 0; j < n; ++j)
+      if (!support.has(j) && std::isnan(to_float(z[j]))) return true;
+    return false;
   }
 };
 

@@ -43,6 +43,8 @@ struct ScalarVec {
   T reduce_add() const { return v; }
   T reduce_max() const { return v; }
   T lane(int) const { return v; }
+  // the mask of the lanes whose bits are set (lane i: bit i)
+  static Mask from_bits(uint32_t bits) { return (bits & 1u) != 0; }
 };
 
 template <class T> inline ScalarVec<T> operator+(ScalarVec<T> a, ScalarVec<T> b) { return {a.v + b.v}; }
@@ -164,6 +166,10 @@ struct VecF {
     return _mm_cvtss_f32(s);
   }
   float lane(int i) const { alignas(32) float t[8]; _mm256_store_ps(t, v); return t[i]; }
+  static Mask from_bits(uint32_t bits) {
+    const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(bits)), lane), lane));
+  }
 };
 inline VecF operator+(VecF a, VecF b) { return {_mm256_add_ps(a.v, b.v)}; }
 inline VecF operator-(VecF a, VecF b) { return {_mm256_sub_ps(a.v, b.v)}; }
@@ -226,6 +232,7 @@ struct VecF {
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
   float reduce_max() const { return _mm512_reduce_max_ps(v); }
   float lane(int i) const { alignas(64) float t[16]; _mm512_store_ps(t, v); return t[i]; }
+  static Mask from_bits(uint32_t bits) { return __mmask16(bits); }
 };
 inline VecF operator+(VecF a, VecF b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline VecF operator-(VecF a, VecF b) { return {_mm512_sub_ps(a.v, b.v)}; }
