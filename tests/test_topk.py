@@ -438,7 +438,7 @@ def test_renormalize_labels_ignored_rows_and_hard_term(kernel, hard_weight, igno
 
 
 def test_renormalize_gradient_is_zero_off_the_support_and_never_reuses_a_live_buffer():
-    shape = (1024, 8192)  # 32 MiB of float32: the size from which the C++ side recycles gradient buffers
+    shape = (1024, 8192)  # 32 MiB of float32: above the 8 MiB from which the C++ side recycles gradient buffers
     s = logits(shape, torch.float32, seed=11)
     idx, lp, support = top_k(dense_teacher(seed=12, shape=shape, dtype=torch.float32), 16)
     first = value_and_grad(lambda x: topk_distill_loss(x, idx, lp), s)[1]

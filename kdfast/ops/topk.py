@@ -1,9 +1,10 @@
 """The top-k loss (:mod:`kdfast.llm.topk`) on the fused kernels.
 
 On CPU both tails run in one C++ op, ``kdfast::topk_distill_forward``
-(csrc/topk_op.cpp): per row it sorts the teacher's support (the index checks
-come free), sweeps the gaps between the support's entries for the student's
-exact off-support log-mass (``bucket``) and the cross-entropy's normaliser,
+(csrc/topk_op.cpp): per row it marks the teacher's support in a bitmap (the
+index checks come free), sweeps the row with the support's entries masked out
+for the student's exact off-support log-mass (``bucket``) and the
+cross-entropy's normaliser,
 runs the ``k`` (or ``k + 1``) outcome divergence on the dense row kernel
 (every divergence and parameter of ``distill_loss``), and writes the ``(N,
 V)`` gradient in one more sweep while the row is still in L2: the logits are
