@@ -106,6 +106,8 @@ _MOMENTS = tl.constexpr(COLUMN_MOMENTS)  # the kernels' copy (a jitted function 
 
 @triton.jit
 def _first_row_softmax(S_ptr, T_ptr, ROW_ptr, cols, mask, inv_tau, ACC: tl.constexpr):
+    """The first row's softmax values: the column moments are taken about them, so that columns whose
+    values are all equal give exactly 0."""
     zt0, zs0 = load_logits(T_ptr, S_ptr, cols, mask, ACC)
     first_s = _softmax(zs0, tl.load(ROW_ptr + 1).to(ACC), tl.load(ROW_ptr + 3).to(ACC), inv_tau)
     first_t = _softmax(zt0, tl.load(ROW_ptr + 0).to(ACC), tl.load(ROW_ptr + 2).to(ACC), inv_tau)
@@ -128,20 +130,19 @@ def dist_column_moments_kernel(S_ptr, T_ptr, s_row_stride, t_row_stride, PARAMS_
     first_s, first_t = _first_row_softmax(S_ptr, T_ptr, ROW_ptr, cols, mask, inv_tau, ACC)
     s1, t1, ss, tt, st = _zero_moments(BLOCK_C)
     first = chunk * ROWS_PER_CHUNK
-    for i in range(0, ROWS_PER_CHUNK):
-        r = first + i
-        if r < N:  # the first row's own terms are exactly 0: its softmax is recomputed bit for bit
-            R = ROW_ptr + r * 6
-            zt, zs = load_logits(T_ptr + r * t_row_stride, S_ptr + r * s_row_stride, cols, mask, ACC)
-            ys = _softmax(zs, tl.load(R + 1).to(ACC), tl.load(R + 3).to(ACC), inv_tau)
-            yt = _softmax(zt, tl.load(R + 0).to(ACC), tl.load(R + 2).to(ACC), inv_tau)
-            ds = (ys - first_s).to(tl.float64)
-            dt = (yt - first_t).to(tl.float64)
-            s1 += ds
-            t1 += dt
-            ss += ds * ds
-            tt += dt * dt
-            st += ds * dt
+    # (the first row's own terms are exactly 0: its softmax is recomputed bit for bit)
+    for r in range(first, tl.minimum(first + ROWS_PER_CHUNK, N)):
+        R = ROW_ptr + r * 6
+        zt, zs = load_logits(T_ptr + r * t_row_stride, S_ptr + r * s_row_stride, cols, mask, ACC)
+        ys = _softmax(zs, tl.load(R + 1).to(ACC), tl.load(R + 3).to(ACC), inv_tau)
+        yt = _softmax(zt, tl.load(R + 0).to(ACC), tl.load(R + 2).to(ACC), inv_tau)
+        ds = (ys - first_s).to(tl.float64)
+        dt = (yt - first_t).to(tl.float64)
+        s1 += ds
+        t1 += dt
+        ss += ds * ds
+        tt += dt * dt
+        st += ds * dt
     M = MOM_ptr + chunk * (_MOMENTS * V) + cols
     tl.store(M + 0 * V, s1, mask=mask)
     tl.store(M + 1 * V, t1, mask=mask)
