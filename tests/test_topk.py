@@ -577,6 +577,37 @@ def test_cpu_kernel_supports_that_share_words_and_change_from_row_to_row(kernel,
         assert_same(got, want, **tolerance)
 
 
+@cpu_kernels
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_cpu_kernel_rows_whose_max_off_the_support_rises_often_late_or_from_minus_inf(kernel, tail, student_dtype,
+                                                                                       temperature):
+    """The kernel finds the max off the support in the same sweep as the exponentials, rescaling what it has
+    summed (and the gradient of what it has kept) each time the max rises: rows where it rises in every
+    block, across the 1024-entry flush, only in the tail vector, after blocks of -inf, or by far late."""
+    n_rows, vocab, k = 6, 1100, 9  # 1100: blocks of 64 up to 1088, then a tail vector (and at AVX2 one more)
+    s = logits((n_rows, vocab), torch.float32, seed=33)
+    idx, lp, _ = top_k(dense_teacher(seed=34, shape=(n_rows, vocab), dtype=torch.float32), k)
+    s[0] = torch.linspace(-20.0, 30.0, vocab)  # rises in every block, the remainder and the tail
+    s[1] = torch.linspace(30.0, -20.0, vocab)  # once, at the first entry
+    s[2, :128] = -math.inf  # two words of -inf first: the max starts from nothing
+    s[3] = -math.inf
+    s[3, -1] = 4.0  # the only finite entry off the support, in the tail vector
+    idx[3] = torch.arange(1, k + 1)
+    s[3, 1:k + 1] = torch.randn(k, generator=torch.Generator().manual_seed(35))
+    s[4, 1000] = 60.0  # a late spike: everything kept before it scaled by 2^-80 and more
+    s[5, :1024] -= 40.0  # the rise right after the flush
+    s = s.to(student_dtype)
+    labels = torch.tensor([vocab - 1, 0, 500, vocab - 1, 999, 1030])
+    tolerance = dict(rtol=2e-5, atol=2e-6) if student_dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+    for hard_weight in (0.0, 0.6):
+        got, want = _fused_and_torch(s, idx, lp, kernel, tail=tail, labels=labels, hard_weight=hard_weight,
+                                     temperature=temperature)
+        assert_same(got, want, **tolerance)
+        assert torch.isfinite(got[1]).all()
+
+
 def test_cpu_kernel_reports_an_out_of_range_index_before_a_repeat_in_the_same_row():
     if not any(isinstance(k, str) for k in CPU_KERNELS):
         pytest.skip("the C++ extension is not built")

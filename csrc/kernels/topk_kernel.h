@@ -110,11 +110,20 @@ struct TopkRows {
   using S = typename V::value_type;
   static constexpr float kNegInf = -INFINITY;
 
+  // The exponentials kept for the gradient are taken against the running max of the entries
+  // before them (one sweep finds the max and sums the exponentials): from `begin` on (a vector's
+  // first entry), against `max`, until the next segment.  coef: the gradient's factor for them.
+  struct KeptSegment {
+    int64_t begin;
+    S max, coef;
+  };
+
   struct Scratch {
     EntrySet support;     // the row's support; the label too while the gradient is written
     std::vector<S> y, g;  // the short row's student "logits" and gradient (k + 1)
     std::vector<S> e;     // the off-support exponentials, for the gradient sweep (vocab + a vector)
     std::vector<S> patch;  // the support's and the label's gradient entries, at their places (vocab + a vector)
+    std::vector<KeptSegment> segments;  // the scales of e (off_support_sums)
   };
 
   static void run(const DistillParams& prm, const TopkBatch& b, int64_t begin, int64_t end) {
@@ -132,23 +141,133 @@ struct TopkRows {
     for (int64_t i = begin; i < end; ++i) row(prm, inner, b, i, sc);
   }
 
+  // The sums off the support of 2^((z_j - max) k_e) and (with ce_own_exp) of 2^((z_j - max) log2 e).
+  struct OffSupportSums {
+    S max = std::numeric_limits<S>::lowest();  // the max off the support, lowest() if none is finite
+    double sum_e = 0.0, sum_1 = 0.0;          // sum_e = 0: every entry off the support is -inf
+  };
+
+  // One sweep over the row for OffSupportSums, an online max (a block's max first, the sums
+  // rescaled when it rises): a separate max sweep read the row from DRAM without computing, and
+  // the exponential sweep then computed without reading (measured: the max sweep was a third of
+  // the bf16 bucket row's time).  kept (if not null) gets e_j = 2^((z_j - m) k_e), m the max when
+  // j was reached (the segments say which); 0 on the support.  The max starts at lowest(), not
+  // -inf, so that an entry at -inf gives 2^-inf = 0, not NaN; a NaN entry is skipped by the max
+  // and makes the sums NaN.
+  static OffSupportSums off_support_sums(const TS* z, int64_t n, const EntrySet& support, double k_e,
+                                         bool ce_own_exp, S* kept, std::vector<KeptSegment>& segments) {
+    constexpr int64_t W = V::size, G = 64 / W;  // G vectors per bitmap word
+    constexpr uint64_t kLanes = (uint64_t(1) << W) - 1;
+    static_assert(64 % W == 0 && kFlushEvery % 64 == 0, "a vector's lanes lie in one word, a word in one flush");
+    OffSupportSums r;
+    segments.clear();
+    segments.push_back({0, r.max, S(0)});
+    const V neg_inf = V::broadcast(S(kNegInf)), vk_e = V::broadcast(S(k_e)), vk_1 = V::broadcast(S(kLog2eD));
+    V m = V::broadcast(r.max), acc_e = V::zero(), acc_1 = V::zero();
+    const uint64_t* words = support.words.data();
+    // the vectors zs[0..count) from j on, their max already taken with m's
+    auto add = [&](int64_t j, const V* zs, auto count, V block_max) {
+      if (any_lane(gt(block_max, m))) {  // rare: the row's running max rose
+        const S risen = block_max.reduce_max();
+        const double to_risen_e = std::exp2((double(r.max) - double(risen)) * k_e);
+        const double to_risen_1 = std::exp2((double(r.max) - double(risen)) * kLog2eD);
+        acc_e = acc_e * V::broadcast(S(to_risen_e));
+        acc_1 = acc_1 * V::broadcast(S(to_risen_1));
+        r.sum_e *= to_risen_e;
+        r.sum_1 *= to_risen_1;
+        r.max = risen;
+        m = V::broadcast(risen);
+        if (segments.back().begin == j) segments.back().max = risen;
+        else segments.push_back({j, risen, S(0)});
+      }
+      for (int v = 0; v < decltype(count)::value; ++v) {
+        // z <= m: no clamp, so that a NaN entry makes a NaN sum
+        const V e = vexp2_nonpositive((zs[v] - m) * vk_e);
+        if (kept) e.store(kept + j + v * W);  // a tail vector's lanes past n: 0, in the scratch's spare vector
+        acc_e = acc_e + e;
+        if (ce_own_exp) acc_1 = acc_1 + vexp2_nonpositive((zs[v] - m) * vk_1);
+      }
+    };
+    auto flush = [&] {
+      r.sum_e += acc_e.reduce_add();
+      r.sum_1 += acc_1.reduce_add();
+      acc_e = acc_1 = V::zero();
+    };
+    auto off_support = [&](const TS* p, auto tail, uint32_t bits) {
+      const V zj = ld<V>(p, tail, kNegInf);
+      return bits ? select(V::from_bits(bits), neg_inf, zj) : zj;
+    };
+    const int64_t full = n - n % W, blocks = full - full % 64;
+    // The row comes from DRAM in this sweep: fetched 4 KiB ahead (the hardware prefetcher alone
+    // left the exponentials waiting on it: measured 12 % slower in bf16, 10 % in fp32; 2-8 KiB alike).
+    constexpr int64_t kSumsAhead = 4096;
+    V zs[G];
+    for (int64_t j0 = 0; j0 < blocks; j0 += kFlushEvery) {
+      const int64_t end = blocks < j0 + kFlushEvery ? blocks : j0 + kFlushEvery;
+      for (int64_t j = j0; j < end; j += 64) {
+        const uint64_t word = words[j >> 6];
+        for (int64_t line = 0; line < 64 * int64_t(sizeof(TS)); line += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(z + j) + kSumsAhead + line, 0, 3);
+        V block_max = m;  // NaN-skipping: vmax keeps its second operand when the first is NaN
+        if (!word) {
+          for (int v = 0; v < G; ++v) {
+            zs[v] = ld<V>(z + j + v * W, Full{}, kNegInf);
+            block_max = vmax(zs[v], block_max);
+          }
+        } else {
+          for (int v = 0; v < G; ++v) {
+            zs[v] = off_support(z + j + v * W, Full{}, uint32_t((word >> (v * W)) & kLanes));
+            block_max = vmax(zs[v], block_max);
+          }
+        }
+        add(j, zs, std::integral_constant<int, G>{}, block_max);
+      }
+      flush();
+    }
+    for (int64_t j = blocks; j < full; j += W) {
+      zs[0] = off_support(z + j, Full{}, uint32_t((words[j >> 6] >> (j & 63)) & kLanes));
+      add(j, zs, std::integral_constant<int, 1>{}, vmax(zs[0], m));
+    }
+    if (full < n) {
+      zs[0] = off_support(z + full, int(n - full), uint32_t((words[full >> 6] >> (full & 63)) & kLanes));
+      add(full, zs, std::integral_constant<int, 1>{}, vmax(zs[0], m));
+    }
+    if (blocks < n) flush();
+    return r;
+  }
+
   static bool stream_row(const TopkBatch& b, const TS* grad) {
     return Streamable<V, TS> && b.stream_grad && reinterpret_cast<uintptr_t>(grad) % kStreamAlign<V, TS> == 0;
   }
 
-  // grad_j = coef * kept_j + c(z_j) over the row (kept may be null, c off: zeros), the entries
-  // of `patched` taken from patch_value instead, blended into the vector before it is stored:
-  // a scalar store after the sweep would land on a line the streaming stores have sent to
-  // memory, and read it back (measured: a third of the bf16 bucket row's time at k = 256).
-  static void write_row(TS* grad, const TS* z, int64_t n, bool stream, const S* kept, double coef,
-                        const SoftmaxTerm<V>& c, const EntrySet* patched = nullptr,
-                        const S* patch_value = nullptr) {
-    const V vcoef = V::broadcast(S(coef));
+  // grad_j = coef_j * kept_j + c(z_j) over the row (kept may be null, c off: zeros), coef_j the
+  // coef of j's segment (a list ending at a sentinel), the entries of `patched` taken from
+  // patch_value instead, blended into the vector before it is stored: a scalar store after the
+  // sweep would land on a line the streaming stores have sent to memory, and read it back
+  // (measured: a third of the bf16 bucket row's time at k = 256).
+  static void write_row(TS* grad, const TS* z, int64_t n, bool stream, const S* kept,
+                        const KeptSegment* segment, const SoftmaxTerm<V>& c,
+                        const EntrySet* patched = nullptr, const S* patch_value = nullptr) {
+    V vcoef = V::zero();
+    int64_t next = std::numeric_limits<int64_t>::max();
+    if (kept) {
+      vcoef = V::broadcast(segment->coef);
+      next = segment[1].begin;
+    }
     // one loop per (kept, c) case: a test of each per vector costs the store-bound loop its speed
-    with_flags(kept != nullptr, c.on, [&](auto with_kept, auto with_c) {
-      auto write = [&](int64_t j, auto tail, uint32_t bits) {
+    // Captures by copy: a streaming store (an intrinsic's may-alias vector type) may alias anything
+    // whose address escaped, so referenced state (grad, next, ...) was reloaded after every store.
+    with_flags(kept != nullptr, c.on, [=](auto with_kept, auto with_c) {
+      auto write = [=](int64_t j, auto tail, uint32_t bits) mutable {
         V out = V::zero();
-        if constexpr (with_kept) out = vcoef * V::load(kept + j);
+        if constexpr (with_kept) {
+          if (j >= next) {  // segments begin on vectors
+            ++segment;
+            vcoef = V::broadcast(segment->coef);
+            next = segment[1].begin;
+          }
+          out = vcoef * V::load(kept + j);
+        }
         if constexpr (with_c) out = out + c(ld<V>(z + j, tail, kNegInf));
         if (bits) out = select(V::from_bits(bits), V::load(patch_value + j), out);
         store_grad(grad + j, out, tail, stream);
@@ -164,7 +283,7 @@ struct TopkRows {
   static void refuse_row(const TopkBatch& b, int64_t i, int32_t status, TS* grad) {
     b.row_status[i] = status;
     b.row_loss[i] = 0.0;
-    if (grad) write_row(grad, nullptr, b.vocab, stream_row(b, grad), nullptr, 0.0, SoftmaxTerm<V>());
+    if (grad) write_row(grad, nullptr, b.vocab, stream_row(b, grad), nullptr, nullptr, SoftmaxTerm<V>());
   }
 
   static void row(const DistillParams& prm, const DistillParams& inner, const TopkBatch& b, int64_t i, Scratch& sc) {
@@ -201,58 +320,29 @@ struct TopkRows {
     const bool hard = b.labels && prm.hard_weight != 0.0;
     const double z_label = hard ? double(to_float(z[label])) : 0.0;  // read before an in-place write
 
-    // -- the entries off the support (the support's lanes -inf): their max, then the sums at
-    // 1 / tau_s (the bucket) and at 1 (the cross-entropy)
-    const V neg_inf = V::broadcast(S(kNegInf));
-    auto off_support = [&](int64_t j, auto tail, uint32_t bits) {
-      const V zj = ld<V>(z + j, tail, kNegInf);
-      return bits ? select(V::from_bits(bits), neg_inf, zj) : zj;
-    };
-    S max_off = S(kNegInf);
-    if (b.bucket || hard) {
-      V m = neg_inf;
-      sweep_with_bits<V>(n, support, [&](int64_t j, auto tail, uint32_t bits) {
-        m = vmax(off_support(j, tail, bits), m);  // NaN-skipping
-      }, no_flush);
-      max_off = m.reduce_max();
-      if (max_off == S(kNegInf) && off_support_has_nan(z, n, support))
-        max_off = std::numeric_limits<S>::quiet_NaN();
-    }
-    const S max_all = std::max(max_off, max_support);  // NaN max_off: NaN sums below
+    // -- the entries off the support: one sweep for their max and their exponentials at 1 / tau_s
+    // (the bucket) or at 1 (the cross-entropy), kept for the gradient sweep (one multiply per
+    // entry there, not an exp per term).  The cross-entropy's sum is the bucket's times a
+    // constant unless the bucket's temperature differs from 1.
     const double k_s = kLog2eD / prm.tau_s;
-    // The off-support exponentials e_j = 2^((z_j - max_off) k_e), at the bucket's scale (or the
-    // cross-entropy's, without a bucket), are kept in scratch for the gradient sweep: that sweep
-    // is then one multiply per entry, not one exp per term.  The cross-entropy's are the same
-    // e_j times 2^((max_off - max_all) log2 e) unless the bucket's temperature differs from 1.
-    const bool gaps = (b.bucket || hard) && max_off != S(kNegInf);  // NaN max_off: an entry off S is NaN
     const double k_e = b.bucket ? k_s : kLog2eD;
     const bool ce_own_exp = hard && b.bucket && prm.tau_s != 1.0;
     S* kept = grad ? sc.e.data() : nullptr;
-    double sum_e = 0.0, sum_1 = 0.0;  // sum off the support of e_j; of 2^((z - max_all) log2 e)
-    if (gaps) {
-      const V m_e = V::broadcast(max_off), m_1 = V::broadcast(max_all);
-      const V vk_e = V::broadcast(S(k_e)), vk_1 = V::broadcast(S(kLog2eD));
-      V acc_e = V::zero(), acc_1 = V::zero();
-      // (the two tests stay in the loop: one loop per case, through with_flags, left the
-      // accumulators in memory, 25 % slower)
-      sweep_with_bits<V>(n, support, [&](int64_t j, auto tail, uint32_t bits) {
-        const V zj = off_support(j, tail, bits);
-        // z <= the max it is shifted by, exactly: no clamp, so that a NaN entry makes a NaN sum
-        const V e = vexp2_nonpositive((zj - m_e) * vk_e);
-        if (kept) e.store(kept + j);  // 0 on the support, whose gradient comes from `patch`
-        acc_e = acc_e + e;
-        if (ce_own_exp) acc_1 = acc_1 + vexp2_nonpositive((zj - m_1) * vk_1);
-      }, [&] {
-        sum_e += acc_e.reduce_add();
-        sum_1 += acc_1.reduce_add();
-        acc_e = acc_1 = V::zero();
-      });
-      if (std::isnan(max_off)) sum_e = std::numeric_limits<double>::quiet_NaN();  // NaN and -inf off S
-      if (hard && !ce_own_exp) sum_1 = sum_e * std::exp2((double(max_off) - double(max_all)) * kLog2eD);
+    OffSupportSums off;
+    if (b.bucket || hard) off = off_support_sums(z, n, support, k_e, ce_own_exp, kept, sc.segments);
+    // mass_off: some mass off the support (an entry there NaN: NaN sums, and a NaN max below)
+    const bool mass_off = (b.bucket || hard) && off.sum_e != 0.0;
+    const S max_off = std::isnan(off.sum_e) ? std::numeric_limits<S>::quiet_NaN() : mass_off ? off.max : S(kNegInf);
+    const S max_all = std::max(max_off, max_support);  // NaN max_off: NaN sums below
+    const double sum_e = off.sum_e;  // sum off the support of 2^((z - max_off) k_e)
+    double sum_1 = 0.0;              // sum off the support of 2^((z - max_all) log2 e)
+    if (mass_off && hard) {
+      const double to_max_all = std::exp2((double(max_off) - double(max_all)) * kLog2eD);
+      sum_1 = (ce_own_exp ? off.sum_1 : sum_e) * to_max_all;
     }
     // the bucket as a student "logit": tau_s logsumexp(z_off / tau_s) = max_off + tau_s ln(sum_e)
-    const double log2_sum_s = gaps && b.bucket ? std::log2(sum_e) : 0.0;
-    if (b.bucket) y[k] = gaps ? S(double(max_off) + prm.tau_s * kLn2D * log2_sum_s) : S(kNegInf);
+    const double log2_sum_s = mass_off && b.bucket ? std::log2(sum_e) : 0.0;
+    if (b.bucket) y[k] = mass_off ? S(double(max_off) + prm.tau_s * kLn2D * log2_sum_s) : S(kNegInf);
 
     // -- the k (+ 1) outcome divergence on the dense row kernel
     double soft = 0.0;
@@ -288,9 +378,12 @@ struct TopkRows {
     const double log2_sum_1 = hard ? kLog2eD * (lse_1 - double(max_all)) : 0.0;
     // off S: grad_j = coef e_j (+ the cross-entropy's own exp when it is not at the bucket's scale)
     double coef = 0.0;
-    if (gaps && b.bucket) coef += a_off * std::exp2(-log2_sum_s);
-    if (gaps && hard && !ce_own_exp) coef += c_hard * std::exp2((double(max_off) - double(max_all)) * kLog2eD - log2_sum_1);
-    const SoftmaxTerm<V> ce_term = gaps && ce_own_exp ? SoftmaxTerm<V>(c_hard, max_all, kLog2eD, log2_sum_1)
+    if (mass_off && b.bucket) coef += a_off * std::exp2(-log2_sum_s);
+    if (mass_off && hard && !ce_own_exp) coef += c_hard * std::exp2((double(max_off) - double(max_all)) * kLog2eD - log2_sum_1);
+    // each segment's e_j against the max off the support
+    if (mass_off)
+      for (KeptSegment& s : sc.segments) s.coef = S(coef * std::exp2((double(s.max) - double(max_off)) * k_e));
+    const SoftmaxTerm<V> ce_term = mass_off && ce_own_exp ? SoftmaxTerm<V>(c_hard, max_all, kLog2eD, log2_sum_1)
                                                       : SoftmaxTerm<V>();
     // the support's and the label's entries, at their places; the label joins the marked set
     // (it was read as an ordinary entry above)
@@ -303,11 +396,12 @@ struct TopkRows {
     }
     if (hard && !support.has(label)) {
       double g = c_hard * (std::exp(z_label - lse_1) - 1.0);
-      if (gaps && b.bucket) g += a_off * std::exp2((z_label - double(max_off)) * k_s - log2_sum_s);
+      if (mass_off && b.bucket) g += a_off * std::exp2((z_label - double(max_off)) * k_s - log2_sum_s);
       patch[label] = entry_value(g);
       support.mark(label);
     }
-    write_row(grad, z, n, stream_row(b, grad), gaps ? kept : nullptr, coef, ce_term, &support, patch);
+    sc.segments.push_back({std::numeric_limits<int64_t>::max(), S(0), S(0)});  // the sentinel
+    write_row(grad, z, n, stream_row(b, grad), mass_off ? kept : nullptr, sc.segments.data(), ce_term, &support, patch);
   }
 
   static void prefetch_support(const TopkBatch& b, int64_t i, const Scratch& sc) {
@@ -325,13 +419,6 @@ struct TopkRows {
   // A gradient entry as the sweep's lanes hold it: float lanes round a double through float,
   // as the stores of a float row always did.
   static S entry_value(double g) { return S(g); }
-
-  // Whether an entry off the support is NaN (only asked of rows whose max off it is -inf: rare, scalar).
-  static bool off_support_has_nan(const TS* z, int64_t n, const EntrySet& support) {
-    for (int64_t j = 0; j < n; ++j)
-      if (!support.has(j) && std::isnan(to_float(z[j]))) return true;
-    return false;
-  }
 };
 
 }  // namespace KDFAST_CPU_CAPABILITY
