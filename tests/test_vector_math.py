@@ -3,7 +3,7 @@
 Each function is run through ``_C._vector_math`` on the code of one level
 (the baseline's libm, AVX2, AVX-512, AVX-512 + BF16) over its whole domain
 as the kernels use it: the full float line for ``exp`` (subnormal results,
-overflow, -inf, NaN), every non-positive float for ``exp2_nonpositive``,
+overflow, -inf, NaN), every non-positive float for ``exp2_nonpositive`` (and its degree-4 ``_coarse`` twin),
 every positive normal float for ``log2_positive`` and ``recip``, every
 non-negative float for ``sqrt``.  The
 bounds are the ones vec.h states.
@@ -85,6 +85,23 @@ def test_exp2_of_non_positive_arguments(level):
     assert relative_error(got[normal], want[normal]) <= 3e-7
     assert np.all(np.abs(got[~normal] - want[~normal]) <= EXP2_FLUSH)
     special = run("exp2_nonpositive", level, np.array([-np.inf, 0.0, np.nan], dtype=np.float32))
+    assert special[0] == 0 and special[1] == 1 and np.isnan(special[2])
+
+
+@levels
+def test_coarse_exp2_of_non_positive_arguments(level):
+    """The degree-4 2^t of the sweeps whose results are 16-bit (the top-k kernel's sweep off the support
+    for 16-bit students): relative error <= 4e-6 (the polynomial's 3e-6 and float rounding) down to
+    2^-124, the rest as exp2_nonpositive.  On the baseline it is libm's exp2."""
+    t = np.concatenate([-log_uniform(1e-30, 200.0), np.linspace(-126.0, 0.0, 100_001, dtype=np.float32)])
+    got, want = run("exp2_nonpositive_coarse", level, t), np.exp2(t.astype(np.float64))
+    normal = want >= EXP2_FLUSH
+    error = relative_error(got[normal], want[normal])
+    assert error <= 4e-6
+    if level != "default":
+        assert error > 3e-7  # the degree-4 polynomial, not the degree-5 one
+    assert np.all(np.abs(got[~normal] - want[~normal]) <= EXP2_FLUSH)
+    special = run("exp2_nonpositive_coarse", level, np.array([-np.inf, 0.0, np.nan], dtype=np.float32))
     assert special[0] == 0 and special[1] == 1 and np.isnan(special[2])
 
 

@@ -82,6 +82,7 @@ void distill_rows(const DistillParams&, const DistillBatch&, int64_t begin, int6
 #define KDFAST_FOR_EACH_VECTOR_FN(X)                          \
   X(Exp, "exp", vexp)                                         \
   X(Exp2Nonpositive, "exp2_nonpositive", vexp2_nonpositive)   \
+  X(Exp2NonpositiveCoarse, "exp2_nonpositive_coarse", vexp2_nonpositive_coarse) \
   X(Log2Positive, "log2_positive", vlog2_positive)           \
   X(Recip, "recip", vrecip)                                   \
   X(Sqrt, "sqrt", vsqrt)

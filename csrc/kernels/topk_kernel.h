@@ -49,10 +49,14 @@ struct EntrySet {
   };
 };
 
+struct NoBits {};  // a vector none of whose lanes is in the set
+
 // Calls body(j, tail, bits) on each vector of a row of n entries as sweep() calls body(j, tail),
 // bits holding the set's bits of its lanes (lane i: bit i).  The 64-entry blocks with no bit set
-// (most of them: k = 256 of V = 128256 leaves 88 % of the blocks empty) pass a literal 0, so that
-// their vectors compile to the plain loop; a per-vector shift and test cost the bf16 rows 15 %.
+// (most of them: k = 256 of V = 128256 leaves 88 % of the blocks empty) pass NoBits, so that
+// their vectors compile to the plain loop (a per-vector shift and test cost the bf16 rows 15 %);
+// the others' vectors are meant to use their bits without testing them (a test per vector
+// mispredicts on a scattered support).
 // Always inlined: called through a function, a body's accumulators live in memory, a
 // store-to-load chain on every vector (measured: the bucket's exponential sweep 30 % slower).
 template <class V, class Body, class Flush>
@@ -67,7 +71,7 @@ template <class V, class Body, class Flush>
     for (int64_t j = j0; j < end; j += 64) {
       const uint64_t word = words[j >> 6];
       if (!word) {
-        for (int64_t v = 0; v < 64; v += W) body(j + v, Full{}, uint32_t(0));
+        for (int64_t v = 0; v < 64; v += W) body(j + v, Full{}, NoBits{});
       } else {
         for (int64_t v = 0; v < 64; v += W) body(j + v, Full{}, uint32_t((word >> v) & kLanes));
       }
@@ -147,6 +151,14 @@ struct TopkRows {
     double sum_e = 0.0, sum_1 = 0.0;          // sum_e = 0: every entry off the support is -inf
   };
 
+  // 2^t (t <= 0) in the sweep off the support.  16-bit students: the degree-4 exp (relative error
+  // 3e-6, 1/80 of a float16 ulp), whose one FMA fewer is 8-10 % of this compute-bound sweep (bf16
+  // bucket); a 16-bit gradient rounds that error away.
+  static V exp2_of_shifted(V t) {
+    if constexpr (sizeof(TS) == 2) return vexp2_nonpositive_coarse(t);
+    else return vexp2_nonpositive(t);
+  }
+
   // One sweep over the row for OffSupportSums, an online max (a block's max first, the sums
   // rescaled when it rises): a separate max sweep read the row from DRAM without computing, and
   // the exponential sweep then computed without reading (measured: the max sweep was a third of
@@ -182,10 +194,10 @@ struct TopkRows {
       }
       for (int v = 0; v < decltype(count)::value; ++v) {
         // z <= m: no clamp, so that a NaN entry makes a NaN sum
-        const V e = vexp2_nonpositive((zs[v] - m) * vk_e);
+        const V e = exp2_of_shifted((zs[v] - m) * vk_e);
         if (kept) e.store(kept + j + v * W);  // a tail vector's lanes past n: 0, in the scratch's spare vector
         acc_e = acc_e + e;
-        if (ce_own_exp) acc_1 = acc_1 + vexp2_nonpositive((zs[v] - m) * vk_1);
+        if (ce_own_exp) acc_1 = acc_1 + exp2_of_shifted((zs[v] - m) * vk_1);
       }
     };
     auto flush = [&] {
@@ -195,7 +207,7 @@ struct TopkRows {
     };
     auto off_support = [&](const TS* p, auto tail, uint32_t bits) {
       const V zj = ld<V>(p, tail, kNegInf);
-      return bits ? select(V::from_bits(bits), neg_inf, zj) : zj;
+      return select(V::from_bits(bits), neg_inf, zj);  // no test: see sweep_with_bits
     };
     const int64_t full = n - n % W, blocks = full - full % 64;
     // The row comes from DRAM in this sweep: fetched 4 KiB ahead (the hardware prefetcher alone
@@ -258,7 +270,7 @@ struct TopkRows {
     // Captures by copy: a streaming store (an intrinsic's may-alias vector type) may alias anything
     // whose address escaped, so referenced state (grad, next, ...) was reloaded after every store.
     with_flags(kept != nullptr, c.on, [=](auto with_kept, auto with_c) {
-      auto write = [=](int64_t j, auto tail, uint32_t bits) mutable {
+      auto write = [=](int64_t j, auto tail, auto bits) mutable {
         V out = V::zero();
         if constexpr (with_kept) {
           if (j >= next) {  // segments begin on vectors
@@ -269,13 +281,14 @@ struct TopkRows {
           out = vcoef * V::load(kept + j);
         }
         if constexpr (with_c) out = out + c(ld<V>(z + j, tail, kNegInf));
-        if (bits) out = select(V::from_bits(bits), V::load(patch_value + j), out);
+        if constexpr (!std::is_same_v<decltype(bits), NoBits>)
+          out = select(V::from_bits(bits), V::load(patch_value + j), out);
         store_grad(grad + j, out, tail, stream);
       };
       if (patched)
         sweep_with_bits<V>(n, *patched, write, no_flush);
       else
-        sweep<V>(n, [&](int64_t j, auto tail) { write(j, tail, 0u); }, no_flush);
+        sweep<V>(n, [&](int64_t j, auto tail) { write(j, tail, NoBits{}); }, no_flush);
     });
     if (stream) stream_fence();
   }
@@ -307,17 +320,22 @@ struct TopkRows {
     if (repeated) return refuse_row(b, i, kIndexRepeated, grad);
 
     // The support's logits and gradient entries are scattered over the row: the next row's are
-    // fetched now, while this row is swept and written (the renormalised tail reads nothing else
-    // of the row, and waited on a miss per support entry).
-    if (i + 1 < b.rows) prefetch_support(b, i + 1, sc);
+    // fetched while this row is processed (the renormalised tail reads nothing else of the row,
+    // and waited on a miss per support entry).  A row swept off the support is fetched after
+    // that sweep: its row and exponentials fill L2 and evicted what was fetched before it
+    // (measured: the bf16 bucket at k = 1024 waited 70 % of its scalar work on these misses).
+    const bool hard = b.labels && prm.hard_weight != 0.0;
+    const bool sweeps_off_support = b.bucket || hard;
+    const bool prefetch_next = i + 1 < b.rows;
+    if (prefetch_next && !sweeps_off_support) prefetch_support(b, i + 1, sc);
 
     S* y = sc.y.data();
     S max_support = S(kNegInf);
     for (int64_t a = 0; a < k; ++a) {
-      y[a] = S(to_float(z[idx[a]]));
-      if (y[a] > max_support) max_support = y[a];  // NaN-skipping
+      const S y_a = S(to_float(z[idx[a]]));
+      y[a] = y_a;
+      max_support = y_a > max_support ? y_a : max_support;  // NaN-skipping
     }
-    const bool hard = b.labels && prm.hard_weight != 0.0;
     const double z_label = hard ? double(to_float(z[label])) : 0.0;  // read before an in-place write
 
     // -- the entries off the support: one sweep for their max and their exponentials at 1 / tau_s
@@ -330,6 +348,7 @@ struct TopkRows {
     S* kept = grad ? sc.e.data() : nullptr;
     OffSupportSums off;
     if (b.bucket || hard) off = off_support_sums(z, n, support, k_e, ce_own_exp, kept, sc.segments);
+    if (prefetch_next && sweeps_off_support) prefetch_support(b, i + 1, sc);
     // mass_off: some mass off the support (an entry there NaN: NaN sums, and a NaN max below)
     const bool mass_off = (b.bucket || hard) && off.sum_e != 0.0;
     const S max_off = std::isnan(off.sum_e) ? std::numeric_limits<S>::quiet_NaN() : mass_off ? off.max : S(kNegInf);

@@ -72,6 +72,7 @@ template <class T> inline ScalarVec<T> select(bool m, ScalarVec<T> a, ScalarVec<
 template <class T> inline ScalarVec<T> vexp(ScalarVec<T> x) { return {std::exp(x.v)}; }
 template <class T> inline ScalarVec<T> vexp_nonpositive(ScalarVec<T> x) { return {std::exp(x.v)}; }
 template <class T> inline ScalarVec<T> vexp2_nonpositive(ScalarVec<T> t) { return {std::exp2(t.v)}; }
+template <class T> inline ScalarVec<T> vexp2_nonpositive_coarse(ScalarVec<T> t) { return {std::exp2(t.v)}; }
 // c ? a * b + d : d
 template <class T> inline ScalarVec<T> fmadd_where(bool c, ScalarVec<T> a, ScalarVec<T> b, ScalarVec<T> d) {
   return c ? fmadd(a, b, d) : d;
@@ -112,6 +113,12 @@ constexpr float kExp2Lo = float(double(kExpLo) * kLog2eD);  // 2^t below: 0 on A
 // coefficients; 1.6e-7 in float arithmetic, as the centred one above).
 constexpr float kExp2UnitC1 = 0x1.62e4b2p-1f, kExp2UnitC2 = 0x1.ebdc78p-3f, kExp2UnitC3 = 0x1.c91184p-5f,
                 kExp2UnitC4 = 0x1.27a7e0p-7f, kExp2UnitC5 = 0x1.e8e84cp-10f;
+// Degree 4, for sweeps whose results are 16-bit (relative error 3e-6, 1/80 of a float16 ulp): the
+// same relative minimax with p(0) = 1 (Lawson iteration), on [0, 1) and on |f| <= 1/2.
+constexpr float kExp2UnitCoarseC1 = 0x1.62d6c6p-1f, kExp2UnitCoarseC2 = 0x1.ee243cp-3f,
+                kExp2UnitCoarseC3 = 0x1.abf922p-5f, kExp2UnitCoarseC4 = 0x1.b7f564p-7f;
+constexpr float kExp2CoarseC1 = 0x1.62e12cp-1f, kExp2CoarseC2 = 0x1.ec0378p-3f, kExp2CoarseC3 = 0x1.c9fc1ep-5f,
+                kExp2CoarseC4 = 0x1.3a0282p-7f;
 }  // namespace cephes
 #endif
 
@@ -283,46 +290,69 @@ inline VecI16 vmin(VecI16 a, VecI16 b) { return {_mm256_min_epi16(a.v, b.v)}; }
 // ---------------------------------------------------------------------------
 // exp and log written once over the ISA primitives above.
 // ---------------------------------------------------------------------------
-// 1 + f (c1 + f (c2 + f (c3 + f (c4 + f c5)))), the polynomial part of 2^t.
-inline VecF exp2_poly(VecF f, float c1, float c2, float c3, float c4, float c5) {
-  VecF p = fmadd(VecF::broadcast(c5), f, VecF::broadcast(c4));
-  p = fmadd(p, f, VecF::broadcast(c3));
-  p = fmadd(p, f, VecF::broadcast(c2));
-  p = fmadd(p, f, VecF::broadcast(c1));
-  return fmadd(p, f, VecF::broadcast(1.0f));
+// c1 + f (c2 + f (c3 + ...)), by Horner's rule.
+inline VecF horner(VecF, float c) { return VecF::broadcast(c); }
+template <class... C>
+inline VecF horner(VecF f, float c, C... rest) {
+  return fmadd(horner(f, rest...), f, VecF::broadcast(c));
+}
+// 1 + f (c1 + f (c2 + ...)), the polynomial part of 2^t.
+template <class... C>
+inline VecF exp2_poly(VecF f, C... c) {
+  return fmadd(horner(f, c...), f, VecF::broadcast(1.0f));
 }
 
 // 2^t for t <= 0 (or -inf, or NaN): the sweeps' shifted logits.  The hot
 // sweeps call this one with log2(e) folded into the scale of their logits
 // (one multiply fewer per exp).
+// vexp2_nonpositive_coarse: the same at degree 4 (relative error 3e-6, one
+// FMA fewer), for compute-bound sweeps whose results are 16-bit.
 #if defined(KDFAST_ISA_AVX512)
 // f = t - floor(t) in [0, 1) is one vreduceps (exact; +0 for t = -inf), and
 // vscalefps multiplies by 2^floor(t) itself, flushing to 0 below the float
 // range: no clamp, no rounding instruction, no select.  In the compute-bound
 // exponential sweep that is 2 instructions of 9 fewer per exp.  NaN stays NaN.
-inline VecF vexp2_nonpositive(VecF t) {
-  using namespace cephes;
+template <class... C>
+inline VecF exp2_nonpositive_of(VecF t, C... c) {
   VecF f = {_mm512_reduce_ps(t.v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)};
-  VecF p = exp2_poly(f, kExp2UnitC1, kExp2UnitC2, kExp2UnitC3, kExp2UnitC4, kExp2UnitC5);
-  return {_mm512_scalef_ps(p.v, t.v)};
+  return {_mm512_scalef_ps(exp2_poly(f, c...).v, t.v)};
 }
+// the polynomials on f's range here, [0, 1)
+constexpr float kExp2Degree5[] = {cephes::kExp2UnitC1, cephes::kExp2UnitC2, cephes::kExp2UnitC3,
+                                  cephes::kExp2UnitC4, cephes::kExp2UnitC5};
+constexpr float kExp2Degree4[] = {cephes::kExp2UnitCoarseC1, cephes::kExp2UnitCoarseC2, cephes::kExp2UnitCoarseC3,
+                                  cephes::kExp2UnitCoarseC4};
 #else
 // AVX2 rounds with kShifter (n lands in the low mantissa bits of `nf`) and
 // scales by adding n to the exponent field, which is only right while the
 // result is normal: inputs are clamped at kExp2Lo and anything below returns
 // 0 by a select.  NaN propagates because vmax returns its second operand.
-inline VecF vexp2_nonpositive(VecF t) {
+template <class... C>
+inline VecF exp2_nonpositive_of(VecF t, C... c) {
   using namespace cephes;
   const VecF lo = VecF::broadcast(kExp2Lo), shifter = VecF::broadcast(kShifter);
   VecF tc = vmax(lo, t);
   VecF nf = tc + shifter;
   VecF f = tc - (nf - shifter);  // exact, in [-1/2, 1/2]
-  VecF p = exp2_poly(f, kExp2C1, kExp2C2, kExp2C3, kExp2C4, kExp2C5);
+  VecF p = exp2_poly(f, c...);
   __m256i e = _mm256_slli_epi32(_mm256_castps_si256(nf.v), 23);
   VecF scaled = {_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p.v), e))};
   return select(gt(lo, t), VecF::zero(), scaled);  // 2^(t < lo) == 0
 }
+// the polynomials on f's range here, [-1/2, 1/2]
+constexpr float kExp2Degree5[] = {cephes::kExp2C1, cephes::kExp2C2, cephes::kExp2C3, cephes::kExp2C4,
+                                  cephes::kExp2C5};
+constexpr float kExp2Degree4[] = {cephes::kExp2CoarseC1, cephes::kExp2CoarseC2, cephes::kExp2CoarseC3,
+                                  cephes::kExp2CoarseC4};
 #endif
+inline VecF vexp2_nonpositive(VecF t) {
+  const auto& c = kExp2Degree5;
+  return exp2_nonpositive_of(t, c[0], c[1], c[2], c[3], c[4]);
+}
+inline VecF vexp2_nonpositive_coarse(VecF t) {
+  const auto& c = kExp2Degree4;
+  return exp2_nonpositive_of(t, c[0], c[1], c[2], c[3]);
+}
 
 inline VecF vexp_nonpositive(VecF x) { return vexp2_nonpositive(x * VecF::broadcast(cephes::kLog2e)); }
 
