@@ -76,32 +76,23 @@ def test_exp_on_the_whole_line(level):
 
 
 @levels
-def test_exp2_of_non_positive_arguments(level):
+@pytest.mark.parametrize("fn,bound,degree_4", [("exp2_nonpositive", 3e-7, False),
+                                               ("exp2_nonpositive_coarse", 4e-6, True)])
+def test_exp2_of_non_positive_arguments(level, fn, bound, degree_4):
     """2^t for t <= 0 (t exact: the kernels fold log2 e into their logits' scale): relative error
-    <= 2.5 ulp (3e-7) down to 2^-124; below, 0 or a subnormal within 2^-124 of it; 2^-inf = 0."""
+    <= 2.5 ulp (3e-7) down to 2^-124; below, 0 or a subnormal within 2^-124 of it; 2^-inf = 0.
+    ``_coarse``, the degree-4 2^t of the sweeps whose results are 16-bit (the top-k kernel's sweep off
+    the support for 16-bit students): <= 4e-6 (the polynomial's 3e-6 and float rounding), and above
+    3e-7 except on the baseline (libm's exp2), so that the degree-4 code is what runs."""
     t = np.concatenate([-log_uniform(1e-30, 200.0), np.linspace(-126.0, 0.0, 100_001, dtype=np.float32)])
-    got, want = run("exp2_nonpositive", level, t), np.exp2(t.astype(np.float64))
-    normal = want >= EXP2_FLUSH
-    assert relative_error(got[normal], want[normal]) <= 3e-7
-    assert np.all(np.abs(got[~normal] - want[~normal]) <= EXP2_FLUSH)
-    special = run("exp2_nonpositive", level, np.array([-np.inf, 0.0, np.nan], dtype=np.float32))
-    assert special[0] == 0 and special[1] == 1 and np.isnan(special[2])
-
-
-@levels
-def test_coarse_exp2_of_non_positive_arguments(level):
-    """The degree-4 2^t of the sweeps whose results are 16-bit (the top-k kernel's sweep off the support
-    for 16-bit students): relative error <= 4e-6 (the polynomial's 3e-6 and float rounding) down to
-    2^-124, the rest as exp2_nonpositive.  On the baseline it is libm's exp2."""
-    t = np.concatenate([-log_uniform(1e-30, 200.0), np.linspace(-126.0, 0.0, 100_001, dtype=np.float32)])
-    got, want = run("exp2_nonpositive_coarse", level, t), np.exp2(t.astype(np.float64))
+    got, want = run(fn, level, t), np.exp2(t.astype(np.float64))
     normal = want >= EXP2_FLUSH
     error = relative_error(got[normal], want[normal])
-    assert error <= 4e-6
-    if level != "default":
-        assert error > 3e-7  # the degree-4 polynomial, not the degree-5 one
+    assert error <= bound
+    if degree_4 and level != "default":
+        assert error > 3e-7
     assert np.all(np.abs(got[~normal] - want[~normal]) <= EXP2_FLUSH)
-    special = run("exp2_nonpositive_coarse", level, np.array([-np.inf, 0.0, np.nan], dtype=np.float32))
+    special = run(fn, level, np.array([-np.inf, 0.0, np.nan], dtype=np.float32))
     assert special[0] == 0 and special[1] == 1 and np.isnan(special[2])
 
 

@@ -347,10 +347,10 @@ struct TopkRows {
     const bool ce_own_exp = hard && b.bucket && prm.tau_s != 1.0;
     S* kept = grad ? sc.e.data() : nullptr;
     OffSupportSums off;
-    if (b.bucket || hard) off = off_support_sums(z, n, support, k_e, ce_own_exp, kept, sc.segments);
+    if (sweeps_off_support) off = off_support_sums(z, n, support, k_e, ce_own_exp, kept, sc.segments);
     if (prefetch_next && sweeps_off_support) prefetch_support(b, i + 1, sc);
     // mass_off: some mass off the support (an entry there NaN: NaN sums, and a NaN max below)
-    const bool mass_off = (b.bucket || hard) && off.sum_e != 0.0;
+    const bool mass_off = sweeps_off_support && off.sum_e != 0.0;
     const S max_off = std::isnan(off.sum_e) ? std::numeric_limits<S>::quiet_NaN() : mass_off ? off.max : S(kNegInf);
     const S max_all = std::max(max_off, max_support);  // NaN max_off: NaN sums below
     const double sum_e = off.sum_e;  // sum off the support of 2^((z - max_off) k_e)
