@@ -111,11 +111,13 @@ DIVERGENCE_TABLE: Tuple[DivergenceSpec, ...] = (
         "skew_kl", "KL(p || skew p + (1 - skew) q)",
         params=(Param("skew", 0.1, 0.0, 1.0),),
         mixture_weight_p=lambda params: params["skew"],
+        rename=lambda params: "kl" if params["skew"] == 0.0 else None,
         cases=({"skew": 0.1},)),
     DivergenceSpec(
         "skew_reverse_kl", "KL(q || (1 - skew) p + skew q)",
         params=(Param("skew", 0.1, 0.0, 1.0),),
         mixture_weight_p=lambda params: 1.0 - params["skew"],
+        rename=lambda params: "reverse_kl" if params["skew"] == 0.0 else None,
         cases=({"skew": 0.25},)),
     DivergenceSpec("hellinger", "squared Hellinger distance sum (sqrt p - sqrt q)^2"),
 )

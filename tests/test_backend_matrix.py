@@ -8,7 +8,7 @@ the interpreted Triton kernel (tile 512) it is two full tiles and a partial one.
 import pytest
 import torch
 
-from conftest import assert_matches_oracle, kernels, logits
+from conftest import assert_matches_oracle, kernels, logits, loss_and_grad, oracle
 from kdfast.registry import divergence_cases
 
 DIVERGENCES = divergence_cases()
@@ -50,3 +50,36 @@ def test_mixed_dtypes(pair, kernel):
     s_dtype, t_dtype = pair
     student, teacher = logits((4, 300), s_dtype, seed=3), logits((4, 300), t_dtype, seed=4)
     assert_matches_oracle(student, teacher, kernel, divergence="jsd", temperature=1.5)
+
+
+MIXTURE_ENDS = [("skew_kl", {"skew": 0.0}), ("skew_kl", {"skew": 1.0}), ("skew_kl", {"skew": 1.0 - 1e-9}),
+                ("skew_reverse_kl", {"skew": 0.0}), ("skew_reverse_kl", {"skew": 1.0}),
+                ("skew_reverse_kl", {"skew": 1e-9}), ("jsd", {"beta": 1e-6}), ("jsd", {"beta": 1.0 - 1e-6})]
+
+
+@kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("divergence,params", MIXTURE_ENDS, ids=str)
+def test_mixtures_at_the_ends_of_their_weights(divergence, params, dtype, kernel):
+    """A mixture weight of 0 (skew = 0: kl or reverse_kl; skew = 1: the divergence of a distribution from
+    itself, 0 with no gradient) or nearly 0 (the C++ kernels scale the mixture by one weight over the other,
+    down to 1e-9 or up to 1e6), with entries masked in both rows and a hard-label term."""
+    student, teacher = logits((N, V), dtype, seed=5), logits((N, V), dtype, seed=6)
+    for row, masked in ((1, slice(0, 40)), (2, slice(100, 140))):
+        student[row, masked] = teacher[row, masked] = float("-inf")
+    kw = dict(_options(None, True), divergence=divergence, **params)
+    assert_matches_oracle(student, teacher, kernel, **kw)
+
+
+@kernels
+@pytest.mark.parametrize("divergence,masked_side", [("skew_kl", "student"), ("skew_reverse_kl", "teacher")])
+def test_skew_zero_is_infinite_where_its_kl_is(divergence, masked_side, kernel):
+    """At skew = 0 the mixture is the masked distribution itself: a row where the other has mass on its
+    masked entries has the loss +inf, as kl (reverse_kl) does; the other rows match the reference."""
+    student, teacher = logits((3, 300), torch.float32, seed=7), logits((3, 300), torch.float32, seed=8)
+    (student if masked_side == "student" else teacher)[1, 10:20] = float("-inf")
+    kw = dict(divergence=divergence, skew=0.0, reduction="none", temperature=2.0)
+    loss, _ = loss_and_grad(student, teacher, backend=kernel, **kw)
+    ref_loss, _ = oracle(student, teacher, **kw)
+    assert float(loss[1]) == float(ref_loss[1]) == float("inf")
+    torch.testing.assert_close(loss[[0, 2]].double(), ref_loss[[0, 2]], rtol=1e-5, atol=1e-6)

@@ -111,6 +111,24 @@ def test_a_method_failing_only_while_timed_loses_its_numbers_not_the_run(monkeyp
     assert len(by["kdfast[torch]"]["phases"]["backward"]["times_s"]) == 2
 
 
+def test_fast_methods_get_an_untimed_call_at_the_start_of_each_turn(monkeypatch):
+    """A method faster than SETTLE_BELOW_S is called once untimed before each timed call; a slow one is not,
+    and the turns stay in rotation (slow, fast-settle, fast-timed, slow, ...)."""
+    monkeypatch.setattr(runner, "SETTLE_BELOW_S", 0.5)
+    calls = []
+
+    def step(name, seconds):
+        def timed():
+            calls.append(name)
+            return seconds
+        return timed
+
+    steps = {"slow": step("slow", 2.0), "fast": step("fast", 0.1)}
+    times = runner._time_side_by_side(steps, runs=3, warmup=1, device="cpu", records={})
+    assert times == {"slow": [2.0] * 3, "fast": [0.1] * 3}
+    assert calls == ["slow", "fast"] + ["slow", "fast", "fast"] * 3
+
+
 def test_unknown_names_and_bad_shapes_are_clear_errors():
     with pytest.raises(ValueError, match="unknown loss 'kll'"):
         families.family_of("kll")

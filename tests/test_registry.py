@@ -54,6 +54,9 @@ def test_validation_follows_the_table(spec):
 def test_the_renames_of_the_boundary_cases():
     assert resolve_divergence("jsd", beta=0.0)[0] == "kl"
     assert resolve_divergence("jsd", beta=1.0)[0] == "reverse_kl"
+    assert resolve_divergence("skew_kl", skew=0.0)[0] == "kl"
+    assert resolve_divergence("skew_reverse_kl", skew=0.0)[0] == "reverse_kl"
+    assert resolve_divergence("skew_kl", skew=1.0)[0] == "skew_kl"
     assert resolve_divergence("renyi", alpha=1.0 + registry.RENYI_KL_WINDOW / 2)[0] == "kl"
     assert resolve_divergence("renyi", alpha=1.0 + 2 * registry.RENYI_KL_WINDOW)[0] == "renyi"
 

@@ -11,7 +11,8 @@
 //     returns g_j / kept_scale (`kept`, stored over the teacher's exponential
 //     in scratch, which nothing reads after), where kept_scale is a per-row
 //     scalar that finish() sets (ln 2 where g_j is a difference of base-2
-//     logs, a row sum where g_j needs one, as Renyi's does) and the skeleton
+//     logs, a row sum where g_j needs one, as Renyi's does, a mixture's
+//     weight over a row sum for the mixtures) and the skeleton
 //     folds into the gradient's coefficient.  So the gradient sweep of every
 //     divergence is KL's: two loads, one FMA, one store.
 // The value sweep works in base 2: its logs are log2 p = t - log2 S from the
@@ -40,9 +41,12 @@ using DivConsts = ::kdfast::DivergenceParams;
 // One entry of the value sweep: the probabilities, their base-2 logs, and the
 // exponentials they come from (p = e_t / S_t), for policies that fold a
 // constant into 1 / S_t.
+// t_t, t_s: the shifted logits in base 2 themselves (log2 p = t_t - log2 S_t),
+// for policies that fold log2 S into a row constant (FloorsShiftedLogits:
+// floored where their exponential is 0).
 template <class V>
 struct Elem {
-  V p, q, log2p, log2q, e_t, e_s;
+  V p, q, log2p, log2q, e_t, e_s, t_t, t_s;
 };
 
 // Double-precision row accumulators filled by chunk flushes.
@@ -72,6 +76,23 @@ struct ReadsLogs : std::true_type {};
 template <class D>
 struct ReadsLogs<D, std::void_t<decltype(D::kReadsLogs)>> : std::bool_constant<D::kReadsLogs> {};
 
+// Whether a policy's value sweep reads the shifted logits (Elem::t_t, t_s).
+// Default: false; reverse KL and the mixtures do (and not the logs).
+template <class D, class = void>
+struct ReadsShiftedLogits : std::false_type {};
+template <class D>
+struct ReadsShiftedLogits<D, std::void_t<decltype(D::kReadsShiftedLogits)>>
+    : std::bool_constant<D::kReadsShiftedLogits> {};
+
+// Whether they come floored where their exponential is 0 (exp2_arg_floor), for
+// policies that read them only in terms e (t - c).  Default: false; the
+// mixtures' are.  Not with the logs, which must stay -inf there.
+template <class D, class = void>
+struct FloorsShiftedLogits : std::false_type {};
+template <class D>
+struct FloorsShiftedLogits<D, std::void_t<decltype(D::kFloorsShiftedLogits)>>
+    : std::bool_constant<D::kFloorsShiftedLogits> {};
+
 // log2 m and 1 / m of the mixture m = w_p p + w_q q (jsd, skew_kl,
 // skew_reverse_kl), m clamped at float's smallest normal: below it (masked
 // entries, where m = 0, or both probabilities underflowing) every term that
@@ -81,13 +102,6 @@ struct ReadsLogs<D, std::void_t<decltype(D::kReadsLogs)>> : std::bool_constant<D
 // the policy reads 1 / m).
 template <class V>
 V clamp_tiny(V x) { return vmax(x, vset<V>(double(std::numeric_limits<typename V::value_type>::min()))); }
-
-// A base-2 log floored at -FLT_MAX, for a term w * (log2 x - log2 m) whose
-// weight w is 0 wherever log2 x is -inf (a masked entry): 0 * finite is 0, one
-// max instead of the compare and blend of a select.  Only where the mixture's
-// log2 m is finite (clamp_tiny) and x > 0 implies w > 0, i.e. the mixtures.
-template <class V>
-V floor_log(V log2x) { return vmax(log2x, vset<V>(double(std::numeric_limits<typename V::value_type>::lowest()))); }
 
 // ---------------------------------------------------------------- kl
 // D = sum p (log p - log q) = (ln 2 / S_t) sum e_t (t_t - t_s) - log S_t + log S_s; g_j = -p_j
@@ -115,65 +129,116 @@ struct TwoSums {
   }
 };
 
-// The finish() of the policies whose two sums are of base-2 terms: value and
-// Sigma_g times ln 2, and g_j = kept_j ln 2.
-struct Base2Sums {
-  static void finish(RowAcc& r, const DivConsts&) {
-    r.D = kLn2D * r.val;
-    r.gsum = kLn2D * r.aux;
-    r.kept_scale = kLn2D;
-  }
-};
-
 // ---------------------------------------------------------------- reverse kl
-// The value is summed from the same log q, log p as the gradient (not in the
-// exponential sweep): the gradient (g_j - q_j D) / tau_s cancels terms of
-// size D, and only a D rounded like g_j cancels them to float32 accuracy.
-// For the same reason g_j is kept in natural units (kept_scale 1, one multiply
-// by ln 2 per entry): at huge logits g_j and q_j D are both ~1e30, and the
-// product of a kept_scale of ln 2 with g_j would round differently from D.
+// D = sum q (log q - log p) = (ln 2 / S_s) sum e_s (t_s - t_t) + ln S_t - ln S_s,
+// g_j = q_j (log q_j - log p_j) (+ q_j, which cancels) = (ln 2 / S_s) e_s (t_s - t_t) + (a constant) q_j:
+// kept_j = e_s (t_s - t_t), 0 where q_j = 0 (p_j may be 0 there too) and +inf
+// where p_j = 0 < q_j, from the unfloored t.  Sigma_g is the sum of these same
+// kept_j, so that where g_j and q_j Sigma_g cancel (both ~1e30 at huge
+// logits) they cancel as rounded alike (the skeleton's a_kept).
 template <class V>
 struct ReverseKL {
   static constexpr bool kValueFromExps = false;
+  static constexpr bool kReadsLogs = false;
+  static constexpr bool kReadsShiftedLogits = true;
   struct Acc {
-    TwoSums<V> s;
-    V ln2 = vset<V>(kLn2D);
+    V sum = vzero<V>();
     Acc(const DivConsts&, const RowAcc&) {}
-    // g_j = q_j (log q_j - log p_j + 1); the +q_j part cancels, so Sigma_g = D.
     V add(const Elem<V>& e) {
-      const V g = select(gt(e.q, vzero<V>()), e.q * ((e.log2q - e.log2p) * ln2), vzero<V>());
-      s.add(g, g);
-      return g;
+      const V kept = select(gt(e.e_s, vzero<V>()), e.e_s * (e.t_s - e.t_t), vzero<V>());
+      sum = sum + kept;
+      return kept;
     }
-    void flush(RowAcc& r) { s.flush(r); }
+    void flush(RowAcc& r) {
+      r.val += sum.reduce_add();
+      sum = vzero<V>();
+    }
   };
   static void finish(RowAcc& r, const DivConsts&) {
-    r.D = r.val;
-    r.gsum = r.val;
+    r.kept_scale = kLn2D / r.sum_s;
+    r.gsum = r.kept_scale * r.val;
+    r.D = r.gsum + r.log_sum_t - r.log_sum_s;
   }
 };
 
-// ---------------------------------------------------------------- jsd (0 < beta < 1)
-// With bp = beta p and cq = (1 - beta) q (the weights folded into 1 / S):
-// m = bp + cq, D = sum bp (log p - log m) + cq (log q - log m),
-// g_j = cq_j (log q_j - log m_j).
+// ---------------------------------------------------------------- the mixtures' m
+// The mixture m = c_x e_x + c_y e_y of the two rows' exponentials (c = w / S:
+// a mixture weight over its row's sum; jsd, skew_kl, skew_reverse_kl), taken
+// as m = c_y m' with m' = r e_x + e_y, r = c_x / c_y: one FMA per entry.  Then
+// log2 x - log2 m = t_x - log2 m' up to a row constant, for x either row, so
+// the policies sum their terms against log2 m' from the shifted logits t and
+// add the constants back in finish(); in g_j such a constant multiplies q_j
+// and cancels (see the top), so it is dropped.  Against forming p, q, their
+// logs and m itself, that is a fifth of the value sweep's instructions.
+// y is the side whose weight is
+// 1 - skew (or 1 - beta): nonzero but for skew = 1, where the mixture is the
+// divergence's own first argument and D = 0; there r is 0 (any finite m'
+// serves) and finish() gives D = 0 and no gradient.
 template <class V>
-struct JSD : Base2Sums {
+struct ScaledMixture {
+  double ratio;  // r, in double for the policies' row constants
+  V r;
+  ScaledMixture(double c_x, double c_y) : ratio(c_y > 0.0 ? c_x / c_y : 0.0), r(vset<V>(ratio)) {}
+  V operator()(V e_x, V e_y) const { return clamp_tiny(fmadd(e_x, r, e_y)); }  // m'
+};
+
+// Two float-lane sums flushed into r.val and r.aux.
+template <class V>
+struct LaneSums {
+  V a = vzero<V>(), b = vzero<V>();
+  void flush(RowAcc& r) {
+    r.val += a.reduce_add();
+    r.aux += b.reduce_add();
+    a = b = vzero<V>();
+  }
+};
+
+// finish() of the skew divergences, KL(x || m) with m = c_y m' (ScaledMixture)
+// and r.val = A = sum e_x (t_x - log2 m'): D = ln 2 A / S_x - ln S_x - ln c_y,
+// and Sigma_g = kept_scale * sum kept (r.aux).  c_y = 0 (skew = 1, m = x): D = 0
+// and no gradient.
+inline void finish_kl_to_mixture(RowAcc& r, double sum_x, double log_sum_x, double c_y, double kept_scale) {
+  if (!(c_y > 0.0)) {
+    r.D = r.gsum = r.kept_scale = 0.0;
+    return;
+  }
+  r.D = kLn2D * r.val / sum_x - log_sum_x - std::log(c_y);
+  r.kept_scale = kept_scale;
+  r.gsum = kept_scale * r.aux;
+}
+
+// ---------------------------------------------------------------- jsd (0 < beta < 1)
+// m = beta p + (1 - beta) q, D = sum beta p (log p - log m) + (1 - beta) q (log q - log m),
+// g_j = (1 - beta) q_j (log q_j - log m_j).  With c_p = beta / S_t, c_q = (1 - beta) / S_s,
+// m = c_q m' (ScaledMixture: x the teacher, y the student) and the base-2 sums
+// A = sum e_t (t_t - log2 m'), B = sum e_s (t_s - log2 m'):
+//   D = ln 2 (c_p A + c_q B) - beta ln S_t - (1 - beta) ln S_s - ln c_q,
+//   g_j = ln 2 c_q e_s (t_s - log2 m') + (a constant) q_j: kept_j = e_s (t_s - log2 m').
+template <class V>
+struct JSD {
   static constexpr bool kValueFromExps = false;
+  static constexpr bool kReadsLogs = false;
+  static constexpr bool kReadsShiftedLogits = true;
+  static constexpr bool kFloorsShiftedLogits = true;
   struct Acc {
-    TwoSums<V> s;
-    V beta_over_sum_t, one_minus_beta_over_sum_s;
-    Acc(const DivConsts& c, const RowAcc& r)
-        : beta_over_sum_t(vset<V>(c.beta / r.sum_t)), one_minus_beta_over_sum_s(vset<V>((1.0 - c.beta) / r.sum_s)) {}
+    ScaledMixture<V> mix;
+    LaneSums<V> sums;
+    Acc(const DivConsts& c, const RowAcc& r) : mix(c.beta / r.sum_t, (1.0 - c.beta) / r.sum_s) {}
     V add(const Elem<V>& e) {
-      const V bp = e.e_t * beta_over_sum_t, cq = e.e_s * one_minus_beta_over_sum_s;
-      const V log2m = vlog2_positive(clamp_tiny(bp + cq));
-      const V g = cq * (floor_log(e.log2q) - log2m);
-      s.add(fmadd(bp, floor_log(e.log2p) - log2m, g), g);
-      return g;
+      const V log2m = vlog2_positive(mix(e.e_t, e.e_s));
+      const V kept = e.e_s * (e.t_s - log2m);
+      sums.a = fmadd(e.e_t, e.t_t - log2m, sums.a);
+      sums.b = sums.b + kept;
+      return kept;
     }
-    void flush(RowAcc& r) { s.flush(r); }
+    void flush(RowAcc& r) { sums.flush(r); }
   };
+  static void finish(RowAcc& r, const DivConsts& c) {
+    const double c_p = c.beta / r.sum_t, c_q = (1.0 - c.beta) / r.sum_s;
+    r.D = kLn2D * (c_p * r.val + c_q * r.aux) - c.beta * r.log_sum_t - (1.0 - c.beta) * r.log_sum_s - std::log(c_q);
+    r.kept_scale = kLn2D * c_q;
+    r.gsum = r.kept_scale * r.aux;
+  }
 };
 
 // ---------------------------------------------------------------- tvd
@@ -259,51 +324,67 @@ struct AB {
 };
 
 // ---------------------------------------------------------------- skew kl: KL(p || s p + (1-s) q)
-// With sp = s p and cq = (1 - s) q: m = sp + cq, D = sum p (log p - log m),
-// g_j = -p_j cq_j / m_j (a plain sum: the value alone is base 2).
+// m = s p + (1 - s) q, D = sum p (log p - log m), g_j = -p_j (1 - s) q_j / m_j.
+// With c_p = s / S_t, c_q = (1 - s) / S_s, m = c_q m' (x the teacher, y the
+// student) and A = sum e_t (t_t - log2 m'):
+//   D = ln 2 A / S_t - ln S_t - ln c_q,
+//   g_j = -(1 / S_t) e_t e_s / m': kept_j = e_t e_s / m', kept_scale = -1 / S_t.
 template <class V>
 struct SkewKL {
   static constexpr bool kValueFromExps = false;
+  static constexpr bool kReadsLogs = false;
+  static constexpr bool kReadsShiftedLogits = true;
+  static constexpr bool kFloorsShiftedLogits = true;
   struct Acc {
-    TwoSums<V> s;
-    V skew_over_sum_t, one_minus_skew_over_sum_s;
-    Acc(const DivConsts& c, const RowAcc& r)
-        : skew_over_sum_t(vset<V>(c.skew / r.sum_t)), one_minus_skew_over_sum_s(vset<V>((1.0 - c.skew) / r.sum_s)) {}
+    ScaledMixture<V> mix;
+    LaneSums<V> sums;
+    Acc(const DivConsts& c, const RowAcc& r) : mix(c.skew / r.sum_t, (1.0 - c.skew) / r.sum_s) {}
     V add(const Elem<V>& e) {
-      const V cq = e.e_s * one_minus_skew_over_sum_s;
-      const V m = clamp_tiny(fmadd(e.e_t, skew_over_sum_t, cq));
-      const V g = vzero<V>() - e.p * cq * vrecip(m);
-      s.add(e.p * (floor_log(e.log2p) - vlog2_positive(m)), g);
-      return g;
+      const V m = mix(e.e_t, e.e_s);
+      const V kept = e.e_t * e.e_s * vrecip(m);
+      sums.a = fmadd(e.e_t, e.t_t - vlog2_positive(m), sums.a);
+      sums.b = sums.b + kept;
+      return kept;
     }
-    void flush(RowAcc& r) { s.flush(r); }
+    void flush(RowAcc& r) { sums.flush(r); }
   };
-  static void finish(RowAcc& r, const DivConsts&) { r.D = kLn2D * r.val; r.gsum = r.aux; }
+  static void finish(RowAcc& r, const DivConsts& c) {
+    finish_kl_to_mixture(r, r.sum_t, r.log_sum_t, (1.0 - c.skew) / r.sum_s, -1.0 / r.sum_t);
+  }
 };
 
 // ---------------------------------------------------------------- skew reverse kl: KL(q || (1-s) p + s q)
-// With cp = (1 - s) p and sq = s q: m = cp + sq, D = sum q (log q - log m),
-// g_j = q_j (log q_j - log m_j) - q_j sq_j / m_j (the +q_j term cancels),
-// kept in base-2 units: q (log2 q - log2 m) - q sq / (m ln 2).
+// m = (1 - s) p + s q, D = sum q (log q - log m),
+// g_j = q_j (log q_j - log m_j) - q_j s q_j / m_j (the +q_j term cancels).
+// With c_p = (1 - s) / S_t, c_q = s / S_s, m = c_p m' (x the student, y the
+// teacher, r = c_q / c_p) and A = sum e_s (t_s - log2 m'):
+//   D = ln 2 A / S_s - ln S_s - ln c_p,
+//   g_j = (ln 2 / S_s) e_s (t_s - log2 m' - log2(e) r e_s / m') + (a constant) q_j.
 template <class V>
-struct SkewReverseKL : Base2Sums {
+struct SkewReverseKL {
   static constexpr bool kValueFromExps = false;
+  static constexpr bool kReadsLogs = false;
+  static constexpr bool kReadsShiftedLogits = true;
+  static constexpr bool kFloorsShiftedLogits = true;
   struct Acc {
-    TwoSums<V> s;
-    V one_minus_skew_over_sum_t, skew_over_sum_s, log2e;
+    ScaledMixture<V> mix;
+    V minus_log2e_r;
+    LaneSums<V> sums;
     Acc(const DivConsts& c, const RowAcc& r)
-        : one_minus_skew_over_sum_t(vset<V>((1.0 - c.skew) / r.sum_t)), skew_over_sum_s(vset<V>(c.skew / r.sum_s)),
-          log2e(vset<V>(kLog2eD)) {}
+        : mix(c.skew / r.sum_s, (1.0 - c.skew) / r.sum_t), minus_log2e_r(vset<V>(-kLog2eD * mix.ratio)) {}
     V add(const Elem<V>& e) {
-      const V sq = e.e_s * skew_over_sum_s;
-      const V m = clamp_tiny(fmadd(e.e_t, one_minus_skew_over_sum_t, sq));
-      const V value = e.q * (floor_log(e.log2q) - vlog2_positive(m));
-      const V g = value - e.q * (sq * log2e) * vrecip(m);
-      s.add(value, g);
-      return g;
+      const V m = mix(e.e_s, e.e_t);
+      const V d = e.t_s - vlog2_positive(m);
+      const V kept = e.e_s * fmadd(e.e_s * vrecip(m), minus_log2e_r, d);
+      sums.a = fmadd(e.e_s, d, sums.a);
+      sums.b = sums.b + kept;
+      return kept;
     }
-    void flush(RowAcc& r) { s.flush(r); }
+    void flush(RowAcc& r) { sums.flush(r); }
   };
+  static void finish(RowAcc& r, const DivConsts& c) {
+    finish_kl_to_mixture(r, r.sum_s, r.log_sum_s, (1.0 - c.skew) / r.sum_t, kLn2D / r.sum_s);
+  }
 };
 
 // ---------------------------------------------------------------- squared hellinger: sum (sqrt p - sqrt q)^2

@@ -291,15 +291,25 @@ template <template <class> class Div, class V, class TT, class TS>
 struct RowKernel {
   using S = typename V::value_type;
   static constexpr float kNegInf = -INFINITY;
-  // A policy that reads the logs of its value sweep reads them from t, which
-  // the exponential sweep computed.  For a 16-bit input it keeps t in scratch:
+  // A policy that reads t in its value sweep (its logs, or t itself) reads the
+  // t that the exponential sweep computed.  For a 16-bit input it keeps t in scratch:
   // reloading and converting the logits again (load, two conversions, FMA on
   // AVX-512) costs more than one store now and one load then, and its scratch
   // rows, at twice the size of the input's, still fit L2 beside the others up
   // to V = 32k.  A float input is reloaded (load + FMA): its t would double
   // its share of L2.
-  static constexpr bool kKeepT = ReadsLogs<Div<V>>::value && sizeof(TT) < 4;
-  static constexpr bool kKeepS = ReadsLogs<Div<V>>::value && sizeof(TS) < 4;
+  // A policy that reads t floored (the mixtures) keeps it floored: the
+  // exponential's own clamp where it has one (AVX2), shared with it.
+  static constexpr bool kReadsLogs = ReadsLogs<Div<V>>::value;
+  static constexpr bool kReadsT = kReadsLogs || ReadsShiftedLogits<Div<V>>::value;
+  static constexpr bool kFloorT = FloorsShiftedLogits<Div<V>>::value;
+  static_assert(!(kFloorT && kReadsLogs), "the logs need the unfloored t");
+  static constexpr bool kKeepT = kReadsT && sizeof(TT) < 4;
+  static constexpr bool kKeepS = kReadsT && sizeof(TS) < 4;
+  static V kept_t(V t) {
+    if constexpr (kFloorT) return exp2_arg_floor(t);
+    else return t;
+  }
   static constexpr int kScratchRows = 3 + int(kKeepT) + int(kKeepS);
   static RowScratch<S> scratch_rows(S* base, int64_t padded) {
     S* next = base + 2 * padded;
@@ -404,8 +414,8 @@ struct RowKernel {
       V et = vexp2_nonpositive(tt), es = vexp2_nonpositive(ts);
       et.store(scratch_t + j);
       es.store(scratch_s + j);
-      if constexpr (kKeepT) tt.store(scratch.t_t + j);
-      if constexpr (kKeepS) ts.store(scratch.t_s + j);
+      if constexpr (kKeepT) kept_t(tt).store(scratch.t_t + j);
+      if constexpr (kKeepS) kept_t(ts).store(scratch.t_s + j);
       at = at + et;
       as = as + es;
       if constexpr (Div<V>::kValueFromExps) av = Div<V>::add_exp_term(av, tt, ts, et, es);
@@ -540,7 +550,7 @@ struct RowKernel {
       e.e_s = V::load(scratch_s + j);
       e.p = e.e_t * inv_sum_t;
       e.q = e.e_s * inv_sum_s;
-      if constexpr (ReadsLogs<Div<V>>::value) {
+      if constexpr (kReadsT) {
         V tt = kKeepT ? V::load(scratch.t_t + j) : to_t(ld<V>(zt + j, tail, kNegInf));
         if (!kKeepT && revise && label >= j && label < j + lanes(tail, V::size)) {
           alignas(64) S lane_t[V::size];
@@ -549,8 +559,13 @@ struct RowKernel {
           tt = V::load(lane_t);
         }
         const V ts = kKeepS ? V::load(scratch.t_s + j) : to_s(ld<V>(zs + j, tail, kNegInf));
-        e.log2p = tt - log2_sum_t_v;
-        e.log2q = ts - log2_sum_s_v;
+        if constexpr (kReadsLogs) {
+          e.log2p = tt - log2_sum_t_v;
+          e.log2q = ts - log2_sum_s_v;
+        } else {  // kept as the policy reads them, or floored here
+          e.t_t = kKeepT ? tt : kept_t(tt);
+          e.t_s = kKeepS ? ts : kept_t(ts);
+        }
       }
       return e;
     };
@@ -584,7 +599,10 @@ struct RowKernel {
         if constexpr (Div<V>::kValueFromExps) {
           out = fmadd(V::load(scratch_t + j), A_minus_p, V::load(scratch_s + j) * B_q);
         } else {  // scratch_t holds what the value sweep kept of entry j
-          out = fmadd(A_kept, V::load(scratch_t + j), V::load(scratch_s + j) * B_q);
+          // A g_j rounded first, then q_j B added in the FMA: where the two
+          // cancel exactly (a one-hot student, q_j B = -A g_j, both ~1e30 at
+          // huge logits), B is that same product rounded once, and the sum is 0.
+          out = fmadd(V::load(scratch_s + j), B_q, A_kept * V::load(scratch_t + j));
         }
         if (add_q1) out = fmadd(C, V::load(scratch.e_s1 + j), out);
         if (hard && label >= j && label < j + lanes(tail, V::size)) {

@@ -8,6 +8,7 @@
 // __AVX2__, because the wide TUs enable their ISA with `#pragma GCC target`.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -73,6 +74,10 @@ template <class T> inline ScalarVec<T> vexp(ScalarVec<T> x) { return {std::exp(x
 template <class T> inline ScalarVec<T> vexp_nonpositive(ScalarVec<T> x) { return {std::exp(x.v)}; }
 template <class T> inline ScalarVec<T> vexp2_nonpositive(ScalarVec<T> t) { return {std::exp2(t.v)}; }
 template <class T> inline ScalarVec<T> vexp2_nonpositive_coarse(ScalarVec<T> t) { return {std::exp2(t.v)}; }
+// t with -inf raised to the lowest finite value (2^t is 0 at both; see the vector version)
+template <class T> inline ScalarVec<T> exp2_arg_floor(ScalarVec<T> t) {
+  return {std::max(t.v, std::numeric_limits<T>::lowest())};
+}
 // c ? a * b + d : d
 template <class T> inline ScalarVec<T> fmadd_where(bool c, ScalarVec<T> a, ScalarVec<T> b, ScalarVec<T> d) {
   return c ? fmadd(a, b, d) : d;
@@ -353,6 +358,10 @@ inline VecF vexp2_nonpositive_coarse(VecF t) {
   const auto& c = kExp2Degree4;
   return exp2_nonpositive_of(t, c[0], c[1], c[2], c[3]);
 }
+// t floored at kExp2Lo, below which vexp2_nonpositive gives 0: a term e (t - c), e = 2^t, is then 0
+// wherever e is, t = -inf included, with no select.  The floor is the exp's own first instruction
+// (the same operands in the same order), so a caller that takes both pays for it once.
+inline VecF exp2_arg_floor(VecF t) { return vmax(VecF::broadcast(cephes::kExp2Lo), t); }
 
 inline VecF vexp_nonpositive(VecF x) { return vexp2_nonpositive(x * VecF::broadcast(cephes::kLog2e)); }
 

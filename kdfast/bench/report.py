@@ -5,8 +5,8 @@ The JSON (``schema`` 1)::
     {"benchmark": "kdfast bench", "schema": 1, "created": ISO time,
      "machine": {device, cpu, logical_cpus, torch_threads, torch, kdfast, kdfast_cpu_capability,
                  torch_cpu_capability, gpu, python, load_average_1m, copy_bandwidth_GBps, nominal_bandwidth_GBps},
-     "settings": {losses, shapes, dtypes, device, baselines, backends, runs, warmup, temperature, phases,
-                  memory, topk: [k, ...], tails: [tail, ...], hidden, threads, compile_backend},
+     "settings": {losses, shapes, dtypes, device, baselines, backends, runs, warmup, settle_below_s,
+                  temperature, phases, memory, topk: [k, ...], tails: [tail, ...], hidden, threads, compile_backend},
      "records": [{loss, family, shape, N, V, dtype, [tail, topk,] method, kind ("baseline" | "kdfast"),
                   phases: {forward | backward | forward_backward:
                            {times_s: [...], median_s, q1_s, q3_s, min_s, spread = (q3 - q1) / median}},

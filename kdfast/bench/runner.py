@@ -24,6 +24,13 @@ from .memory import case_id, peak_memory_of, peaks_in_subprocess
 from .timing import summarise, sync, time_once
 
 PHASES = ("forward", "backward", "forward_backward")
+# A method whose warm-up call took less than this has an untimed call at the start of each of its turns.
+# The methods before it in the rotation leave the caches, the TLB and the allocator in their own state: a
+# slow baseline frees gigabytes of temporaries, and the fast method's next call then pays to fault its
+# memory in again (its calls spread from 1x to 4x).  A training step calls its loss again and again, so
+# its steady state is what to time.  Slower methods are not settled: their turns would take twice as long,
+# and a fault-in is a small share of a long call.
+SETTLE_BELOW_S = 1.0
 
 
 def forward_backward(fn: Callable[[], torch.Tensor], wrt) -> Callable[[], tuple]:
@@ -121,7 +128,8 @@ def _time_side_by_side(steps: Dict[str, Callable[[], float]], runs: int, warmup:
                        records: Dict[str, dict]) -> Dict[str, List[float]]:
     """``runs`` timings of each step taken in turns, after ``warmup`` each (one more for ``compile``).
 
-    A step that raises is dropped and its record gets the error.
+    A step whose last warm-up call took under ``SETTLE_BELOW_S`` is called once more, untimed, at the start
+    of each turn.  A step that raises is dropped and its record gets the error.
     """
     live = dict(steps)
 
@@ -136,14 +144,20 @@ def _time_side_by_side(steps: Dict[str, Callable[[], float]], runs: int, warmup:
             del live[name]
             return None
 
+    settled = set()
     for name in list(live):
+        seconds = None
         for _ in range(warmup + (1 if name == "compile" else 0)):
             if name in live:
-                attempt(name)
+                seconds = attempt(name)
+        if seconds is not None and seconds < SETTLE_BELOW_S:
+            settled.add(name)
     sync(device)
     times: Dict[str, List[float]] = {name: [] for name in live}
     for _ in range(runs):
         for name in list(live):
+            if name in settled and attempt(name) is None:
+                continue
             seconds = attempt(name)
             if seconds is not None:
                 times[name].append(seconds)
@@ -214,7 +228,7 @@ def run(cases: Sequence[Case], settings: Settings, *, runs: int = 7, warmup: int
                          topk=list(settings.topk), tails=list(settings.tails),
                          losses=_unique(c.loss for c in cases), shapes=_unique(c.shape for c in cases),
                          dtypes=_unique(c.dtype for c in cases), runs=runs, warmup=warmup, phases=list(phases),
-                         memory=memory, threads=torch.get_num_threads()),
+                         settle_below_s=SETTLE_BELOW_S, memory=memory, threads=torch.get_num_threads()),
         "records": records,
         "ratios": ratios(records, phases),
         "compare": None,

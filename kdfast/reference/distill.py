@@ -29,7 +29,15 @@ def _plogratio(keep: torch.Tensor, w: torch.Tensor, log_a: torch.Tensor, log_b: 
 
 
 def _log_mixture(logp: torch.Tensor, logq: torch.Tensor, w_p: float, w_q: float) -> torch.Tensor:
-    """``log(w_p p + w_q q)`` through logaddexp; finite wherever p or q is positive."""
+    """``log(w_p p + w_q q)`` through logaddexp; finite wherever p or q is positive.
+
+    A weight of 0 leaves the other side alone (``log w + log x``): logaddexp's gradient at two ``-inf``
+    operands is NaN, and with a zero weight every entry where that side's distribution is 0 would be one.
+    """
+    if w_q == 0:
+        return logp + math.log(w_p)
+    if w_p == 0:
+        return logq + math.log(w_q)
     some = (logp > -math.inf) | (logq > -math.inf)
     lp = logp + (math.log(w_p) if w_p > 0 else -math.inf)
     lq = logq + (math.log(w_q) if w_q > 0 else -math.inf)
