@@ -342,6 +342,7 @@ def resolve_divergence(divergence: str, alpha=None, beta=None, skew=None):
     beta=0.5 (Liger-Kernel's), ``renyi`` alpha=0.5, ``ab`` alpha=beta=0.5,
     ``skew_*`` skew=0.1 (DistiLLM's).  The boundary cases of docs/contract.md
     (section 2) are renamed: ``jsd`` beta=0 is ``kl`` and beta=1 is
+    ``reverse_kl``; ``skew_kl`` and ``skew_reverse_kl`` at skew=0 are ``kl`` and
     ``reverse_kl``; ``renyi`` with ``|alpha - 1| < RENYI_KL_WINDOW`` is ``kl``
     (see there why not only alpha = 1).  Giving a parameter that the
     divergence does not use is an error (it is almost always a mistake).

@@ -124,9 +124,28 @@ def test_fast_methods_get_an_untimed_call_at_the_start_of_each_turn(monkeypatch)
         return timed
 
     steps = {"slow": step("slow", 2.0), "fast": step("fast", 0.1)}
-    times = runner._time_side_by_side(steps, runs=3, warmup=1, device="cpu", records={})
+    records = {"slow": {}, "fast": {}}
+    times = runner._time_side_by_side(steps, runs=3, warmup=1, device="cpu", records=records)
     assert times == {"slow": [2.0] * 3, "fast": [0.1] * 3}
     assert calls == ["slow", "fast"] + ["slow", "fast", "fast"] * 3
+    assert records == {"slow": {"settled": False}, "fast": {"settled": True}}
+
+
+def test_a_method_failing_in_its_untimed_call_is_dropped_with_its_error(monkeypatch):
+    monkeypatch.setattr(runner, "SETTLE_BELOW_S", 0.5)
+    calls = {"n": 0}
+
+    def fails_second_time():
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first turn's untimed call
+            raise torch.OutOfMemoryError("no memory")
+        return 0.1
+
+    records = {"fast": {"phases": {}}, "other": {}}
+    times = runner._time_side_by_side({"fast": fails_second_time, "other": lambda: 0.2}, runs=2, warmup=1,
+                                      device="cpu", records=records)
+    assert times == {"other": [0.2, 0.2]} and calls["n"] == 2
+    assert records["fast"]["error"] == "out of memory" and "phases" not in records["fast"]
 
 
 def test_unknown_names_and_bad_shapes_are_clear_errors():

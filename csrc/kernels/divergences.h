@@ -11,8 +11,8 @@
 //     returns g_j / kept_scale (`kept`, stored over the teacher's exponential
 //     in scratch, which nothing reads after), where kept_scale is a per-row
 //     scalar that finish() sets (ln 2 where g_j is a difference of base-2
-//     logs, a row sum where g_j needs one, as Renyi's does, a mixture's
-//     weight over a row sum for the mixtures) and the skeleton
+//     logs, a row sum where g_j needs one, as Renyi's, reverse KL's and the
+//     mixtures' do) and the skeleton
 //     folds into the gradient's coefficient.  So the gradient sweep of every
 //     divergence is KL's: two loads, one FMA, one store.
 // The value sweep works in base 2: its logs are log2 p = t - log2 S from the
@@ -70,7 +70,7 @@ template <class D>
 struct KeptIsLogTerm<D, std::void_t<decltype(D::kKeptIsLogTerm)>> : std::bool_constant<D::kKeptIsLogTerm> {};
 
 // Whether a policy's value sweep reads log2 p and log2 q (Elem::log2p,
-// log2q).  Default: true; TVD and Hellinger do not.
+// log2q).  Default: true; TVD, Hellinger, reverse KL and the mixtures do not.
 template <class D, class = void>
 struct ReadsLogs : std::true_type {};
 template <class D>
@@ -93,13 +93,13 @@ template <class D>
 struct FloorsShiftedLogits<D, std::void_t<decltype(D::kFloorsShiftedLogits)>>
     : std::bool_constant<D::kFloorsShiftedLogits> {};
 
-// log2 m and 1 / m of the mixture m = w_p p + w_q q (jsd, skew_kl,
-// skew_reverse_kl), m clamped at float's smallest normal: below it (masked
-// entries, where m = 0, or both probabilities underflowing) every term that
-// reads log m or 1 / m is multiplied by a probability below 1.2e-38 and is 0
-// to float accuracy, and the clamp keeps 1 / m finite and the log free of
-// subnormal arithmetic.  vlog2_positive is 16 instructions, vrecip 3 (where
-// the policy reads 1 / m).
+// log2 m' and 1 / m' of the scaled mixture m' = m / c_n (ScaledMixture; jsd,
+// skew_kl, skew_reverse_kl), m' clamped at float's smallest normal: below it
+// (masked entries, where m = 0, or both exponentials underflowing; m <= m'
+// since c_n <= 1.2) every term that reads log m' or 1 / m' is multiplied by a
+// weighted probability w x_j <= m below 1.5e-38 and is 0 to float accuracy,
+// and the clamp keeps 1 / m' finite and the log free of subnormal arithmetic.
+// vlog2_positive is 15 instructions, vrecip 3 (where the policy reads 1 / m').
 template <class V>
 V clamp_tiny(V x) { return vmax(x, vset<V>(double(std::numeric_limits<typename V::value_type>::min()))); }
 
@@ -162,24 +162,39 @@ struct ReverseKL {
 };
 
 // ---------------------------------------------------------------- the mixtures' m
-// The mixture m = c_x e_x + c_y e_y of the two rows' exponentials (c = w / S:
+// The mixture m = c_t e_t + c_s e_s of the two rows' exponentials (c = w / S:
 // a mixture weight over its row's sum; jsd, skew_kl, skew_reverse_kl), taken
-// as m = c_y m' with m' = r e_x + e_y, r = c_x / c_y: one FMA per entry.  Then
-// log2 x - log2 m = t_x - log2 m' up to a row constant, for x either row, so
-// the policies sum their terms against log2 m' from the shifted logits t and
-// add the constants back in finish(); in g_j such a constant multiplies q_j
-// and cancels (see the top), so it is dropped.  Against forming p, q, their
-// logs and m itself, that is a fifth of the value sweep's instructions.
-// y is the side whose weight is
-// 1 - skew (or 1 - beta): nonzero but for skew = 1, where the mixture is the
-// divergence's own first argument and D = 0; there r is 0 (any finite m'
-// serves) and finish() gives D = 0 and no gradient.
+// as m = c_n m' with c_n the c of the side of the larger weight (w >= 1/2) and
+// m' = e_n + r e_o, r = c_o / c_n: one FMA per entry.  Then log2 x - log2 m =
+// t_x - log2 m' - log2(c_n S_x), so the policies sum their terms against
+// log2 m' from the shifted logits t and add the row constants back in
+// finish(); in g_j such a constant multiplies q_j and cancels (see the top),
+// so it is dropped.  Against forming p, q, their logs and m itself, that is a
+// fifth of the value sweep's instructions.  Scaling by the heavier side keeps
+// small the terms of the side that dominates m (its constant is log2 w_n, at
+// most 1 in size): where m is close to it and D is small, D keeps float
+// accuracy, which a scale by a weight near 0 (log2 of it in every term: -20
+// at 1e-6) would lose.  The side is a per-call constant: the branch between
+// the two FMAs is predicted, or hoisted out of the sweep.
+struct MixtureScale {
+  bool teacher_heavier;
+  double scale_t, scale_s;  // c_t / c_n and c_s / c_n: one of them 1
+  double log_c_n;
+  MixtureScale(double w_t, double w_s, const RowAcc& r)
+      : teacher_heavier(w_t >= w_s),
+        scale_t(teacher_heavier ? 1.0 : (w_t / r.sum_t) / (w_s / r.sum_s)),
+        scale_s(teacher_heavier ? (w_s / r.sum_s) / (w_t / r.sum_t) : 1.0),
+        log_c_n(teacher_heavier ? std::log(w_t) - r.log_sum_t : std::log(w_s) - r.log_sum_s) {}
+};
+
 template <class V>
 struct ScaledMixture {
-  double ratio;  // r, in double for the policies' row constants
+  MixtureScale scale;
   V r;
-  ScaledMixture(double c_x, double c_y) : ratio(c_y > 0.0 ? c_x / c_y : 0.0), r(vset<V>(ratio)) {}
-  V operator()(V e_x, V e_y) const { return clamp_tiny(fmadd(e_x, r, e_y)); }  // m'
+  explicit ScaledMixture(const MixtureScale& s) : scale(s), r(vset<V>(s.teacher_heavier ? s.scale_s : s.scale_t)) {}
+  V operator()(V e_t, V e_s) const {  // m'
+    return clamp_tiny(scale.teacher_heavier ? fmadd(e_s, r, e_t) : fmadd(e_t, r, e_s));
+  }
 };
 
 // Two float-lane sums flushed into r.val and r.aux.
@@ -193,16 +208,11 @@ struct LaneSums {
   }
 };
 
-// finish() of the skew divergences, KL(x || m) with m = c_y m' (ScaledMixture)
-// and r.val = A = sum e_x (t_x - log2 m'): D = ln 2 A / S_x - ln S_x - ln c_y,
-// and Sigma_g = kept_scale * sum kept (r.aux).  c_y = 0 (skew = 1, m = x): D = 0
-// and no gradient.
-inline void finish_kl_to_mixture(RowAcc& r, double sum_x, double log_sum_x, double c_y, double kept_scale) {
-  if (!(c_y > 0.0)) {
-    r.D = r.gsum = r.kept_scale = 0.0;
-    return;
-  }
-  r.D = kLn2D * r.val / sum_x - log_sum_x - std::log(c_y);
+// finish() of the skew divergences, KL(x || m) with m = c_n m' (ScaledMixture)
+// and r.val = A = sum e_x (t_x - log2 m'): D = ln 2 A / S_x - ln S_x - ln c_n,
+// and Sigma_g = kept_scale * sum kept (r.aux).
+inline void finish_kl_to_mixture(RowAcc& r, double sum_x, double log_sum_x, double log_c_n, double kept_scale) {
+  r.D = kLn2D * r.val / sum_x - log_sum_x - log_c_n;
   r.kept_scale = kept_scale;
   r.gsum = kept_scale * r.aux;
 }
@@ -210,9 +220,9 @@ inline void finish_kl_to_mixture(RowAcc& r, double sum_x, double log_sum_x, doub
 // ---------------------------------------------------------------- jsd (0 < beta < 1)
 // m = beta p + (1 - beta) q, D = sum beta p (log p - log m) + (1 - beta) q (log q - log m),
 // g_j = (1 - beta) q_j (log q_j - log m_j).  With c_p = beta / S_t, c_q = (1 - beta) / S_s,
-// m = c_q m' (ScaledMixture: x the teacher, y the student) and the base-2 sums
+// m = c_n m' (ScaledMixture) and the base-2 sums
 // A = sum e_t (t_t - log2 m'), B = sum e_s (t_s - log2 m'):
-//   D = ln 2 (c_p A + c_q B) - beta ln S_t - (1 - beta) ln S_s - ln c_q,
+//   D = ln 2 (c_p A + c_q B) - beta ln S_t - (1 - beta) ln S_s - ln c_n,
 //   g_j = ln 2 c_q e_s (t_s - log2 m') + (a constant) q_j: kept_j = e_s (t_s - log2 m').
 template <class V>
 struct JSD {
@@ -223,7 +233,7 @@ struct JSD {
   struct Acc {
     ScaledMixture<V> mix;
     LaneSums<V> sums;
-    Acc(const DivConsts& c, const RowAcc& r) : mix(c.beta / r.sum_t, (1.0 - c.beta) / r.sum_s) {}
+    Acc(const DivConsts& c, const RowAcc& r) : mix(MixtureScale(c.beta, 1.0 - c.beta, r)) {}
     V add(const Elem<V>& e) {
       const V log2m = vlog2_positive(mix(e.e_t, e.e_s));
       const V kept = e.e_s * (e.t_s - log2m);
@@ -235,7 +245,8 @@ struct JSD {
   };
   static void finish(RowAcc& r, const DivConsts& c) {
     const double c_p = c.beta / r.sum_t, c_q = (1.0 - c.beta) / r.sum_s;
-    r.D = kLn2D * (c_p * r.val + c_q * r.aux) - c.beta * r.log_sum_t - (1.0 - c.beta) * r.log_sum_s - std::log(c_q);
+    const double log_c_n = MixtureScale(c.beta, 1.0 - c.beta, r).log_c_n;
+    r.D = kLn2D * (c_p * r.val + c_q * r.aux) - c.beta * r.log_sum_t - (1.0 - c.beta) * r.log_sum_s - log_c_n;
     r.kept_scale = kLn2D * c_q;
     r.gsum = r.kept_scale * r.aux;
   }
@@ -325,10 +336,11 @@ struct AB {
 
 // ---------------------------------------------------------------- skew kl: KL(p || s p + (1-s) q)
 // m = s p + (1 - s) q, D = sum p (log p - log m), g_j = -p_j (1 - s) q_j / m_j.
-// With c_p = s / S_t, c_q = (1 - s) / S_s, m = c_q m' (x the teacher, y the
-// student) and A = sum e_t (t_t - log2 m'):
-//   D = ln 2 A / S_t - ln S_t - ln c_q,
-//   g_j = -(1 / S_t) e_t e_s / m': kept_j = e_t e_s / m', kept_scale = -1 / S_t.
+// With c_p = s / S_t, c_q = (1 - s) / S_s, m = c_n m' (ScaledMixture) and
+// A = sum e_t (t_t - log2 m'):
+//   D = ln 2 A / S_t - ln S_t - ln c_n,
+//   g_j = -(c_q / c_n) e_t e_s / (S_t m'): kept_j = e_t e_s / m', kept_scale = -(c_q / c_n) / S_t.
+// At skew = 1 (m = p) c_q is 0: D = 0 and no gradient, from the same formulas.
 template <class V>
 struct SkewKL {
   static constexpr bool kValueFromExps = false;
@@ -338,7 +350,7 @@ struct SkewKL {
   struct Acc {
     ScaledMixture<V> mix;
     LaneSums<V> sums;
-    Acc(const DivConsts& c, const RowAcc& r) : mix(c.skew / r.sum_t, (1.0 - c.skew) / r.sum_s) {}
+    Acc(const DivConsts& c, const RowAcc& r) : mix(MixtureScale(c.skew, 1.0 - c.skew, r)) {}
     V add(const Elem<V>& e) {
       const V m = mix(e.e_t, e.e_s);
       const V kept = e.e_t * e.e_s * vrecip(m);
@@ -349,17 +361,19 @@ struct SkewKL {
     void flush(RowAcc& r) { sums.flush(r); }
   };
   static void finish(RowAcc& r, const DivConsts& c) {
-    finish_kl_to_mixture(r, r.sum_t, r.log_sum_t, (1.0 - c.skew) / r.sum_s, -1.0 / r.sum_t);
+    const MixtureScale m(c.skew, 1.0 - c.skew, r);
+    finish_kl_to_mixture(r, r.sum_t, r.log_sum_t, m.log_c_n, -m.scale_s / r.sum_t);
   }
 };
 
 // ---------------------------------------------------------------- skew reverse kl: KL(q || (1-s) p + s q)
 // m = (1 - s) p + s q, D = sum q (log q - log m),
 // g_j = q_j (log q_j - log m_j) - q_j s q_j / m_j (the +q_j term cancels).
-// With c_p = (1 - s) / S_t, c_q = s / S_s, m = c_p m' (x the student, y the
-// teacher, r = c_q / c_p) and A = sum e_s (t_s - log2 m'):
-//   D = ln 2 A / S_s - ln S_s - ln c_p,
-//   g_j = (ln 2 / S_s) e_s (t_s - log2 m' - log2(e) r e_s / m') + (a constant) q_j.
+// With c_p = (1 - s) / S_t, c_q = s / S_s, m = c_n m' (ScaledMixture) and
+// A = sum e_s (t_s - log2 m'):
+//   D = ln 2 A / S_s - ln S_s - ln c_n,
+//   g_j = (ln 2 / S_s) e_s (t_s - log2 m' - log2(e) (c_q / c_n) e_s / m') + (a constant) q_j.
+// At skew = 1 (m = q) c_p is 0: D = 0 and no gradient, from the same formulas.
 template <class V>
 struct SkewReverseKL {
   static constexpr bool kValueFromExps = false;
@@ -368,14 +382,14 @@ struct SkewReverseKL {
   static constexpr bool kFloorsShiftedLogits = true;
   struct Acc {
     ScaledMixture<V> mix;
-    V minus_log2e_r;
+    V minus_log2e_scale_s;
     LaneSums<V> sums;
     Acc(const DivConsts& c, const RowAcc& r)
-        : mix(c.skew / r.sum_s, (1.0 - c.skew) / r.sum_t), minus_log2e_r(vset<V>(-kLog2eD * mix.ratio)) {}
+        : mix(MixtureScale(1.0 - c.skew, c.skew, r)), minus_log2e_scale_s(vset<V>(-kLog2eD * mix.scale.scale_s)) {}
     V add(const Elem<V>& e) {
-      const V m = mix(e.e_s, e.e_t);
+      const V m = mix(e.e_t, e.e_s);
       const V d = e.t_s - vlog2_positive(m);
-      const V kept = e.e_s * fmadd(e.e_s * vrecip(m), minus_log2e_r, d);
+      const V kept = e.e_s * fmadd(e.e_s * vrecip(m), minus_log2e_scale_s, d);
       sums.a = fmadd(e.e_s, d, sums.a);
       sums.b = sums.b + kept;
       return kept;
@@ -383,7 +397,7 @@ struct SkewReverseKL {
     void flush(RowAcc& r) { sums.flush(r); }
   };
   static void finish(RowAcc& r, const DivConsts& c) {
-    finish_kl_to_mixture(r, r.sum_s, r.log_sum_s, (1.0 - c.skew) / r.sum_t, kLn2D / r.sum_s);
+    finish_kl_to_mixture(r, r.sum_s, r.log_sum_s, MixtureScale(1.0 - c.skew, c.skew, r).log_c_n, kLn2D / r.sum_s);
   }
 };
 

@@ -298,8 +298,9 @@ struct RowKernel {
   // rows, at twice the size of the input's, still fit L2 beside the others up
   // to V = 32k.  A float input is reloaded (load + FMA): its t would double
   // its share of L2.
-  // A policy that reads t floored (the mixtures) keeps it floored: the
-  // exponential's own clamp where it has one (AVX2), shared with it.
+  // A policy that reads t floored (the mixtures) keeps it floored: on the
+  // kept path at AVX2 that is the exponential's own clamp, shared with it;
+  // otherwise one max per entry, in whichever sweep computes t.
   static constexpr bool kReadsLogs = ReadsLogs<Div<V>>::value;
   static constexpr bool kReadsT = kReadsLogs || ReadsShiftedLogits<Div<V>>::value;
   static constexpr bool kFloorT = FloorsShiftedLogits<Div<V>>::value;

@@ -358,9 +358,10 @@ inline VecF vexp2_nonpositive_coarse(VecF t) {
   const auto& c = kExp2Degree4;
   return exp2_nonpositive_of(t, c[0], c[1], c[2], c[3]);
 }
-// t floored at kExp2Lo, below which vexp2_nonpositive gives 0: a term e (t - c), e = 2^t, is then 0
-// wherever e is, t = -inf included, with no select.  The floor is the exp's own first instruction
-// (the same operands in the same order), so a caller that takes both pays for it once.
+// t floored at kExp2Lo: a term e (t - c), e = 2^t, is then 0 wherever e is, t = -inf included,
+// with no select.  At AVX2 vexp2_nonpositive gives 0 below kExp2Lo and the floor is its own first
+// instruction (the same operands in the same order), so a caller that takes both pays for it once;
+// at AVX-512 it has no clamp (its subnormal results below kExp2Lo move such a term by under 1e-36).
 inline VecF exp2_arg_floor(VecF t) { return vmax(VecF::broadcast(cephes::kExp2Lo), t); }
 
 inline VecF vexp_nonpositive(VecF x) { return vexp2_nonpositive(x * VecF::broadcast(cephes::kLog2e)); }

@@ -11,7 +11,7 @@ The JSON (``schema`` 1)::
                   phases: {forward | backward | forward_backward:
                            {times_s: [...], median_s, q1_s, q3_s, min_s, spread = (q3 - q1) / median}},
                   peak_extra_bytes, bytes_moved, roofline_fraction, nominal_roofline_fraction,
-                  value, value_rel_diff}                       # or "error" / "skipped" instead of the numbers
+                  value, value_rel_diff, settled (an untimed call began each of its turns)}                       # or "error" / "skipped" instead of the numbers
                  ...],
      "ratios": [{loss, shape, dtype, [tail, topk,] method, baseline, forward, backward, forward_backward}, ...],
      "compare": null or the comparison with an earlier result (kdfast.bench.compare)}

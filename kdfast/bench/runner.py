@@ -152,6 +152,8 @@ def _time_side_by_side(steps: Dict[str, Callable[[], float]], runs: int, warmup:
                 seconds = attempt(name)
         if seconds is not None and seconds < SETTLE_BELOW_S:
             settled.add(name)
+        if name in records:
+            records[name]["settled"] = name in settled
     sync(device)
     times: Dict[str, List[float]] = {name: [] for name in live}
     for _ in range(runs):

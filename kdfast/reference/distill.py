@@ -39,8 +39,7 @@ def _log_mixture(logp: torch.Tensor, logq: torch.Tensor, w_p: float, w_q: float)
     if w_p == 0:
         return logq + math.log(w_q)
     some = (logp > -math.inf) | (logq > -math.inf)
-    lp = logp + (math.log(w_p) if w_p > 0 else -math.inf)
-    lq = logq + (math.log(w_q) if w_q > 0 else -math.inf)
+    lp, lq = logp + math.log(w_p), logq + math.log(w_q)
     return torch.logaddexp(_masked(some, lp), _masked(some, lq)).where(some, lp)
 
 
