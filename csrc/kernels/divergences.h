@@ -84,6 +84,18 @@ template <class D>
 struct ReadsShiftedLogits<D, std::void_t<decltype(D::kReadsShiftedLogits)>>
     : std::bool_constant<D::kReadsShiftedLogits> {};
 
+// Which of the two a policy that reads them reads (kReadsTeacherT,
+// kReadsStudentT; default: both): a 16-bit row's t is kept in scratch only
+// where it is read.
+template <class D, class = void>
+struct ReadsTeacherT : ReadsShiftedLogits<D> {};
+template <class D>
+struct ReadsTeacherT<D, std::void_t<decltype(D::kReadsTeacherT)>> : std::bool_constant<D::kReadsTeacherT> {};
+template <class D, class = void>
+struct ReadsStudentT : ReadsShiftedLogits<D> {};
+template <class D>
+struct ReadsStudentT<D, std::void_t<decltype(D::kReadsStudentT)>> : std::bool_constant<D::kReadsStudentT> {};
+
 // Whether they come floored where their exponential is 0 (exp2_arg_floor), for
 // policies that read them only in terms e (t - c).  Default: false; the
 // mixtures' are.  Not with the logs, which must stay -inf there.
@@ -346,6 +358,7 @@ struct SkewKL {
   static constexpr bool kValueFromExps = false;
   static constexpr bool kReadsLogs = false;
   static constexpr bool kReadsShiftedLogits = true;
+  static constexpr bool kReadsStudentT = false;
   static constexpr bool kFloorsShiftedLogits = true;
   struct Acc {
     ScaledMixture<V> mix;
@@ -379,6 +392,7 @@ struct SkewReverseKL {
   static constexpr bool kValueFromExps = false;
   static constexpr bool kReadsLogs = false;
   static constexpr bool kReadsShiftedLogits = true;
+  static constexpr bool kReadsTeacherT = false;
   static constexpr bool kFloorsShiftedLogits = true;
   struct Acc {
     ScaledMixture<V> mix;

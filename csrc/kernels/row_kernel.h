@@ -305,8 +305,8 @@ struct RowKernel {
   static constexpr bool kReadsT = kReadsLogs || ReadsShiftedLogits<Div<V>>::value;
   static constexpr bool kFloorT = FloorsShiftedLogits<Div<V>>::value;
   static_assert(!(kFloorT && kReadsLogs), "the logs need the unfloored t");
-  static constexpr bool kKeepT = kReadsT && sizeof(TT) < 4;
-  static constexpr bool kKeepS = kReadsT && sizeof(TS) < 4;
+  static constexpr bool kKeepT = (kReadsLogs || ReadsTeacherT<Div<V>>::value) && sizeof(TT) < 4;
+  static constexpr bool kKeepS = (kReadsLogs || ReadsStudentT<Div<V>>::value) && sizeof(TS) < 4;
   static V kept_t(V t) {
     if constexpr (kFloorT) return exp2_arg_floor(t);
     else return t;
