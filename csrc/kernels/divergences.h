@@ -62,48 +62,36 @@ struct RowAcc {
 template <class V> inline V vzero() { return V::zero(); }
 template <class V> inline V vset(double x) { return V::broadcast(typename V::value_type(x)); }
 
+// A policy's compile-time flag: D::member where the policy declares it, else
+// Default's value (a bool_constant, or another flag).
+#define KDFAST_POLICY_FLAG(Trait, member, Default)                                  \
+  template <class D, class = void>                                                  \
+  struct Trait : Default {};                                                        \
+  template <class D>                                                                \
+  struct Trait<D, std::void_t<decltype(D::member)>> : std::bool_constant<D::member> {};
+
 // Whether a policy keeps log-terms x_j whose exp(x_j - max) the skeleton sums
 // (into lse_sum, against lse_max) after the value sweep.  Default: false.
-template <class D, class = void>
-struct KeptIsLogTerm : std::false_type {};
-template <class D>
-struct KeptIsLogTerm<D, std::void_t<decltype(D::kKeptIsLogTerm)>> : std::bool_constant<D::kKeptIsLogTerm> {};
+KDFAST_POLICY_FLAG(KeptIsLogTerm, kKeptIsLogTerm, std::false_type)
 
 // Whether a policy's value sweep reads log2 p and log2 q (Elem::log2p,
 // log2q).  Default: true; TVD, Hellinger, reverse KL and the mixtures do not.
-template <class D, class = void>
-struct ReadsLogs : std::true_type {};
-template <class D>
-struct ReadsLogs<D, std::void_t<decltype(D::kReadsLogs)>> : std::bool_constant<D::kReadsLogs> {};
+KDFAST_POLICY_FLAG(ReadsLogs, kReadsLogs, std::true_type)
 
 // Whether a policy's value sweep reads the shifted logits (Elem::t_t, t_s).
 // Default: false; reverse KL and the mixtures do (and not the logs).
-template <class D, class = void>
-struct ReadsShiftedLogits : std::false_type {};
-template <class D>
-struct ReadsShiftedLogits<D, std::void_t<decltype(D::kReadsShiftedLogits)>>
-    : std::bool_constant<D::kReadsShiftedLogits> {};
+KDFAST_POLICY_FLAG(ReadsShiftedLogits, kReadsShiftedLogits, std::false_type)
 
-// Which of the two a policy that reads them reads (kReadsTeacherT,
-// kReadsStudentT; default: both): a 16-bit row's t is kept in scratch only
-// where it is read.
-template <class D, class = void>
-struct ReadsTeacherT : ReadsShiftedLogits<D> {};
-template <class D>
-struct ReadsTeacherT<D, std::void_t<decltype(D::kReadsTeacherT)>> : std::bool_constant<D::kReadsTeacherT> {};
-template <class D, class = void>
-struct ReadsStudentT : ReadsShiftedLogits<D> {};
-template <class D>
-struct ReadsStudentT<D, std::void_t<decltype(D::kReadsStudentT)>> : std::bool_constant<D::kReadsStudentT> {};
+// Which of the two a policy that reads them reads (default: both): a 16-bit
+// row's t is kept in scratch only where it is read.
+KDFAST_POLICY_FLAG(ReadsTeacherT, kReadsTeacherT, ReadsShiftedLogits<D>)
+KDFAST_POLICY_FLAG(ReadsStudentT, kReadsStudentT, ReadsShiftedLogits<D>)
 
 // Whether they come floored where their exponential is 0 (exp2_arg_floor), for
 // policies that read them only in terms e (t - c).  Default: false; the
 // mixtures' are.  Not with the logs, which must stay -inf there.
-template <class D, class = void>
-struct FloorsShiftedLogits : std::false_type {};
-template <class D>
-struct FloorsShiftedLogits<D, std::void_t<decltype(D::kFloorsShiftedLogits)>>
-    : std::bool_constant<D::kFloorsShiftedLogits> {};
+KDFAST_POLICY_FLAG(FloorsShiftedLogits, kFloorsShiftedLogits, std::false_type)
+#undef KDFAST_POLICY_FLAG
 
 // log2 m' and 1 / m' of the scaled mixture m' = m / c_n (ScaledMixture; jsd,
 // skew_kl, skew_reverse_kl), m' clamped at float's smallest normal: below it
@@ -209,17 +197,6 @@ struct ScaledMixture {
   }
 };
 
-// Two float-lane sums flushed into r.val and r.aux.
-template <class V>
-struct LaneSums {
-  V a = vzero<V>(), b = vzero<V>();
-  void flush(RowAcc& r) {
-    r.val += a.reduce_add();
-    r.aux += b.reduce_add();
-    a = b = vzero<V>();
-  }
-};
-
 // finish() of the skew divergences, KL(x || m) with m = c_n m' (ScaledMixture)
 // and r.val = A = sum e_x (t_x - log2 m'): D = ln 2 A / S_x - ln S_x - ln c_n,
 // and Sigma_g = kept_scale * sum kept (r.aux).
@@ -244,13 +221,13 @@ struct JSD {
   static constexpr bool kFloorsShiftedLogits = true;
   struct Acc {
     ScaledMixture<V> mix;
-    LaneSums<V> sums;
+    TwoSums<V> sums;
     Acc(const DivConsts& c, const RowAcc& r) : mix(MixtureScale(c.beta, 1.0 - c.beta, r)) {}
     V add(const Elem<V>& e) {
       const V log2m = vlog2_positive(mix(e.e_t, e.e_s));
       const V kept = e.e_s * (e.t_s - log2m);
-      sums.a = fmadd(e.e_t, e.t_t - log2m, sums.a);
-      sums.b = sums.b + kept;
+      sums.val = fmadd(e.e_t, e.t_t - log2m, sums.val);
+      sums.gs = sums.gs + kept;
       return kept;
     }
     void flush(RowAcc& r) { sums.flush(r); }
@@ -362,13 +339,13 @@ struct SkewKL {
   static constexpr bool kFloorsShiftedLogits = true;
   struct Acc {
     ScaledMixture<V> mix;
-    LaneSums<V> sums;
+    TwoSums<V> sums;
     Acc(const DivConsts& c, const RowAcc& r) : mix(MixtureScale(c.skew, 1.0 - c.skew, r)) {}
     V add(const Elem<V>& e) {
       const V m = mix(e.e_t, e.e_s);
       const V kept = e.e_t * e.e_s * vrecip(m);
-      sums.a = fmadd(e.e_t, e.t_t - vlog2_positive(m), sums.a);
-      sums.b = sums.b + kept;
+      sums.val = fmadd(e.e_t, e.t_t - vlog2_positive(m), sums.val);
+      sums.gs = sums.gs + kept;
       return kept;
     }
     void flush(RowAcc& r) { sums.flush(r); }
@@ -397,15 +374,15 @@ struct SkewReverseKL {
   struct Acc {
     ScaledMixture<V> mix;
     V minus_log2e_scale_s;
-    LaneSums<V> sums;
+    TwoSums<V> sums;
     Acc(const DivConsts& c, const RowAcc& r)
         : mix(MixtureScale(1.0 - c.skew, c.skew, r)), minus_log2e_scale_s(vset<V>(-kLog2eD * mix.scale.scale_s)) {}
     V add(const Elem<V>& e) {
       const V m = mix(e.e_t, e.e_s);
       const V d = e.t_s - vlog2_positive(m);
       const V kept = e.e_s * fmadd(e.e_s * vrecip(m), minus_log2e_scale_s, d);
-      sums.a = fmadd(e.e_s, d, sums.a);
-      sums.b = sums.b + kept;
+      sums.val = fmadd(e.e_s, d, sums.val);
+      sums.gs = sums.gs + kept;
       return kept;
     }
     void flush(RowAcc& r) { sums.flush(r); }
