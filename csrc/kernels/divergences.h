@@ -4,8 +4,9 @@
 //   * its row value: either accumulated in the exponential sweep from the
 //     shifted logits in base 2, t = log2(e) (z - max) / tau, and e = 2^t
 //     (kValueFromExps: no extra sweep; such a policy's g_j is -p_j, folded
-//     into the skeleton's gradient coefficients), or in a value sweep
-//     (Acc::add / Acc::flush);
+//     into the skeleton's gradient coefficients; or kKeptFromExps, below:
+//     kept_j and its sum from there), or in a value sweep (Acc::add /
+//     Acc::flush);
 //   * finish(): the row value D and Sigma_g = sum_j g_j from the sums;
 //   * g_j = q_j * dD/dq_j, computed once per entry in the value sweep: Acc::add
 //     returns g_j / kept_scale (`kept`, stored over the teacher's exponential
@@ -70,16 +71,22 @@ template <class V> inline V vset(double x) { return V::broadcast(typename V::val
   template <class D>                                                                \
   struct Trait<D, std::void_t<decltype(D::member)>> : std::bool_constant<D::member> {};
 
+// Whether a policy's kept_j needs no row sum, so that the exponential sweep
+// computes it (Div::kept_from_exps(t_t, t_s, e_t, e_s)), stores it where the
+// teacher's exponential would go and sums it into RowAcc::val: such a policy
+// has no value sweep.  Default: false; reverse KL's is.
+KDFAST_POLICY_FLAG(KeptFromExps, kKeptFromExps, std::false_type)
+
 // Whether a policy keeps log-terms x_j whose exp(x_j - max) the skeleton sums
 // (into lse_sum, against lse_max) after the value sweep.  Default: false.
 KDFAST_POLICY_FLAG(KeptIsLogTerm, kKeptIsLogTerm, std::false_type)
 
 // Whether a policy's value sweep reads log2 p and log2 q (Elem::log2p,
-// log2q).  Default: true; TVD, Hellinger, reverse KL and the mixtures do not.
+// log2q).  Default: true; TVD, Hellinger and the mixtures do not.
 KDFAST_POLICY_FLAG(ReadsLogs, kReadsLogs, std::true_type)
 
 // Whether a policy's value sweep reads the shifted logits (Elem::t_t, t_s).
-// Default: false; reverse KL and the mixtures do (and not the logs).
+// Default: false; the mixtures do (and not the logs).
 KDFAST_POLICY_FLAG(ReadsShiftedLogits, kReadsShiftedLogits, std::false_type)
 
 // Which of the two a policy that reads them reads (default: both): a 16-bit
@@ -108,7 +115,6 @@ V clamp_tiny(V x) { return vmax(x, vset<V>(double(std::numeric_limits<typename V
 template <class V>
 struct KL {
   static constexpr bool kValueFromExps = true;
-  static constexpr bool kReadsLogs = false;  // no value sweep
   // acc + e_t (t_t - t_s), skipping e_t == 0 (t_t may be -inf there)
   static V add_exp_term(V acc, V tt, V ts, V et, V) { return fmadd_where(gt(et, vzero<V>()), et, tt - ts, acc); }
   static void finish(RowAcc& r, const DivConsts&) {
@@ -139,21 +145,10 @@ struct TwoSums {
 template <class V>
 struct ReverseKL {
   static constexpr bool kValueFromExps = false;
-  static constexpr bool kReadsLogs = false;
-  static constexpr bool kReadsShiftedLogits = true;
-  struct Acc {
-    V sum = vzero<V>();
-    Acc(const DivConsts&, const RowAcc&) {}
-    V add(const Elem<V>& e) {
-      const V kept = select(gt(e.e_s, vzero<V>()), e.e_s * (e.t_s - e.t_t), vzero<V>());
-      sum = sum + kept;
-      return kept;
-    }
-    void flush(RowAcc& r) {
-      r.val += sum.reduce_add();
-      sum = vzero<V>();
-    }
-  };
+  // kept_j needs no row sum: the exponential sweep computes it from its
+  // registers, and reverse KL has no value sweep (its t rows are never kept).
+  static constexpr bool kKeptFromExps = true;
+  static V kept_from_exps(V tt, V ts, V, V es) { return select(gt(es, vzero<V>()), es * (ts - tt), vzero<V>()); }
   static void finish(RowAcc& r, const DivConsts&) {
     r.kept_scale = kLn2D / r.sum_s;
     r.gsum = r.kept_scale * r.val;

@@ -5,8 +5,8 @@
 // entry once):
 //   1. max of teacher and student logits;
 //   2. the exponentials exp((z - max) / tau) of both (kept in a per-thread
-//      scratch row so later sweeps need no exp), their sums, for KL-type
-//      policies the row value itself, and for a weighting that needs it the
+//      scratch row so later sweeps need no exp), their sums, for KL and
+//      reverse KL the row value itself, and for a weighting that needs it the
 //      teacher at temperature 1;
 //   3. when asked for, the student at temperature 1 (the CE normaliser);
 //   4. the divergence value (other policies), then the gradient with respect
@@ -201,6 +201,17 @@ inline int64_t aligned_head(const T* row, int64_t n) {
   return head < n ? head : n;
 }
 
+// The sum of a scratch row's n entries, on float lanes flushed to double as
+// the sweeps sum them.
+template <class V>
+inline double row_sum(const typename V::value_type* row, int64_t n) {
+  double total = 0.0;
+  V acc = V::zero();
+  sweep<V>(n, [&](int64_t j, auto tail) { acc = acc + ld<V>(row + j, tail, 0.0f); },
+           [&] { total += acc.reduce_add(); acc = V::zero(); });
+  return total;
+}
+
 // 1 on the lanes that are entries of the row, 0 on the padding of a tail
 template <class V> inline V live_lanes(Full) { return V::broadcast(typename V::value_type(1)); }
 template <class V> inline V live_lanes(int n) {
@@ -301,12 +312,14 @@ struct RowKernel {
   // A policy that reads t floored (the mixtures) keeps it floored: on the
   // kept path at AVX2 that is the exponential's own clamp, shared with it;
   // otherwise one max per entry, in whichever sweep computes t.
-  static constexpr bool kReadsLogs = ReadsLogs<Div<V>>::value;
-  static constexpr bool kReadsT = kReadsLogs || ReadsShiftedLogits<Div<V>>::value;
+  static constexpr bool kKeptFromExps = KeptFromExps<Div<V>>::value;
+  static constexpr bool kValueSweep = !Div<V>::kValueFromExps && !kKeptFromExps;
+  static constexpr bool kReadsLogs = kValueSweep && ReadsLogs<Div<V>>::value;
+  static constexpr bool kReadsT = kReadsLogs || (kValueSweep && ReadsShiftedLogits<Div<V>>::value);
   static constexpr bool kFloorT = FloorsShiftedLogits<Div<V>>::value;
   static_assert(!(kFloorT && kReadsLogs), "the logs need the unfloored t");
-  static constexpr bool kKeepT = (kReadsLogs || ReadsTeacherT<Div<V>>::value) && sizeof(TT) < 4;
-  static constexpr bool kKeepS = (kReadsLogs || ReadsStudentT<Div<V>>::value) && sizeof(TS) < 4;
+  static constexpr bool kKeepT = kValueSweep && (kReadsLogs || ReadsTeacherT<Div<V>>::value) && sizeof(TT) < 4;
+  static constexpr bool kKeepS = kValueSweep && (kReadsLogs || ReadsStudentT<Div<V>>::value) && sizeof(TS) < 4;
   static V kept_t(V t) {
     if constexpr (kFloorT) return exp2_arg_floor(t);
     else return t;
@@ -413,7 +426,13 @@ struct RowKernel {
       V tt = to_t(ld<V>(zt + j, tail, kNegInf));
       V ts = to_s(ld<V>(zs + j, tail, kNegInf));
       V et = vexp2_nonpositive(tt), es = vexp2_nonpositive(ts);
-      et.store(scratch_t + j);
+      if constexpr (kKeptFromExps) {  // the teacher's exponentials are read for the last time here
+        const V kept = Div<V>::kept_from_exps(tt, ts, et, es);
+        kept.store(scratch_t + j);
+        av = av + kept;
+      } else {
+        et.store(scratch_t + j);
+      }
       es.store(scratch_s + j);
       if constexpr (kKeepT) kept_t(tt).store(scratch.t_t + j);
       if constexpr (kKeepS) kept_t(ts).store(scratch.t_s + j);
@@ -436,7 +455,7 @@ struct RowKernel {
     }, [&] {
       r.sum_t += at.reduce_add();
       r.sum_s += as.reduce_add();
-      if constexpr (Div<V>::kValueFromExps) r.val += av.reduce_add();
+      if constexpr (Div<V>::kValueFromExps || kKeptFromExps) r.val += av.reduce_add();
       if constexpr (kT1) {
         t1.sum += a1.reduce_add();
         t1.u_sum += h1.reduce_add();
@@ -520,7 +539,9 @@ struct RowKernel {
     const bool revise = prm.label_revision > 0.0 && b.labels && S(to_float(zt[label])) < mzt;
     S revised_t_label = 0;  // the label's t' = log2 e'_label
     if (revise) {
-      const S e_label = scratch_t[label];
+      // (a kept-from-exps policy has overwritten it: its 2^t again, as the sweep took it)
+      const S e_label = kKeptFromExps ? vexp2_nonpositive(to_t(V::broadcast(S(to_float(zt[label]))))).lane(0)
+                                      : scratch_t[label];
       const double p_label = double(e_label) / r.sum_t, p_max = std::exp2(to_t.at_max()) / r.sum_t;
       const double beta = prm.label_revision / (1.0 + p_max - p_label);
       const double e_revised = double(e_label) + (1.0 - beta) / beta * r.sum_t;
@@ -534,7 +555,14 @@ struct RowKernel {
           r.val += double(S(e_revised)) * (double(revised_t_label) - t_s_label);
         }
       }
-      scratch_t[label] = S(e_revised);
+      if constexpr (kKeptFromExps) {  // the label's kept entry from its revised t, and their sum again
+        const V ts_label = to_s(V::broadcast(S(to_float(zs[label]))));
+        scratch_t[label] = Div<V>::kept_from_exps(V::broadcast(revised_t_label), ts_label, V::broadcast(S(e_revised)),
+                                                  V::broadcast(scratch_s[label])).lane(0);
+        r.val = row_sum<V>(scratch_t, n);
+      } else {
+        scratch_t[label] = S(e_revised);
+      }
       if constexpr (kKeepT) scratch.t_t[label] = revised_t_label;
       r.sum_t /= beta;
       r.log_sum_t = std::log(r.sum_t);
@@ -620,7 +648,7 @@ struct RowKernel {
       sweep<V>(n - head, [&](int64_t j, auto tail) { write(head + j, tail); }, no_flush);
     };
 
-    if constexpr (!Div<V>::kValueFromExps) {
+    if constexpr (kValueSweep) {
       // The teacher's exponentials are read here for the last time: each
       // entry's slot takes what the gradient sweep needs of it instead.
       typename Div<V>::Acc acc(dc, r);
