@@ -188,6 +188,7 @@ def test_verdicts(factor, verdict):
     assert result["regressions"] == (3 if verdict == "regression" else 0)
     assert result["improvements"] == (3 if verdict == "improvement" else 0)
     assert result["missing"] == [] and result["machine_differences"] == {} and result["warning"] is None
+    assert result["timing_differences"] == {}
 
 
 def test_tolerance_grows_with_measured_spread():
@@ -226,6 +227,26 @@ def test_machine_differences_give_a_warning():
     assert result["against"]["created"] == "2026-11-30T02:10:00"
     assert result["against"]["cpu"] == "Old CPU"
     json.dumps(result)  # stored in the new payload's "compare"
+
+
+@pytest.mark.parametrize("field, old_value, new_value", [("settle_below_s", None, 1.0), ("warmup", 2, 0),
+                                                          ("compile_backend", "inductor", "aot_eager")])
+def test_different_timing_rules_give_a_warning(field, old_value, new_value):
+    """A payload from before fast methods were settled (no settle_below_s), or with another warm-up or
+    compile backend, timed its methods differently: its ratios are flagged, as a machine change's are."""
+    old, new = make_payload([record()]), make_payload([record()])
+    old["settings"].pop(field, None)
+    if old_value is not None:
+        old["settings"][field] = old_value
+    new["settings"][field] = new_value
+    result = compare(old, new)
+    assert result["timing_differences"] == {field: [old_value, new_value]}
+    assert result["machine_differences"] == {}
+    assert result["warning"].startswith("the two results were timed under different rules (")
+    assert f"{field} {old_value!r} -> {new_value!r}" in result["warning"]
+    both = compare(make_payload([record()], cpu="Old CPU"), new)
+    assert "different machines" in both["warning"] and "different rules" in both["warning"]
+    json.dumps(result)
 
 
 def test_print_comparison():

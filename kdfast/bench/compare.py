@@ -4,8 +4,10 @@ A timing is called a regression or an improvement only when it moved by
 more than the noise the two runs themselves measured: the tolerance of a
 row is the sum of the relative interquartile spreads of its old and new
 timings, and never less than ``min_tolerance``.  Ratios between payloads of
-different machines measure the machines as much as the code, so such a
-comparison carries a warning.
+different machines measure the machines as much as the code, and so do
+payloads timed under different timing rules (a method settled before its
+turns in one and not in the other, another warm-up): such a comparison
+carries a warning.
 
 This module does not import torch: a comparison can be made wherever the
 two JSON files are.
@@ -30,6 +32,10 @@ RERUN_SETTINGS = ("losses", "shapes", "dtypes", "device", "baselines", "backends
 
 # Machine fields that change timings by themselves: a difference in one makes ratios incomparable.
 MACHINE_FIELDS_COMPARED = ("device", "cpu", "torch_threads", "kdfast_cpu_capability", "gpu")
+
+# Settings that change how a method is timed (not what is timed): a difference makes ratios incomparable.
+# A payload from before the runner settled fast methods has no settle_below_s (None).
+TIMING_SETTINGS_COMPARED = ("settle_below_s", "warmup", "compile_backend")
 
 # What the comparison says about the old payload it was made against.
 MACHINE_SUMMARY_FIELDS = ("device", "cpu", "gpu", "torch_threads", "kdfast_cpu_capability", "torch", "kdfast")
@@ -140,6 +146,12 @@ def machine_differences(old_machine: dict, new_machine: dict) -> dict:
             if old_machine.get(field) != new_machine.get(field)}
 
 
+def timing_differences(old_settings: dict, new_settings: dict) -> dict:
+    """``{setting: [old, new]}`` for the timing rules (``TIMING_SETTINGS_COMPARED``) that differ."""
+    return {field: [old_settings.get(field), new_settings.get(field)] for field in TIMING_SETTINGS_COMPARED
+            if old_settings.get(field) != new_settings.get(field)}
+
+
 def _describe(key: tuple) -> str:
     """``"loss shape dtype method"``, the loss with its top-k variant (``topk[bucket,k=64]``) where it has one."""
     loss, shape, dtype, *variant, method = key
@@ -151,11 +163,12 @@ def compare(old: dict, new: dict, min_tolerance: float = 0.05) -> dict:
     """Compare every (case, method, phase) timed in both ``old`` and ``new``.
 
     Returns ``{"against", "rows", "regressions", "improvements", "missing",
-    "machine_differences", "warning"}`` (JSON-serialisable: the runner stores
-    it as the new payload's ``compare``).  ``rows`` follow the old payload's
-    order; ``missing`` lists, as short strings, what old timed and new did
-    not (absent, failed or skipped in new, or a phase without a median).
-    ``warning`` is None unless the machines differ.
+    "machine_differences", "timing_differences", "warning"}`` (JSON-serialisable:
+    the runner stores it as the new payload's ``compare``).  ``rows`` follow
+    the old payload's order; ``missing`` lists, as short strings, what old
+    timed and new did not (absent, failed or skipped in new, or a phase
+    without a median).  ``warning`` is None unless the machines or the timing
+    rules differ.
     """
     check_payload(old, source="old payload")
     check_payload(new, source="new payload")
@@ -174,6 +187,7 @@ def compare(old: dict, new: dict, min_tolerance: float = 0.05) -> dict:
             _compare_phases(old_record, new_record, min_tolerance, rows, missing)
     old_machine, new_machine = old.get("machine") or {}, new.get("machine") or {}
     differences = machine_differences(old_machine, new_machine)
+    timing = timing_differences(old.get("settings") or {}, new.get("settings") or {})
     return {
         "against": {"created": old.get("created"), **{f: old_machine.get(f) for f in MACHINE_SUMMARY_FIELDS}},
         "rows": rows,
@@ -181,7 +195,8 @@ def compare(old: dict, new: dict, min_tolerance: float = 0.05) -> dict:
         "improvements": sum(row["verdict"] == IMPROVEMENT for row in rows),
         "missing": missing,
         "machine_differences": differences,
-        "warning": _machine_warning(differences),
+        "timing_differences": timing,
+        "warning": _warning(differences, timing),
     }
 
 
@@ -201,12 +216,19 @@ def _compare_phases(old_record: dict, new_record: dict, min_tolerance: float, ro
         rows.append(row)
 
 
-def _machine_warning(differences: dict) -> Optional[str]:
-    if not differences:
-        return None
-    changed = ", ".join(f"{field} {old!r} -> {new!r}" for field, (old, new) in differences.items())
-    return (f"the two results come from different machines ({changed}): their ratios measure the machines "
-            "as much as the code and are not regressions of kdfast")
+def _changes(differences: dict) -> str:
+    return ", ".join(f"{field} {old!r} -> {new!r}" for field, (old, new) in differences.items())
+
+
+def _warning(machine: dict, timing: dict) -> Optional[str]:
+    parts = []
+    if machine:
+        parts.append(f"the two results come from different machines ({_changes(machine)}): their ratios measure "
+                     "the machines as much as the code and are not regressions of kdfast")
+    if timing:
+        parts.append(f"the two results were timed under different rules ({_changes(timing)}): their ratios "
+                     "measure the rules as much as the code")
+    return "; ".join(parts) or None
 
 
 def _format_ms(seconds: float) -> str:
