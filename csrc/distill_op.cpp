@@ -83,6 +83,7 @@ std::tuple<at::Tensor, at::Tensor> run_distill(
   b.stream_grad = !grad_out.defined() && grad.nbytes() >= kStreamGradMinBytes;
   b.row_loss = rows.loss.data();
   b.row_status = rows.status.data();
+  b.keep_shifted_logits = keep_shifted_logits();
 
   // Rows are independent and each is reduced in a fixed order, so results do
   // not depend on how rows are split across threads.
@@ -182,6 +183,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "The entries of the ops' params vector, in order (kdfast.registry.KERNEL_PARAMS).");
   m.def("supported_cpu_capability", &supported_capability, "The best SIMD capability this CPU supports.");
   m.def("set_cpu_capability", &set_capability, "Lower (or restore) the SIMD capability; returns the one in effect.");
+  m.def("keep_shifted_logits", [] { return kdfast::keep_shifted_logits(); },
+        "Whether the row kernels keep a 16-bit row's shifted logits in scratch (else they reload the logits).");
+  m.def("set_keep_shifted_logits", [](int keep) { return kdfast::set_keep_shifted_logits(keep); },
+        "Keep (1) or reload (0) a 16-bit row's shifted logits, or restore the CPU's default (-1); returns the one in effect.");
   m.def("empty_cache", [] { return kdfast::GradBufferCache::instance().clear(); },
         "Release the gradient buffers kept for reuse; returns their bytes.");
   m.def("_vector_math", [](const std::string& fn, const std::string& capability, const at::Tensor& x) {

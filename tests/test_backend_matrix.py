@@ -5,10 +5,16 @@ C++ kernels and leaves a tail that is not a multiple of any vector width; for
 the interpreted Triton kernel (tile 512) it is two full tiles and a partial one.
 """
 
+import contextlib
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from conftest import VALUE_ATOL, VALUE_RTOL, assert_matches_oracle, kernels, logits, loss_and_grad, oracle
+from conftest import (KERNELS, VALUE_ATOL, VALUE_RTOL, _C, assert_matches_oracle, kernel_backend, kernels, logits,
+                      loss_and_grad, oracle)
 from kdfast.registry import divergence_cases
 
 DIVERGENCES = divergence_cases()
@@ -105,3 +111,73 @@ def test_nearly_equal_rows_keep_the_loss_to_float_accuracy(divergence, params, d
     loss, _ = loss_and_grad(s, t, backend=kernel, **kw)
     ref, _ = oracle(s, t, **kw)
     torch.testing.assert_close(loss.double(), ref, rtol=VALUE_RTOL, atol=VALUE_ATOL)
+
+
+CPU_KERNELS = [k for k in KERNELS if k.startswith("cpu-")]
+KEEPS_T = [("jsd", {"beta": 0.3}), ("skew_kl", {"skew": 0.2}), ("skew_reverse_kl", {"skew": 0.2}),
+           ("renyi", {"alpha": 0.7}), ("ab", {"alpha": 0.5, "beta": 0.8})]
+
+
+@contextlib.contextmanager
+def shifted_logits_kept(keep: bool):
+    before = _C.keep_shifted_logits()
+    assert _C.set_keep_shifted_logits(int(keep)) == keep
+    try:
+        yield
+    finally:
+        _C.set_keep_shifted_logits(int(before))
+
+
+@pytest.mark.skipif(not CPU_KERNELS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "reloaded"])
+@pytest.mark.parametrize("pair", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                  (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("divergence,params", KEEPS_T, ids=str)
+def test_16_bit_shifted_logits_kept_or_reloaded(divergence, params, pair, keep, kernel):
+    """The policies that read t take it kept in scratch or reloaded from 16-bit logits, a per-CPU choice
+    (keep_shifted_logits): both match the oracle, with masked entries, hard labels and the tail of a row."""
+    s_dtype, t_dtype = pair
+    student, teacher = logits((N, V), s_dtype, seed=13), logits((N, V), t_dtype, seed=14)
+    student[1, 0:40] = teacher[1, 0:40] = float("-inf")
+    kw = dict(_options("wttm", True), divergence=divergence, **params)
+    with shifted_logits_kept(keep):
+        assert_matches_oracle(student, teacher, kernel, **kw)
+
+
+@pytest.mark.skipif(not CPU_KERNELS, reason="the C++ extension is not built")
+def test_the_shifted_logits_choice_defaults_by_cpu_and_is_overridden_by_the_environment():
+    """Intel CPUs at the AVX-512 levels reload the logits, other CPUs and levels keep t;
+    KDFAST_KEEP_SHIFTED_LOGITS=0|1 decides instead; -1 restores the default."""
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        intel = "GenuineIntel" in f.read()
+    env = os.environ.get("KDFAST_KEEP_SHIFTED_LOGITS")
+    before = _C.keep_shifted_logits()
+    try:
+        for kernel in CPU_KERNELS:
+            with kernel_backend(kernel):
+                default = not (intel and kernel in ("cpu-avx512", "cpu-avx512_bf16"))
+                assert _C.set_keep_shifted_logits(-1) == (env == "1" if env in ("0", "1") else default)
+                assert _C.set_keep_shifted_logits(0) is False and _C.keep_shifted_logits() is False
+                assert _C.set_keep_shifted_logits(1) is True
+    finally:
+        _C.set_keep_shifted_logits(int(before))
+    best = _C.supported_cpu_capability()
+    script = "from kdfast.ops.extension import _C; print(_C.keep_shifted_logits())"
+    for value, want in (("0", False), ("1", True), ("", not (intel and best.startswith("avx512")))):
+        child = dict(os.environ, KDFAST_KEEP_SHIFTED_LOGITS=value)
+        child.pop("KDFAST_CPU_CAPABILITY", None)
+        out = subprocess.run([sys.executable, "-c", script], env=child, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == str(want)
+
+
+@pytest.mark.skipif(not CPU_KERNELS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "reloaded"])
+def test_label_revision_with_the_shifted_logits_kept_or_reloaded(keep, kernel):
+    """The revised label's t is patched into the kept row or into the reloaded lane: both match the oracle."""
+    student, teacher = logits((6, 300), torch.bfloat16, seed=15), logits((6, 300), torch.bfloat16, seed=16)
+    labels = torch.tensor([3, 299, 17, 150, 0, 64])
+    kw = dict(divergence="jsd", beta=0.4, temperature=2.0, labels=labels, label_revision=0.8, reduction="none")
+    with shifted_logits_kept(keep):
+        assert_matches_oracle(student, teacher, kernel, **kw)

@@ -19,7 +19,7 @@ void run_rows(const DistillParams& prm, const DistillBatch& b, int64_t begin, in
   const DivConsts& dc = prm.div;
   using Narrow = NarrowRows<Div, V, TT, TS>;
   with_scratch_rows<V, Kernel::kScratchRows>(b.vocab, b.row_status, begin, end, [&](S* scratch, int64_t padded) {
-    const RowScratch<S> rows = Kernel::scratch_rows(scratch, padded);
+    const RowScratch<S> rows = Kernel::scratch_rows(scratch, padded, b.keep_shifted_logits);
     int64_t i = begin;
     if constexpr (Narrow::kApplies) {
       if (Narrow::eligible(prm, b)) {

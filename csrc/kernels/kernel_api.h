@@ -56,6 +56,9 @@ struct DistillBatch {
   bool stream_grad = false;          // write grad with non-temporal stores (a gradient larger than the caches)
   double* row_loss = nullptr;        // (rows,) hard_weight * CE + soft_coef * w * D, unnormalised
   int32_t* row_status = nullptr;     // (rows,) RowStatus
+  // 16-bit logits: keep the shifted logits t in scratch for the value sweep
+  // (else it reloads and converts the logits): keep_shifted_logits().
+  bool keep_shifted_logits = true;
 };
 
 // One definition per CPU capability; each processes rows [begin, end).
@@ -75,6 +78,14 @@ CpuCapability set_cpu_capability(CpuCapability);
 const char* cpu_capability_name(CpuCapability);
 // The capability of a name ("default", "avx2", ...); false for an unknown name.
 bool parse_cpu_capability(const char* name, CpuCapability* out);
+// Whether the row kernels keep a 16-bit row's shifted logits in scratch for
+// their value sweep (true) or reload and convert the logits there (false):
+// the faster of the two depends on the CPU (row_kernel.h).  Default: true
+// except on Intel CPUs at the AVX-512 levels; KDFAST_KEEP_SHIFTED_LOGITS=0|1
+// overrides it.
+bool keep_shifted_logits();
+// Sets it (0 or 1), or restores the default (-1); returns the one in effect.  For tests and benchmarks.
+bool set_keep_shifted_logits(int keep);
 void distill_rows(const DistillParams&, const DistillBatch&, int64_t begin, int64_t end);
 
 // The SIMD math functions of the kernels (vec.h), exposed for the tests:

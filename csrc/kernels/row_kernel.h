@@ -310,12 +310,14 @@ struct RowKernel {
   using S = typename V::value_type;
   static constexpr float kNegInf = -INFINITY;
   // A policy that reads t in its value sweep (its logs, or t itself) reads the
-  // t that the exponential sweep computed.  For a 16-bit input it keeps t in scratch:
-  // reloading and converting the logits again (load, two conversions, FMA on
-  // AVX-512) costs more than one store now and one load then, and its scratch
-  // rows, at twice the size of the input's, still fit L2 beside the others up
-  // to V = 32k.  A float input is reloaded (load + FMA): its t would double
-  // its share of L2.
+  // t that the exponential sweep computed.  For a 16-bit input it may keep t
+  // in scratch (DistillBatch::keep_shifted_logits, a per-CPU choice): keeping
+  // is one store now and one load then, and scratch rows at twice the size of
+  // the input's, which still fit L2 beside the others up to V = 32k;
+  // reloading and converting the logits again is a load, two conversions and
+  // an FMA.  On the AMD EPYC keeping was faster, on the Intel Xeon reloading
+  // (cpu_dispatch.cpp).  A float input is always reloaded (load + FMA): its t
+  // would double its share of L2.
   // A policy that reads t floored (the mixtures) keeps it floored: on the
   // kept path at AVX2 that is the exponential's own clamp, shared with it;
   // otherwise one max per entry, in whichever sweep computes t.
@@ -325,6 +327,8 @@ struct RowKernel {
   static constexpr bool kReadsT = kReadsLogs || (kValueSweep && ReadsShiftedLogits<Div<V>>::value);
   static constexpr bool kFloorT = FloorsShiftedLogits<Div<V>>::value;
   static_assert(!(kFloorT && kReadsLogs), "the logs need the unfloored t");
+  // whether t may be kept (scratch rows are allocated for it); RowScratch::t_t
+  // and t_s say whether it is
   static constexpr bool kKeepT = kValueSweep && (kReadsLogs || ReadsTeacherT<Div<V>>::value) && sizeof(TT) < 4;
   static constexpr bool kKeepS = kValueSweep && (kReadsLogs || ReadsStudentT<Div<V>>::value) && sizeof(TS) < 4;
   static V kept_t(V t) {
@@ -332,12 +336,13 @@ struct RowKernel {
     else return t;
   }
   static constexpr int kScratchRows = 3 + int(kKeepT) + int(kKeepS);
-  static RowScratch<S> scratch_rows(S* base, int64_t padded) {
+  static RowScratch<S> scratch_rows(S* base, int64_t padded, bool keep_shifted_logits) {
     S* next = base + 2 * padded;
     S* t_t = kKeepT ? next : nullptr;
     if (kKeepT) next += padded;
     S* t_s = kKeepS ? next : nullptr;
     if (kKeepS) next += padded;
+    if (!keep_shifted_logits) t_t = t_s = nullptr;
     return {base, base + padded, t_t, t_s, next};
   }
 
@@ -384,12 +389,20 @@ struct RowKernel {
     const bool fma_shift = std::fabs(double(mzt) * double(k_t)) < kFmaShiftLimit &&
                            std::fabs(double(mzs) * double(k_s)) < kFmaShiftLimit;
     const ShiftByFma<V> fma_t(k_t, mzt), fma_s(k_s, mzs);
+    auto finish = [&](const auto& to_t, const auto& to_s) {
+      if constexpr (kKeepT || kKeepS) {
+        if (scratch.t_t || scratch.t_s) {
+          finish_row<true>(prm, dc, b, row, scratch, zt, zs, grad, label, mzt, mzs, to_t, to_s);
+          return;
+        }
+      }
+      finish_row<false>(prm, dc, b, row, scratch, zt, zs, grad, label, mzt, mzs, to_t, to_s);
+    };
     if (fma_shift && !(weighting_needs_t1(prm) && std::fabs(prm.tau * fma_t.at_max()) >= 16.0) &&
         !(hard_needs_student_t1(prm, b) && std::fabs(prm.tau_s * fma_s.at_max()) >= 16.0))
-      finish_row(prm, dc, b, row, scratch, zt, zs, grad, label, mzt, mzs, fma_t, fma_s);
+      finish(fma_t, fma_s);
     else
-      finish_row(prm, dc, b, row, scratch, zt, zs, grad, label, mzt, mzs,
-                 ShiftBySub<V>(k_t, mzt), ShiftBySub<V>(k_s, mzs));
+      finish(ShiftBySub<V>(k_t, mzt), ShiftBySub<V>(k_s, mzs));
   }
 
   static bool weighting_needs_t1(const DistillParams& prm) {
@@ -415,7 +428,7 @@ struct RowKernel {
   // With kS1, the same for the student (2^(tau_s t), kept in scratch for the
   // gradient, summed into s1_sum): the hard-label term then needs no sweep and
   // no exponential of its own.
-  template <bool kT1, bool kS1, class Shift>
+  template <bool kKeep, bool kT1, bool kS1, class Shift>
   static void exp_sweep(const DistillBatch& b, int64_t row, const RowScratch<S>& scratch, const TT* zt, const TS* zs,
                         const Shift& to_t, const Shift& to_s, S tau, S tau_s, RowAcc& r, TeacherT1Sums& t1,
                         double& s1_sum) {
@@ -441,8 +454,8 @@ struct RowKernel {
         et.store(scratch_t + j);
       }
       es.store(scratch_s + j);
-      if constexpr (kKeepT) kept_t(tt).store(scratch.t_t + j);
-      if constexpr (kKeepS) kept_t(ts).store(scratch.t_s + j);
+      if constexpr (kKeep && kKeepT) kept_t(tt).store(scratch.t_t + j);
+      if constexpr (kKeep && kKeepS) kept_t(ts).store(scratch.t_s + j);
       at = at + et;
       as = as + es;
       if constexpr (Div<V>::kValueFromExps) av = Div<V>::add_exp_term(av, tt, ts, et, es);
@@ -472,11 +485,13 @@ struct RowKernel {
     });
   }
 
-  // Sweeps 2 to the end of one row, with the base-2 shift of the row's size.
-  template <class Shift>
+  // Sweeps 2 to the end of one row, with the base-2 shift of the row's size;
+  // kKeep: the shifted logits kept in scratch where they may be (kKeepT, kKeepS).
+  template <bool kKeep, class Shift>
   static void finish_row(const DistillParams& prm, const DivConsts& dc, const DistillBatch& b, int64_t row,
                          const RowScratch<S>& scratch, const TT* zt, const TS* zs, TS* grad, int64_t label, S mzt,
                          S mzs, const Shift to_t, const Shift to_s) {
+    constexpr bool keep_t = kKeep && kKeepT, keep_s = kKeep && kKeepS;
     S* scratch_t = scratch.e_t;
     S* scratch_s = scratch.e_s;
     const int64_t n = b.vocab;
@@ -484,7 +499,7 @@ struct RowKernel {
     TeacherT1Sums t1;
     double s1_sum = 0.0;
     auto exp_sweep_with = [&](auto teacher_t1, auto student_t1) {
-      exp_sweep<decltype(teacher_t1)::value, decltype(student_t1)::value>(
+      exp_sweep<kKeep, decltype(teacher_t1)::value, decltype(student_t1)::value>(
           b, row, scratch, zt, zs, to_t, to_s, S(prm.tau), S(prm.tau_s), r, t1, s1_sum);
     };
     const bool teacher_t1 = weighting_needs_t1(prm), student_t1 = hard_needs_student_t1(prm, b);
@@ -570,7 +585,7 @@ struct RowKernel {
       } else {
         scratch_t[label] = S(e_revised);
       }
-      if constexpr (kKeepT) scratch.t_t[label] = revised_t_label;
+      if constexpr (keep_t) scratch.t_t[label] = revised_t_label;
       r.sum_t /= beta;
       r.log_sum_t = std::log(r.sum_t);
     }
@@ -587,20 +602,20 @@ struct RowKernel {
       e.p = e.e_t * inv_sum_t;
       e.q = e.e_s * inv_sum_s;
       if constexpr (kReadsT) {
-        V tt = kKeepT ? V::load(scratch.t_t + j) : to_t(ld<V>(zt + j, tail, kNegInf));
-        if (!kKeepT && revise && label >= j && label < j + lanes(tail, V::size)) {
+        V tt = keep_t ? V::load(scratch.t_t + j) : to_t(ld<V>(zt + j, tail, kNegInf));
+        if (!keep_t && revise && label >= j && label < j + lanes(tail, V::size)) {
           alignas(64) S lane_t[V::size];
           tt.store(lane_t);
           lane_t[label - j] = revised_t_label;
           tt = V::load(lane_t);
         }
-        const V ts = kKeepS ? V::load(scratch.t_s + j) : to_s(ld<V>(zs + j, tail, kNegInf));
+        const V ts = keep_s ? V::load(scratch.t_s + j) : to_s(ld<V>(zs + j, tail, kNegInf));
         if constexpr (kReadsLogs) {
           e.log2p = tt - log2_sum_t_v;
           e.log2q = ts - log2_sum_s_v;
         } else {  // kept as the policy reads them, or floored here
-          e.t_t = kKeepT ? tt : kept_t(tt);
-          e.t_s = kKeepS ? ts : kept_t(ts);
+          e.t_t = keep_t ? tt : kept_t(tt);
+          e.t_s = keep_s ? ts : kept_t(ts);
         }
       }
       return e;
