@@ -61,13 +61,15 @@ inline void no_flush() {}
 // The exponential sweep works on L2-resident data and is compute-bound, so
 // DRAM would idle through it: it prefetches the next row's logits, one line of
 // each input per vector, spread over the sweep.  Hint: all levels (t0), not
-// L2 only (t1).  On the Intel Xeon with AVX-512 of 2026-12-01 the L2 hint
-// made fp32 KL at 4096 x 32000 slower than no prefetch at all (72-75 ms
-// against 64 ms), while t0 takes 64 ms there and keeps the 16-bit rows' gain
-// (bf16: 36 ms, 46 ms without prefetching).  The lines do not stay in L1 until
-// the next row reads them (the row is larger); why the L2 hint loses there is
-// not established.  The AMD EPYC (AVX2), where prefetching was first measured
-// (+14 % fp32), has not run t0.
+// L2 only (t1).  On the Intel Xeon with AVX-512 of 2026-12-01 (fp32,
+// 4096 x 32000, fwd+bwd, alternating builds) t0 against t1: wttm 60 against
+// 65-67 ms, tvd 67 against 79, jsd 80 against 82, KL 70 against 73; bf16 and
+// the avx2 level alike.  No prefetch at all was faster still for KL (63-66 ms)
+// but slower for the others (wttm 71, tvd 72, jsd 83) and for every bf16 row
+// (KL 46 against 36).  The lines do not stay in L1 until the next row reads
+// them (the row is larger); why the L2 hint loses there is not established.
+// The AMD EPYC, where prefetching was first measured (+14 % fp32), has not
+// run t0.
 template <class T> inline void prefetch_line(const T* p) { __builtin_prefetch(p, 0, 3); }
 // The line of `row` that holds entry j, once per line: a vector of 16-bit
 // logits covers half a line, and a second prefetch of it is a wasted slot.
