@@ -142,14 +142,16 @@ def compare_phase(old_phase: dict, new_phase: dict, min_tolerance: float) -> dic
 
 def machine_differences(old_machine: dict, new_machine: dict) -> dict:
     """``{field: [old, new]}`` for the machine fields that differ and would change timings by themselves."""
-    return {field: [old_machine.get(field), new_machine.get(field)] for field in MACHINE_FIELDS_COMPARED
-            if old_machine.get(field) != new_machine.get(field)}
+    return _differences(old_machine, new_machine, MACHINE_FIELDS_COMPARED)
 
 
 def timing_differences(old_settings: dict, new_settings: dict) -> dict:
     """``{setting: [old, new]}`` for the timing rules (``TIMING_SETTINGS_COMPARED``) that differ."""
-    return {field: [old_settings.get(field), new_settings.get(field)] for field in TIMING_SETTINGS_COMPARED
-            if old_settings.get(field) != new_settings.get(field)}
+    return _differences(old_settings, new_settings, TIMING_SETTINGS_COMPARED)
+
+
+def _differences(old: dict, new: dict, fields: tuple) -> dict:
+    return {field: [old.get(field), new.get(field)] for field in fields if old.get(field) != new.get(field)}
 
 
 def _describe(key: tuple) -> str:
