@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> run_distill(
   // reads it long after); a small one stays cached for the ops that follow.
   // Not over the student logits: the row's next load would hit a line that a
   // streamed half-line has just taken out of the cache.
-  b.stream_grad = !grad_out.defined() && grad.nbytes() >= kStreamGradMinBytes;
+  b.stream_grad = !grad_out.defined() && streams_gradient(grad);
   b.row_loss = rows.loss.data();
   b.row_status = rows.status.data();
   b.keep_shifted_logits = keep_shifted_logits();
@@ -187,6 +187,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether the row kernels keep a 16-bit row's shifted logits in scratch (else they reload the logits).");
   m.def("set_keep_shifted_logits", [](int keep) { return kdfast::set_keep_shifted_logits(keep); },
         "Keep (1) or reload (0) a 16-bit row's shifted logits, or restore the CPU's default (-1); returns the one in effect.");
+  m.def("gradient_streaming_thresholds", [] {
+    return std::make_tuple(kdfast::kStreamGradMinBytes, kdfast::kStreamRowMinBytes);
+  }, "(bytes, row bytes): a gradient at least this large, of rows at least this long, is written with streaming stores.");
   m.def("empty_cache", [] { return kdfast::GradBufferCache::instance().clear(); },
         "Release the gradient buffers kept for reuse; returns their bytes.");
   m.def("_vector_math", [](const std::string& fn, const std::string& capability, const at::Tensor& x) {

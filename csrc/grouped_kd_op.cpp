@@ -42,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_kd_forward_cpu(const at::Tensor& stud
   b.labels = labels.has_value() ? labels64.data_ptr<int64_t>() : nullptr;
   b.ignore_index = ignore_index;
   b.grad = compute_grad ? grad.data_ptr() : nullptr;
-  b.stream_grad = compute_grad && grad.nbytes() >= kStreamGradMinBytes;
+  b.stream_grad = compute_grad && streams_gradient(grad);
   b.row_loss = rows.loss.data();
   b.row_status = rows.status.data();
   rows.run(std::max<int64_t>(1, 16384 / V), [&](int64_t lo, int64_t hi) { grouped_kd_rows(prm, b, lo, hi); });

@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> ltkd_forward_cpu(const at::Tensor& student, c
   RowResults rows(N);
   LtkdBatch b = make_batch(s2, t2, st, tt, group_of, num_groups);
   b.grad = compute_grad ? grad.data_ptr() : nullptr;
-  b.stream_grad = compute_grad && grad.nbytes() >= kStreamGradMinBytes;
+  b.stream_grad = compute_grad && streams_gradient(grad);
   b.row_loss = rows.loss.data();
   b.row_status = rows.status.data();
   rows.run(row_grain(V), [&](int64_t lo, int64_t hi) { ltkd_rows(prm, b, lo, hi); });

@@ -98,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> run_topk(
   b.labels = labels64.defined() ? labels64.data_ptr<int64_t>() : nullptr;
   b.ignore_index = ignore_index;
   b.grad = grad.numel() ? grad.data_ptr() : nullptr;
-  b.stream_grad = !grad_out.defined() && grad.nbytes() >= kStreamGradMinBytes;
+  b.stream_grad = !grad_out.defined() && streams_gradient(grad);
   b.row_loss = rows.loss.data();
   b.row_status = rows.status.data();
 

@@ -196,18 +196,39 @@ def test_kernel_row_offsets_are_64_bit():
     assert _C._check_large_row_offsets() == ""
 
 
-# rows all aligned; rows aligned one in 16 (a head of up to 15 entries); one in 2 (float32) / 1 in 4 (bf16)
-@pytest.mark.parametrize("vocab", [32768, 32769, 1000])
+def _per_row_loss(op, s, t):
+    """Per-row losses of one of the fused ops whose kernels stream a large gradient, on the C++ backend."""
+    if op == "distill":
+        return kdfast.distill_loss(s, t, temperature=2.0, reduction="none", backend="cpu")
+    if op == "topk":
+        logprobs, indices = torch.log_softmax(t.float(), dim=-1).topk(16, dim=-1)
+        return kdfast.topk_distill_loss(s, indices, logprobs, tail="bucket", temperature=2.0, reduction="none",
+                                        backend="cpu")
+    if op == "ltkd":
+        groups = torch.arange(s.shape[1]) % 3
+        return kdfast.ltkd_loss(s, t, groups, rebalance=False, reduction="none", backend="cpu")
+    labels = t.float().argmin(dim=-1)  # a row's label from its own logits: the parts have the same rows' labels
+    return kdfast.grouped_kd_loss(s, t, labels, reduction="none", backend="cpu")
+
+
+# rows all aligned; rows aligned one in 16 (a head of up to 15 entries); rows of 1000 entries (whole lines
+# and a line shared with each neighbour); rows of 300 (streamed in float32, too short in bfloat16)
+@pytest.mark.parametrize("vocab", [32768, 32769, 1000, 300])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["distill", "topk", "ltkd", "grouped_kd"])
 @pytest.mark.parametrize("capability", [k[len("cpu-"):] for k in KERNELS if k.startswith("cpu-")])
-def test_gradients_larger_than_the_caches_are_streamed_to_the_same_bits(capability, dtype, vocab):
-    """A gradient of >= 64 MB is written with non-temporal stores (full vectors from each row's first
-    aligned entry on; the head before it and the tail store normally).  Rows are independent, so
-    the rows of one such call must be bit-identical to the same rows computed in calls small
-    enough to be stored normally."""
+def test_gradients_larger_than_the_caches_are_streamed_to_the_same_bits(capability, op, dtype, vocab):
+    """A gradient of at least ``_C.gradient_streaming_thresholds()`` bytes, of rows at least that
+    long, is written with non-temporal stores (the full vectors of each row's whole cache lines; the
+    head before the first aligned entry, the lines shared with the neighbouring rows and the tail
+    store normally).  Rows are independent, so the rows of one such call must be bit-identical to
+    the same rows computed in calls small enough to be stored normally."""
+    if op == "topk" and vocab < 1000:
+        pytest.skip("the bucket tail's top-16 support is most of a short row")
     from conftest import cpu_capability
 
-    rows = (64 << 20) // (vocab * dtype.itemsize) + 8
+    min_bytes, min_row_bytes = _C.gradient_streaming_thresholds()
+    rows = min_bytes // (vocab * dtype.itemsize) + 8
     parts = 4
     g = torch.Generator().manual_seed(0)
     s = (torch.randn(rows, vocab, generator=g) * 3).to(dtype)
@@ -215,17 +236,17 @@ def test_gradients_larger_than_the_caches_are_streamed_to_the_same_bits(capabili
 
     def loss_and_grad(s_rows, t_rows):
         leaf = s_rows.clone().requires_grad_()
-        loss = kdfast.distill_loss(leaf, t_rows, temperature=2.0, reduction="none", backend="cpu")
+        loss = _per_row_loss(op, leaf, t_rows)
         (grad,) = torch.autograd.grad(loss.sum(), leaf)
         return loss.detach(), grad
 
     with cpu_capability(capability):
         big_loss, big_grad = loss_and_grad(s, t)
-        assert big_grad.untyped_storage().nbytes() >= 64 << 20
+        assert big_grad.untyped_storage().nbytes() >= min_bytes
         bounds = [rows * k // parts for k in range(parts + 1)]
         for part in (slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])):
             loss, grad = loss_and_grad(s[part], t[part])
-            assert grad.untyped_storage().nbytes() < 64 << 20
+            assert grad.untyped_storage().nbytes() < min_bytes
             assert torch.equal(loss, big_loss[part]) and torch.equal(grad, big_grad[part])
 
 

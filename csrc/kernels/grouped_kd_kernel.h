@@ -404,14 +404,16 @@ struct GroupedKdKernel {
     const V coef_in_s = vset<V>(sum_sp > 0 ? c * (prm.binary_weight * gap + pw) / sum_sp : 0.0);
     const V coef_in_t = vset<V>(sum_tp > 0 ? -c * pw / sum_tp : 0.0);
     const V coef_out_s = vset<V>(sum_so > 0 ? -c * prm.binary_weight * gap / sum_so : 0.0);
-    // Streaming needs full vectors at their natural alignment: rows whose start is not aligned store normally.
+    // Streaming needs full vectors at their natural alignment (rows whose start is not aligned store
+    // normally), and whole lines (streamed_lines).
     const bool stream =
         Streamable<V, TS> && b.stream_grad && reinterpret_cast<uintptr_t>(grad) % kStreamAlign<V, TS> == 0;
+    const StreamedLines lines = streamed_lines<V>(grad, n, stream);
     sweep<V>(n, [&](int64_t j, auto tail) {
       const auto in = in_group(ld<V>(zt + j, tail, kNegInf), j, tail);
       const V out = fmadd(select(in, coef_in_s, coef_out_s), V::load(e_s + j),
                           select(in, coef_in_t, V::zero()) * V::load(e_t + j));
-      store_grad(grad + j, out, tail, stream);
+      store_grad(grad + j, out, tail, lines.streams(j));
     }, no_flush);
     if (stream) stream_fence();
   }

@@ -269,6 +269,7 @@ struct TopkRows {
     // one loop per (kept, c) case: a test of each per vector costs the store-bound loop its speed
     // Captures by copy: a streaming store (an intrinsic's may-alias vector type) may alias anything
     // whose address escaped, so referenced state (grad, next, ...) was reloaded after every store.
+    const StreamedLines lines = streamed_lines<V>(grad, n, stream);  // stream_row: the row is aligned, no head
     with_flags(kept != nullptr, c.on, [=](auto with_kept, auto with_c) {
       auto write = [=](int64_t j, auto tail, auto bits) mutable {
         V out = V::zero();
@@ -283,7 +284,7 @@ struct TopkRows {
         if constexpr (with_c) out = out + c(ld<V>(z + j, tail, kNegInf));
         if constexpr (!std::is_same_v<decltype(bits), NoBits>)
           out = select(V::from_bits(bits), V::load(patch_value + j), out);
-        store_grad(grad + j, out, tail, stream);
+        store_grad(grad + j, out, tail, lines.streams(j));
       };
       if (patched)
         sweep_with_bits<V>(n, *patched, write, no_flush);
