@@ -77,6 +77,14 @@ template <class V> inline V vset(double x) { return V::broadcast(typename V::val
 // has no value sweep.  Default: false; reverse KL's is.
 KDFAST_POLICY_FLAG(KeptFromExps, kKeptFromExps, std::false_type)
 
+// Whether a policy's value sweep reads the square roots of p and q: the
+// exponential sweep then keeps h = 2^(t/2) instead of e = 2^t (and sums
+// e = h^2), Elem::p and q are sqrt p = h_t / sqrt S_t and sqrt q, and e_t,
+// e_s are h; the gradient sweep squares h_s back.  Same exponentials, one
+// multiply more each, and no square root per entry.  Default: false;
+// Hellinger's is.
+KDFAST_POLICY_FLAG(HalfExps, kHalfExps, std::false_type)
+
 // Whether a policy keeps log-terms x_j whose exp(x_j - max) the skeleton sums
 // (into lse_sum, against lse_max) after the value sweep.  Default: false.
 KDFAST_POLICY_FLAG(KeptIsLogTerm, kKeptIsLogTerm, std::false_type)
@@ -392,12 +400,13 @@ template <class V>
 struct Hellinger {
   static constexpr bool kValueFromExps = false;
   static constexpr bool kReadsLogs = false;
+  static constexpr bool kHalfExps = true;  // e.p, e.q are sqrt p, sqrt q
   struct Acc {
     TwoSums<V> s;
     Acc(const DivConsts&, const RowAcc&) {}
     // g_j = q_j (1 - sqrt(p_j / q_j)) = q_j - sqrt(p_j q_j)   (the q_j term cancels)
     V add(const Elem<V>& e) {
-      const V sp = vsqrt(e.p), sq = vsqrt(e.q);
+      const V sp = e.p, sq = e.q;
       const V d = sp - sq;
       const V g = vzero<V>() - sp * sq;
       s.add(d * d, g);

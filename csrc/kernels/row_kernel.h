@@ -344,6 +344,7 @@ struct RowKernel {
   // otherwise one max per entry, in whichever sweep computes t.
   static constexpr bool kKeptFromExps = KeptFromExps<Div<V>>::value;
   static constexpr bool kValueSweep = !Div<V>::kValueFromExps && !kKeptFromExps;
+  static constexpr bool kHalfExps = kValueSweep && HalfExps<Div<V>>::value;
   static constexpr bool kReadsLogs = kValueSweep && ReadsLogs<Div<V>>::value;
   static constexpr bool kReadsT = kReadsLogs || (kValueSweep && ReadsShiftedLogits<Div<V>>::value);
   static constexpr bool kFloorT = FloorsShiftedLogits<Div<V>>::value;
@@ -466,15 +467,26 @@ struct RowKernel {
       prefetch_next_line<V>(zs_next, j);
       V tt = to_t(ld<V>(zt + j, tail, kNegInf));
       V ts = to_s(ld<V>(zs + j, tail, kNegInf));
-      V et = vexp2_nonpositive(tt), es = vexp2_nonpositive(ts);
-      if constexpr (kKeptFromExps) {  // the teacher's exponentials are read for the last time here
-        const V kept = Div<V>::kept_from_exps(tt, ts, et, es);
-        kept.store(scratch_t + j);
-        av = av + kept;
+      V et, es;
+      if constexpr (kHalfExps) {  // h = 2^(t/2) kept, e = h^2 summed
+        const V half = V::broadcast(S(0.5));
+        const V ht = vexp2_nonpositive(tt * half), hs = vexp2_nonpositive(ts * half);
+        ht.store(scratch_t + j);
+        hs.store(scratch_s + j);
+        et = ht * ht;
+        es = hs * hs;
       } else {
-        et.store(scratch_t + j);
+        et = vexp2_nonpositive(tt);
+        es = vexp2_nonpositive(ts);
+        if constexpr (kKeptFromExps) {  // the teacher's exponentials are read for the last time here
+          const V kept = Div<V>::kept_from_exps(tt, ts, et, es);
+          kept.store(scratch_t + j);
+          av = av + kept;
+        } else {
+          et.store(scratch_t + j);
+        }
+        es.store(scratch_s + j);
       }
-      es.store(scratch_s + j);
       if constexpr (kKeep && kKeepT) kept_t(tt).store(scratch.t_t + j);
       if constexpr (kKeep && kKeepS) kept_t(ts).store(scratch.t_s + j);
       at = at + et;
@@ -584,6 +596,7 @@ struct RowKernel {
     if (revise) {
       // (a kept-from-exps policy has overwritten it: its 2^t again, as the sweep took it)
       const S e_label = kKeptFromExps ? vexp2_nonpositive(to_t(V::broadcast(S(to_float(zt[label]))))).lane(0)
+                        : kHalfExps   ? scratch_t[label] * scratch_t[label]
                                       : scratch_t[label];
       const double p_label = double(e_label) / r.sum_t, p_max = std::exp2(to_t.at_max()) / r.sum_t;
       const double beta = prm.label_revision / (1.0 + p_max - p_label);
@@ -604,7 +617,7 @@ struct RowKernel {
                                                   V::broadcast(scratch_s[label])).lane(0);
         r.val = row_sum<V>(scratch_t, n);
       } else {
-        scratch_t[label] = S(e_revised);
+        scratch_t[label] = kHalfExps ? S(std::sqrt(e_revised)) : S(e_revised);
       }
       if constexpr (keep_t) scratch.t_t[label] = revised_t_label;
       r.sum_t /= beta;
@@ -612,7 +625,9 @@ struct RowKernel {
     }
 
     // -- divergence value and gradient
-    const V inv_sum_t = vset<V>(1.0 / r.sum_t), inv_sum_s = vset<V>(1.0 / r.sum_s);
+    // (kHalfExps: h / sqrt S, the square roots of p and q)
+    const V inv_sum_t = vset<V>(kHalfExps ? 1.0 / std::sqrt(r.sum_t) : 1.0 / r.sum_t);
+    const V inv_sum_s = vset<V>(kHalfExps ? 1.0 / std::sqrt(r.sum_s) : 1.0 / r.sum_s);
     // log2 p = t - log2 S_t: from the t of the exponential sweep, so that it is
     // the log of the p it sits next to (to float rounding near the max).
     const V log2_sum_t_v = vset<V>(kLog2eD * r.log_sum_t), log2_sum_s_v = vset<V>(kLog2eD * r.log_sum_s);
@@ -676,7 +691,9 @@ struct RowKernel {
           // A g_j rounded first, then q_j B added in the FMA: where the two
           // cancel exactly (a one-hot student, q_j B = -A g_j, both ~1e30 at
           // huge logits), B is that same product rounded once, and the sum is 0.
-          out = fmadd(V::load(scratch_s + j), B_q, A_kept * V::load(scratch_t + j));
+          V e_s = V::load(scratch_s + j);
+          if constexpr (kHalfExps) e_s = e_s * e_s;
+          out = fmadd(e_s, B_q, A_kept * V::load(scratch_t + j));
         }
         if (add_q1) out = fmadd(C, V::load(scratch.e_s1 + j), out);
         if (hard && label >= j && label < j + lanes(tail, V::size)) {
