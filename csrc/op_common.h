@@ -231,9 +231,9 @@ inline void check_row_status(const std::vector<int32_t>& status) {
 // Whether a gradient is written with streaming (non-temporal) stores: one
 // that outgrows the caches, so that DRAM does not read every line before it is
 // overwritten, and whose rows are long enough.  The kernels stream a row's
-// whole cache lines only (row_kernel.h, streamed_lines); on rows of a few
-// lines the lines shared with the neighbours, stored normally, and the
-// write-combining traffic cost more than the reads saved.  Measured on the
+// whole cache lines only (row_kernel.h, streamed_lines).  A row of a few lines
+// shares a large part of them with its neighbours (stored normally), and there
+// streaming the rest cost more than the reads it saved.  Measured on the
 // Intel Xeon (AVX-512) of 2026-12-01, KL fwd+bwd, streamed against stored:
 // fp32 rows of 4000 bytes gain from 24 MB of gradient (6144 x 1000: 2.15 ->
 // 1.97 ms; 16384 x 1000: 9.3 -> 6.5 ms), bf16 rows of 2000 bytes at 32 MB
