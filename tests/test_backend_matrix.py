@@ -120,12 +120,13 @@ KEEPS_T = [("jsd", {"beta": 0.3}), ("skew_kl", {"skew": 0.2}), ("skew_reverse_kl
 
 @contextlib.contextmanager
 def shifted_logits_kept(keep: bool):
-    before = _C.keep_shifted_logits()
     assert _C.set_keep_shifted_logits(int(keep)) == keep
     try:
         yield
     finally:
-        _C.set_keep_shifted_logits(int(before))
+        # -1: back to the default, which follows the CPU level (restoring the value seen before would pin
+        # it for every later test, whatever level it sets)
+        _C.set_keep_shifted_logits(-1)
 
 
 @pytest.mark.skipif(not CPU_KERNELS, reason="the C++ extension is not built")
@@ -152,7 +153,6 @@ def test_the_shifted_logits_choice_defaults_by_cpu_and_is_overridden_by_the_envi
     with open("/proc/cpuinfo", encoding="utf-8") as f:
         intel = "GenuineIntel" in f.read()
     env = os.environ.get("KDFAST_KEEP_SHIFTED_LOGITS")
-    before = _C.keep_shifted_logits()
     try:
         for kernel in CPU_KERNELS:
             with kernel_backend(kernel):
@@ -161,7 +161,7 @@ def test_the_shifted_logits_choice_defaults_by_cpu_and_is_overridden_by_the_envi
                 assert _C.set_keep_shifted_logits(0) is False and _C.keep_shifted_logits() is False
                 assert _C.set_keep_shifted_logits(1) is True
     finally:
-        _C.set_keep_shifted_logits(int(before))
+        _C.set_keep_shifted_logits(-1)
     best = _C.supported_cpu_capability()
     script = "from kdfast.ops.extension import _C; print(_C.keep_shifted_logits())"
     for value, want in (("0", False), ("1", True), ("", not (intel and best.startswith("avx512")))):
