@@ -161,3 +161,33 @@ def test_fused_linear_double_backward_is_an_error(kernel):
                                                 backend=backend)
         with pytest.raises(RuntimeError, match="double backward.*Materialise the logits"):
             torch.autograd.grad(loss, h, create_graph=True)
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_the_cpu_ops_autograd_kernel_skips_torchs_per_call_fill_defaults(loss_name, monkeypatch):
+    """The C++ ops' Autograd kernel is register_autograd's less its fill_defaults (46 us a call on a
+    15-argument schema): a differentiable call must not reach it, and must still give the gradient."""
+    if "cpu" not in kdfast.available_backends():
+        pytest.skip("the C++ extension is not built")
+    import torch._library.utils as library_utils
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fill_defaults ran")
+
+    want = _inputs("torch")
+    loss = _losses("cpu")[loss_name](want[0], want[1], "torch")
+    (want_grad,) = torch.autograd.grad(loss, want[0])
+    monkeypatch.setattr(library_utils, "fill_defaults", refuse)
+    s, t = _inputs("cpu")
+    loss = _losses("cpu")[loss_name](s, t, "cpu")
+    (grad,) = torch.autograd.grad(loss, s)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_the_autograd_kernel_refuses_a_schema_with_defaults():
+    from kdfast.ops.fused_op import register_autograd_kernel
+
+    lib = torch.library.Library("kdfast_test_defaults", "DEF")
+    lib.define("op(Tensor x, float scale=1.0) -> Tensor")
+    with pytest.raises(ValueError, match="positional arguments without defaults"):
+        register_autograd_kernel("kdfast_test_defaults::op", lambda ctx, g: (g, None), lambda ctx, inputs, output: None)

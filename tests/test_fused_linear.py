@@ -644,6 +644,22 @@ def test_topk_errors():
         fused_linear_topk_distill_loss(heads["student_hidden"], heads["student_weight"], bad, logprobs)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_topk_errors_name_the_row_of_the_whole_call_not_of_its_chunk(backend):
+    heads = make_heads()
+    indices, logprobs = make_topk()
+    bad_indices, bad_logprobs = indices.clone(), logprobs.clone()
+    bad_indices[30, 2] = V + 3
+    bad_logprobs[33, 1] = 0.5
+    for tail in ("renormalize", "bucket"):
+        with pytest.raises(ValueError, match=rf"topk_indices value {V + 3} at row 30 is outside"):
+            fused_linear_topk_distill_loss(heads["student_hidden"], heads["student_weight"], bad_indices, logprobs,
+                                           tail=tail, chunk_size=8, backend=backend)
+        with pytest.raises(ValueError, match="must be <= 0, row 33 has 0.5"):
+            fused_linear_topk_distill_loss(heads["student_hidden"], heads["student_weight"], indices, bad_logprobs,
+                                           tail=tail, chunk_size=8, backend=backend)
+
+
 # ----------------------------------------------------------------- other backends and vocabulary-parallel heads
 def test_reference_backend_matches_materialised():
     assert_matches_materialised(make_heads(), make_labels(), divergence="ab", backend="torch", chunk_size=11)

@@ -634,6 +634,63 @@ def test_cpu_kernel_checks_indices_in_its_pass(kernel, tail):
 
 
 @cpu_kernels
+@pytest.mark.parametrize("tail", TAILS)
+def test_cpu_kernel_checks_logprobs_in_its_pass(kernel, tail, monkeypatch):
+    """The kernel reads each teacher row once and checks it there: no PyTorch pass over the log-probs runs."""
+    import kdfast.llm.topk as topk_module
+
+    def no_python_check(*args, **kwargs):
+        raise AssertionError("a PyTorch pass checked the log-probs")
+
+    s = logits((N, V), torch.float32, seed=28)
+    lp = LP.float()
+    labels = torch.tensor([1, 2, -100, 3, 4, 5])
+    want = topk_distill_loss(s, IDX, lp, tail=tail, labels=labels, hard_weight=0.5, backend="torch")
+    for name in ("check_topk_logprobs", "check_topk_values", "teacher_bucket"):
+        monkeypatch.setattr(topk_module, name, no_python_check)
+    cases = [
+        (with_row(lp, 3, [-1.0, float("nan"), -2.0, -3.0]), None, "topk_logprobs must be finite or -inf, row 3 has nan"),
+        (with_row(lp, 0, [-1.0, -2.0, math.inf, -3.0]), None, "finite or -inf, row 0 has inf"),
+        (with_row(lp, 5, [-1.0, 0.5, -2.0, -3.0]), None, "topk_logprobs are log-probabilities and must be <= 0, row 5 has 0.5"),
+        (with_row(lp, 2, [-0.1, -0.2, -2.0, -3.0]), None, r"topk_logprobs row 2 holds probability mass 1\.90869 > 1"),
+    ]
+    if tail == "renormalize":  # the bucket holds all the mass of such a row
+        cases.append((with_row(lp, 1, [-math.inf] * 4), None, "topk_logprobs row 1 is all -inf"))
+    if tail == "bucket":
+        rest = log1mexp(torch.logsumexp(lp.double(), -1)).float() - 0.01  # a valid remainder
+        cases += [
+            (lp, with_row(rest, 4, float("nan")), "tail_logprobs must be finite or -inf, row 4 has nan"),
+            (lp, with_row(rest, 2, 0.25), "tail_logprobs are log-probabilities and must be <= 0, row 2 has 0.25"),
+            (lp, with_row(rest, 0, -0.01), r"topk_logprobs row 0 \(with tail_logprobs\) holds probability mass"),
+        ]
+    with kernel_backend(kernel) as backend:
+        for bad_lp, rest, pattern in cases:
+            with pytest.raises(ValueError, match=pattern):
+                topk_distill_loss(s, IDX, bad_lp, tail=tail, tail_logprobs=rest, backend=backend)
+        # an ignored row is never read: garbage there is no error
+        garbage = with_row(lp, 2, [float("nan"), 7.0, math.inf, 0.5])
+        loss = topk_distill_loss(s, IDX, garbage, tail=tail, labels=labels, hard_weight=0.5, backend=backend)
+    torch.testing.assert_close(loss, want, rtol=2e-5, atol=2e-6)
+
+
+@cpu_kernels
+@pytest.mark.parametrize("logprob_dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_kernel_reads_logprobs_and_tails_of_every_dtype(kernel, logprob_dtype, student_dtype):
+    """The stored dtypes go to the kernel as they are (no converted copy): each is rounded as the PyTorch
+    form rounds it, the bucket derived from them or read from a tail of another dtype."""
+    s = logits((7, 300), student_dtype, seed=36)
+    idx, lp, _ = top_k(dense_teacher(seed=37, shape=(7, 300)), 64)
+    lp = lp.to(logprob_dtype)
+    # a tail of yet another dtype, below the remainder by more than float16's rounding of it
+    rest = (log1mexp(torch.logsumexp(lp.double(), -1)) - 0.01).to(torch.float16)
+    tolerance = dict(rtol=1e-2, atol=1e-3) if student_dtype == torch.bfloat16 else dict(rtol=2e-5, atol=2e-6)
+    for tail, tail_logprobs in (("renormalize", None), ("bucket", None), ("bucket", rest)):
+        got, want = _fused_and_torch(s, idx, lp, kernel, tail=tail, tail_logprobs=tail_logprobs, temperature=2.0)
+        assert_same(got, want, **tolerance)
+
+
+@cpu_kernels
 def test_cpu_kernel_nan_logits_give_nan(kernel):
     s = logits((3, 20), torch.float32, seed=26)
     idx, lp, support = top_k(dense_teacher(seed=27, shape=(3, 20), dtype=torch.float32), 4)

@@ -116,11 +116,19 @@ CpuCapability set_cpu_capability(CpuCapability want) {
 }
 
 
+// Whether a batch computes in float64, which only the baseline does.
+template <class Batch>
+bool computes_in_float64(const Batch& b) {
+  return b.teacher_dtype == DType::Float64 || b.student_dtype == DType::Float64;
+}
+// The top-k kernel reads log-probs of any dtype into lanes of the student's type.
+inline bool computes_in_float64(const TopkBatch& b) { return b.student_dtype == DType::Float64; }
+
 // Every kernel entry point: float64 always takes the baseline (its only double
 // path), other dtypes the active capability.
 #define KDFAST_CAPABILITY_DISPATCH(stage, Params, Batch)                                      \
   void stage(const Params& p, const Batch& b, int64_t begin, int64_t end) {                  \
-    if (b.teacher_dtype == DType::Float64 || b.student_dtype == DType::Float64)               \
+    if (computes_in_float64(b))                                                               \
       return cpu_default::stage(p, b, begin, end);                                            \
     switch (active_cpu_capability()) {                                                        \
       case CpuCapability::AVX512_BF16: return avx512_bf16::stage(p, b, begin, end);           \

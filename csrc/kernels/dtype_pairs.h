@@ -13,6 +13,17 @@ struct TypeTag {
   using type = T;
 };
 
+// Calls f(TypeTag<storage type>) for one dtype (float64 included).
+template <class F>
+inline void with_dtype(DType d, F&& f) {
+  switch (d) {
+    case DType::Float32: return f(TypeTag<float>{});
+    case DType::BFloat16: return f(TypeTag<BF16>{});
+    case DType::Float16: return f(TypeTag<F16>{});
+    case DType::Float64: return f(TypeTag<double>{});
+  }
+}
+
 // Calls f(TypeTag<teacher type>, TypeTag<student type>) for a float32/bfloat16/float16
 // pair; false (nothing called) for any other pair.
 template <class F>

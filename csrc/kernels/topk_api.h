@@ -21,7 +21,14 @@
 namespace kdfast {
 
 // Row status codes of the top-k kernel beyond RowStatus (kernel_api.h).
-enum TopkRowStatus : int32_t { kIndexOutOfRange = 3, kIndexRepeated = 4 };
+// A row refused for its mass leaves the mass in row_loss (the op's message).
+enum TopkRowStatus : int32_t {
+  kIndexOutOfRange = 3,
+  kIndexRepeated = 4,
+  kLogprobNotFinite = 5,  // a log-prob (or the row's tail_logprobs) NaN or +inf
+  kLogprobPositive = 6,   // one above mass_tolerance
+  kMassOverOne = 7,       // their mass above 1 + mass_tolerance
+};
 
 struct TopkBatch {
   int64_t rows = 0, vocab = 0, k = 0;
@@ -29,11 +36,20 @@ struct TopkBatch {
   int64_t student_row_stride = 0;
   DType student_dtype = DType::Float32;
   const int64_t* indices = nullptr;  // (rows, k) contiguous
-  // (rows, k + bucket) contiguous log-probabilities: the top-k, then for the
-  // bucket tail the teacher's log-mass off S.  float32, or float64 with a
-  // float64 student; temperature applies to them as to logits.
-  const void* teacher = nullptr;
-  DType teacher_dtype = DType::Float32;
+  // (rows, k) contiguous teacher log-probabilities at temperature 1 over the
+  // full vocabulary, any float dtype; each row is read once, rounded to the
+  // lanes' type (float, double for a float64 student) and checked as
+  // kdfast/llm/topk.py's check_topk_logprobs checks it: every entry finite or
+  // -inf and at most mass_tolerance, the mass (with the tail's) at most
+  // 1 + mass_tolerance.  temperature applies to them as to logits.
+  const void* logprobs = nullptr;
+  DType logprob_dtype = DType::Float32;
+  // (rows,) the teacher's log-mass off S (the bucket tail's tail_logprobs), or null: then the
+  // bucket is log(1 - mass), empty when -log(mass) <= empty_bucket_below (teacher_bucket in topk.py)
+  const void* tail_logprobs = nullptr;
+  DType tail_dtype = DType::Float32;
+  double mass_tolerance = 0.0;
+  double empty_bucket_below = 0.0;
   bool bucket = false;
   const int64_t* labels = nullptr;  // (rows,) or null; ignored rows have label == ignore_index
   int64_t ignore_index = -100;

@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "dtype_pairs.h"
 #include "row_kernel.h"
 #include "topk_api.h"
 
@@ -125,6 +126,7 @@ struct TopkRows {
   struct Scratch {
     EntrySet support;     // the row's support; the label too while the gradient is written
     std::vector<S> y, g;  // the short row's student "logits" and gradient (k + 1)
+    std::vector<S> t;     // the short row's teacher log-probs, the bucket's last (k + 1)
     std::vector<S> e;     // the off-support exponentials, for the gradient sweep (vocab + a vector)
     std::vector<S> patch;  // the support's and the label's gradient entries, at their places (vocab + a vector)
     std::vector<KeptSegment> segments;  // the scales of e (off_support_sums)
@@ -135,6 +137,7 @@ struct TopkRows {
     sc.support.reset(b.vocab);
     sc.y.resize(size_t(b.k + 1));
     sc.g.resize(size_t(b.k + 1));
+    sc.t.resize(size_t(b.k + 1));
     if (b.grad) {
       sc.e.resize(size_t(b.vocab + V::size));
       sc.patch.resize(size_t(b.vocab + V::size));
@@ -320,6 +323,15 @@ struct TopkRows {
     }
     if (repeated) return refuse_row(b, i, kIndexRepeated, grad);
 
+    // -- the teacher's outcomes, checked on their one read
+    S* t = sc.t.data();
+    double mass = 0.0;
+    if (const int32_t status = teacher_row(b, i, t, mass); status != kRowOk) {
+      refuse_row(b, i, status, grad);
+      if (status == kMassOverOne) b.row_loss[i] = mass;  // for the op's message
+      return;
+    }
+
     // The support's logits and gradient entries are scattered over the row: the next row's are
     // fetched while this row is processed (the renormalised tail reads nothing else of the row,
     // and waited on a miss per support entry).  A row swept off the support is fetched after
@@ -370,10 +382,9 @@ struct TopkRows {
     DistillBatch one;
     one.rows = 1;
     one.vocab = kk;
-    one.teacher = static_cast<const char*>(b.teacher) + i * kk * (b.teacher_dtype == DType::Float64 ? 8 : 4);
-    one.teacher_dtype = b.teacher_dtype;
+    one.teacher = t;
     one.student = y;
-    one.student_dtype = std::is_same_v<S, double> ? DType::Float64 : DType::Float32;
+    one.teacher_dtype = one.student_dtype = std::is_same_v<S, double> ? DType::Float64 : DType::Float32;
     one.teacher_row_stride = one.student_row_stride = kk;
     one.grad = grad ? sc.g.data() : nullptr;
     one.row_loss = &soft;
@@ -422,6 +433,61 @@ struct TopkRows {
     }
     sc.segments.push_back({std::numeric_limits<int64_t>::max(), S(0), S(0)});  // the sentinel
     write_row(grad, z, n, stream_row(b, grad), mass_off ? kept : nullptr, sc.segments.data(), ce_term, &support, patch);
+  }
+
+  // The row's teacher outcomes into t: its k log-probs in the lanes' type, then for the bucket
+  // tail the log-mass off the support.  Checked on this one read as check_topk_logprobs
+  // (kdfast/llm/topk.py) checks them; the mass is their max and one vector sweep of
+  // 2^((t - max) log2 e), the Python form's logsumexp in the same precision.  Returns the row's
+  // status; mass gets the row's probability mass (with the tail's).
+  static int32_t teacher_row(const TopkBatch& b, int64_t i, S* t, double& mass) {
+    const int64_t k = b.k;
+    const S tol = S(b.mass_tolerance), inf = S(INFINITY);
+    S max = -inf;
+    bool not_finite = false, positive = false;
+    with_dtype(b.logprob_dtype, [&](auto tag) {
+      using L = typename decltype(tag)::type;
+      const L* lp = static_cast<const L*>(b.logprobs) + i * k;
+      for (int64_t a = 0; a < k; ++a) {
+        const S v = S(to_float(lp[a]));
+        t[a] = v;
+        not_finite |= !(v < inf);  // NaN or +inf
+        positive |= v > tol;
+        max = v > max ? v : max;
+      }
+    });
+    S rest = -inf;
+    if (b.tail_logprobs)
+      with_dtype(b.tail_dtype, [&](auto tag) {
+        rest = S(to_float(static_cast<const typename decltype(tag)::type*>(b.tail_logprobs)[i]));
+      });
+    if (not_finite || !(rest < inf)) return kLogprobNotFinite;
+    if (positive || rest > tol) return kLogprobPositive;
+
+    double log_top = -INFINITY;  // log of the top-k's mass
+    if (max > -inf) {
+      const V vmax_t = V::broadcast(max), vlog2e = V::broadcast(S(kLog2eD));
+      V acc = V::zero();
+      sweep<V>(k, [&](int64_t a, auto tail) {
+        acc = acc + vexp2_nonpositive((ld<V>(t + a, tail, kNegInf) - vmax_t) * vlog2e);
+      }, no_flush);
+      log_top = double(max) + std::log(double(acc.reduce_add()));
+    }
+    mass = std::exp(log_top) + (b.tail_logprobs ? std::exp(double(rest)) : 0.0);
+    if (mass > 1.0 + double(tol)) return kMassOverOne;
+    if (b.bucket) t[k] = S(bucket_log_mass(b, log_top, double(rest)));
+    return kRowOk;
+  }
+
+  // teacher_bucket (kdfast/llm/topk.py): empty when S is the whole vocabulary (1 - mass would be
+  // the stored log-probs' rounding), the given tail, or log(1 - exp(log_top)) (Maechler's two
+  // branches), empty when that is within the log-probs' rounding of 0.
+  static double bucket_log_mass(const TopkBatch& b, double log_top, double rest) {
+    if (b.k == b.vocab) return -INFINITY;
+    if (b.tail_logprobs) return rest;
+    if (-log_top <= b.empty_bucket_below) return -INFINITY;
+    const double x = std::min(log_top, 0.0);
+    return x > -kLn2D ? std::log(-std::expm1(x)) : std::log1p(-std::exp(x));
   }
 
   static void prefetch_support(const TopkBatch& b, int64_t i, const Scratch& sc) {

@@ -46,9 +46,9 @@ from .inputs import (
     row_tensor,
     virtual_logits,
 )
-from .topk import check_tail, check_topk_inputs, topk_loss
+from .topk import check_counted_topk_rows, check_tail, check_topk_inputs, topk_loss
 from ..ops.fused_op import wants_grad
-from ..ops.topk import cpu_topk_loss_and_grad_, fused_topk_loss, teacher_rows, topk_op_arguments
+from ..ops.topk import cpu_topk_loss_and_grad_, fused_topk_loss, teacher_arguments, topk_op_arguments
 from ..config import LossConfig, make_config, takes_loss_options
 from ..modules import OptionsModule
 from ..ops.backends import implementation, resolve_backend
@@ -256,7 +256,7 @@ def fused_linear_topk_distill_loss(
                                                  topk_logprobs.reshape(-1, k), rest)
         in_place = student.softcap is None  # a softcap's chain rule needs the logits after the loss
     else:
-        chunk_losses = _topk_chunk_losses(chunks_cfg, tail, topk_indices.reshape(-1, k),
+        chunk_losses = _topk_chunk_losses(chunks_cfg, tail, student.vocab_size, topk_indices.reshape(-1, k),
                                           topk_logprobs.reshape(-1, k), rest)
         in_place = False
     temporaries = 0 if resolved == "cpu" else 4 * _TOPK_TEMPORARIES
@@ -323,9 +323,15 @@ def _in_place_kernel(backend: str, student: LinearHead, teacher: LinearHead):
     return distill_loss_and_grad_cpu_
 
 
-def _topk_chunk_losses(cfg: LossConfig, tail: str, topk_indices: torch.Tensor, topk_logprobs: torch.Tensor,
-                       tail_logprobs: Optional[torch.Tensor]) -> ChunkLossFactory:
-    """Per chunk: the top-k loss of the chunk's rows on ``cfg.backend`` (PyTorch, or Triton's renormalised tail)."""
+def _topk_chunk_losses(cfg: LossConfig, tail: str, vocab_size: int, topk_indices: torch.Tensor,
+                       topk_logprobs: torch.Tensor, tail_logprobs: Optional[torch.Tensor]) -> ChunkLossFactory:
+    """Per chunk: the top-k loss of the chunk's rows on ``cfg.backend`` (PyTorch, or Triton's renormalised tail).
+
+    The rows' values are checked once for the whole call first, so that an
+    error names the row of the call (a chunk's own checks would name its row
+    in the chunk) and comes before any chunk runs.
+    """
+    check_counted_topk_rows(cfg, vocab_size, topk_indices, topk_logprobs, tail_logprobs)
     def make(capacity: int):
         def chunk_loss(student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
             chunk_cfg = cfg.select_rows(rows)
@@ -342,39 +348,39 @@ def _topk_chunk_losses(cfg: LossConfig, tail: str, topk_indices: torch.Tensor, t
 
 
 class _CpuTopkChunkLoss:
-    """A chunk's top-k loss on the C++ kernel, its teacher rows built and checked once for the whole call.
+    """A chunk's top-k loss on the C++ kernel, which checks the chunk's teacher rows as it reads them.
 
     Called, it is differentiable (the op's saved gradient); without a softcap
     (whose chain rule needs the logits after the loss) it also has
     ``loss_and_grad_``, which writes the gradient over the chunk's logits and
-    which the chunk loop prefers.
+    which the chunk loop prefers.  Errors name rows of the whole call.
     """
 
-    def __init__(self, cfg: LossConfig, tail: str, indices: torch.Tensor, teacher: torch.Tensor, in_place: bool):
-        self.cfg, self.tail, self.indices, self.teacher = cfg, tail, indices, teacher
+    def __init__(self, cfg: LossConfig, indices: torch.Tensor, teacher: tuple, in_place: bool):
+        self.cfg, self.indices, self.teacher = cfg, indices, teacher
         if in_place:
             self.loss_and_grad_ = self._loss_and_grad_
 
     @classmethod
     def factory(cls, student: LinearHead, cfg: LossConfig, tail: str, topk_indices: torch.Tensor,
                 topk_logprobs: torch.Tensor, tail_logprobs: Optional[torch.Tensor]) -> ChunkLossFactory:
-        from ..llm.topk import _valid_rows
-
-        valid, _ = _valid_rows(cfg, student.rows, student.vocab_size, student.weight.device)
-        teacher = teacher_rows(topk_logprobs, tail, student.vocab_size, valid, tail_logprobs,
-                               student.weight.dtype == torch.float64)
+        teacher = teacher_arguments(topk_logprobs, tail_logprobs, tail, student.weight.dtype)
         indices = topk_indices.long().contiguous()
-        return lambda capacity: cls(cfg, tail, indices, teacher, in_place=student.softcap is None)
+        return lambda capacity: cls(cfg, indices, teacher, in_place=student.softcap is None)
+
+    def _chunk_teacher(self, rows: slice) -> tuple:
+        lp, rest, *bounds = self.teacher
+        return (lp[rows], None if rest is None else rest[rows], *bounds)
 
     def __call__(self, student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
-        loss, _ = torch.ops.kdfast.topk_distill_forward(student_logits, self.indices[rows], self.teacher[rows],
-                                                        self.tail == "bucket", *topk_op_arguments(self.cfg.select_rows(rows)),
+        loss, _ = torch.ops.kdfast.topk_distill_forward(student_logits, self.indices[rows], *self._chunk_teacher(rows),
+                                                        *topk_op_arguments(self.cfg.select_rows(rows)), rows.start,
                                                         wants_grad(student_logits))
         return loss
 
     def _loss_and_grad_(self, student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
-        return cpu_topk_loss_and_grad_(student_logits, self.indices[rows], self.teacher[rows], self.tail,
-                                       self.cfg.select_rows(rows))
+        return cpu_topk_loss_and_grad_(student_logits, self.indices[rows], self._chunk_teacher(rows),
+                                       self.cfg.select_rows(rows), rows.start)
 
 
 def _chunks_config(cfg: LossConfig, rows: int) -> LossConfig:

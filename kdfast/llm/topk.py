@@ -171,10 +171,8 @@ def topk_loss(student_logits: torch.Tensor, topk_indices: torch.Tensor, topk_log
         # Ignored rows become neutral, well-defined rows (zero logits, the
         # first k entries, a uniform teacher) so that nothing in them can reach
         # the value or the gradient, as in the dense reference.
-        keep = valid[:, None]
-        idx, lp = neutral_ignored_rows(valid, idx, lp)
-        rest = None if rest is None else torch.where(keep, rest, torch.full_like(rest, -math.inf))
-        zs = None if zs is None else torch.where(keep, zs, torch.zeros_like(zs))
+        idx, lp, rest = neutral_ignored_rows(valid, idx, lp, rest)
+        zs = None if zs is None else torch.where(valid[:, None], zs, torch.zeros_like(zs))
     if not torch.compiler.is_compiling():
         check_topk_values(idx, lp, V, topk_logprobs.dtype, rest)
 
@@ -199,11 +197,29 @@ TEACHER_UNDEFINED = "topk_logprobs row {} is all -inf: the renormalised teacher 
 STUDENT_UNDEFINED_ON_SUPPORT = "student_logits row {} is all -inf on its top-k support: the student is undefined"
 
 
-def neutral_ignored_rows(valid: torch.Tensor, idx: torch.Tensor, lp: torch.Tensor):
-    """``(idx, lp)`` with the rows not ``valid`` replaced by the first k entries and a uniform teacher."""
+def neutral_ignored_rows(valid: torch.Tensor, idx: torch.Tensor, lp: torch.Tensor, rest=None):
+    """``(idx, lp, rest)`` with the rows not ``valid`` replaced by the first k entries and a uniform teacher.
+
+    ``rest`` (``(N, 1)`` tail log-masses, or None) gets ``-inf`` on those rows.
+    """
     k, keep = idx.shape[-1], valid[:, None]
     return (torch.where(keep, idx, torch.arange(k, device=idx.device)),
-            torch.where(keep, lp, torch.full_like(lp, -math.log(k))))
+            torch.where(keep, lp, torch.full_like(lp, -math.log(k))),
+            None if rest is None else torch.where(keep, rest, torch.full_like(rest, -math.inf)))
+
+
+def check_counted_topk_rows(cfg: LossConfig, vocab_size: int, topk_indices: torch.Tensor,
+                            topk_logprobs: torch.Tensor, tail_logprobs: Optional[torch.Tensor]) -> None:
+    """:func:`check_topk_values` on the rows that count, ``(N, k)`` inputs (ignored rows may hold anything)."""
+    if torch.compiler.is_compiling():
+        return
+    k = topk_indices.shape[-1]
+    acc = torch.float64 if topk_logprobs.dtype == torch.float64 else torch.float32
+    lp = topk_logprobs.detach().reshape(-1, k).to(acc)
+    rest = None if tail_logprobs is None else tail_logprobs.detach().reshape(-1, 1).to(acc)
+    valid, _ = _valid_rows(cfg, lp.shape[0], vocab_size, lp.device)
+    idx, lp, rest = neutral_ignored_rows(valid, topk_indices.reshape(-1, k).long(), lp, rest)
+    check_topk_values(idx, lp, vocab_size, topk_logprobs.dtype, rest)
 
 
 def teacher_log_probs(topk_logprobs: torch.Tensor, tail: str, temperature: float, vocab_size: int,

@@ -2,7 +2,10 @@
 
 On CPU both tails run in one C++ op, ``kdfast::topk_distill_forward``
 (csrc/topk_op.cpp): per row it marks the teacher's support in a bitmap (the
-index checks come free), sweeps the row with the support's entries masked out
+index checks come free), reads the teacher's log-probs once in whatever dtype
+they are stored, checking them there (the checks of
+:func:`kdfast.llm.topk.check_topk_logprobs`) and deriving the bucket's
+log-mass from the same sum, sweeps the row with the support's entries masked out
 for the student's exact off-support log-mass (``bucket``) and the
 cross-entropy's normaliser,
 runs the ``k`` (or ``k + 1``) outcome divergence on the dense row kernel
@@ -24,7 +27,6 @@ Triton kernel runs the ``k + 1`` outcomes, and one more sweep writes the
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -35,20 +37,22 @@ from .backends import resolve_backend
 from .extension import cpu_extension_available
 from .fused_op import fake_distill_loss, loss_arguments, register_saved_grad_autograd, wants_grad
 
-_N_INPUTS = 15
-_REDUCTION_ARG = 12
+_N_INPUTS = 19
+_REDUCTION_ARG = 15
 
 if cpu_extension_available():
     @torch.library.register_fake("kdfast::topk_distill_forward")
-    def _fake_topk_forward(student, indices, teacher, bucket, labels, divergence, params, tau, tau_s, ignore_index,
-                           hard_weight, soft_coef, reduction, normalizer, compute_grad):
+    def _fake_topk_forward(student, indices, logprobs, tail_logprobs, mass_tolerance, empty_bucket_below, bucket,
+                           labels, divergence, params, tau, tau_s, ignore_index, hard_weight, soft_coef, reduction,
+                           normalizer, first_row, compute_grad):
         V = student.shape[-1]
         grad = student.new_empty((student.numel() // V, V) if compute_grad else (0,))
         return fake_distill_loss(student, student, reduction), grad
 
     @torch.library.register_fake("kdfast::topk_distill_forward_inplace")
-    def _fake_topk_forward_inplace(student, indices, teacher, bucket, labels, divergence, params, tau, tau_s,
-                                   ignore_index, hard_weight, soft_coef, reduction, normalizer):
+    def _fake_topk_forward_inplace(student, indices, logprobs, tail_logprobs, mass_tolerance, empty_bucket_below,
+                                   bucket, labels, divergence, params, tau, tau_s, ignore_index, hard_weight,
+                                   soft_coef, reduction, normalizer, first_row):
         return fake_distill_loss(student, student, reduction)
 
     register_saved_grad_autograd("kdfast::topk_distill_forward", _N_INPUTS,
@@ -61,50 +65,50 @@ def topk_op_arguments(cfg: LossConfig) -> tuple:
     return (labels, divergence, params, *rest)
 
 
-def teacher_rows(topk_logprobs: torch.Tensor, tail: str, V: int, valid: torch.Tensor,
-                 tail_logprobs: Optional[torch.Tensor], float64: bool) -> torch.Tensor:
-    """The op's teacher rows: ``(N, k)`` log-probs, and the bucket's log-mass as column ``k`` for ``"bucket"``.
+def teacher_arguments(topk_logprobs: torch.Tensor, tail_logprobs: Optional[torch.Tensor], tail: str,
+                      student_dtype: torch.dtype) -> tuple:
+    """The op's teacher arguments, ``(logprobs, tail_logprobs, mass_tolerance, empty_bucket_below, bucket)``.
 
-    float32 (float64 for a float64 student), checked on the rows that count
-    (ignored rows may hold anything: the kernel never reads them).
+    The log-probs go as stored, ``(N, k)`` (and the tail ``(N,)``): the
+    kernel reads each row once, rounds it to float32 (float64 for a float64
+    student), checks it with the tolerances of
+    :func:`kdfast.llm.topk.check_topk_logprobs` and derives the bucket as
+    :func:`kdfast.llm.topk.teacher_bucket` does; ignored rows are never read.
     """
-    from ..llm.topk import check_topk_logprobs, neutral_ignored_rows, teacher_bucket
+    from ..llm.topk import mass_tolerance, sum_rounding
 
     k = topk_logprobs.shape[-1]
-    lp = topk_logprobs.detach().reshape(-1, k).to(torch.float64 if float64 else torch.float32)
-    rest = None if tail_logprobs is None else tail_logprobs.detach().reshape(-1, 1).to(lp.dtype)
-    if not torch.compiler.is_compiling():
-        _, checked = neutral_ignored_rows(valid, torch.zeros_like(lp, dtype=torch.long), lp)
-        checked_rest = None if rest is None else torch.where(valid[:, None], rest, -torch.inf)
-        check_topk_logprobs(checked, topk_logprobs.dtype, checked_rest)
-    if tail == "renormalize":
-        return lp
-    return torch.cat([lp, teacher_bucket(lp, V, rest)], -1)
+    lp = topk_logprobs.detach().reshape(-1, k)
+    rest = None if tail_logprobs is None else tail_logprobs.detach().reshape(-1)
+    rounded_to = torch.float64 if student_dtype == torch.float64 else torch.float32
+    return (lp, rest, mass_tolerance(topk_logprobs.dtype, k), sum_rounding(rounded_to, k), tail == "bucket")
 
 
 def cpu_topk_loss(student_logits: torch.Tensor, topk_indices: torch.Tensor, topk_logprobs: torch.Tensor,
                   cfg: LossConfig, tail: str, tail_logprobs: Optional[torch.Tensor]) -> torch.Tensor:
-    """:func:`kdfast.topk_distill_loss` on the C++ top-k op (checked options and tensor shapes)."""
-    from ..llm.topk import _valid_rows
+    """:func:`kdfast.topk_distill_loss` on the C++ top-k op (checked options and tensor shapes).
 
+    float64 log-probs give a float64 loss, as on the other backends; it is
+    computed in float32 lanes unless the student is float64.
+    """
     V, k = student_logits.shape[-1], topk_indices.shape[-1]
     rows = student_logits.reshape(-1, V)
-    valid, _ = _valid_rows(cfg, rows.shape[0], V, rows.device)
-    teacher = teacher_rows(topk_logprobs, tail, V, valid, tail_logprobs, rows.dtype == torch.float64)
-    loss, _ = torch.ops.kdfast.topk_distill_forward(rows, topk_indices.reshape(-1, k), teacher, tail == "bucket",
-                                                    *topk_op_arguments(cfg), wants_grad(student_logits))
-    return loss
+    loss, _ = torch.ops.kdfast.topk_distill_forward(
+        rows, topk_indices.reshape(-1, k), *teacher_arguments(topk_logprobs, tail_logprobs, tail, rows.dtype),
+        *topk_op_arguments(cfg), 0, wants_grad(student_logits))
+    return loss.to(torch.float64) if topk_logprobs.dtype == torch.float64 else loss
 
 
-def cpu_topk_loss_and_grad_(chunk_logits: torch.Tensor, topk_indices: torch.Tensor, teacher: torch.Tensor,
-                            tail: str, cfg: LossConfig) -> torch.Tensor:
+def cpu_topk_loss_and_grad_(chunk_logits: torch.Tensor, topk_indices: torch.Tensor, teacher: tuple,
+                            cfg: LossConfig, first_row: int) -> torch.Tensor:
     """The loss of :func:`cpu_topk_loss`, not differentiable: its gradient overwrites ``chunk_logits``.
 
-    ``chunk_logits`` is a contiguous ``(n, V)`` tensor, ``teacher`` the rows of
-    :func:`teacher_rows` (already checked), ``cfg`` the chunk's configuration.
+    ``chunk_logits`` is a contiguous ``(n, V)`` tensor, ``teacher`` the
+    chunk's :func:`teacher_arguments`, ``cfg`` the chunk's configuration,
+    ``first_row`` the chunk's first row in the whole call (error messages).
     """
-    return torch.ops.kdfast.topk_distill_forward_inplace(chunk_logits, topk_indices, teacher, tail == "bucket",
-                                                         *topk_op_arguments(cfg))
+    return torch.ops.kdfast.topk_distill_forward_inplace(chunk_logits, topk_indices, *teacher,
+                                                         *topk_op_arguments(cfg), first_row)
 
 
 # ----------------------------------------------------------------- CUDA: the renormalised tail on the dense kernel
@@ -159,7 +163,7 @@ def renormalized_topk_loss(student_logits: torch.Tensor, topk_indices: torch.Ten
         marker = mask_label(cfg.ignore_index, k)
         if marker is None:
             return None
-        idx, lp = neutral_ignored_rows(valid, idx, lp)  # as in the PyTorch form
+        idx, lp, _ = neutral_ignored_rows(valid, idx, lp)  # as in the PyTorch form
         row_labels = torch.where(valid, marker, cfg.ignore_index)
     if not torch.compiler.is_compiling():
         check_topk_values(idx, lp, V, topk_logprobs.dtype)
@@ -205,11 +209,10 @@ def bucket_topk_loss_triton(student_logits: torch.Tensor, topk_indices: torch.Te
     rest = None if tail_logprobs is None else tail_logprobs.detach().reshape(-1, 1).to(teacher_dtype)
     valid, labels = _valid_rows(cfg, rows.shape[0], V, rows.device)
     if labels is not None:
-        idx, lp = neutral_ignored_rows(valid, idx, lp)  # as in the PyTorch form
-        rest = None if rest is None else torch.where(valid[:, None], rest, torch.full_like(rest, -math.inf))
+        idx, lp, rest = neutral_ignored_rows(valid, idx, lp, rest)  # as in the PyTorch form
     if not torch.compiler.is_compiling():
         check_topk_values(idx, lp, V, topk_logprobs.dtype, rest)
-    teacher = torch.cat([lp, teacher_bucket(lp, V, rest)], -1)  # teacher_rows(..., "bucket"), checked above
+    teacher = torch.cat([lp, teacher_bucket(lp, V, rest)], -1)  # checked above
     _check_defined(teacher, BUCKET_TEACHER_UNDEFINED)
     loss, _ = triton_topk_bucket_forward(rows, idx, teacher, *topk_op_arguments(cfg), wants_grad(student_logits))
     return loss

@@ -229,10 +229,10 @@ def topk_bucket_forward(
 
     ``student`` is ``(N, V)`` (any strides), ``indices`` ``(N, k)`` (distinct,
     in range: checked before, as are the ignored rows neutralised),
-    ``teacher`` the ``(N, k + 1)`` log-probability rows of
-    :func:`kdfast.ops.topk.teacher_rows` (float64 makes the whole op float64),
-    the rest the arguments of ``kdfast::topk_distill_forward`` after
-    ``bucket``.  Raises the dense kernel's ValueErrors for a valid row whose
+    ``teacher`` the ``(N, k + 1)`` checked log-probability rows, the
+    bucket's log-mass last (:func:`kdfast.llm.topk.teacher_bucket`; float64
+    makes the whole op float64), the rest the arguments of
+    :func:`kdfast.ops.topk.topk_op_arguments`.  Raises the dense kernel's ValueErrors for a valid row whose
     student (or teacher) is all ``-inf``.
     """
     _check_args(student, indices, teacher, labels, reduction)
