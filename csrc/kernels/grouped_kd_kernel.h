@@ -404,10 +404,7 @@ struct GroupedKdKernel {
     const V coef_in_s = vset<V>(sum_sp > 0 ? c * (prm.binary_weight * gap + pw) / sum_sp : 0.0);
     const V coef_in_t = vset<V>(sum_tp > 0 ? -c * pw / sum_tp : 0.0);
     const V coef_out_s = vset<V>(sum_so > 0 ? -c * prm.binary_weight * gap / sum_so : 0.0);
-    // Streaming needs full vectors at their natural alignment (rows whose start is not aligned store
-    // normally), and whole lines (streamed_lines).
-    const bool stream =
-        Streamable<V, TS> && b.stream_grad && reinterpret_cast<uintptr_t>(grad) % kStreamAlign<V, TS> == 0;
+    const bool stream = streams_aligned_row<V>(b.stream_grad, grad);
     const StreamedLines lines = streamed_lines<V>(grad, n, stream);
     sweep<V>(n, [&](int64_t j, auto tail) {
       const auto in = in_group(ld<V>(zt + j, tail, kNegInf), j, tail);

@@ -230,10 +230,7 @@ struct LtkdKernel {
       coef_s[g] = vset<V>(mass_s > 0 ? c * (a * (q - target) + bw * weight[g]) / mass_s : 0.0);
       coef_t[g] = vset<V>(mass_t > 0 ? -c * bw * weight[g] / mass_t : 0.0);
     }
-    // Streaming (non-temporal) stores need full vectors at their natural alignment
-    // (rows whose start is not aligned store normally), and whole lines (streamed_lines).
-    const bool stream = Streamable<V, TS> && b.stream_grad &&
-                        reinterpret_cast<uintptr_t>(grad) % kStreamAlign<V, TS> == 0;
+    const bool stream = streams_aligned_row<V>(b.stream_grad, grad);
     const StreamedLines lines = streamed_lines<V>(grad, n, stream);
     sweep<V>(n, [&](int64_t j, auto tail) {
       group_masks<V>(b.group_of, j, tail, ids.id, G, in);

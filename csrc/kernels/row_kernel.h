@@ -215,6 +215,14 @@ struct StreamedLines {
   bool streams(int64_t j) const { return j >= begin && j < end; }
 };
 
+// Whether a kernel that stores no partial head vector (top-k, LTKD, grouped KD) streams the
+// gradient row at `row`: the lanes have streaming stores for T, the op asked for them
+// (stream_grad), and the row starts on a vector boundary (other rows store normally).
+template <class V, class T>
+inline bool streams_aligned_row(bool stream_grad, const T* row) {
+  return Streamable<V, T> && stream_grad && reinterpret_cast<uintptr_t>(row) % kStreamAlign<V, T> == 0;
+}
+
 template <class V, class T>
 inline StreamedLines streamed_lines(const T* row, int64_t n, bool stream) {
   static_assert(64 % kStreamAlign<V, T> == 0, "a streamed vector lies in one cache line");

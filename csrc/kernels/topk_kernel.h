@@ -251,10 +251,6 @@ struct TopkRows {
     return r;
   }
 
-  static bool stream_row(const TopkBatch& b, const TS* grad) {
-    return Streamable<V, TS> && b.stream_grad && reinterpret_cast<uintptr_t>(grad) % kStreamAlign<V, TS> == 0;
-  }
-
   // grad_j = coef_j * kept_j + c(z_j) over the row (kept may be null, c off: zeros), coef_j the
   // coef of j's segment (a list ending at a sentinel), the entries of `patched` taken from
   // patch_value instead, blended into the vector before it is stored: a scalar store after the
@@ -272,7 +268,7 @@ struct TopkRows {
     // one loop per (kept, c) case: a test of each per vector costs the store-bound loop its speed
     // Captures by copy: a streaming store (an intrinsic's may-alias vector type) may alias anything
     // whose address escaped, so referenced state (grad, next, ...) was reloaded after every store.
-    const StreamedLines lines = streamed_lines<V>(grad, n, stream);  // stream_row: the row is aligned, no head
+    const StreamedLines lines = streamed_lines<V>(grad, n, stream);  // streams_aligned_row: no head
     with_flags(kept != nullptr, c.on, [=](auto with_kept, auto with_c) {
       auto write = [=](int64_t j, auto tail, auto bits) mutable {
         V out = V::zero();
@@ -300,7 +296,8 @@ struct TopkRows {
   static void refuse_row(const TopkBatch& b, int64_t i, int32_t status, TS* grad) {
     b.row_status[i] = status;
     b.row_loss[i] = 0.0;
-    if (grad) write_row(grad, nullptr, b.vocab, stream_row(b, grad), nullptr, nullptr, SoftmaxTerm<V>());
+    if (grad)
+      write_row(grad, nullptr, b.vocab, streams_aligned_row<V>(b.stream_grad, grad), nullptr, nullptr, SoftmaxTerm<V>());
   }
 
   static void row(const DistillParams& prm, const DistillParams& inner, const TopkBatch& b, int64_t i, Scratch& sc) {
@@ -432,7 +429,8 @@ struct TopkRows {
       support.mark(label);
     }
     sc.segments.push_back({std::numeric_limits<int64_t>::max(), S(0), S(0)});  // the sentinel
-    write_row(grad, z, n, stream_row(b, grad), mass_off ? kept : nullptr, sc.segments.data(), ce_term, &support, patch);
+    write_row(grad, z, n, streams_aligned_row<V>(b.stream_grad, grad), mass_off ? kept : nullptr, sc.segments.data(),
+              ce_term, &support, patch);
   }
 
   // The row's teacher outcomes into t: its k log-probs in the lanes' type, then for the bucket
