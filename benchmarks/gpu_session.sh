@@ -59,7 +59,8 @@ grace=45
 export PYTHONUNBUFFERED=1 KDFAST_DISABLE_EXTENSION=1
 site="${KDFAST_SITE:-/tmp/site}"
 export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
-new_kernels=(tests/test_ltkd_fused.py tests/test_grouped_kd.py tests/test_label_revision.py tests/test_topk_triton.py)
+new_kernels=(tests/test_ltkd_fused.py tests/test_grouped_kd.py tests/test_label_revision.py tests/test_topk_triton.py
+             tests/test_topk_teacher_triton.py)
 if [ "$dry_run" = 1 ]; then
     export TRITON_INTERPRET=1
     tests_cap_s="${tests_cap_s:-60}"

@@ -146,6 +146,29 @@ def compile_topk_bucket_kernels(dtype, acc, index, hard, unit_stride):
     return compiled[0]
 
 
+# (log-probs dtype, accumulation, index dtype, k, tail given, ignored rows, bucket): k = 4096 is the kernel's cap
+TOPK_TEACHER_VARIANTS = [("bf16", "fp32", "i32", 64, False, True, True),
+                         ("fp16", "fp32", "i64", 256, True, False, True),
+                         ("fp32", "fp32", "i64", 1024, False, True, False),
+                         ("fp64", "fp64", "i64", 256, True, True, True),
+                         ("bf16", "fp32", "i64", 4096, False, False, True)]
+
+
+def compile_topk_teacher_kernel(dtype, acc, index, k, tail, valid, bucket):
+    """The top-k teacher rows' kernel (kdfast/ops/triton/topk_teacher.py) at its GPU launch for ``k``."""
+    from kdfast.ops.triton import topk_teacher
+
+    block_k = topk_teacher._block_k(k)
+    signature = {"IDX_ptr": f"*{index}", "LP_ptr": f"*{dtype}", "REST_ptr": f"*{dtype}", "VALID_ptr": "*u8",
+                 "IDX_OUT_ptr": "*i64", "ORDERED_ptr": "*i64", "TEACHER_ptr": f"*{acc}", "STATUS_ptr": "*i32",
+                 "PARAMS_ptr": "*fp64", "V": "i32", "k": "i32"}
+    constexprs = dict(HAS_REST=tail, HAS_VALID=valid, BUCKET=bucket, ACC=tl.float64 if acc == "fp64" else tl.float32,
+                      BLOCK_K=block_k)
+    signature.update({name: "constexpr" for name in constexprs})
+    source = ASTSource(fn=topk_teacher.topk_teacher_kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=TARGET, options={"num_warps": topk_teacher._warps(block_k)})
+
+
 # (logits dtype, accumulation, group lanes GP, rebalancing prior, teacher weights, gradient)
 LTKD_VARIANTS = [("bf16", "fp32", 4, True, False, True), ("fp32", "fp32", 4, False, True, False),
                  ("fp16", "fp32", 16, True, False, True), ("fp64", "fp64", 4, True, True, True)]
@@ -216,6 +239,9 @@ def main():
     for variant in TOPK_BUCKET_VARIANTS:
         report["topk-bucket-" + "-".join(map(str, variant))] = _report(
             lambda v=variant: compile_topk_bucket_kernels(*v))
+    for variant in TOPK_TEACHER_VARIANTS:
+        report["topk-teacher-" + "-".join(map(str, variant))] = _report(
+            lambda v=variant: compile_topk_teacher_kernel(*v))
     report.update(ltkd_report())
     for key, entry in report.items():
         if key != variant_id("kl", VARIANTS[0]):

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from compile_triton_for_gpu import (CORRELATION_VARIANTS, DIST_VARIANTS, DIVERGENCES, DKD_VARIANTS,
-                                    REVISE_VARIANTS, TOPK_BUCKET_VARIANTS, VARIANTS, variant_id)
+                                    REVISE_VARIANTS, TOPK_BUCKET_VARIANTS, TOPK_TEACHER_VARIANTS, VARIANTS,
+                                    variant_id)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -95,5 +96,13 @@ def test_correlation_kernel_compiles_for_a_gpu_without_spills(report, variant):
 @pytest.mark.parametrize("variant", TOPK_BUCKET_VARIANTS, ids=lambda v: "-".join(map(str, v)))
 def test_topk_bucket_kernels_compile_for_a_gpu_without_spills(report, variant):
     entry = report["topk-bucket-" + "-".join(map(str, variant))]
+    assert entry["ok"], entry.get("error")
+    assert not entry["spills"], "registers spill to local memory"
+
+
+@pytest.mark.parametrize("variant", TOPK_TEACHER_VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_topk_teacher_kernel_compiles_for_a_gpu_without_spills(report, variant):
+    """The teacher rows' checks, its sort of k indices included, up to the kernel's largest k."""
+    entry = report["topk-teacher-" + "-".join(map(str, variant))]
     assert entry["ok"], entry.get("error")
     assert not entry["spills"], "registers spill to local memory"

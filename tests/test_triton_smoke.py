@@ -3,7 +3,8 @@
 Small enough to run under another Triton version in CI (``.ci/run`` runs it
 with Triton 3.6.0, the GPU machine's version, next to the suite's own Triton):
 every divergence once, the weightings and the hard-label term, DIST, DKD,
-the correlation loss and one fused-linear chunk.  Interpreted on CPU tensors
+the correlation loss, both top-k tails (the teacher rows' kernel, the bucket
+op) and one fused-linear chunk.  Interpreted on CPU tensors
 without a GPU, on CUDA tensors with one.
 """
 
@@ -57,6 +58,17 @@ def test_dkd():
 
 def test_correlation():
     _family_vs_reference(lambda s, t, b: kdfast.correlation_loss(s, t, 1.0, weighting="entropy", backend=b))
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_topk(tail):
+    from kdfast.llm.topk import topk_distill_loss
+
+    lp, idx = torch.log_softmax(logits((4, 40), torch.float64, seed=9), -1).topk(6, -1)
+    labels = torch.tensor([1, -100, 7, 39])
+    _family_vs_reference(lambda s, t, b: topk_distill_loss(s[:4], idx.to(s.device), lp.float().to(s.device), tail=tail,
+                                                           temperature=2.0, labels=labels.to(s.device),
+                                                           hard_weight=0.5, backend=b))
 
 
 def test_one_fused_linear_chunk():

@@ -194,6 +194,7 @@ def topk_loss(student_logits: torch.Tensor, topk_indices: torch.Tensor, topk_log
 
 # ----------------------------------------------------------------- the two distributions
 TEACHER_UNDEFINED = "topk_logprobs row {} is all -inf: the renormalised teacher is undefined"
+BUCKET_TEACHER_UNDEFINED = "topk_logprobs row {} (with its tail) is all -inf: the teacher distribution is undefined"
 STUDENT_UNDEFINED_ON_SUPPORT = "student_logits row {} is all -inf on its top-k support: the student is undefined"
 
 

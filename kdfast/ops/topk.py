@@ -15,7 +15,9 @@ read once from memory, the gradient written once, nothing else of size ``(N,
 V)`` exists.  ``topk_distill_forward_inplace`` writes the gradient over the
 logits (the fused linear loss's chunks).
 
-On CUDA (Triton) the renormalised tail is ``distill_loss`` of the ``(N, k)``
+On CUDA (Triton) the teacher's rows are checked, the ignored ones made
+neutral and the bucket derived in one pass, ``kdfast::triton_topk_teacher``
+(:mod:`kdfast.ops.triton.topk_teacher`); the renormalised tail is then ``distill_loss`` of the ``(N, k)``
 gathered rows against the teacher "logits" ``log p1_S`` (exact: see
 :mod:`kdfast.llm.topk`), its ``(N, k)`` gradient scattered into zeros.  The
 bucket tail is the op ``kdfast::triton_topk_bucket_forward``
@@ -111,6 +113,21 @@ def cpu_topk_loss_and_grad_(chunk_logits: torch.Tensor, topk_indices: torch.Tens
                                                          *topk_op_arguments(cfg), first_row)
 
 
+# ----------------------------------------------------------------- CUDA: the teacher rows, checked
+def triton_teacher_rows(student_logits: torch.Tensor, topk_indices: torch.Tensor, topk_logprobs: torch.Tensor,
+                        tail_logprobs: Optional[torch.Tensor], tail: str, valid: Optional[torch.Tensor]):
+    """``(indices, teacher)`` of :func:`kdfast.ops.triton.topk_teacher.topk_teacher_rows`: the rows checked and the
+    ignored ones (``valid`` False) made neutral in one Triton pass; float64 when the student or the log-probs are."""
+    from .triton.topk_teacher import triton_topk_teacher
+
+    k = topk_indices.shape[-1]
+    f64 = torch.float64 in (student_logits.dtype, topk_logprobs.dtype)
+    lp, rest, tolerance, empty_bucket_below, bucket = teacher_arguments(
+        topk_logprobs, tail_logprobs, tail, torch.float64 if f64 else torch.float32)
+    return triton_topk_teacher(topk_indices.reshape(-1, k), lp, rest, valid, student_logits.shape[-1], tolerance,
+                               empty_bucket_below, bucket, f64)
+
+
 # ----------------------------------------------------------------- CUDA: the renormalised tail on the dense kernel
 class GatherSupport(torch.autograd.Function):
     """``rows.gather(-1, idx)`` whose backward scatters the gradient into zeros (no ``(N, V)`` autograd temporaries)."""
@@ -148,26 +165,20 @@ def renormalized_topk_loss(student_logits: torch.Tensor, topk_indices: torch.Ten
     Returns None where this path cannot mark the counted rows (``k = 1`` with
     ``ignore_index = 0``): the caller then runs the PyTorch form.
     """
-    from ..llm.topk import (STUDENT_UNDEFINED_ON_SUPPORT, TEACHER_UNDEFINED, _check_defined, _valid_rows,
-                            check_topk_values, neutral_ignored_rows)
+    from ..llm.topk import STUDENT_UNDEFINED_ON_SUPPORT, _check_defined, _valid_rows
     from ..losses import distill_loss
 
     V, k = student_logits.shape[-1], topk_indices.shape[-1]
     rows = student_logits.reshape(-1, V)
-    idx = topk_indices.reshape(-1, k).long()
-    teacher_dtype = torch.float64 if torch.float64 in (student_logits.dtype, topk_logprobs.dtype) else torch.float32
-    lp = topk_logprobs.detach().reshape(-1, k).to(teacher_dtype)
     valid, labels = _valid_rows(cfg, rows.shape[0], V, rows.device)
     row_labels = None
     if labels is not None:
         marker = mask_label(cfg.ignore_index, k)
         if marker is None:
             return None
-        idx, lp, _ = neutral_ignored_rows(valid, idx, lp)  # as in the PyTorch form
         row_labels = torch.where(valid, marker, cfg.ignore_index)
-    if not torch.compiler.is_compiling():
-        check_topk_values(idx, lp, V, topk_logprobs.dtype)
-        _check_defined(lp, TEACHER_UNDEFINED)
+    idx, lp = triton_teacher_rows(student_logits, topk_indices, topk_logprobs, None, "renormalize",
+                                  None if labels is None else valid)
     on_support = gather_support(rows, idx)
     if labels is not None:
         on_support = torch.where(valid[:, None], on_support, torch.zeros_like(on_support))
@@ -187,33 +198,22 @@ def renormalized_topk_loss(student_logits: torch.Tensor, topk_indices: torch.Ten
 
 
 # ----------------------------------------------------------------- CUDA: the bucket tail on its Triton op
-BUCKET_TEACHER_UNDEFINED = "topk_logprobs row {} (with its tail) is all -inf: the teacher distribution is undefined"
-
-
 def bucket_topk_loss_triton(student_logits: torch.Tensor, topk_indices: torch.Tensor, topk_logprobs: torch.Tensor,
                             cfg: LossConfig, tail_logprobs: Optional[torch.Tensor]) -> torch.Tensor:
-    """``topk_distill_loss(..., tail="bucket")`` on the Triton op (checked options and tensor shapes).
+    """``topk_distill_loss(..., tail="bucket")`` on the Triton ops (checked options and tensor shapes).
 
-    Ignored rows are neutralised and the values checked as in the PyTorch form
-    (:func:`kdfast.llm.topk.topk_loss`); a valid row whose teacher (with its
-    tail) is all ``-inf`` is the C++ op's ValueError.
+    The teacher's rows are checked, the ignored ones neutralised and the
+    bucket derived by :func:`triton_teacher_rows`; a valid row whose teacher
+    (with its tail) is all ``-inf`` is its ValueError.
     """
-    from ..llm.topk import _check_defined, _valid_rows, check_topk_values, neutral_ignored_rows, teacher_bucket
+    from ..llm.topk import _valid_rows
     from .triton.topk_bucket import triton_topk_bucket_forward
 
-    V, k = student_logits.shape[-1], topk_indices.shape[-1]
+    V = student_logits.shape[-1]
     rows = student_logits.reshape(-1, V)
-    idx = topk_indices.reshape(-1, k)
-    teacher_dtype = torch.float64 if torch.float64 in (student_logits.dtype, topk_logprobs.dtype) else torch.float32
-    lp = topk_logprobs.detach().reshape(-1, k).to(teacher_dtype)
-    rest = None if tail_logprobs is None else tail_logprobs.detach().reshape(-1, 1).to(teacher_dtype)
     valid, labels = _valid_rows(cfg, rows.shape[0], V, rows.device)
-    if labels is not None:
-        idx, lp, rest = neutral_ignored_rows(valid, idx, lp, rest)  # as in the PyTorch form
-    if not torch.compiler.is_compiling():
-        check_topk_values(idx, lp, V, topk_logprobs.dtype, rest)
-    teacher = torch.cat([lp, teacher_bucket(lp, V, rest)], -1)  # checked above
-    _check_defined(teacher, BUCKET_TEACHER_UNDEFINED)
+    idx, teacher = triton_teacher_rows(student_logits, topk_indices, topk_logprobs, tail_logprobs, "bucket",
+                                       None if labels is None else valid)
     loss, _ = triton_topk_bucket_forward(rows, idx, teacher, *topk_op_arguments(cfg), wants_grad(student_logits))
     return loss
 

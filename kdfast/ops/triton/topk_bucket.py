@@ -228,8 +228,8 @@ def topk_bucket_forward(
     """The bucketed top-k loss and its ``(N, V)`` student gradient, computed in the forward.
 
     ``student`` is ``(N, V)`` (any strides), ``indices`` ``(N, k)`` (distinct,
-    in range: checked before, as are the ignored rows neutralised),
-    ``teacher`` the ``(N, k + 1)`` checked log-probability rows, the
+    in range: checked before, as are the ignored rows neutralised, by
+    :mod:`.topk_teacher`), ``teacher`` the ``(N, k + 1)`` checked log-probability rows, the
     bucket's log-mass last (:func:`kdfast.llm.topk.teacher_bucket`; float64
     makes the whole op float64), the rest the arguments of
     :func:`kdfast.ops.topk.topk_op_arguments`.  Raises the dense kernel's ValueErrors for a valid row whose
