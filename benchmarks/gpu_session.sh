@@ -65,13 +65,14 @@ if [ "$dry_run" = 1 ]; then
     export TRITON_INTERPRET=1
     tests_cap_s="${tests_cap_s:-60}"
     # one case per divergence of the backend matrix, DIST, DKD, top-k, LTKD, Grouped KD, Label Revision, the
-    # top-k bucket, and the on-device tests
+    # top-k bucket, the top-k teacher rows' kernel (its rows and its checks), and the on-device tests
     subset="on_device or test_topk and k_equal_to_V and kl-renormalize or triton and float32 and ("
     subset+="test_kernel_matches_reference and batchmean and soft and None"
     subset+=" or test_dist_kernel_matches_reference and 33-300 or test_dkd_kernel_matches_reference and 8-10"
     subset+=" or test_matches_the_reference and teacher-batch or test_triton_float32_and_bfloat16"
     subset+=" or test_float32_and_bfloat16_against_the_float64_reference and [kl-"
     subset+=" or test_float32_and_16_bit_students and 3-student_dtype0)"
+    subset+=" or test_rows_are_the_pytorch_functions and 5-dtype2 or test_bad_rows_raise_the_pytorch_forms_errors"
     tests=(-k "$subset" tests/test_gpu_session.py "${new_kernels[@]}" tests/test_backend_matrix.py
            tests/test_correlation_losses.py tests/test_topk.py)
 else

@@ -186,7 +186,7 @@ def test_a_tiny_budget_marks_the_later_cases_skipped(tmp_path, bench):
 
 
 NEW_KERNEL_FILES = ["tests/test_ltkd_fused.py", "tests/test_grouped_kd.py", "tests/test_label_revision.py",
-                    "tests/test_topk_triton.py"]
+                    "tests/test_topk_triton.py", "tests/test_topk_teacher_triton.py"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the Triton tests select nothing without it")
