@@ -201,8 +201,15 @@ def test_above_the_kernels_largest_k_the_pytorch_form_gives_the_same(tail, monke
     valid = torch.tensor([True, True, False, True, True, True])
     bucket = tail == "bucket"
     want = rows(idx, lp, valid=valid, bucket=bucket)
+    plain = rows(idx, lp, bucket=bucket)
     monkeypatch.setattr(topk_teacher, "MAX_KERNEL_K", 4)
     assert_rows(rows(idx, lp, valid=valid, bucket=bucket), want)
+    # without ignored rows too: the outputs are copies, never the inputs (a custom op's may not alias them)
+    assert_rows(rows(idx, lp, bucket=bucket), plain)
+    s = logits((N, V), torch.float32, seed=6)
+    got = topk_distill_loss(s.to(DEVICE), idx.to(DEVICE), lp.to(DEVICE), tail=tail, backend="triton")
+    torch.testing.assert_close(got.cpu(), topk_distill_loss(s, idx, lp, tail=tail, backend="torch"),
+                               rtol=2e-5, atol=2e-6)
     for _, _, bad_idx, bad_lp, rest, pattern in bad_inputs(tail):
         with pytest.raises(ValueError, match=pattern):
             rows(bad_idx, bad_lp, rest, bucket=bucket)
@@ -221,6 +228,8 @@ def test_refuses_what_it_cannot_read():
         topk_teacher_rows(idx, lp, torch.zeros(5), None, V, 1e-5, 1e-6, True, False)
     with pytest.raises(ValueError, match="valid must be a bool tensor"):
         topk_teacher_rows(idx, lp, None, torch.ones(6), V, 1e-5, 1e-6, True, False)
+    with pytest.raises(ValueError, match=r"valid must be a bool tensor of shape \(6,\)"):
+        topk_teacher_rows(idx, lp, None, torch.ones((6, 1), dtype=torch.bool), V, 1e-5, 1e-6, True, False)
     with pytest.raises(ValueError, match="1 <= k <= 3"):
         topk_teacher_rows(idx, lp, None, None, 3, 1e-5, 1e-6, True, False)
 

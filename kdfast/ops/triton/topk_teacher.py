@@ -163,8 +163,8 @@ def _pytorch_rows(indices, logprobs, tail_logprobs, valid, vocab, bucket, acc):
     from ...llm.topk import (BUCKET_TEACHER_UNDEFINED, TEACHER_UNDEFINED, _check_defined, check_topk_values,
                              neutral_ignored_rows, teacher_bucket)
 
-    k = indices.shape[1]
-    idx, lp = indices.long(), logprobs.to(acc)
+    # copies: a custom op's outputs may not alias its inputs
+    idx, lp = indices.to(torch.int64, copy=True), logprobs.to(acc, copy=True)
     rest = None if tail_logprobs is None else tail_logprobs.reshape(-1, 1).to(acc)
     if valid is not None:
         idx, lp, rest = neutral_ignored_rows(valid, idx, lp, rest)
@@ -189,8 +189,8 @@ def _check_args(indices, logprobs, tail_logprobs, valid, vocab):
     if tail_logprobs is not None and (not tail_logprobs.is_floating_point() or tail_logprobs.numel() != N):
         raise ValueError(f"tail_logprobs must be floating point with {N} entries, got "
                          f"{tail_logprobs.dtype} {tuple(tail_logprobs.shape)}")
-    if valid is not None and (valid.dtype != torch.bool or valid.numel() != N):
-        raise ValueError(f"valid must be a bool tensor with {N} entries, got {valid.dtype} {tuple(valid.shape)}")
+    if valid is not None and (valid.dtype != torch.bool or tuple(valid.shape) != (N,)):
+        raise ValueError(f"valid must be a bool tensor of shape ({N},), got {valid.dtype} {tuple(valid.shape)}")
     if not 1 <= k <= vocab:
         raise ValueError(f"topk_indices must have 1 <= k <= {vocab} columns, got {k}")
     for name, t in (("topk_logprobs", logprobs), ("tail_logprobs", tail_logprobs), ("valid", valid)):
@@ -209,8 +209,12 @@ def topk_teacher_rows(indices: torch.Tensor, logprobs: torch.Tensor, tail_logpro
     indices and a uniform teacher, and are not checked.  The teacher is float64 when ``f64`` or
     the log-probs are float64, else float32.  ``mass_tolerance`` and ``empty_bucket_below`` are
     :func:`kdfast.llm.topk.mass_tolerance` of the stored dtype and
-    :func:`kdfast.llm.topk.sum_rounding` of the teacher's.  Raises the ValueErrors of
-    :func:`kdfast.llm.topk.check_topk_values` and for a teacher row with no mass.
+    :func:`kdfast.llm.topk.sum_rounding` of the teacher's (the PyTorch form, for ``k`` above
+    :data:`MAX_KERNEL_K` and on the error path, derives them from the dtypes itself).  Raises the
+    ValueErrors of :func:`kdfast.llm.topk.check_topk_values` and for a teacher row with no mass;
+    reading the statuses syncs the host once, also under ``torch.compile`` (so not inside a
+    captured CUDA graph).  A row at the very edge of the mass tolerance may round to either side
+    in the kernel and in the PyTorch checks.
     """
     _check_args(indices, logprobs, tail_logprobs, valid, vocab)
     N, k = indices.shape
