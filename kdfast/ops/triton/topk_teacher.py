@@ -112,7 +112,8 @@ def topk_teacher_kernel(IDX_ptr, LP_ptr, REST_ptr, VALID_ptr, IDX_OUT_ptr, ORDER
     tol = tl.load(PARAMS_ptr + PARAM_TOLERANCE).to(ACC)
     bad = live & ((lp != lp) | (lp == float("inf")) | (lp > tol))
     bad_value = tl.max(bad.to(tl.int32), 0)
-    top = tl.max(lp, 0)
+    lp_top = tl.max(lp, 0)
+    top = lp_top
     if HAS_REST:
         bad_value = bad_value | ((rest != rest) | (rest == float("inf")) | (rest > tol)).to(tl.int32)
         top = tl.maximum(top, rest)
@@ -134,10 +135,10 @@ def topk_teacher_kernel(IDX_ptr, LP_ptr, REST_ptr, VALID_ptr, IDX_OUT_ptr, ORDER
         bucket = tl.where(k == V, neg_inf, bucket)
         tl.store(TEACHER_ptr + row * (k + 1) + offs, lp, mask=live)
         tl.store(TEACHER_ptr + row * (k + 1) + k, bucket)
-        undefined = tl.maximum(tl.max(lp, 0), bucket) == neg_inf
+        undefined = tl.maximum(lp_top, bucket) == neg_inf
     else:
         tl.store(TEACHER_ptr + row * k + offs, lp, mask=live)
-        undefined = tl.max(lp, 0) == neg_inf
+        undefined = lp_top == neg_inf
 
     status = tl.where(undefined, STATUS_UNDEFINED, STATUS_OK)
     status = tl.where(over_one, STATUS_MASS_OVER_ONE, status)
@@ -234,7 +235,7 @@ def topk_teacher_rows(indices: torch.Tensor, logprobs: torch.Tensor, tail_logpro
     block_k = _block_k(k)
     if N > 0:
         topk_teacher_kernel[(N,)](
-            indices, logprobs, rest if rest is not None else params, valid_bytes if valid is not None else params,
+            indices, logprobs, rest if rest is not None else params, valid_bytes if valid_bytes is not None else params,
             idx, ordered, teacher, status, params, vocab, k,
             HAS_REST=rest is not None, HAS_VALID=valid is not None, BUCKET=bucket,
             ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_K=block_k, num_warps=_warps(block_k))
