@@ -41,7 +41,10 @@ def rows(idx, lp, rest=None, valid=None, bucket=True, f64=False, vocab=V):
     on = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
     got = triton_topk_teacher(on(idx), on(lp), on(rest), on(valid), vocab, mass_tolerance(lp.dtype, idx.shape[1]),
                               sum_rounding(acc, idx.shape[1]), bucket, f64)
-    return tuple(t.cpu() for t in got)
+    indices, ordered, teacher_rows = (t.cpu() for t in got)
+    # the sort that found the repeats comes back: the bucket's student sweep reads the support in order
+    assert torch.equal(ordered, indices.sort(-1).values)
+    return indices, teacher_rows
 
 
 def want_rows(idx, lp, rest=None, valid=None, bucket=True, f64=False, vocab=V):

@@ -361,11 +361,14 @@ def test_fake_kernel_and_op_registration():
     s = logits((N, V), torch.float32, seed=38).to(DEVICE)
     idx, lp = teacher(3, seed=39, dtype=torch.float32)
     teacher_rows = torch.cat([lp, log1mexp(torch.logsumexp(lp, -1, keepdim=True))], -1).to(DEVICE)
-    args = (s, idx.to(DEVICE), teacher_rows, None, 0, [0.0] * len(kdfast.registry.KERNEL_PARAMS), 1.0, 1.0, -100,
+    args = (s, idx.to(DEVICE), idx.sort(-1).values.to(DEVICE), teacher_rows, None, 0, [0.0] * len(kdfast.registry.KERNEL_PARAMS), 1.0, 1.0, -100,
             0.0, 1.0)
     torch.library.opcheck(topk_bucket.triton_topk_bucket_forward, args + ("batchmean", None, True),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(topk_bucket.triton_topk_bucket_forward, args + ("none", None, False),
+                          test_utils=("test_schema", "test_faketensor"))
+    # without the ordered indices the op sorts them itself
+    torch.library.opcheck(topk_bucket.triton_topk_bucket_forward, (args[:2] + (None,) + args[3:]) + ("sum", None, True),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -389,3 +392,36 @@ def test_fused_linear_top_k_bucket_chunks_on_triton():
         results.append([x.cpu() for x in (loss.detach(), *torch.autograd.grad(loss, (h, w)))])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_fused_linear_top_k_checks_the_teacher_once_and_names_the_call_row(tail, monkeypatch):
+    """The chunks share one teacher-rows pass of the whole call: one kernel launch (one host sync), and a
+    bad row in a later chunk is reported as the call's row, before any chunk runs."""
+    from kdfast.llm.fused_linear import fused_linear_topk_distill_loss
+    from kdfast.ops import topk as ops_topk
+
+    g = torch.Generator().manual_seed(43)
+    hidden, weight = torch.randn(10, 8, generator=g), torch.randn(V, 8, generator=g)
+    idx, lp = teacher(4, seed=44, shape=(10, V), dtype=torch.float32)
+    labels = torch.randint(0, V, (10,), generator=g)
+    labels[2] = -100
+    calls = []
+    real = ops_topk.triton_teacher_rows
+    monkeypatch.setattr(ops_topk, "triton_teacher_rows", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr("kdfast.llm.fused_linear.triton_teacher_rows", ops_topk.triton_teacher_rows)
+    results = []
+    for backend in ("triton", "torch"):
+        device = DEVICE if backend == "triton" else torch.device("cpu")
+        h, w = hidden.to(device).requires_grad_(True), weight.to(device).requires_grad_(True)
+        loss = fused_linear_topk_distill_loss(h, w, idx.to(device), lp.to(device), labels.to(device), tail=tail,
+                                              chunk_size=3, backend=backend, hard_weight=0.3, temperature=2.0)
+        results.append([x.cpu() for x in (loss.detach(), *torch.autograd.grad(loss, (h, w)))])
+    assert len(calls) == 1  # four chunks, one pass
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    bad = idx.clone()
+    bad[8, 1] = bad[8, 0]  # row 8: the third chunk's
+    with pytest.raises(ValueError, match="row 8"):
+        fused_linear_topk_distill_loss(hidden.to(DEVICE), weight.to(DEVICE), bad.to(DEVICE), lp.to(DEVICE),
+                                       labels.to(DEVICE), tail=tail, chunk_size=3, backend="triton")

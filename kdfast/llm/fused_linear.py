@@ -48,7 +48,8 @@ from .inputs import (
 )
 from .topk import check_counted_topk_rows, check_tail, check_topk_inputs, topk_loss
 from ..ops.fused_op import wants_grad
-from ..ops.topk import cpu_topk_loss_and_grad_, fused_topk_loss, teacher_arguments, topk_op_arguments
+from ..ops.topk import (cpu_topk_loss_and_grad_, fused_topk_loss, renormalize_needs_pytorch, teacher_arguments,
+                        topk_op_arguments, triton_teacher_rows)
 from ..config import LossConfig, make_config, takes_loss_options
 from ..modules import OptionsModule
 from ..ops.backends import implementation, resolve_backend
@@ -256,7 +257,7 @@ def fused_linear_topk_distill_loss(
                                                  topk_logprobs.reshape(-1, k), rest)
         in_place = student.softcap is None  # a softcap's chain rule needs the logits after the loss
     else:
-        chunk_losses = _topk_chunk_losses(chunks_cfg, tail, student.vocab_size, topk_indices.reshape(-1, k),
+        chunk_losses = _topk_chunk_losses(chunks_cfg, tail, logits, topk_indices.reshape(-1, k),
                                           topk_logprobs.reshape(-1, k), rest)
         in_place = False
     temporaries = 0 if resolved == "cpu" else 4 * _TOPK_TEMPORARIES
@@ -323,21 +324,31 @@ def _in_place_kernel(backend: str, student: LinearHead, teacher: LinearHead):
     return distill_loss_and_grad_cpu_
 
 
-def _topk_chunk_losses(cfg: LossConfig, tail: str, vocab_size: int, topk_indices: torch.Tensor,
+def _topk_chunk_losses(cfg: LossConfig, tail: str, logits: torch.Tensor, topk_indices: torch.Tensor,
                        topk_logprobs: torch.Tensor, tail_logprobs: Optional[torch.Tensor]) -> ChunkLossFactory:
-    """Per chunk: the top-k loss of the chunk's rows on ``cfg.backend`` (PyTorch, or Triton's renormalised tail).
+    """Per chunk: the top-k loss of the chunk's rows on ``cfg.backend`` (PyTorch, or the Triton ops).
 
     The rows' values are checked once for the whole call first, so that an
     error names the row of the call (a chunk's own checks would name its row
-    in the chunk) and comes before any chunk runs.
+    in the chunk) and comes before any chunk runs: on Triton by the teacher
+    rows' kernel (:func:`kdfast.ops.topk.triton_teacher_rows`, whose rows the
+    chunks then share), else in PyTorch.  ``logits`` stands for the student's
+    ``(N, V)`` logits (its shape and dtype).
     """
-    check_counted_topk_rows(cfg, vocab_size, topk_indices, topk_logprobs, tail_logprobs)
+    teacher_rows = None
+    if (resolve_backend(cfg.backend, logits.device) == "triton"
+            and not (tail == "renormalize" and renormalize_needs_pytorch(cfg, topk_indices.shape[-1]))):
+        teacher_rows = triton_teacher_rows(logits, topk_indices, topk_logprobs, tail_logprobs, tail, cfg)
+    else:
+        check_counted_topk_rows(cfg, logits.shape[-1], topk_indices, topk_logprobs, tail_logprobs)
+
     def make(capacity: int):
         def chunk_loss(student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
             chunk_cfg = cfg.select_rows(rows)
             rest = None if tail_logprobs is None else tail_logprobs[rows]
             if cfg.backend != "torch":
-                loss = fused_topk_loss(student_logits, topk_indices[rows], topk_logprobs[rows], chunk_cfg, tail, rest)
+                loss = fused_topk_loss(student_logits, topk_indices[rows], topk_logprobs[rows], chunk_cfg, tail, rest,
+                                       None if teacher_rows is None else teacher_rows.select(rows))
                 if loss is not None:
                     return loss
             return topk_loss(student_logits, topk_indices[rows], topk_logprobs[rows], chunk_cfg, tail, rest)

@@ -29,7 +29,7 @@ Triton kernel runs the ``k + 1`` outcomes, and one more sweep writes the
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -114,18 +114,34 @@ def cpu_topk_loss_and_grad_(chunk_logits: torch.Tensor, topk_indices: torch.Tens
 
 
 # ----------------------------------------------------------------- CUDA: the teacher rows, checked
+class TeacherRows(NamedTuple):
+    """The teacher's rows of a Triton top-k loss, checked (:func:`triton_teacher_rows`)."""
+
+    indices: torch.Tensor  # (N, k) int64, the ignored rows' replaced by 0..k-1
+    ordered: torch.Tensor  # the same, sorted along each row
+    teacher: torch.Tensor  # (N, k) log-probs, or (N, k + 1) with the bucket's log-mass last
+
+    def select(self, rows: slice) -> "TeacherRows":
+        return TeacherRows(self.indices[rows], self.ordered[rows], self.teacher[rows])
+
+
 def triton_teacher_rows(student_logits: torch.Tensor, topk_indices: torch.Tensor, topk_logprobs: torch.Tensor,
-                        tail_logprobs: Optional[torch.Tensor], tail: str, valid: Optional[torch.Tensor]):
-    """``(indices, teacher)`` of :func:`kdfast.ops.triton.topk_teacher.topk_teacher_rows`: the rows checked and the
-    ignored ones (``valid`` False) made neutral in one Triton pass; float64 when the student or the log-probs are."""
+                        tail_logprobs: Optional[torch.Tensor], tail: str, cfg: LossConfig) -> TeacherRows:
+    """:func:`kdfast.ops.triton.topk_teacher.topk_teacher_rows` of the call: the rows checked and, where
+    ``cfg`` has labels, the ignored ones made neutral, in one Triton pass; float64 when the student or the
+    log-probs are.  Errors name rows of ``topk_indices`` (so, computed once for a chunked call, rows of the
+    whole call)."""
+    from ..llm.topk import _valid_rows
     from .triton.topk_teacher import triton_topk_teacher
 
-    k = topk_indices.shape[-1]
+    V, k = student_logits.shape[-1], topk_indices.shape[-1]
+    flat = topk_indices.reshape(-1, k)
+    valid, labels = _valid_rows(cfg, flat.shape[0], V, flat.device)
     f64 = torch.float64 in (student_logits.dtype, topk_logprobs.dtype)
     lp, rest, tolerance, empty_bucket_below, bucket = teacher_arguments(
         topk_logprobs, tail_logprobs, tail, torch.float64 if f64 else torch.float32)
-    return triton_topk_teacher(topk_indices.reshape(-1, k), lp, rest, valid, student_logits.shape[-1], tolerance,
-                               empty_bucket_below, bucket, f64)
+    return TeacherRows(*triton_topk_teacher(flat, lp, rest, None if labels is None else valid, V, tolerance,
+                                            empty_bucket_below, bucket, f64))
 
 
 # ----------------------------------------------------------------- CUDA: the renormalised tail on the dense kernel
@@ -158,27 +174,23 @@ def mask_label(ignore_index: int, k: int) -> Optional[int]:
     return next((label for label in (0, 1) if label < k and label != ignore_index), None)
 
 
-def renormalized_topk_loss(student_logits: torch.Tensor, topk_indices: torch.Tensor, topk_logprobs: torch.Tensor,
-                           cfg: LossConfig, backend: str) -> Optional[torch.Tensor]:
-    """``topk_distill_loss(..., tail="renormalize")`` on ``backend``'s fused dense kernel (checked inputs).
+def renormalize_needs_pytorch(cfg: LossConfig, k: int) -> bool:
+    """Whether :func:`renormalized_topk_loss` cannot mark the counted rows (labels, ``k = 1``, ``ignore_index = 0``)."""
+    return cfg.labels is not None and mask_label(cfg.ignore_index, k) is None
 
-    Returns None where this path cannot mark the counted rows (``k = 1`` with
-    ``ignore_index = 0``): the caller then runs the PyTorch form.
-    """
+
+def renormalized_topk_loss(student_logits: torch.Tensor, teacher_rows: TeacherRows, cfg: LossConfig,
+                           backend: str) -> torch.Tensor:
+    """``topk_distill_loss(..., tail="renormalize")`` on ``backend``'s fused dense kernel (checked options and
+    shapes; ``teacher_rows`` from :func:`triton_teacher_rows`, not where :func:`renormalize_needs_pytorch`)."""
     from ..llm.topk import STUDENT_UNDEFINED_ON_SUPPORT, _check_defined, _valid_rows
     from ..losses import distill_loss
 
-    V, k = student_logits.shape[-1], topk_indices.shape[-1]
+    V, k = student_logits.shape[-1], teacher_rows.indices.shape[-1]
     rows = student_logits.reshape(-1, V)
     valid, labels = _valid_rows(cfg, rows.shape[0], V, rows.device)
-    row_labels = None
-    if labels is not None:
-        marker = mask_label(cfg.ignore_index, k)
-        if marker is None:
-            return None
-        row_labels = torch.where(valid, marker, cfg.ignore_index)
-    idx, lp = triton_teacher_rows(student_logits, topk_indices, topk_logprobs, None, "renormalize",
-                                  None if labels is None else valid)
+    row_labels = None if labels is None else torch.where(valid, mask_label(cfg.ignore_index, k), cfg.ignore_index)
+    idx, lp = teacher_rows.indices, teacher_rows.teacher
     on_support = gather_support(rows, idx)
     if labels is not None:
         on_support = torch.where(valid[:, None], on_support, torch.zeros_like(on_support))
@@ -188,7 +200,7 @@ def renormalized_topk_loss(student_logits: torch.Tensor, topk_indices: torch.Ten
                         soft_weight=cfg.soft_weight, labels=row_labels, ignore_index=cfg.ignore_index,
                         reduction=cfg.reduction, normalizer=cfg.normalizer, backend=backend)
     if labels is not None and cfg.hard_weight != 0.0:
-        acc = reference.accumulation_dtype(student_logits, topk_logprobs)
+        acc = reference.accumulation_dtype(student_logits, lp)
         # ignored rows may hold NaN: zeroed before, not after, or their NaN would reach the gradient
         full = torch.where(valid[:, None], rows.to(acc), torch.zeros((), dtype=acc, device=rows.device))
         ce = reference.cross_entropy(full, torch.where(valid, labels, 0))
@@ -198,44 +210,44 @@ def renormalized_topk_loss(student_logits: torch.Tensor, topk_indices: torch.Ten
 
 
 # ----------------------------------------------------------------- CUDA: the bucket tail on its Triton op
-def bucket_topk_loss_triton(student_logits: torch.Tensor, topk_indices: torch.Tensor, topk_logprobs: torch.Tensor,
-                            cfg: LossConfig, tail_logprobs: Optional[torch.Tensor]) -> torch.Tensor:
-    """``topk_distill_loss(..., tail="bucket")`` on the Triton ops (checked options and tensor shapes).
+def bucket_topk_loss_triton(student_logits: torch.Tensor, teacher_rows: TeacherRows, cfg: LossConfig) -> torch.Tensor:
+    """``topk_distill_loss(..., tail="bucket")`` on the Triton op (checked options and tensor shapes).
 
-    The teacher's rows are checked, the ignored ones neutralised and the
-    bucket derived by :func:`triton_teacher_rows`; a valid row whose teacher
-    (with its tail) is all ``-inf`` is its ValueError.
+    ``teacher_rows`` (:func:`triton_teacher_rows`) are checked, the ignored
+    ones neutral, the bucket derived, the support sorted (the student sweep's
+    order); a valid row whose teacher (with its tail) is all ``-inf`` was its
+    ValueError there.
     """
-    from ..llm.topk import _valid_rows
     from .triton.topk_bucket import triton_topk_bucket_forward
 
-    V = student_logits.shape[-1]
-    rows = student_logits.reshape(-1, V)
-    valid, labels = _valid_rows(cfg, rows.shape[0], V, rows.device)
-    idx, teacher = triton_teacher_rows(student_logits, topk_indices, topk_logprobs, tail_logprobs, "bucket",
-                                       None if labels is None else valid)
-    loss, _ = triton_topk_bucket_forward(rows, idx, teacher, *topk_op_arguments(cfg), wants_grad(student_logits))
+    rows = student_logits.reshape(-1, student_logits.shape[-1])
+    loss, _ = triton_topk_bucket_forward(rows, *teacher_rows, *topk_op_arguments(cfg), wants_grad(student_logits))
     return loss
 
 
 def fused_topk_loss(student_logits: torch.Tensor, topk_indices: torch.Tensor, topk_logprobs: torch.Tensor,
-                    cfg: LossConfig, tail: str, tail_logprobs: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+                    cfg: LossConfig, tail: str, tail_logprobs: Optional[torch.Tensor],
+                    teacher_rows: Optional[TeacherRows] = None) -> Optional[torch.Tensor]:
     """The top-k loss on the fused kernel that ``cfg.backend`` names (not ``"torch"``), or None for the PyTorch form.
 
     None too for ``"renormalize"`` rows that are not unit-stride along the
     vocabulary on CPU (a transposed or expanded view): the op would copy them,
     and the PyTorch form reads only the ``k`` gathered entries; and for
     ``"renormalize"`` with ``k = 1`` and ``ignore_index = 0`` on Triton (see
-    :func:`renormalized_topk_loss`).  ``"bucket"`` on Triton is
-    :func:`bucket_topk_loss_triton` (any strides).
+    :func:`renormalize_needs_pytorch`).  ``"bucket"`` on Triton is
+    :func:`bucket_topk_loss_triton` (any strides).  On Triton,
+    ``teacher_rows`` are these rows' :func:`triton_teacher_rows` when the
+    caller has them already (a chunk of a call checked as a whole).
     """
     backend = resolve_backend(cfg.backend, student_logits.device)
     if backend == "cpu" and tail == "renormalize" and student_logits.stride(-1) != 1 and student_logits.shape[-1] > 1:
         return None  # the op would copy the rows to unit stride; the PyTorch form only gathers the k
     if backend == "cpu":
         return cpu_topk_loss(student_logits, topk_indices, topk_logprobs, cfg, tail, tail_logprobs)
-    if backend == "triton" and tail == "renormalize":
-        return renormalized_topk_loss(student_logits, topk_indices, topk_logprobs, cfg, backend)
-    if backend == "triton":
-        return bucket_topk_loss_triton(student_logits, topk_indices, topk_logprobs, cfg, tail_logprobs)
-    return None
+    if backend != "triton" or tail == "renormalize" and renormalize_needs_pytorch(cfg, topk_indices.shape[-1]):
+        return None
+    if teacher_rows is None:
+        teacher_rows = triton_teacher_rows(student_logits, topk_indices, topk_logprobs, tail_logprobs, tail, cfg)
+    if tail == "renormalize":
+        return renormalized_topk_loss(student_logits, teacher_rows, cfg, backend)
+    return bucket_topk_loss_triton(student_logits, teacher_rows, cfg)

@@ -13,6 +13,7 @@ differences instead of the ~1e-3 rounding of a logsumexp of size 1e4.
   1. ``bucket_row_stats_kernel`` (a program per row, vocabulary tiles of
      ``BLOCK``): online logsumexps of ``z / tau_s`` off the support (the
      support's entries of a tile are masked from the row's sorted indices,
+     which the teacher rows' kernel sorted already (:mod:`.topk_teacher`),
      whose per-tile ranges were found by ``torch.searchsorted``) and, for the
      hard-label cross-entropy, of ``z`` over the whole row.  ``-inf`` when the
      off-support set is empty (``k = V``, or every logit there is ``-inf``).
@@ -152,7 +153,7 @@ def _blocks(V: int) -> Tuple[int, int]:
     return min(STATS_BLOCK, fit), min(GRAD_BLOCK, fit)
 
 
-def _check_args(student, indices, teacher, labels, reduction) -> None:
+def _check_args(student, indices, ordered, teacher, labels, reduction) -> None:
     """What keeps a direct caller of the op from reading or writing out of bounds (options were checked in Python)."""
     check_logit_dtype("student_logits", student)
     if student.dim() != 2 or student.shape[-1] == 0:
@@ -163,6 +164,9 @@ def _check_args(student, indices, teacher, labels, reduction) -> None:
     if indices.dim() != 2 or indices.shape[0] != N or not 1 <= indices.shape[1] <= V:
         raise ValueError(f"topk_indices must be ({N}, k) with 1 <= k <= {V}, got {tuple(indices.shape)}")
     k = indices.shape[1]
+    if ordered is not None and (ordered.dtype != torch.int64 or tuple(ordered.shape) != (N, k)):
+        raise ValueError(f"the ordered indices must be int64 of shape ({N}, {k}), got {ordered.dtype} "
+                         f"{tuple(ordered.shape)}")
     if teacher.dtype not in (torch.float32, torch.float64) or tuple(teacher.shape) != (N, k + 1):
         raise ValueError(f"the teacher rows must be float32/float64 of shape ({N}, {k + 1}), got "
                          f"{teacher.dtype} {tuple(teacher.shape)}")
@@ -170,7 +174,7 @@ def _check_args(student, indices, teacher, labels, reduction) -> None:
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match the {N} rows of the student")
     if reduction not in ("batchmean", "sum", "none"):
         raise ValueError(f"reduction must be 'batchmean', 'sum' or 'none', got {reduction!r}")
-    for name, t in (("topk_indices", indices), ("teacher", teacher), ("labels", labels)):
+    for name, t in (("topk_indices", indices), ("ordered", ordered), ("teacher", teacher), ("labels", labels)):
         if t is not None and t.device != student.device:
             raise ValueError(f"{name} is on {t.device}, student_logits on {student.device}")
     if student.device.type != "cuda" and not interpreting():
@@ -185,18 +189,19 @@ class _Reduction:
         self.reduction, self.normalizer = reduction, normalizer
 
 
-def row_statistics(student: torch.Tensor, indices: torch.Tensor, inv_tau_s: torch.Tensor, hard: bool,
+def row_statistics(student: torch.Tensor, ordered: torch.Tensor, inv_tau_s: torch.Tensor, hard: bool,
                    acc: torch.dtype) -> torch.Tensor:
     """``(3, N)``: per row the shift ``M``, ``logsumexp_{j not in S}((z_j - M) / tau_s)`` and ``logsumexp(z - M)``.
 
-    The last is 0 unless ``hard``.  ``indices`` are ``(N, k)``, distinct, in
-    ``[0, V)``; ``inv_tau_s`` is ``1 / tau_s`` as a one-element float64 device tensor.
+    The last is 0 unless ``hard``.  ``ordered`` are the ``(N, k)`` int64
+    support indices sorted along each row, distinct, in ``[0, V)``;
+    ``inv_tau_s`` is ``1 / tau_s`` as a one-element float64 device tensor.
     """
     N, V = student.shape
-    k = indices.shape[1]
+    k = ordered.shape[1]
     stats_block, _ = _blocks(V)
     n_blocks = triton.cdiv(V, stats_block)
-    ordered = indices.sort(-1).values.contiguous()
+    ordered = ordered.contiguous()
     starts = torch.arange(0, n_blocks + 1, device=student.device, dtype=ordered.dtype) * stats_block
     bounds = torch.searchsorted(ordered, starts.expand(N, n_blocks + 1).contiguous(), out_int32=True)
     stats = torch.empty((3, N), dtype=acc, device=student.device)
@@ -212,6 +217,7 @@ def row_statistics(student: torch.Tensor, indices: torch.Tensor, inv_tau_s: torc
 def topk_bucket_forward(
     student: torch.Tensor,
     indices: torch.Tensor,
+    ordered: Optional[torch.Tensor],
     teacher: torch.Tensor,
     labels: Optional[torch.Tensor],
     divergence: int,
@@ -229,13 +235,14 @@ def topk_bucket_forward(
 
     ``student`` is ``(N, V)`` (any strides), ``indices`` ``(N, k)`` (distinct,
     in range: checked before, as are the ignored rows neutralised, by
-    :mod:`.topk_teacher`), ``teacher`` the ``(N, k + 1)`` checked log-probability rows, the
+    :mod:`.topk_teacher`), ``ordered`` the same sorted along each row (int64;
+    None: sorted here), ``teacher`` the ``(N, k + 1)`` checked log-probability rows, the
     bucket's log-mass last (:func:`kdfast.llm.topk.teacher_bucket`; float64
     makes the whole op float64), the rest the arguments of
     :func:`kdfast.ops.topk.topk_op_arguments`.  Raises the dense kernel's ValueErrors for a valid row whose
     student (or teacher) is all ``-inf``.
     """
-    _check_args(student, indices, teacher, labels, reduction)
+    _check_args(student, indices, ordered, teacher, labels, reduction)
     N, V = student.shape
     k = indices.shape[1]
     device = student.device
@@ -255,7 +262,9 @@ def topk_bucket_forward(
 
     # a float64 tensor: Triton would pass a Python float as float32
     inv_tau_s = torch.tensor([1.0 / tau_s], dtype=torch.float64, device=device)
-    stats = row_statistics(student, idx, inv_tau_s, hard, acc)
+    if ordered is None:
+        ordered = idx.sort(-1).values
+    stats = row_statistics(student, ordered, inv_tau_s, hard, acc)
     shift, lse_off, lse1 = stats[STAT_SHIFT.value], stats[STAT_LSE_OFF.value], stats[STAT_LSE1.value]
     z_support = student.gather(-1, idx).to(acc)
     u = torch.cat([z_support - shift[:, None], (tau_s * lse_off)[:, None]], -1)
@@ -301,12 +310,12 @@ def topk_bucket_forward(
 triton_topk_bucket_forward = torch.library.custom_op("kdfast::triton_topk_bucket_forward", mutates_args=())(
     topk_bucket_forward)
 
-_N_INPUTS = 14
-_REDUCTION_ARG = 11
+_N_INPUTS = 15
+_REDUCTION_ARG = 12
 
 
 @triton_topk_bucket_forward.register_fake
-def _fake_topk_bucket_forward(student, indices, teacher, labels, divergence, params, tau, tau_s, ignore_index,
+def _fake_topk_bucket_forward(student, indices, ordered, teacher, labels, divergence, params, tau, tau_s, ignore_index,
                               hard_weight, soft_coef, reduction, normalizer, compute_grad):
     V = student.shape[-1]
     grad = student.new_empty((student.numel() // V, V) if compute_grad else (0,))

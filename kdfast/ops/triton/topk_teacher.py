@@ -170,13 +170,14 @@ def _pytorch_rows(indices, logprobs, tail_logprobs, valid, vocab, bucket, acc):
     if valid is not None:
         idx, lp, rest = neutral_ignored_rows(valid, idx, lp, rest)
     check_topk_values(idx, lp, vocab, logprobs.dtype, rest)
+    ordered = idx.sort(-1).values
     if bucket:
         teacher = torch.cat([lp, teacher_bucket(lp, vocab, rest)], -1)
         _check_defined(teacher, BUCKET_TEACHER_UNDEFINED)
     else:
         teacher = lp
         _check_defined(teacher, TEACHER_UNDEFINED)
-    return idx, teacher.contiguous()
+    return idx, ordered, teacher.contiguous()
 
 
 def _check_args(indices, logprobs, tail_logprobs, valid, vocab):
@@ -201,9 +202,11 @@ def _check_args(indices, logprobs, tail_logprobs, valid, vocab):
 
 def topk_teacher_rows(indices: torch.Tensor, logprobs: torch.Tensor, tail_logprobs: Optional[torch.Tensor],
                       valid: Optional[torch.Tensor], vocab: int, mass_tolerance: float, empty_bucket_below: float,
-                      bucket: bool, f64: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(indices, teacher)``: the ``(N, k)`` int64 indices and the teacher's ``(N, k)`` log-prob rows
-    (``(N, k + 1)`` with the bucket's log-mass last when ``bucket``), checked.
+                      bucket: bool, f64: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(indices, ordered, teacher)``: the ``(N, k)`` int64 indices, the same sorted along each row
+    (the sort that found the repeats: the bucket's student sweep reads the support in order) and the
+    teacher's ``(N, k)`` log-prob rows (``(N, k + 1)`` with the bucket's log-mass last when
+    ``bucket``), checked.
 
     ``indices`` and ``logprobs`` are ``(N, k)`` (any float dtype), ``tail_logprobs`` ``(N,)`` or
     None, ``valid`` ``(N,)`` bool or None (every row counts); rows not valid get the first ``k``
@@ -244,7 +247,7 @@ def topk_teacher_rows(indices: torch.Tensor, logprobs: torch.Tensor, tail_logpro
             _pytorch_rows(indices, logprobs, tail_logprobs, valid, vocab, bucket, acc)  # raises the message
             i = int(refused.nonzero()[0, 0])
             raise ValueError(f"top-k teacher row {i} has {_STATUS_MESSAGES.get(int(status[i]), 'an error')}")
-    return idx, teacher
+    return idx, ordered, teacher
 
 
 triton_topk_teacher = torch.library.custom_op("kdfast::triton_topk_teacher", mutates_args=())(topk_teacher_rows)
@@ -254,5 +257,5 @@ triton_topk_teacher = torch.library.custom_op("kdfast::triton_topk_teacher", mut
 def _fake_topk_teacher(indices, logprobs, tail_logprobs, valid, vocab, mass_tolerance, empty_bucket_below, bucket,
                        f64):
     N, k = indices.shape
-    return (indices.new_empty((N, k), dtype=torch.int64),
+    return (indices.new_empty((N, k), dtype=torch.int64), indices.new_empty((N, k), dtype=torch.int64),
             logprobs.new_empty((N, k + int(bucket)), dtype=_accumulation(logprobs, f64)))
