@@ -49,6 +49,22 @@ def test_kernel_matches_reference(divergence, params, weighting, reduction, dtyp
 
 
 @kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd", "hellinger"])
+@pytest.mark.parametrize("temperature", [2.0, 4.0])
+def test_temperature_1_softmaxes_at_temperatures_2_and_4(temperature, divergence, dtype, kernel):
+    """At tau = tau_s = 2 or 4 the C++ kernels take the temperature-1 softmaxes (the hard-label CE's, the
+    weighting's teacher) as the exponential sweep's 2^t squared once or twice, not an exponential of their
+    own, and the student's is not kept: the gradient sweep squares e_s again.  One case per way the
+    gradient sweep reads e_s (KL's exponentials, reverse KL's kept terms, a value sweep's, Hellinger's
+    square roots), with masked entries, an ignored row and a label at the tail."""
+    student, teacher = logits((N, V), dtype, seed=21), logits((N, V), dtype, seed=22)
+    student[2, 500:600] = teacher[2, 500:600] = float("-inf")
+    kw = dict(_options("wttm", True), divergence=divergence, temperature=temperature, student_temperature=temperature)
+    assert_matches_oracle(student, teacher, kernel, **kw)
+
+
+@kernels
 @pytest.mark.parametrize("pair", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
                                   (torch.float16, torch.bfloat16), (torch.float32, torch.float16)], ids=str)
 def test_mixed_dtypes(pair, kernel):

@@ -34,7 +34,7 @@ def test_masked_vocabulary_entries(divergence, params, kernel):
 
 
 @kernels
-@pytest.mark.parametrize("student_temperature", [0.5, 4.0, 64.0])
+@pytest.mark.parametrize("student_temperature", [0.5, 2.0, 4.0, 64.0])
 @pytest.mark.parametrize("offset", [0.0, 1e3, 3e5])
 def test_hard_label_term_at_a_student_temperature_other_than_1(offset, student_temperature, kernel):
     """With tau_s != 1 the CE's softmax (temperature 1) is 2^(tau_s t) of the exponential sweep's t:
@@ -70,7 +70,7 @@ def test_hard_label_term_of_huge_logits_whose_label_is_the_argmax(kernel):
 
 
 @kernels
-@pytest.mark.parametrize("temperature", [1.0, 3.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0, 4.0])
 def test_wttm_weight_of_huge_logits(temperature, kernel):
     """The WTTM weight reads the teacher's log-normaliser at tau in natural units: the CPU kernel's
     base-2 shift of a row of 1e5-size logits is off by up to half an ulp of 1.4e5 (4e-3), which

@@ -425,3 +425,17 @@ def test_fused_linear_top_k_checks_the_teacher_once_and_names_the_call_row(tail,
     with pytest.raises(ValueError, match="row 8"):
         fused_linear_topk_distill_loss(hidden.to(DEVICE), weight.to(DEVICE), bad.to(DEVICE), lp.to(DEVICE),
                                        labels.to(DEVICE), tail=tail, chunk_size=3, backend="triton")
+
+
+def test_student_all_minus_inf_on_the_support_names_its_row_and_ignored_rows_do_not_count():
+    """The renormalised tail finds such a row through the dense kernel's one status read, then names it in
+    the top-k form; an ignored row may be all -inf there."""
+    idx, lp = teacher(3, seed=45, dtype=torch.float32)
+    s = logits((N, V), torch.float32, seed=46)
+    s[3, idx[3]] = -math.inf
+    with pytest.raises(ValueError, match="student_logits row 3 is all -inf on its top-k support"):
+        topk_distill_loss(s.to(DEVICE), idx.to(DEVICE), lp.to(DEVICE), backend="triton")
+    labels = torch.tensor([1, 2, 0, -100, 4])
+    got = topk_distill_loss(s.to(DEVICE), idx.to(DEVICE), lp.to(DEVICE), labels=labels.to(DEVICE), backend="triton")
+    want = topk_distill_loss(s, idx, lp, labels=labels, backend="torch")
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)

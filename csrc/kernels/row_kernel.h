@@ -445,6 +445,15 @@ struct RowKernel {
     return b.labels && prm.hard_weight != 0.0 && prm.tau_s != 1.0;
   }
 
+  // How many squarings of 2^t give 2^(tau t): 1 at tau = 2, 2 at tau = 4, else
+  // 0 (an exponential of its own).
+  static int squarings(double tau) { return tau == 2.0 ? 1 : tau == 4.0 ? 2 : 0; }
+  // e^(2^n), n = 1 or 2
+  static V power_of_two_power(V e, int n) {
+    const V e2 = e * e;
+    return n == 1 ? e2 : e2 * e2;
+  }
+
   // The teacher at temperature 1 as sums over u = tau t (base 2: 2^u = exp(z - max)
   // up to the shift's rounding, which every use below is invariant to).
   struct TeacherT1Sums {
@@ -457,11 +466,15 @@ struct RowKernel {
   // in registers): a weighting that needs it then costs no sweep of its own.
   // With kS1, the same for the student (2^(tau_s t), kept in scratch for the
   // gradient, summed into s1_sum): the hard-label term then needs no sweep and
-  // no exponential of its own.
+  // no exponential of its own.  At tau (tau_s) = 2 or 4, the usual KD
+  // temperatures, 2^(tau t) is 2^t squared once or twice (squarings(): a
+  // multiply or two for an exponential of a dozen instructions, within 4 (8)
+  // ulp of it), and the student's is not kept: the gradient sweep squares its
+  // e_s again.
   template <bool kKeep, bool kT1, bool kS1, class Shift>
   static void exp_sweep(const DistillBatch& b, int64_t row, const RowScratch<S>& scratch, const TT* zt, const TS* zs,
-                        const Shift& to_t, const Shift& to_s, S tau, S tau_s, RowAcc& r, TeacherT1Sums& t1,
-                        double& s1_sum) {
+                        const Shift& to_t, const Shift& to_s, S tau, S tau_s, int t1_squarings, int s1_squarings,
+                        RowAcc& r, TeacherT1Sums& t1, double& s1_sum) {
     S* scratch_t = scratch.e_t;
     S* scratch_s = scratch.e_s;
     const int64_t n = b.vocab;
@@ -504,14 +517,18 @@ struct RowKernel {
         // u floored at the float range: where u is -inf (a masked logit) e1 is
         // 0 and e1 u is 0, one max instead of a compare and a blend.
         const V u = vmax(tt * vtau, vset<V>(double(std::numeric_limits<S>::lowest())));
-        const V e1 = vexp2_nonpositive(u);
+        const V e1 = t1_squarings ? power_of_two_power(et, t1_squarings) : vexp2_nonpositive(u);
         a1 = a1 + e1;
         h1 = fmadd(e1, u, h1);
       }
       if constexpr (kS1) {
-        const V e1 = vexp2_nonpositive(ts * vtau_s);
-        e1.store(scratch.e_s1 + j);
-        as1 = as1 + e1;
+        if (s1_squarings) {
+          as1 = as1 + power_of_two_power(es, s1_squarings);
+        } else {
+          const V e1 = vexp2_nonpositive(ts * vtau_s);
+          e1.store(scratch.e_s1 + j);
+          as1 = as1 + e1;
+        }
       }
     }, [&] {
       r.sum_t += at.reduce_add();
@@ -539,9 +556,11 @@ struct RowKernel {
     RowAcc r;
     TeacherT1Sums t1;
     double s1_sum = 0.0;
+    const int s1_squarings = squarings(prm.tau_s);
     auto exp_sweep_with = [&](auto teacher_t1, auto student_t1) {
       exp_sweep<kKeep, decltype(teacher_t1)::value, decltype(student_t1)::value>(
-          b, row, scratch, zt, zs, to_t, to_s, S(prm.tau), S(prm.tau_s), r, t1, s1_sum);
+          b, row, scratch, zt, zs, to_t, to_s, S(prm.tau), S(prm.tau_s), squarings(prm.tau), s1_squarings, r, t1,
+          s1_sum);
     };
     const bool teacher_t1 = weighting_needs_t1(prm), student_t1 = hard_needs_student_t1(prm, b);
     if (teacher_t1 && student_t1) exp_sweep_with(std::true_type{}, std::true_type{});
@@ -693,17 +712,18 @@ struct RowKernel {
       const V C = vset<V>(add_q1 ? c_hard / s1_sum : c_hard);  // the student at T = 1: (c_hard / s1) e_s1
       auto write = [&](int64_t j, auto tail) {
         V out;
+        V e_s = V::load(scratch_s + j);
         if constexpr (Div<V>::kValueFromExps) {
-          out = fmadd(V::load(scratch_t + j), A_minus_p, V::load(scratch_s + j) * B_q);
+          out = fmadd(V::load(scratch_t + j), A_minus_p, e_s * B_q);
         } else {  // scratch_t holds what the value sweep kept of entry j
           // A g_j rounded first, then q_j B added in the FMA: where the two
           // cancel exactly (a one-hot student, q_j B = -A g_j, both ~1e30 at
           // huge logits), B is that same product rounded once, and the sum is 0.
-          V e_s = V::load(scratch_s + j);
           if constexpr (kHalfExps) e_s = e_s * e_s;
           out = fmadd(e_s, B_q, A_kept * V::load(scratch_t + j));
         }
-        if (add_q1) out = fmadd(C, V::load(scratch.e_s1 + j), out);
+        if (add_q1)
+          out = fmadd(C, s1_squarings ? power_of_two_power(e_s, s1_squarings) : V::load(scratch.e_s1 + j), out);
         if (hard && label >= j && label < j + lanes(tail, V::size)) {
           alignas(64) S t[V::size];
           out.store(t);

@@ -194,11 +194,21 @@ def renormalized_topk_loss(student_logits: torch.Tensor, teacher_rows: TeacherRo
     on_support = gather_support(rows, idx)
     if labels is not None:
         on_support = torch.where(valid[:, None], on_support, torch.zeros_like(on_support))
-    _check_defined(on_support, STUDENT_UNDEFINED_ON_SUPPORT)
-    loss = distill_loss(on_support, lp, divergence=cfg.divergence, alpha=cfg.alpha, beta=cfg.beta, skew=cfg.skew,
-                        temperature=cfg.temperature, student_temperature=cfg.student_temperature, scale=cfg.scale,
-                        soft_weight=cfg.soft_weight, labels=row_labels, ignore_index=cfg.ignore_index,
-                        reduction=cfg.reduction, normalizer=cfg.normalizer, backend=backend)
+    options = dict(divergence=cfg.divergence, alpha=cfg.alpha, beta=cfg.beta, skew=cfg.skew,
+                   temperature=cfg.temperature, student_temperature=cfg.student_temperature, scale=cfg.scale,
+                   soft_weight=cfg.soft_weight, labels=row_labels, ignore_index=cfg.ignore_index,
+                   reduction=cfg.reduction, normalizer=cfg.normalizer, backend=backend)
+    if torch.compiler.is_compiling():
+        loss = distill_loss(on_support, lp, **options)
+    else:
+        try:
+            loss = distill_loss(on_support, lp, **options)
+        except ValueError:
+            # The teacher's rows are checked: what the dense kernel can refuse is a student row that is
+            # all -inf on the support, found by its one host sync; the top-k form of that error is
+            # looked for only then, not by a pass and a sync of its own on every call.
+            _check_defined(on_support, STUDENT_UNDEFINED_ON_SUPPORT)
+            raise
     if labels is not None and cfg.hard_weight != 0.0:
         acc = reference.accumulation_dtype(student_logits, lp)
         # ignored rows may hold NaN: zeroed before, not after, or their NaN would reach the gradient
