@@ -408,7 +408,7 @@ def test_fused_linear_top_k_checks_the_teacher_once_and_names_the_call_row(tail,
     labels[2] = -100
     calls = []
     real = ops_topk.triton_teacher_rows
-    monkeypatch.setattr(ops_topk, "triton_teacher_rows", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(ops_topk, "triton_teacher_rows", lambda *a, **kw: calls.append(real(*a, **kw)) or calls[-1])
     monkeypatch.setattr("kdfast.llm.fused_linear.triton_teacher_rows", ops_topk.triton_teacher_rows)
     results = []
     for backend in ("triton", "torch"):
@@ -418,6 +418,8 @@ def test_fused_linear_top_k_checks_the_teacher_once_and_names_the_call_row(tail,
                                               chunk_size=3, backend=backend, hard_weight=0.3, temperature=2.0)
         results.append([x.cpu() for x in (loss.detach(), *torch.autograd.grad(loss, (h, w)))])
     assert len(calls) == 1  # four chunks, one pass
+    # held for the whole call: the sorted copy only where the bucket's sweep reads it
+    assert (calls[0].ordered is None) == (tail == "renormalize")
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     bad = idx.clone()

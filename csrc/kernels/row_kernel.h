@@ -324,7 +324,8 @@ struct ShiftBySub {
 
 // The per-thread scratch rows of one row kernel: the exponentials of both
 // inputs, (where kept) their shifted logits t, and the student's
-// exponentials at temperature 1 (for the hard-label term when tau_s != 1).
+// exponentials at temperature 1 (for the hard-label term when tau_s != 1,
+// unless it is 2 or 4: see exp_sweep).
 template <class S>
 struct RowScratch {
   S* e_t;
@@ -468,9 +469,9 @@ struct RowKernel {
   // gradient, summed into s1_sum): the hard-label term then needs no sweep and
   // no exponential of its own.  At tau (tau_s) = 2 or 4, the usual KD
   // temperatures, 2^(tau t) is 2^t squared once or twice (squarings(): a
-  // multiply or two for an exponential of a dozen instructions, within 4 (8)
-  // ulp of it), and the student's is not kept: the gradient sweep squares its
-  // e_s again.
+  // multiply or two for an exponential of a dozen instructions; about 6 (12)
+  // ulp from the exact value, 2^t's 2.5 ulp doubled by each squaring), and the
+  // student's is not kept: the gradient sweep squares its e_s again.
   template <bool kKeep, bool kT1, bool kS1, class Shift>
   static void exp_sweep(const DistillBatch& b, int64_t row, const RowScratch<S>& scratch, const TT* zt, const TS* zs,
                         const Shift& to_t, const Shift& to_s, S tau, S tau_s, int t1_squarings, int s1_squarings,

@@ -333,7 +333,7 @@ def _topk_chunk_losses(cfg: LossConfig, tail: str, logits: torch.Tensor, topk_in
     in the chunk) and comes before any chunk runs: on Triton by the teacher
     rows' kernel (:func:`kdfast.ops.topk.triton_teacher_rows`, whose rows the
     chunks then share), else in PyTorch.  ``logits`` stands for the student's
-    ``(N, V)`` logits (its shape and dtype).
+    ``(N, V)`` logits (its shape, dtype and device, which picks the backend).
     """
     teacher_rows = None
     if (resolve_backend(cfg.backend, logits.device) == "triton"

@@ -398,13 +398,17 @@ def _check_defined(rows: torch.Tensor, message: str) -> None:
         raise ValueError(message.format(int(dead.nonzero()[0, 0])))
 
 
-def _valid_rows(cfg: LossConfig, N: int, V: int, device: torch.device):
-    """``(valid, labels)``: the rows that count, and the flattened labels (None without labels)."""
+def _valid_rows(cfg: LossConfig, N: int, V: int, device: torch.device, check: bool = True):
+    """``(valid, labels)``: the rows that count, and the flattened labels (None without labels).
+
+    ``check``: the labels' range is checked (a host sync); False where they were already.
+    """
     if cfg.labels is None:
         return torch.ones(N, dtype=torch.bool, device=device), None
     labels = cfg.labels.reshape(-1).long()
     valid = labels != cfg.ignore_index
-    reference.check_labels(labels, valid, V, cfg.ignore_index)
+    if check:
+        reference.check_labels(labels, valid, V, cfg.ignore_index)
     return valid, labels
 
 

@@ -118,11 +118,12 @@ class TeacherRows(NamedTuple):
     """The teacher's rows of a Triton top-k loss, checked (:func:`triton_teacher_rows`)."""
 
     indices: torch.Tensor  # (N, k) int64, the ignored rows' replaced by 0..k-1
-    ordered: torch.Tensor  # the same, sorted along each row
+    ordered: Optional[torch.Tensor]  # the same, sorted along each row (the bucket's; None for "renormalize")
     teacher: torch.Tensor  # (N, k) log-probs, or (N, k + 1) with the bucket's log-mass last
 
     def select(self, rows: slice) -> "TeacherRows":
-        return TeacherRows(self.indices[rows], self.ordered[rows], self.teacher[rows])
+        return TeacherRows(self.indices[rows], None if self.ordered is None else self.ordered[rows],
+                           self.teacher[rows])
 
 
 def triton_teacher_rows(student_logits: torch.Tensor, topk_indices: torch.Tensor, topk_logprobs: torch.Tensor,
@@ -130,7 +131,8 @@ def triton_teacher_rows(student_logits: torch.Tensor, topk_indices: torch.Tensor
     """:func:`kdfast.ops.triton.topk_teacher.topk_teacher_rows` of the call: the rows checked and, where
     ``cfg`` has labels, the ignored ones made neutral, in one Triton pass; float64 when the student or the
     log-probs are.  Errors name rows of ``topk_indices`` (so, computed once for a chunked call, rows of the
-    whole call)."""
+    whole call), held for the whole call there: the renormalised tail drops the sorted copy (20 bytes
+    per top-k entry with it, 12 without)."""
     from ..llm.topk import _valid_rows
     from .triton.topk_teacher import triton_topk_teacher
 
@@ -140,8 +142,9 @@ def triton_teacher_rows(student_logits: torch.Tensor, topk_indices: torch.Tensor
     f64 = torch.float64 in (student_logits.dtype, topk_logprobs.dtype)
     lp, rest, tolerance, empty_bucket_below, bucket = teacher_arguments(
         topk_logprobs, tail_logprobs, tail, torch.float64 if f64 else torch.float32)
-    return TeacherRows(*triton_topk_teacher(flat, lp, rest, None if labels is None else valid, V, tolerance,
-                                            empty_bucket_below, bucket, f64))
+    indices, ordered, teacher = triton_topk_teacher(flat, lp, rest, None if labels is None else valid, V, tolerance,
+                                                    empty_bucket_below, bucket, f64)
+    return TeacherRows(indices, ordered if bucket else None, teacher)
 
 
 # ----------------------------------------------------------------- CUDA: the renormalised tail on the dense kernel
@@ -188,7 +191,8 @@ def renormalized_topk_loss(student_logits: torch.Tensor, teacher_rows: TeacherRo
 
     V, k = student_logits.shape[-1], teacher_rows.indices.shape[-1]
     rows = student_logits.reshape(-1, V)
-    valid, labels = _valid_rows(cfg, rows.shape[0], V, rows.device)
+    # the labels were checked with the teacher rows: no second check (a host sync)
+    valid, labels = _valid_rows(cfg, rows.shape[0], V, rows.device, check=False)
     row_labels = None if labels is None else torch.where(valid, mask_label(cfg.ignore_index, k), cfg.ignore_index)
     idx, lp = teacher_rows.indices, teacher_rows.teacher
     on_support = gather_support(rows, idx)

@@ -10,7 +10,8 @@ syncs, one per check, each a round trip to the GPU that costs about what the
 ``(N, V)`` sweeps of a small batch do.  Here one program per row reads the
 indices, the log-probs (in whatever dtype they are stored) and the tail once,
 sorts the indices (``tl.sort``) to find repeats, and writes the neutralised
-indices, the teacher rows and a status; the host reads the statuses once.
+indices, the same sorted (which the bucket's student sweep reads), the teacher
+rows and a status; the host reads the statuses once.
 
 A row the kernel refuses is explained by the PyTorch checks themselves, rerun
 on the error path only: the messages have one source (:mod:`kdfast.llm.topk`).
