@@ -48,7 +48,7 @@ from .inputs import (
 )
 from .topk import check_counted_topk_rows, check_tail, check_topk_inputs, topk_loss
 from ..ops.fused_op import wants_grad
-from ..ops.topk import (cpu_topk_loss_and_grad_, fused_topk_loss, renormalize_needs_pytorch, teacher_arguments,
+from ..ops.topk import (cpu_topk_loss_and_grad_, fused_topk_loss, runs_triton_ops, teacher_arguments,
                         topk_op_arguments, triton_teacher_rows)
 from ..config import LossConfig, make_config, takes_loss_options
 from ..modules import OptionsModule
@@ -336,8 +336,7 @@ def _topk_chunk_losses(cfg: LossConfig, tail: str, logits: torch.Tensor, topk_in
     ``(N, V)`` logits (its shape, dtype and device, which picks the backend).
     """
     teacher_rows = None
-    if (resolve_backend(cfg.backend, logits.device) == "triton"
-            and not (tail == "renormalize" and renormalize_needs_pytorch(cfg, topk_indices.shape[-1]))):
+    if runs_triton_ops(resolve_backend(cfg.backend, logits.device), cfg, tail, topk_indices.shape[-1]):
         teacher_rows = triton_teacher_rows(logits, topk_indices, topk_logprobs, tail_logprobs, tail, cfg)
     else:
         check_counted_topk_rows(cfg, logits.shape[-1], topk_indices, topk_logprobs, tail_logprobs)

@@ -177,15 +177,18 @@ def mask_label(ignore_index: int, k: int) -> Optional[int]:
     return next((label for label in (0, 1) if label < k and label != ignore_index), None)
 
 
-def renormalize_needs_pytorch(cfg: LossConfig, k: int) -> bool:
-    """Whether :func:`renormalized_topk_loss` cannot mark the counted rows (labels, ``k = 1``, ``ignore_index = 0``)."""
-    return cfg.labels is not None and mask_label(cfg.ignore_index, k) is None
+def runs_triton_ops(backend: str, cfg: LossConfig, tail: str, k: int) -> bool:
+    """Whether :func:`fused_topk_loss` runs the Triton ops on resolved ``backend`` (and so reads
+    :func:`triton_teacher_rows`): not where the renormalised tail cannot mark the counted rows
+    (labels, ``k = 1``, ``ignore_index = 0``), which the PyTorch form then runs."""
+    return backend == "triton" and not (tail == "renormalize" and cfg.labels is not None
+                                        and mask_label(cfg.ignore_index, k) is None)
 
 
 def renormalized_topk_loss(student_logits: torch.Tensor, teacher_rows: TeacherRows, cfg: LossConfig,
                            backend: str) -> torch.Tensor:
     """``topk_distill_loss(..., tail="renormalize")`` on ``backend``'s fused dense kernel (checked options and
-    shapes; ``teacher_rows`` from :func:`triton_teacher_rows`, not where :func:`renormalize_needs_pytorch`)."""
+    shapes; ``teacher_rows`` from :func:`triton_teacher_rows`, where :func:`runs_triton_ops`)."""
     from ..llm.topk import STUDENT_UNDEFINED_ON_SUPPORT, _check_defined, _valid_rows
     from ..losses import distill_loss
 
@@ -202,7 +205,7 @@ def renormalized_topk_loss(student_logits: torch.Tensor, teacher_rows: TeacherRo
                    temperature=cfg.temperature, student_temperature=cfg.student_temperature, scale=cfg.scale,
                    soft_weight=cfg.soft_weight, labels=row_labels, ignore_index=cfg.ignore_index,
                    reduction=cfg.reduction, normalizer=cfg.normalizer, backend=backend)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # no try block for Dynamo to trace (_check_defined is off there anyway)
         loss = distill_loss(on_support, lp, **options)
     else:
         try:
@@ -248,7 +251,7 @@ def fused_topk_loss(student_logits: torch.Tensor, topk_indices: torch.Tensor, to
     vocabulary on CPU (a transposed or expanded view): the op would copy them,
     and the PyTorch form reads only the ``k`` gathered entries; and for
     ``"renormalize"`` with ``k = 1`` and ``ignore_index = 0`` on Triton (see
-    :func:`renormalize_needs_pytorch`).  ``"bucket"`` on Triton is
+    :func:`runs_triton_ops`).  ``"bucket"`` on Triton is
     :func:`bucket_topk_loss_triton` (any strides).  On Triton,
     ``teacher_rows`` are these rows' :func:`triton_teacher_rows` when the
     caller has them already (a chunk of a call checked as a whole).
@@ -258,7 +261,7 @@ def fused_topk_loss(student_logits: torch.Tensor, topk_indices: torch.Tensor, to
         return None  # the op would copy the rows to unit stride; the PyTorch form only gathers the k
     if backend == "cpu":
         return cpu_topk_loss(student_logits, topk_indices, topk_logprobs, cfg, tail, tail_logprobs)
-    if backend != "triton" or tail == "renormalize" and renormalize_needs_pytorch(cfg, topk_indices.shape[-1]):
+    if not runs_triton_ops(backend, cfg, tail, topk_indices.shape[-1]):
         return None
     if teacher_rows is None:
         teacher_rows = triton_teacher_rows(student_logits, topk_indices, topk_logprobs, tail_logprobs, tail, cfg)
