@@ -126,7 +126,7 @@ struct NarrowRows {
       }
     }
     // The logs for all lanes at once, in float (vlog2_positive: error below
-    // 4e-8 + 6e-8 |log2 x|): ~1e-7 in a row's value, next to the ~1e-7
+    // 5e-8 + 6e-8 |log2 x|): ~1e-7 in a row's value, next to the ~1e-7
     // relative of its float sums, where a scalar double log per row would
     // cost as much as the rest of the row at V = 10.
     alignas(64) S lane_sum_t[W], lane_sum_s[W], lane_val[W], mzs[W], mzt[W], log2_ratio[W], log2_s1[W];

@@ -60,7 +60,8 @@ inline void no_flush() {}
 
 // The exponential sweep works on L2-resident data and is compute-bound, so
 // DRAM would idle through it: it prefetches the next row's logits, one line of
-// each input per vector, spread over the sweep.  Hint: all levels (t0), not
+// each input per vector, spread over the sweep (the mixtures' value sweep does
+// instead: RowKernel::NextRow).  Hint: all levels (t0), not
 // L2 only (t1).  On the Intel Xeon with AVX-512 of 2026-12-01 (fp32,
 // 4096 x 32000, fwd+bwd, alternating builds) t0 against t1: wttm 60 against
 // 65-67 ms, tvd 67 against 79, jsd 80 against 82, KL 70 against 73; bf16 and
@@ -353,6 +354,7 @@ struct RowKernel {
   // otherwise one max per entry, in whichever sweep computes t.
   static constexpr bool kKeptFromExps = KeptFromExps<Div<V>>::value;
   static constexpr bool kValueSweep = !Div<V>::kValueFromExps && !kKeptFromExps;
+  static constexpr bool kPrefetchInValueSweep = kValueSweep && PrefetchesInValueSweep<Div<V>>::value;
   static constexpr bool kHalfExps = kValueSweep && HalfExps<Div<V>>::value;
   static constexpr bool kReadsLogs = kValueSweep && ReadsLogs<Div<V>>::value;
   static constexpr bool kReadsT = kReadsLogs || (kValueSweep && ReadsShiftedLogits<Div<V>>::value);
@@ -461,6 +463,22 @@ struct RowKernel {
     double sum = 0.0, u_sum = 0.0;  // sum 2^u, sum 2^u u
   };
 
+  // The next row's logits, prefetched one line of each input per vector over
+  // a compute-bound sweep that reads only L2-resident data, so that DRAM does
+  // not idle through it: the exponential sweep's, or the value sweep's where
+  // the policy asks for it (PrefetchesInValueSweep).
+  struct NextRow {
+    const TT* zt;
+    const TS* zs;
+    NextRow(const DistillBatch& b, int64_t row, const TT* zt_row, const TS* zs_row)
+        : zt(row + 1 < b.rows ? zt_row + b.teacher_row_stride : zt_row),
+          zs(row + 1 < b.rows ? zs_row + b.student_row_stride : zs_row) {}
+    void prefetch(int64_t j) const {
+      prefetch_next_line<V>(zt, j);
+      prefetch_next_line<V>(zs, j);
+    }
+  };
+
   // Sweep 2: the exponentials 2^t of both rows at their temperatures, kept in
   // scratch, their sums and KL's value.  With kT1, also the teacher at
   // temperature 1 from the same t (2^(tau t), one more exp per entry while t is
@@ -479,14 +497,11 @@ struct RowKernel {
     S* scratch_t = scratch.e_t;
     S* scratch_s = scratch.e_s;
     const int64_t n = b.vocab;
-    const bool has_next = row + 1 < b.rows;
-    const TT* zt_next = has_next ? zt + b.teacher_row_stride : zt;
-    const TS* zs_next = has_next ? zs + b.student_row_stride : zs;
+    const NextRow next(b, row, zt, zs);
     const V vtau = V::broadcast(tau), vtau_s = V::broadcast(tau_s);
     V at = V::zero(), as = V::zero(), av = V::zero(), a1 = V::zero(), h1 = V::zero(), as1 = V::zero();
     sweep<V>(n, [&](int64_t j, auto tail) {
-      prefetch_next_line<V>(zt_next, j);
-      prefetch_next_line<V>(zs_next, j);
+      if constexpr (!kPrefetchInValueSweep) next.prefetch(j);
       V tt = to_t(ld<V>(zt + j, tail, kNegInf));
       V ts = to_s(ld<V>(zs + j, tail, kNegInf));
       V et, es;
@@ -743,8 +758,11 @@ struct RowKernel {
       // The teacher's exponentials are read here for the last time: each
       // entry's slot takes what the gradient sweep needs of it instead.
       typename Div<V>::Acc acc(dc, r);
-      sweep<V>(n, [&](int64_t j, auto tail) { acc.add(elem(j, tail)).store(scratch_t + j); },
-               [&] { acc.flush(r); });
+      const NextRow next(b, row, zt, zs);
+      sweep<V>(n, [&](int64_t j, auto tail) {
+        if constexpr (kPrefetchInValueSweep) next.prefetch(j);
+        acc.add(elem(j, tail)).store(scratch_t + j);
+      }, [&] { acc.flush(r); });
       if constexpr (KeptIsLogTerm<Div<V>>::value) {
         // The kept base-2 log-terms, exponentiated against the row's maximum
         // (in place: the gradient sweep reads 2^(x_j - max)) and summed.
