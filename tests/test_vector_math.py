@@ -106,9 +106,8 @@ def test_log2_of_positive_normal_floats(level):
     x = np.concatenate([binades, log_uniform(TINY, 2.0**127)])
     got, want = run("log2_positive", level, x), np.log2(x.astype(np.float64))
     assert np.all(np.abs(got - want) <= 5e-8 + 2.0**-24 * np.abs(want))
-    near_one = binades[(binades >= 0.7) & (binades <= 1.4) & (binades != 1)]
-    got, want = run("log2_positive", level, near_one), np.log2(near_one.astype(np.float64))
-    assert relative_error(got, want) <= 1.6e-7
+    near_one = (binades >= 0.7) & (binades <= 1.4) & (binades != 1)
+    assert relative_error(got[: len(binades)][near_one], want[: len(binades)][near_one]) <= 1.6e-7
     assert run("log2_positive", level, np.array([1.0, 2.0, 0.5, TINY], dtype=np.float32)).tolist() == [0, 1, -1, -126]
 
 
